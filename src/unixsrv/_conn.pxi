@@ -1,0 +1,340 @@
+# _conn.pxi - what every accepted connection has (_ConnBase), and the
+# blocking-model Connection a handler thread reads and writes.
+#
+# fd lifetime: conn_t.uses starts at 1, the "lifetime" use held until the
+# handler returns (blocking model) or the transport is finalized (event
+# model).  Every system call on the fd from Python first takes a use and
+# drops it afterwards; the fd is closed when the count reaches zero.  So an fd
+# is never closed while another thread is inside recv()/send() on it, and a
+# closed fd number (which the kernel may hand to a new connection) is never
+# touched again.
+
+
+cdef object _PeerCredentials = None   # set by _core.pyx after the import
+
+
+cdef inline int64_t _idle_touch(Loop loop) noexcept nogil:
+    return us_now_ns() if loop.idle_ns else 0
+
+
+cdef class _ConnBase:
+
+    def __cinit__(self):
+        self.c.fd = -1
+        self.c.owner = <PyObject *>self
+
+    cdef int _use(self) except -1:
+        if (us_load_u32(&self.c.state) & ST_CLOSING) or not us_use_acquire(&self.c.uses):
+            raise ServerClosedError("the connection was closed by the server")
+        return 0
+
+    cdef void _unuse(self) noexcept nogil:
+        if us_use_release(&self.c.uses) and self.c.fd >= 0:
+            close(self.c.fd)
+
+    cdef void _shutdown_fd(self, int how) noexcept:
+        """shutdown(2) the socket if its fd is still open (any thread)."""
+        if us_use_acquire(&self.c.uses):
+            shutdown(self.c.fd, how)
+            self._unuse()
+
+    cdef int _idle_expired(self) except -1:
+        raise NotImplementedError
+
+    cdef int _begin_drain(self) except -1:
+        raise NotImplementedError
+
+    cdef int _force_close(self) except -1:
+        raise NotImplementedError
+
+    def _forget_fd(self):
+        """update_conn closed our fd behind our back: never touch it again."""
+        us_or_u32(&self.c.state, ST_CLOSING)
+        self.c.fd = -1
+
+    def fileno(self):
+        """The socket's fd, or -1 once it is closed."""
+        return self.c.fd if us_load_i32(&self.c.uses) > 0 else -1
+
+    @property
+    def id(self):
+        """A number that identifies this connection within one server run."""
+        return self.c.seq
+
+    @property
+    def local_address(self):
+        """The server's socket path (``@name`` for an abstract name)."""
+        return self.loop.display_path
+
+    @property
+    def remote_address(self):
+        """The client's address: usually ``""``, since clients rarely bind."""
+        cdef sockaddr_un sa
+        cdef socklen_t sl = sizeof(sa)
+        cdef int r
+        if self._remote is None:
+            self._use()
+            r = getpeername(self.c.fd, <sockaddr *>&sa, &sl)
+            self._unuse()
+            if r < 0:
+                raise _oserror(errno)
+            self._remote = _decode_sockaddr(sa.sun_path, <Py_ssize_t>sl - 2)
+        return self._remote
+
+    @property
+    def peer(self):
+        """PeerCredentials(pid, uid, gid) of the client at connect time
+        (SO_PEERCRED on Linux, getpeereid on macOS, where pid may be 0)."""
+        cdef long pid = 0, uid = 0, gid = 0
+        cdef int r
+        if self._peer is None:
+            self._use()
+            r = us_peercred(self.c.fd, &pid, &uid, &gid)
+            self._unuse()
+            if r < 0:
+                raise _oserror(errno)
+            self._peer = _PeerCredentials(pid, uid, gid)
+        return self._peer
+
+
+cdef str _decode_sockaddr(const char *path, Py_ssize_t n):
+    cdef bytes raw
+    if n <= 0:
+        return ""
+    raw = path[:n]
+    if raw[:1] == b"\0":
+        return "@" + raw[1:].decode("utf-8", "backslashreplace")
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+cdef ssize_t _recv_blocking(int fd, char *buf, size_t n, int *err) noexcept nogil:
+    """recv() that waits, whatever O_NONBLOCK says (update_conn may set it)."""
+    cdef ssize_t r
+    cdef pollfd p
+    while True:
+        r = recv(fd, buf, n, 0)
+        if r >= 0:
+            return r
+        if errno == EINTR:
+            continue     # PEP 475: worker threads run no signal handlers
+        if us_would_block(errno):
+            p.fd = fd
+            p.events = POLLIN
+            poll(&p, 1, -1)
+            continue
+        err[0] = errno
+        return -1
+
+
+cdef ssize_t _send_blocking(int fd, const char *buf, size_t n, int *err) noexcept nogil:
+    """Send all of buf; returns the bytes sent before an error (err set)."""
+    cdef size_t done = 0
+    cdef ssize_t r
+    cdef pollfd p
+    while done < n:
+        r = send(fd, buf + done, n - done, MSG_NOSIGNAL)
+        if r >= 0:
+            done += r
+            continue
+        if errno == EINTR:
+            continue
+        if us_would_block(errno):
+            p.fd = fd
+            p.events = POLLOUT
+            poll(&p, 1, -1)
+            continue
+        err[0] = errno
+        break
+    return done
+
+
+# Small reads land on the stack first and are copied into an exact-size bytes
+# object; only a read that fills this buffer pays for a large allocation.
+# Kept below one page so the stack frame needs no extra probe pages.
+cdef enum:
+    SMALL_READ = 2048
+
+
+cdef class Connection(_ConnBase):
+    """One client connection, handed to a blocking ``handler(conn)``.
+
+    Reading and writing release the GIL while they wait.  ``read()`` returns
+    ``b""`` at EOF, also when the server's graceful shutdown closed the read
+    side; I/O after our side closed the connection (the handler, the idle
+    timeout, ``close()``, the shutdown deadline) raises ServerClosedError.
+    """
+
+    def __repr__(self):
+        return f"<unixsrv.Connection id={self.c.seq} fd={self.fileno()} closed={self.closed}>"
+
+    def read(self, Py_ssize_t n=65536):
+        """Read up to n bytes; wait for at least one.  b"" at EOF."""
+        cdef char small[SMALL_READ]
+        cdef ssize_t r, more
+        cdef int err = 0
+        cdef bytes data
+        if n < 0:
+            raise ValueError("n must be >= 0")
+        self._use()
+        try:
+            if n == 0:
+                return b""
+            with nogil:
+                r = _recv_blocking(self.c.fd, small, n if n < SMALL_READ else SMALL_READ, &err)
+            if r < 0:
+                raise self._io_error(err)
+            if r == 0:
+                us_or_u32(&self.c.state, ST_EOF)
+                return b""
+            if r < SMALL_READ or n == SMALL_READ:
+                data = small[:r]
+            else:
+                data = PyBytes_FromStringAndSize(NULL, n)
+                memcpy(<char *>data, small, r)
+                more = recv(self.c.fd, (<char *>data) + r, n - r, MSG_DONTWAIT)
+                if more > 0:
+                    r += more
+                if r < n:
+                    data = data[:r]
+        finally:
+            self._unuse()
+        self._count_in(r)
+        return data
+
+    def readinto(self, buffer):
+        """Read into a writable buffer; returns the byte count (0 at EOF)."""
+        cdef Py_buffer view
+        cdef ssize_t r
+        cdef int err = 0
+        PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
+        try:
+            self._use()
+            try:
+                if view.len == 0:
+                    return 0
+                with nogil:
+                    r = _recv_blocking(self.c.fd, <char *>view.buf, view.len, &err)
+            finally:
+                self._unuse()
+        finally:
+            PyBuffer_Release(&view)
+        if r < 0:
+            raise self._io_error(err)
+        if r == 0:
+            us_or_u32(&self.c.state, ST_EOF)
+        else:
+            self._count_in(r)
+        return r
+
+    def write(self, data):
+        """Write all of data (any bytes-like object); returns len(data)."""
+        cdef Py_buffer view
+        cdef ssize_t r
+        cdef size_t done = 0
+        cdef int err = 0
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            self._use()
+            try:
+                # Most writes fit the socket buffer: try without waiting (and
+                # without giving up the GIL) first.
+                r = send(self.c.fd, view.buf, view.len, MSG_NOSIGNAL | MSG_DONTWAIT)
+                if r >= 0:
+                    done = r
+                elif not us_would_block(errno) and errno != EINTR:
+                    err = errno
+                if err == 0 and done < <size_t>view.len:
+                    with nogil:
+                        done += _send_blocking(self.c.fd, (<char *>view.buf) + done,
+                                               view.len - done, &err)
+            finally:
+                self._unuse()
+            if done:
+                us_add_u64(&self.loop.stats.s.bytes_out, done)
+                if self.loop.idle_ns:
+                    us_store_i64(&self.c.last_active, us_now_ns())
+            if err:
+                raise self._io_error(err)
+            return view.len
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef void _count_in(self, ssize_t r) noexcept:
+        us_add_u64(&self.loop.stats.s.bytes_in, r)
+        if self.loop.idle_ns:
+            us_store_i64(&self.c.last_active, us_now_ns())
+
+    cdef object _io_error(self, int err):
+        if us_load_u32(&self.c.state) & ST_CLOSING:
+            return ServerClosedError("the connection was closed by the server")
+        if err == ECONNRESET or err == EPIPE:
+            us_or_u32(&self.c.state, ST_EOF)
+        return _oserror(err)
+
+    def close(self):
+        """Close the connection now (the client sees EOF).  Idempotent."""
+        us_or_u32(&self.c.state, ST_CLOSING)
+        self._shutdown_fd(SHUT_RDWR)
+        self._set_done()
+
+    @property
+    def closed(self):
+        """True once our side closed the connection."""
+        return bool(us_load_u32(&self.c.state) & ST_CLOSING)
+
+    @property
+    def is_connected(self):
+        """False once either side closed the connection (or it was reset)."""
+        return not (us_load_u32(&self.c.state) & (ST_CLOSING | ST_EOF))
+
+    @property
+    def done(self):
+        """A threading.Event set when the server stops or the idle timeout
+        fires; a handler that loops without reading can poll or wait on it."""
+        if self._done is None:
+            ev = _Event()
+            if self._done is None:       # no Python code runs from here on
+                self._done = ev
+                if self._done_set:
+                    ev.set()
+        return self._done
+
+    cdef int _set_done(self) except -1:
+        self._done_set = True
+        ev = self._done
+        if ev is not None:
+            ev.set()
+        return 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # -------------------------------------------------- server side (internal)
+
+    cdef int _idle_expired(self) except -1:
+        # The sweep already marked it closing and shut the socket down.
+        return self._set_done()
+
+    cdef int _begin_drain(self) except -1:
+        us_or_u32(&self.c.state, ST_RD_SHUT)
+        self._shutdown_fd(SHUT_RD)
+        return self._set_done()
+
+    cdef int _force_close(self) except -1:
+        us_or_u32(&self.c.state, ST_CLOSING)
+        self._shutdown_fd(SHUT_RDWR)
+        return self._set_done()
+
+    def _finish(self):
+        """The handler returned: close, count, unregister.  Worker thread."""
+        us_or_u32(&self.c.state, ST_CLOSING)
+        self.loop._table_del(&self.c)
+        self._shutdown_fd(SHUT_RDWR)     # wakes any other thread using it
+        self._unuse()                    # the lifetime use: closes the fd
+        self._set_done()
+        us_add_u64(&self.loop.stats.s.closed, 1)
+        us_add_i64(&self.loop.stats.s.open, -1)
+        self.loop._conn_closed()

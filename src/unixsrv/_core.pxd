@@ -1,0 +1,371 @@
+# cython: language_level=3
+# Declarations of the C core: system calls (all nogil), the platform shims in
+# the small headers next to this file, and the extension types of _core.pyx.
+
+from cpython.object cimport PyObject
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+
+
+cdef extern from "<sys/types.h>" nogil:
+    ctypedef long ssize_t
+    ctypedef unsigned int mode_t
+    ctypedef unsigned int uid_t
+    ctypedef unsigned int gid_t
+    ctypedef long dev_t
+    ctypedef unsigned long ino_t
+
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EAGAIN
+        EWOULDBLOCK
+        EINTR
+        EINVAL
+        ENOENT
+        EEXIST
+        EACCES
+        EPERM
+        EMFILE
+        ENFILE
+        ENOBUFS
+        ENOMEM
+        ECONNABORTED
+        ECONNREFUSED
+        ECONNRESET
+        EPIPE
+        EPROTO
+        ENOTCONN
+        EADDRINUSE
+        EBADF
+
+
+cdef extern from "<string.h>" nogil:
+    char *strerror(int errnum)
+    void *memcpy(void *dest, const void *src, size_t n)
+    void *memmove(void *dest, const void *src, size_t n)
+    void *memset(void *s, int c, size_t n)
+
+
+cdef extern from "<stdlib.h>" nogil:
+    void *malloc(size_t size)
+    void *calloc(size_t n, size_t size)
+    void *realloc(void *ptr, size_t size)
+    void free(void *ptr)
+
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+    ssize_t read(int fd, void *buf, size_t count)
+    ssize_t write(int fd, const void *buf, size_t count)
+    int unlinkat(int dirfd, const char *path, int flags)
+    uid_t geteuid()
+    int getpid()
+
+
+cdef extern from "<fcntl.h>" nogil:
+    enum:
+        AT_FDCWD
+        AT_SYMLINK_NOFOLLOW
+    int fcntl(int fd, int cmd, ...)
+    enum:
+        F_GETFL
+        F_SETFL
+        O_NONBLOCK
+
+
+cdef extern from "<sys/stat.h>" nogil:
+    cdef struct stat:
+        dev_t st_dev
+        ino_t st_ino
+        mode_t st_mode
+        uid_t st_uid
+        gid_t st_gid
+    int fstatat(int dirfd, const char *path, stat *buf, int flags)
+    int lstat(const char *path, stat *buf)
+    int unlink(const char *path)
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    enum:
+        SHUT_RD
+        SHUT_WR
+        SHUT_RDWR
+        MSG_DONTWAIT
+        SOL_SOCKET
+        SO_ERROR
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        pass
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+    int shutdown(int fd, int how)
+    int listen(int fd, int backlog)
+    int getpeername(int fd, sockaddr *addr, socklen_t *len)
+
+
+cdef extern from "<sys/un.h>" nogil:
+    struct sockaddr_un:
+        char sun_path[108]
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    enum:
+        POLLIN
+        POLLOUT
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+
+cdef extern from "atomics.h" nogil:
+    void us_add_u64(uint64_t *p, uint64_t v)
+    uint64_t us_load_u64(const uint64_t *p)
+    void us_add_i64(int64_t *p, int64_t v)
+    int64_t us_load_i64(const int64_t *p)
+    void us_store_i64(int64_t *p, int64_t v)
+    uint32_t us_or_u32(uint32_t *p, uint32_t bits)
+    uint32_t us_load_u32(const uint32_t *p)
+    int32_t us_load_i32(const int32_t *p)
+    int us_use_acquire(int32_t *uses)
+    int us_use_release(int32_t *uses)
+
+
+cdef extern from "poller.h" nogil:
+    enum:
+        US_READ
+        US_WRITE
+    ctypedef struct us_poll_event:
+        pass
+    int us_poller_create()
+    int us_poller_add(int pfd, int fd, uint64_t token, int interest)
+    int us_poller_modify(int pfd, int fd, uint64_t token, int old_interest, int new_interest)
+    int us_poller_remove(int pfd, int fd, int old_interest)
+    int us_poller_wait(int pfd, us_poll_event *evs, int max, int timeout_ms)
+    uint64_t us_event_token(const us_poll_event *e)
+    int us_event_readable(const us_poll_event *e)
+    int us_event_writable(const us_poll_event *e)
+
+
+cdef extern from "compat.h" nogil:
+    enum:
+        MSG_NOSIGNAL
+        US_HAVE_ABSTRACT
+        US_SUN_PATH_MAX
+    int64_t us_now_ns()
+    int us_socket(int nonblock)
+    int us_accept(int lfd, int nonblock)
+    int us_pipe(int fds[2])
+    int us_bind(int fd, const char *path, size_t len)
+    int us_probe(const char *path, size_t len)
+    int us_rename_noreplace(int dirfd, const char *src, const char *dst)
+    int us_chmod_nofollow(int dirfd, const char *name, mode_t mode)
+    int us_chgrp_nofollow(int dirfd, const char *name, long gid)
+    int us_open_dir(const char *path)
+    int us_peercred(int fd, long *pid, long *uid, long *gid)
+    int us_is_socket_mode(mode_t m)
+    int us_would_block(int e)
+
+
+# ----------------------------------------------------------------- core types
+
+cdef struct us_stats:
+    uint64_t accepted     # connections handed to a handler / protocol
+    uint64_t closed       # accepted connections closed since
+    uint64_t rejected     # refused by max_connections
+    uint64_t bytes_in
+    uint64_t bytes_out
+    uint64_t errors       # errors reported through on_error
+    int64_t open          # accepted and not yet closed
+
+
+# Connection state bits (conn_t.state), set with us_or_u32.
+cdef enum:
+    ST_CLOSING = 1        # our side closed it: new I/O raises ServerClosedError
+    ST_RD_SHUT = 2        # read side shut down for a graceful shutdown
+    ST_EOF = 4            # the peer's EOF (or a reset) was seen
+    ST_IDLE = 8           # closed by the idle timeout
+    ST_LOST = 16          # event model: fd closed, connection_lost scheduled
+    ST_WRITE_EOF = 32     # event model: write_eof() requested
+    ST_PAUSED = 64        # event model: pause_writing() was called
+    ST_READ_PAUSED = 128  # event model: pause_reading() was called
+    ST_PEER_ERROR = 256   # event model: the connection failed (reset, broken pipe)
+
+
+cdef struct conn_t:
+    int fd
+    uint32_t seq          # distinguishes fd reuse; part of the poller token
+    uint32_t state        # ST_* bits
+    int32_t uses          # fd lifetime: the fd is closed when this drops to 0
+    int interest          # event model: US_READ/US_WRITE currently registered
+    int64_t last_active   # monotonic ns of the last byte in or out
+    PyObject *owner       # the Python object embedding this struct (borrowed)
+    char *obuf            # event model: unsent output, obuf[ooff:ooff+olen]
+    size_t ooff
+    size_t olen
+    size_t ocap
+    size_t high           # event model: pause_writing above this many bytes
+    size_t low            # event model: resume_writing at or below this
+
+
+cdef enum RecKind:
+    REC_NEW = 1           # an accepted fd waiting for its Python objects
+    REC_DATA = 2          # rxbuf[off:off+n] arrived
+    REC_EOF = 3
+    REC_ERROR = 4         # n = errno
+    REC_RESUME = 5        # output fell to the low-water mark
+    REC_FLUSHED = 6       # output of a closing connection fully sent
+    REC_IDLE = 7          # idle timeout expired
+    REC_ACCEPT_ERROR = 8  # n = errno
+
+
+cdef struct rec_t:
+    int kind
+    int fd
+    uint32_t seq
+    size_t off
+    ssize_t n
+
+
+cdef class Stats:
+    cdef us_stats s
+
+
+cdef class Loop
+
+
+cdef class _ConnBase:
+    cdef conn_t c
+    cdef Loop loop
+    cdef object _peer
+    cdef object _remote
+    cdef int _use(self) except -1
+    cdef void _unuse(self) noexcept nogil
+    cdef void _shutdown_fd(self, int how) noexcept
+    cdef int _idle_expired(self) except -1
+    cdef int _begin_drain(self) except -1
+    cdef int _force_close(self) except -1
+
+
+cdef class Connection(_ConnBase):
+    cdef object _done
+    cdef bint _done_set
+    cdef int _set_done(self) except -1
+    cdef object _io_error(self, int err)
+    cdef void _count_in(self, ssize_t r) noexcept
+
+
+cdef class _Stream(_ConnBase):
+    cdef object protocol
+    cdef object _sock
+    cdef object _sock_view
+    cdef object _lost_exc
+    cdef int _write_obj(self, object data) except -1
+    cdef int _write_buf(self, const char *data, size_t n) except -1
+    cdef int _start(self) except -1
+    cdef int _on_record(self, rec_t *r) except -1
+    cdef int _close(self) except -1
+    cdef int _abort(self, object exc) except -1
+    cdef int _finalize(self) except -1
+    cdef int _pause_protocol(self) except -1
+    cdef int _resume_protocol(self) except -1
+    cdef int _callback_failed(self, object exc) except -1
+    cdef int _check_thread(self) except -1
+
+
+cdef class Loop:
+    cdef int pfd
+    cdef int wake_r
+    cdef int wake_w
+    cdef int lfd
+    cdef bint event_model
+    cdef bint accepting
+    cdef bint accept_paused
+    cdef bint accept_reported
+    cdef bint exiting
+    cdef bint closed
+    cdef bint drain_waiting
+    cdef int accept_backoff_ms
+    cdef int64_t accept_resume_ns
+    cdef int64_t idle_ns
+    cdef int64_t next_sweep_ns
+    cdef int64_t now
+    cdef uint32_t next_seq
+    cdef size_t max_conns
+    cdef size_t read_size
+    cdef size_t high_water
+    cdef size_t low_water
+    cdef size_t max_wbuf
+    cdef uint64_t batch_in
+    cdef uint64_t batch_out
+    cdef long owner_pid
+    cdef unsigned long thread_id
+    cdef Stats stats
+    cdef object server
+    cdef object factory
+    cdef object pending
+    cdef list finalizing
+    cdef object stash_exc
+    cdef conn_t **table
+    cdef int table_cap
+    cdef int table_hi
+    cdef pthread_mutex_t mu
+    cdef char *rxbuf
+    cdef size_t rxcap
+    cdef size_t rx_used
+    cdef rec_t *recs
+    cdef int nrecs
+    cdef int recs_cap
+    cdef us_poll_event *events
+    cdef int max_events
+    cdef readonly object display_path
+    cdef object unlink_path
+    cdef dev_t sock_dev
+    cdef ino_t sock_ino
+    cdef object __weakref__
+
+    cdef int _lock(self) noexcept nogil
+    cdef int _unlock(self) noexcept nogil
+    cdef int _push(self, int kind, int fd, uint32_t seq, size_t off, ssize_t n) noexcept nogil
+    cdef int _table_put(self, conn_t *c) except -1
+    cdef conn_t *_table_get(self, int fd, uint32_t seq) noexcept nogil
+    cdef int _table_del(self, conn_t *c) noexcept
+    cdef int _timeout_ms(self) noexcept
+    cdef void _collect(self, int n) noexcept nogil
+    cdef void _accept_batch(self) noexcept nogil
+    cdef void _recv_one(self, conn_t *c) noexcept nogil
+    cdef void _flush(self, conn_t *c) noexcept nogil
+    cdef void _sweep(self) noexcept nogil
+    cdef int _dispatch(self) except -1
+    cdef int _open_connection(self, int fd) except -1
+    cdef object _lookup(self, int fd, uint32_t seq)
+    cdef int _run_finalizing(self) except -1
+    cdef int _run_pending(self) except -1
+    cdef int _conn_closed(self) except -1
+    cdef void _close_fds(self) noexcept
+    cdef list _snapshot(self)
+    cdef int _callback_error(self, object exc) except -1
+    cdef void _wake(self) noexcept

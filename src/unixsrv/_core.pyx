@@ -1,0 +1,59 @@
+# cython: language_level=3
+"""unixsrv._core - the C loop of unixsrv.
+
+The listener, the epoll/kqueue loop, the connection table, the counters and
+the per-connection I/O of both handler models live here.  The GIL is released
+in one place, around the poller wait and the I/O of each wakeup (see
+_loop.pxi); callbacks into Python run with it, each inside
+try/except BaseException.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.pythread cimport PyThread_get_thread_ident
+from cpython.ref cimport Py_DECREF, Py_INCREF
+
+import asyncio as _asyncio
+import asyncio.trsock as _trsock
+import os as _os
+import socket as _socket_module
+import threading as _threading
+import weakref as _weakref
+from collections import deque as _deque
+
+from .connstate import ConnState as _ConnState
+from .errors import AddressInUseError, IdleTimeoutError, ServerClosedError
+from .peer import PeerCredentials
+
+#: True where abstract socket names exist (Linux).
+HAVE_ABSTRACT = bool(US_HAVE_ABSTRACT)
+#: Longest filesystem socket path in bytes (sizeof(sun_path) - 1).
+SUN_PATH_MAX = US_SUN_PATH_MAX
+
+_Event = _threading.Event
+_TransportSocket = _trsock.TransportSocket
+_AF_UNIX = _socket_module.AF_UNIX
+_SOCK_STREAM = _socket_module.SOCK_STREAM
+_NEW = _ConnState.NEW
+_CLOSE = _ConnState.CLOSE
+
+# Loops that may need retiring in a forked child.
+_live_loops = _weakref.WeakSet()
+
+include "_stats.pxi"
+include "_listener.pxi"
+include "_conn.pxi"
+include "_stream.pxi"
+include "_loop.pxi"
+
+_PeerCredentials = PeerCredentials
+
+
+def _after_fork_in_child():
+    for loop in list(_live_loops):
+        loop._after_fork_in_child()
+    _live_loops.clear()
+
+
+_os.register_at_fork(after_in_child=_after_fork_in_child)

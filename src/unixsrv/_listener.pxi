@@ -1,0 +1,151 @@
+# _listener.pxi - creating the listening socket and its file, removing it again.
+#
+# The start sequence never lets a client see a socket whose mode or group is
+# not final, never deletes anything but a stale socket, and lets exactly one
+# of several racing starters win:
+#
+#   1. open the directory (O_PATH on Linux);
+#   2. bind a new socket under a random temporary name in that directory;
+#   3. chmod and chgrp the temporary name without following symlinks;
+#   4. listen();
+#   5. rename the temporary name onto the final name, refusing to replace
+#      anything (renameat2 RENAME_NOREPLACE / renameatx_np RENAME_EXCL);
+#   6. if the final name exists: a live socket -> AddressInUseError; anything
+#      that is not a socket -> AddressInUseError, left untouched; a stale
+#      socket (connect is refused) -> unlinked if its inode did not change,
+#      then back to 5.
+#
+# Until step 5 nobody can connect (nothing listens at the final name), and
+# before step 4 nobody could connect to the temporary name either: connect(2)
+# is refused until listen(2) (unix(7)).
+
+
+cdef object _oserror(int err, object filename=None):
+    """The OSError subclass matching errno (FileNotFoundError, ...)."""
+    msg = strerror(err).decode("utf-8", "replace")
+    if filename is None:
+        return OSError(err, msg)
+    return OSError(err, msg, filename)
+
+
+cdef int _listen_abstract(bytes address, int backlog) except -1:
+    cdef int fd = us_socket(1)
+    if fd < 0:
+        raise _oserror(errno)
+    if us_bind(fd, address, len(address)) < 0 or listen(fd, backlog) < 0:
+        err = errno
+        close(fd)
+        display = "@" + address[1:].decode("utf-8", "backslashreplace")
+        if err == EADDRINUSE:
+            raise AddressInUseError(display)
+        raise _oserror(err, display)
+    return fd
+
+
+cdef bint _same_inode(int dirfd, bytes name, dev_t dev, ino_t ino):
+    cdef stat st
+    return (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0
+            and st.st_dev == dev and st.st_ino == ino)
+
+
+cdef int _examine_existing(int dirfd, bytes base, bytes probe_addr, object display) except -1:
+    """Deal with a file already at the final name.
+
+    Returns 1 when the name is free again (stale socket removed, or the file
+    vanished), raises when the name is taken.
+    """
+    cdef stat st
+    if fstatat(dirfd, base, &st, AT_SYMLINK_NOFOLLOW) < 0:
+        if errno == ENOENT:
+            return 1
+        raise _oserror(errno, display)
+    if not us_is_socket_mode(st.st_mode):
+        raise AddressInUseError(display, "the path exists and is not a socket; it was left untouched")
+    if us_probe(probe_addr, len(probe_addr)) == 0:
+        raise AddressInUseError(display)
+    err = errno
+    if err == ENOENT:
+        return 1
+    if err != ECONNREFUSED:
+        # EACCES/EPERM: we may not even connect, so we may not judge it stale.
+        raise _oserror(err, display)
+    # Nobody listens: a stale socket left by a crash.  Remove it only if it is
+    # still the very file we probed.
+    if _same_inode(dirfd, base, st.st_dev, st.st_ino):
+        if unlinkat(dirfd, base, 0) < 0 and errno != ENOENT:
+            raise _oserror(errno, display)
+    return 1
+
+
+def open_listener(object address, object display, int backlog, int mode, long gid,
+                  bytes dir_path, bytes base, bytes tmp_name, bint use_proc):
+    """Create the listening socket.  Returns (fd, st_dev, st_ino).
+
+    ``address`` is the exact sun_path (a leading NUL means abstract; then only
+    ``backlog`` matters and (fd, 0, 0) is returned).  ``dir_path``/``base``
+    split the filesystem path; ``tmp_name`` is the random temporary name and
+    ``use_proc`` says to reach the directory through /proc/self/fd because
+    the directory path plus the temporary name would not fit sun_path.
+    """
+    cdef int fd = -1, dirfd = -1, tries
+    cdef stat st
+    cdef bint tmp_bound = False
+    cdef bytes tmp_addr
+    if address[:1] == b"\0":
+        return (_listen_abstract(address, backlog), 0, 0)
+    dirfd = us_open_dir(dir_path)
+    if dirfd < 0:
+        raise _oserror(errno, display)
+    try:
+        # A name that is obviously taken fails before anything is created.
+        if fstatat(dirfd, base, &st, AT_SYMLINK_NOFOLLOW) == 0:
+            _examine_existing(dirfd, base, address, display)
+        if use_proc:
+            tmp_addr = b"/proc/self/fd/%d/%s" % (dirfd, tmp_name)
+        else:
+            tmp_addr = dir_path + b"/" + tmp_name
+        fd = us_socket(1)
+        if fd < 0:
+            raise _oserror(errno)
+        if us_bind(fd, tmp_addr, len(tmp_addr)) < 0:
+            raise _oserror(errno, display)
+        tmp_bound = True
+        # The file is ours: a socket owned by our euid.  Both calls below
+        # refuse to follow a symlink even if one were swapped in.
+        if (fstatat(dirfd, tmp_name, &st, AT_SYMLINK_NOFOLLOW) < 0
+                or not us_is_socket_mode(st.st_mode) or st.st_uid != geteuid()):
+            raise _oserror(EEXIST, display)
+        if us_chmod_nofollow(dirfd, tmp_name, <mode_t>mode) < 0:
+            raise _oserror(errno, display)
+        if gid >= 0 and us_chgrp_nofollow(dirfd, tmp_name, gid) < 0:
+            raise _oserror(errno, display)
+        if listen(fd, backlog) < 0:
+            raise _oserror(errno, display)
+        for tries in range(16):
+            if us_rename_noreplace(dirfd, tmp_name, base) == 0:
+                tmp_bound = False
+                return (fd, st.st_dev, st.st_ino)
+            if errno != EEXIST:
+                raise _oserror(errno, display)
+            _examine_existing(dirfd, base, address, display)
+        raise AddressInUseError(display, "the path kept reappearing while a stale socket was removed")
+    except BaseException:
+        if fd >= 0:
+            close(fd)
+        if tmp_bound:
+            unlinkat(dirfd, tmp_name, 0)
+        raise
+    finally:
+        close(dirfd)
+
+
+def unlink_if_same(bytes path, dev_t dev, ino_t ino):
+    """Remove the socket file at ``path`` only if it is still the inode we
+    created (a successor server may own the path by now).  Returns True if
+    the file was removed."""
+    cdef stat st
+    if lstat(path, &st) < 0:
+        return False
+    if not us_is_socket_mode(st.st_mode) or st.st_dev != dev or st.st_ino != ino:
+        return False
+    return unlink(path) == 0

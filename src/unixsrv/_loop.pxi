@@ -1,0 +1,613 @@
+# _loop.pxi - the poll loop: one thread, the GIL released while it waits and
+# while it does the per-wakeup I/O, taken once per wakeup to dispatch.
+#
+# Each iteration:
+#   1. without the GIL: poller wait; accept until EAGAIN (bounded); recv every
+#      readable connection into one shared buffer; flush pending output; run
+#      the idle sweep.  Everything that needs Python becomes a rec_t.
+#   2. with the GIL: turn the records into Python calls (new connections,
+#      data_received, eof_received, ...), finalize closed transports, run the
+#      callbacks queued by other threads, check for signals.
+#
+# The connection table maps fd -> conn_t.  In the blocking model worker
+# threads remove their own connection from it, so it is guarded by a mutex;
+# in the event model only the loop thread touches it and the mutex is
+# skipped.  Lock order: the mutex is only ever waited for without the GIL,
+# and no Python code runs while it is held.
+
+
+cdef uint64_t TOKEN_WAKE = 0xFFFFFFFFFFFFFFFFULL
+cdef uint64_t TOKEN_LISTEN = 0xFFFFFFFFFFFFFFFEULL
+cdef int64_t NEVER = 0x7FFFFFFFFFFFFFFFLL
+
+cdef enum:
+    MAX_EVENTS = 512
+    ACCEPT_BATCH = 128
+    BACKOFF_MIN_MS = 10
+    BACKOFF_MAX_MS = 1000
+
+
+cdef class Loop:
+    """The C core of one server run: listener, poller, connection table."""
+
+    def __cinit__(self):
+        self.pfd = self.wake_r = self.wake_w = self.lfd = -1
+        self.owner_pid = getpid()
+        self.next_seq = 0
+        self.next_sweep_ns = NEVER
+        self.accept_backoff_ms = BACKOFF_MIN_MS
+        pthread_mutex_init(&self.mu, NULL)
+
+    def __init__(self, server, Stats stats, bint event_model, factory,
+                 double idle_timeout, size_t max_connections, size_t read_size,
+                 size_t high_water, size_t low_water, size_t max_write_buffer):
+        self.server = server
+        self.stats = stats
+        self.event_model = event_model
+        self.factory = factory
+        self.idle_ns = <int64_t>(idle_timeout * 1e9) if idle_timeout > 0 else 0
+        self.max_conns = max_connections
+        self.read_size = read_size
+        self.high_water = high_water
+        self.low_water = low_water
+        self.max_wbuf = max_write_buffer
+        self.pending = _deque()
+        self.finalizing = []
+        self.display_path = ""
+        self.max_events = MAX_EVENTS
+        self.events = <us_poll_event *>malloc(sizeof(us_poll_event) * MAX_EVENTS)
+        self.recs_cap = MAX_EVENTS + ACCEPT_BATCH
+        self.recs = <rec_t *>malloc(sizeof(rec_t) * self.recs_cap)
+        self.rxcap = max(4 * read_size, <size_t>(256 * 1024)) if event_model else 0
+        self.rxbuf = <char *>malloc(self.rxcap) if event_model else NULL
+        self.table_cap = 1024
+        self.table = <conn_t **>calloc(self.table_cap, sizeof(conn_t *))
+        if (self.events == NULL or self.recs == NULL or self.table == NULL
+                or (event_model and self.rxbuf == NULL)):
+            raise MemoryError()
+
+    def __dealloc__(self):
+        self._close_fds()
+        free(self.events)
+        free(self.recs)
+        free(self.rxbuf)
+        free(self.table)
+        pthread_mutex_destroy(&self.mu)
+
+    # ---------------------------------------------------------------- set-up
+
+    def open(self, address, display, unlink_path, int backlog, int mode, long gid,
+             bytes dir_path, bytes base, bytes tmp_name, bint use_proc):
+        """Create the wakeup pipe, the poller and the listener.  On failure
+        nothing is left open or on disk."""
+        cdef int fds[2]
+        self.display_path = display
+        try:
+            if us_pipe(fds) < 0:
+                raise _oserror(errno)
+            self.wake_r, self.wake_w = fds[0], fds[1]
+            self.pfd = us_poller_create()
+            if self.pfd < 0:
+                raise _oserror(errno)
+            if us_poller_add(self.pfd, self.wake_r, TOKEN_WAKE, US_READ) < 0:
+                raise _oserror(errno)
+            self.lfd, self.sock_dev, self.sock_ino = open_listener(
+                address, display, backlog, mode, gid, dir_path, base, tmp_name, use_proc)
+            self.unlink_path = unlink_path
+            if us_poller_add(self.pfd, self.lfd, TOKEN_LISTEN, US_READ) < 0:
+                raise _oserror(errno)
+            self.accepting = True
+        except BaseException:
+            self.stop_accepting()
+            self._close_fds()
+            self.closed = True
+            raise
+        _live_loops.add(self)
+
+    @property
+    def wakeup_fileno(self):
+        """Write end of the wakeup pipe (for signal.set_wakeup_fd)."""
+        return self.wake_w
+
+    @property
+    def is_closed(self):
+        return self.closed
+
+    @property
+    def drain_waiting(self):
+        return self.drain_waiting
+
+    @drain_waiting.setter
+    def drain_waiting(self, bint value):
+        self.drain_waiting = value
+
+    def on_loop_thread(self):
+        """True when called from the thread running this loop."""
+        return self.thread_id != 0 and PyThread_get_thread_ident() == self.thread_id
+
+    def is_forked(self):
+        """True in a child process that inherited this loop through fork()."""
+        return getpid() != self.owner_pid
+
+    # ---------------------------------------------------------------- running
+
+    def run(self):
+        """Serve until request_exit(); may raise (KeyboardInterrupt, ...)."""
+        cdef int n, err, timeout
+        if self.closed:
+            raise RuntimeError("this loop is closed")
+        self.thread_id = PyThread_get_thread_ident()
+        self.exiting = False
+        while not self.exiting:
+            timeout = self._timeout_ms()
+            with nogil:
+                n = us_poller_wait(self.pfd, self.events, self.max_events, timeout)
+                err = errno
+                self.now = us_now_ns()
+                self._collect(n)
+            if n < 0 and err != EINTR:
+                raise _oserror(err)
+            self._dispatch()
+
+    def request_exit(self):
+        """Make run() return after the current dispatch."""
+        self.exiting = True
+        self._wake()
+
+    def call_soon_threadsafe(self, callback):
+        """Queue callback() to run on the loop thread; False if closed."""
+        if self.closed:
+            return False
+        self.pending.append(callback)
+        self._wake()
+        return True
+
+    cdef void _wake(self) noexcept:
+        cdef char b = 0
+        if self.wake_w >= 0:
+            write(self.wake_w, &b, 1)   # EAGAIN: the pipe is full, a wakeup is pending
+
+    cdef int _timeout_ms(self) noexcept:
+        cdef int64_t deadline = NEVER, now
+        if self.pending or self.finalizing:
+            return 0
+        if self.idle_ns:
+            deadline = self.next_sweep_ns
+        if self.accept_paused and self.accept_resume_ns < deadline:
+            deadline = self.accept_resume_ns
+        if deadline == NEVER:
+            return -1
+        now = us_now_ns()
+        if deadline <= now:
+            return 0
+        # Round up: waking a little late is fine, spinning early is not.
+        return <int>min((deadline - now + 999999) // 1000000, 86400000)
+
+    # ---------------------------------------------------------------- phase 1
+
+    cdef int _lock(self) noexcept nogil:
+        if not self.event_model:
+            pthread_mutex_lock(&self.mu)
+        return 0
+
+    cdef int _unlock(self) noexcept nogil:
+        if not self.event_model:
+            pthread_mutex_unlock(&self.mu)
+        return 0
+
+    cdef int _push(self, int kind, int fd, uint32_t seq, size_t off, ssize_t n) noexcept nogil:
+        cdef rec_t *grown
+        if self.nrecs == self.recs_cap:
+            grown = <rec_t *>realloc(self.recs, sizeof(rec_t) * self.recs_cap * 2)
+            if grown == NULL:
+                return -1
+            self.recs = grown
+            self.recs_cap *= 2
+        self.recs[self.nrecs].kind = kind
+        self.recs[self.nrecs].fd = fd
+        self.recs[self.nrecs].seq = seq
+        self.recs[self.nrecs].off = off
+        self.recs[self.nrecs].n = n
+        self.nrecs += 1
+        return 0
+
+    cdef conn_t *_table_get(self, int fd, uint32_t seq) noexcept nogil:
+        cdef conn_t *c
+        if fd < 0 or fd >= self.table_cap:
+            return NULL
+        c = self.table[fd]
+        if c == NULL or c.seq != seq:
+            return NULL
+        return c
+
+    cdef void _collect(self, int n) noexcept nogil:
+        cdef int i, fd
+        cdef uint64_t tok
+        cdef conn_t *c
+        cdef char sink[256]
+        self.nrecs = 0
+        self.rx_used = 0
+        for i in range(n):
+            tok = us_event_token(&self.events[i])
+            if tok == TOKEN_WAKE:
+                while read(self.wake_r, sink, sizeof(sink)) > 0:
+                    pass
+            elif tok == TOKEN_LISTEN:
+                if self.accepting and not self.accept_paused:
+                    self._accept_batch()
+            else:
+                c = self._table_get(<int>(tok & 0xFFFFFFFFULL), <uint32_t>(tok >> 32))
+                if c == NULL:
+                    continue           # stale: that fd was closed (and maybe reused)
+                if us_event_writable(&self.events[i]) and c.olen > 0:
+                    self._flush(c)
+                if us_event_readable(&self.events[i]) and (c.interest & US_READ):
+                    self._recv_one(c)
+        if self.idle_ns and self.now >= self.next_sweep_ns:
+            self._sweep()
+        if self.accept_paused and self.now >= self.accept_resume_ns and self.lfd >= 0:
+            if us_poller_modify(self.pfd, self.lfd, TOKEN_LISTEN, 0, US_READ) == 0:
+                self.accept_paused = False
+
+    cdef void _accept_batch(self) noexcept nogil:
+        cdef int k, fd, err
+        for k in range(ACCEPT_BATCH):
+            fd = us_accept(self.lfd, self.event_model)
+            if fd < 0:
+                err = errno
+                if us_would_block(err):
+                    return
+                if err == EINTR or err == ECONNABORTED or err == EPROTO:
+                    continue       # that client gave up; the next one may be fine
+                # EMFILE, ENFILE, ENOBUFS, ENOMEM, ...: retrying at once would
+                # spin on a listener that stays readable.  Stop polling it for
+                # a while (10 ms doubling to 1 s) and report once per episode.
+                if not self.accept_reported:
+                    self.accept_reported = True
+                    self._push(REC_ACCEPT_ERROR, -1, 0, 0, err)
+                if us_poller_modify(self.pfd, self.lfd, TOKEN_LISTEN, US_READ, 0) == 0:
+                    self.accept_paused = True
+                    self.accept_resume_ns = self.now + <int64_t>self.accept_backoff_ms * 1000000
+                    self.accept_backoff_ms = min(self.accept_backoff_ms * 2, BACKOFF_MAX_MS)
+                return
+            self.accept_backoff_ms = BACKOFF_MIN_MS
+            self.accept_reported = False
+            if self.max_conns and <size_t>us_load_i64(&self.stats.s.open) >= self.max_conns:
+                close(fd)          # over the limit: the client sees EOF at once
+                us_add_u64(&self.stats.s.rejected, 1)
+                continue
+            us_add_i64(&self.stats.s.open, 1)
+            if self._push(REC_NEW, fd, 0, 0, 0) < 0:
+                close(fd)
+                us_add_i64(&self.stats.s.open, -1)
+                us_add_u64(&self.stats.s.errors, 1)
+
+    cdef void _recv_one(self, conn_t *c) noexcept nogil:
+        cdef ssize_t r
+        cdef size_t off = self.rx_used
+        if self.rxcap - off < self.read_size:
+            return     # shared buffer full: level-triggered, so it comes back
+        while True:
+            r = recv(c.fd, self.rxbuf + off, self.read_size, 0)
+            if r >= 0 or errno != EINTR:
+                break
+        if r > 0:
+            self.rx_used = off + r
+            self.batch_in += r
+            c.last_active = self.now
+            self._push(REC_DATA, c.fd, c.seq, off, r)
+        elif r == 0:
+            c.state |= ST_EOF
+            # Level-triggered EOF stays readable forever: stop asking.
+            _set_interest(self.pfd, c, c.interest & ~US_READ)
+            self._push(REC_EOF, c.fd, c.seq, 0, 0)
+        elif not us_would_block(errno):
+            _set_interest(self.pfd, c, 0)
+            self._push(REC_ERROR, c.fd, c.seq, 0, errno)
+
+    cdef void _flush(self, conn_t *c) noexcept nogil:
+        cdef ssize_t r
+        cdef int err
+        while c.olen > 0:
+            r = send(c.fd, c.obuf + c.ooff, c.olen, MSG_NOSIGNAL)
+            if r > 0:
+                c.ooff += r
+                c.olen -= r
+                self.batch_out += r
+                c.last_active = self.now
+            elif r < 0 and errno == EINTR:
+                continue
+            elif r < 0 and us_would_block(errno):
+                break
+            else:
+                err = errno if r < 0 else EPIPE
+                _set_interest(self.pfd, c, 0)
+                self._push(REC_ERROR, c.fd, c.seq, 0, err)
+                return
+        if c.olen == 0:
+            c.ooff = 0
+            if c.ocap > 65536:
+                _obuf_free(c)          # an idle connection keeps no big buffer
+            _set_interest(self.pfd, c, c.interest & ~US_WRITE)
+            if c.state & ST_WRITE_EOF:
+                shutdown(c.fd, SHUT_WR)
+            if c.state & ST_CLOSING:
+                self._push(REC_FLUSHED, c.fd, c.seq, 0, 0)
+                return
+        if (c.state & ST_PAUSED) and c.olen <= c.low:
+            self._push(REC_RESUME, c.fd, c.seq, 0, 0)
+
+    cdef void _sweep(self) noexcept nogil:
+        """Close connections idle for idle_ns; schedule the next sweep."""
+        cdef int fd
+        cdef conn_t *c
+        cdef int64_t deadline, earliest = NEVER
+        cdef int64_t slack = min(max(self.idle_ns // 64, 1000000), 250000000)
+        self._lock()
+        for fd in range(self.table_hi + 1):
+            c = self.table[fd]
+            if c == NULL:
+                continue
+            if us_load_u32(&c.state) & (ST_CLOSING if not self.event_model else ST_LOST):
+                continue
+            deadline = us_load_i64(&c.last_active) + self.idle_ns
+            if deadline > self.now:
+                earliest = min(earliest, deadline)
+                continue
+            if not self.event_model:
+                # The table holds the handler's lifetime use, so c.fd is open.
+                us_or_u32(&c.state, ST_CLOSING | ST_IDLE)
+                shutdown(c.fd, SHUT_RDWR)
+            self._push(REC_IDLE, fd, c.seq, 0, 0)
+        self._unlock()
+        self.next_sweep_ns = NEVER if earliest == NEVER else earliest + slack
+
+    # ---------------------------------------------------------------- phase 2
+
+    cdef int _dispatch(self) except -1:
+        cdef int i = 0
+        cdef rec_t *r
+        if self.batch_in:
+            us_add_u64(&self.stats.s.bytes_in, self.batch_in)
+            self.batch_in = 0
+        try:
+            while i < self.nrecs:
+                r = &self.recs[i]
+                i += 1
+                if r.kind == REC_NEW:
+                    self._open_connection(r.fd)
+                elif r.kind == REC_ACCEPT_ERROR:
+                    self.server._report(_oserror(<int>r.n, self.display_path))
+                else:
+                    obj = self._lookup(r.fd, r.seq)
+                    if obj is None:
+                        continue
+                    if self.event_model:
+                        (<_Stream>obj)._on_record(r)
+                    else:
+                        (<_ConnBase>obj)._idle_expired()
+            self._run_finalizing()
+            self._run_pending()
+        except BaseException:
+            # Never leak the fds of connections accepted in this batch.
+            while i < self.nrecs:
+                if self.recs[i].kind == REC_NEW:
+                    close(self.recs[i].fd)
+                    us_add_i64(&self.stats.s.open, -1)
+                i += 1
+            raise
+        finally:
+            self.nrecs = 0
+            if self.batch_out:
+                us_add_u64(&self.stats.s.bytes_out, self.batch_out)
+                self.batch_out = 0
+        PyErr_CheckSignals()
+        if self.stash_exc is not None:
+            exc, self.stash_exc = self.stash_exc, None
+            raise exc
+        return 0
+
+    cdef int _open_connection(self, int fd) except -1:
+        cdef _ConnBase conn
+        cdef int err
+        self.next_seq = (self.next_seq + 1) & 0x7FFFFFFF
+        if self.next_seq == 0:
+            self.next_seq = 1
+        conn = _Stream.__new__(_Stream) if self.event_model else Connection.__new__(Connection)
+        conn.loop = self
+        conn.c.fd = fd
+        conn.c.seq = self.next_seq
+        conn.c.uses = 1
+        conn.c.high = self.high_water
+        conn.c.low = self.low_water
+        conn.c.last_active = self.now
+        self._table_put(&conn.c)
+        if self.idle_ns and self.next_sweep_ns == NEVER:
+            self.next_sweep_ns = self.now + self.idle_ns + min(max(self.idle_ns // 64, 1000000), 250000000)
+        us_add_u64(&self.stats.s.accepted, 1)
+        if self.event_model:
+            if us_poller_add(self.pfd, fd, _token(&conn.c), US_READ) < 0:
+                err = errno
+                (<_Stream>conn)._abort(None)
+                self.server._report(_oserror(err, self.display_path))
+                return 0
+            conn.c.interest = US_READ
+            return (<_Stream>conn)._start()
+        try:
+            self.server._spawn(conn)
+        except BaseException as exc:
+            (<Connection>conn)._finish()
+            self._callback_error(exc)
+        return 0
+
+    cdef int _table_put(self, conn_t *c) except -1:
+        cdef conn_t **grown
+        cdef int cap = self.table_cap
+        while c.fd >= cap:
+            cap *= 2
+        with nogil:
+            self._lock()
+            if cap != self.table_cap:
+                grown = <conn_t **>realloc(self.table, sizeof(conn_t *) * cap)
+                if grown != NULL:
+                    memset(grown + self.table_cap, 0, sizeof(conn_t *) * (cap - self.table_cap))
+                    self.table = grown
+                    self.table_cap = cap
+            if c.fd < self.table_cap:
+                self.table[c.fd] = c
+                if c.fd > self.table_hi:
+                    self.table_hi = c.fd
+            self._unlock()
+        if c.fd >= self.table_cap:
+            raise MemoryError()
+        Py_INCREF(<object>c.owner)
+        return 0
+
+    cdef int _table_del(self, conn_t *c) noexcept:
+        """Unregister c (any thread, GIL held); drops the table's reference,
+        so the caller must hold its own."""
+        cdef bint removed = False
+        cdef int fd = c.fd
+        with nogil:
+            self._lock()
+            if 0 <= fd < self.table_cap and self.table[fd] == c:
+                self.table[fd] = NULL
+                removed = True
+            self._unlock()
+        if removed:
+            Py_DECREF(<object>c.owner)
+        return 0
+
+    cdef object _lookup(self, int fd, uint32_t seq):
+        cdef conn_t *c
+        cdef object obj = None
+        with nogil:
+            self._lock()
+        c = self._table_get(fd, seq)
+        if c != NULL:
+            obj = <object>c.owner      # a new reference, taken under the lock
+        self._unlock()
+        return obj
+
+    cdef list _snapshot(self):
+        """The live connections, referenced, taken under the lock."""
+        cdef int fd
+        cdef list out = []
+        cdef PyObject **owners = <PyObject **>malloc(sizeof(PyObject *) * (self.table_hi + 1))
+        cdef int k = 0
+        if owners == NULL:
+            raise MemoryError()
+        with nogil:
+            self._lock()
+        for fd in range(self.table_hi + 1):
+            if self.table[fd] != NULL:
+                owners[k] = self.table[fd].owner
+                Py_INCREF(<object>owners[k])
+                k += 1
+        self._unlock()
+        try:
+            for fd in range(k):
+                out.append(<object>owners[fd])
+        finally:
+            for fd in range(k):
+                Py_DECREF(<object>owners[fd])
+            free(owners)
+        return out
+
+    cdef int _run_finalizing(self) except -1:
+        cdef list batch
+        while self.finalizing:
+            batch, self.finalizing = self.finalizing, []
+            for s in batch:
+                (<_Stream>s)._finalize()
+        return 0
+
+    cdef int _run_pending(self) except -1:
+        cdef Py_ssize_t k, n = len(self.pending)
+        for k in range(n):
+            cb = self.pending.popleft()
+            try:
+                cb()
+            except BaseException as exc:
+                self._callback_error(exc)
+        return 0
+
+    cdef int _callback_error(self, object exc) except -1:
+        """A user callback raised on the loop thread: KeyboardInterrupt and
+        SystemExit stop the loop (after this dispatch), the rest is reported."""
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            if self.stash_exc is None:
+                self.stash_exc = exc
+        else:
+            self.server._report(exc)
+        return 0
+
+    cdef int _conn_closed(self) except -1:
+        if self.drain_waiting and us_load_i64(&self.stats.s.open) <= 0:
+            self.server._notify_drained()
+        return 0
+
+    # ---------------------------------------------------------------- stopping
+    # These run on the loop thread (the Server posts them with
+    # call_soon_threadsafe) or after run() has returned.
+
+    def stop_accepting(self):
+        """Close the listener and remove our socket file.  True the first time."""
+        if self.lfd < 0:
+            return False
+        if self.pfd >= 0 and not self.is_forked():
+            us_poller_remove(self.pfd, self.lfd, US_READ)
+        close(self.lfd)
+        self.lfd = -1
+        self.accepting = False
+        if self.unlink_path is not None and not self.is_forked():
+            unlink_if_same(self.unlink_path, self.sock_dev, self.sock_ino)
+        return True
+
+    def begin_drain(self):
+        """Graceful shutdown: stop reading everywhere and let work finish
+        (blocking: set conn.done, shut the read side; event: close each
+        transport, which flushes first)."""
+        for conn in self._snapshot():
+            (<_ConnBase>conn)._begin_drain()
+        self._run_finalizing()
+
+    def abort_all(self):
+        """Close every connection now (clients see EOF)."""
+        for conn in self._snapshot():
+            (<_ConnBase>conn)._force_close()
+        self._run_finalizing()
+
+    def teardown(self):
+        """After run(): close everything; run callbacks still queued."""
+        self.closed = True
+        self.stop_accepting()
+        self.abort_all()
+        while self.pending:
+            self._run_pending()
+        self.thread_id = 0
+        self._close_fds()
+        _live_loops.discard(self)
+
+    cdef void _close_fds(self) noexcept:
+        if self.lfd >= 0:
+            close(self.lfd)
+        if self.pfd >= 0:
+            close(self.pfd)
+        if self.wake_r >= 0:
+            close(self.wake_r)
+        if self.wake_w >= 0:
+            close(self.wake_w)
+        self.lfd = self.pfd = self.wake_r = self.wake_w = -1
+
+    def _after_fork_in_child(self):
+        """The child of a fork must not serve, poll or unlink anything of the
+        parent's: close our copies of the fds and retire the loop."""
+        cdef int fd
+        self.closed = True
+        self.exiting = True
+        self._close_fds()
+        for fd in range(self.table_hi + 1):
+            if self.table[fd] != NULL and self.table[fd].fd >= 0:
+                close(self.table[fd].fd)
+                self.table[fd].fd = -1

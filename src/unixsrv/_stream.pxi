@@ -1,0 +1,397 @@
+# _stream.pxi - the event model: per-connection state (_Stream) and the
+# asyncio-shaped Transport a Protocol talks to.
+#
+# Everything here runs on the loop thread.  Writes go straight to the socket
+# when it takes them; what it does not take is copied into the connection's
+# C output buffer, which the loop flushes without the GIL when the poller
+# says the socket is writable.
+
+
+cdef inline uint64_t _token(conn_t *c) noexcept nogil:
+    return (<uint64_t>c.seq << 32) | <uint32_t>c.fd
+
+
+cdef int _set_interest(int pfd, conn_t *c, int interest) noexcept nogil:
+    """Register exactly `interest` for c; returns 0 or an errno."""
+    if interest == c.interest:
+        return 0
+    if us_poller_modify(pfd, c.fd, _token(c), c.interest, interest) < 0:
+        return errno
+    c.interest = interest
+    return 0
+
+
+cdef int _obuf_append(conn_t *c, const char *p, size_t n) noexcept nogil:
+    """Queue n bytes behind the unsent output; returns 0 or ENOMEM."""
+    cdef size_t need = c.olen + n
+    cdef size_t cap
+    cdef char *nb
+    if c.ooff + need > c.ocap:
+        if need <= c.ocap:
+            memmove(c.obuf, c.obuf + c.ooff, c.olen)
+        else:
+            cap = c.ocap * 2 if c.ocap else 4096
+            while cap < need:
+                cap *= 2
+            if c.ooff:
+                memmove(c.obuf, c.obuf + c.ooff, c.olen)
+            nb = <char *>realloc(c.obuf, cap)
+            if nb == NULL:
+                return ENOMEM
+            c.obuf = nb
+            c.ocap = cap
+        c.ooff = 0
+    memcpy(c.obuf + c.ooff + c.olen, p, n)
+    c.olen = need
+    return 0
+
+
+cdef void _obuf_free(conn_t *c) noexcept nogil:
+    free(c.obuf)
+    c.obuf = NULL
+    c.ocap = c.ooff = c.olen = 0
+
+
+cdef class _Stream(_ConnBase):
+    """Loop-side state of one event-model connection."""
+
+    def __dealloc__(self):
+        _obuf_free(&self.c)
+
+    cdef int _check_thread(self) except -1:
+        if PyThread_get_thread_ident() != self.loop.thread_id:
+            raise RuntimeError(
+                "Transport methods must be called on the server's loop thread; "
+                "use Server.call_soon_threadsafe() from other threads")
+        return 0
+
+    cdef int _start(self) except -1:
+        """Fire NEW, run update_conn, build the protocol, connection_made."""
+        cdef Loop loop = self.loop
+        server = loop.server
+        if server._on_conn_state is not None:
+            server._fire_state(self, _NEW)
+        if server._update_conn is not None and not server._call_update_conn(self):
+            return self._abort(None)
+        try:
+            self.protocol = loop.factory()
+            self.protocol.connection_made(Transport(self))
+        except BaseException as exc:
+            self._callback_failed(exc)
+        return 0
+
+    # ---------------------------------------------------------------- writing
+
+    cdef int _write_obj(self, object data) except -1:
+        cdef Py_buffer view
+        if PyBytes_CheckExact(data):
+            return self._write_buf(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            return self._write_buf(<const char *>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _write_buf(self, const char *p, size_t n) except -1:
+        cdef conn_t *c = &self.c
+        cdef Loop loop = self.loop
+        cdef ssize_t r
+        cdef int err
+        self._check_thread()
+        if c.state & ST_WRITE_EOF:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if c.state & ST_PEER_ERROR:
+            return 0          # connection_lost() carries the error
+        if c.state & (ST_CLOSING | ST_LOST):
+            raise ServerClosedError("write() on a transport that is closed")
+        if n == 0:
+            return 0
+        if c.olen == 0:
+            while True:
+                r = send(c.fd, p, n, MSG_NOSIGNAL)
+                if r >= 0:
+                    break
+                err = errno
+                if err == EINTR:
+                    continue
+                if us_would_block(err):
+                    r = 0
+                    break
+                us_or_u32(&c.state, ST_PEER_ERROR)
+                return self._abort(_oserror(err))
+            if r > 0:
+                loop.batch_out += r
+                c.last_active = loop.now
+                if <size_t>r == n:
+                    return 0
+                p += r
+                n -= r
+        if c.olen + n > loop.max_wbuf:
+            return self._abort(BufferError(
+                f"write buffer limit exceeded: {c.olen + n} bytes unsent "
+                f"(max_write_buffer={loop.max_wbuf}); the peer is not reading"))
+        if _obuf_append(c, p, n) != 0:
+            return self._abort(MemoryError())
+        err = _set_interest(loop.pfd, c, c.interest | US_WRITE)
+        if err:
+            us_or_u32(&c.state, ST_PEER_ERROR)
+            return self._abort(_oserror(err))
+        if c.olen > c.high and not (c.state & ST_PAUSED):
+            us_or_u32(&c.state, ST_PAUSED)
+            self._pause_protocol()
+        return 0
+
+    cdef int _pause_protocol(self) except -1:
+        try:
+            self.protocol.pause_writing()
+        except BaseException as exc:
+            self.loop._callback_error(exc)
+        return 0
+
+    cdef int _resume_protocol(self) except -1:
+        self.c.state &= ~(<uint32_t>ST_PAUSED)
+        try:
+            self.protocol.resume_writing()
+        except BaseException as exc:
+            self.loop._callback_error(exc)
+        return 0
+
+    # ---------------------------------------------------------------- closing
+
+    cdef int _close(self) except -1:
+        cdef conn_t *c = &self.c
+        if c.state & (ST_CLOSING | ST_LOST):
+            return 0
+        us_or_u32(&c.state, ST_CLOSING)
+        _set_interest(self.loop.pfd, c, c.interest & ~US_READ)
+        if c.olen == 0:
+            self.loop.finalizing.append(self)
+        return 0
+
+    cdef int _abort(self, object exc) except -1:
+        cdef conn_t *c = &self.c
+        if c.state & ST_LOST:
+            return 0
+        us_or_u32(&c.state, ST_CLOSING)
+        _obuf_free(c)
+        self._lost_exc = exc
+        self.loop.finalizing.append(self)
+        return 0
+
+    cdef int _finalize(self) except -1:
+        """Close the fd and tell the protocol; runs once, at the end of a
+        dispatch, so connection_lost() never runs inside another callback."""
+        cdef conn_t *c = &self.c
+        cdef Loop loop = self.loop
+        if c.state & ST_LOST:
+            return 0
+        us_or_u32(&c.state, ST_LOST | ST_CLOSING)
+        if self._sock is not None:
+            self._sock.detach()      # the socket object must not close our fd
+            self._sock = None
+        c.uses = 0
+        if c.fd >= 0:
+            close(c.fd)   # also drops the poller registration: we never dup the fd
+        loop._table_del(c)
+        _obuf_free(c)
+        us_add_u64(&loop.stats.s.closed, 1)
+        us_add_i64(&loop.stats.s.open, -1)
+        proto, exc = self.protocol, self._lost_exc
+        self.protocol = self._lost_exc = None
+        if proto is not None:
+            try:
+                proto.connection_lost(exc)
+            except BaseException as err:
+                loop._callback_error(err)
+        server = loop.server
+        if server._on_conn_state is not None:
+            server._fire_state(self, _CLOSE)
+        return loop._conn_closed()
+
+    cdef int _callback_failed(self, object exc) except -1:
+        """A protocol callback raised: report it and close the connection."""
+        self.loop._callback_error(exc)
+        return self._abort(None if isinstance(exc, (KeyboardInterrupt, SystemExit)) else exc)
+
+    # ---------------------------------------------------------------- loop side
+
+    cdef int _on_record(self, rec_t *r) except -1:
+        cdef conn_t *c = &self.c
+        cdef int kind = r.kind
+        if kind == REC_DATA:
+            if c.state & ST_CLOSING:
+                return 0
+            data = PyBytes_FromStringAndSize(self.loop.rxbuf + r.off, r.n)
+            try:
+                self.protocol.data_received(data)
+            except BaseException as exc:
+                self._callback_failed(exc)
+        elif kind == REC_EOF:
+            if c.state & ST_CLOSING:
+                return 0
+            try:
+                keep_open = self.protocol.eof_received()
+            except BaseException as exc:
+                return self._callback_failed(exc)
+            if not keep_open:
+                self._close()
+        elif kind == REC_ERROR:
+            us_or_u32(&c.state, ST_PEER_ERROR)
+            self._abort(_oserror(<int>r.n))
+        elif kind == REC_RESUME:
+            if c.state & ST_PAUSED:
+                self._resume_protocol()
+        elif kind == REC_FLUSHED:
+            if c.state & ST_CLOSING:
+                self.loop.finalizing.append(self)
+        elif kind == REC_IDLE:
+            self._idle_expired()
+        return 0
+
+    cdef int _idle_expired(self) except -1:
+        return self._abort(IdleTimeoutError(
+            f"no byte received or sent for {self.loop.idle_ns / 1e9:g} s"))
+
+    cdef int _begin_drain(self) except -1:
+        return self._close()
+
+    cdef int _force_close(self) except -1:
+        return self._abort(None)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _socket(self):
+        """A socket.socket view of the fd for getsockopt & co (kept until the
+        transport is finalized, then detached, never closed by it)."""
+        if self._sock is None:
+            if self.c.state & ST_LOST:
+                return None
+            self._sock = _socket_module.socket(_AF_UNIX, _SOCK_STREAM, 0, self.c.fd)
+            self._sock_view = _TransportSocket(self._sock)
+        return self._sock_view
+
+
+class Transport(_asyncio.Transport):
+    """The asyncio.Transport given to ``Protocol.connection_made``.
+
+    It is a real ``asyncio.Transport`` subclass; all methods must be called
+    on the server's loop thread (the thread running protocol callbacks).
+    """
+
+    __slots__ = ("_s",)
+
+    def __init__(self, _Stream stream):
+        self._s = stream
+
+    def __repr__(self):
+        s = <_Stream>self._s
+        return f"<unixsrv.Transport id={s.c.seq} fd={s.c.fd} closing={self.is_closing()}>"
+
+    def write(self, data):
+        """Send data now if the socket takes it, else buffer it."""
+        (<_Stream>self._s)._write_obj(data)
+
+    def writelines(self, list_of_data):
+        """Write each item in order."""
+        cdef _Stream s = <_Stream>self._s
+        for data in list_of_data:
+            s._write_obj(data)
+
+    def write_eof(self):
+        """Shut down the write side once buffered output is flushed."""
+        cdef _Stream s = <_Stream>self._s
+        s._check_thread()
+        if s.c.state & (ST_WRITE_EOF | ST_CLOSING | ST_LOST):
+            return
+        us_or_u32(&s.c.state, ST_WRITE_EOF)
+        if s.c.olen == 0:
+            shutdown(s.c.fd, SHUT_WR)
+
+    def can_write_eof(self):
+        return True
+
+    def close(self):
+        """Stop reading, flush buffered output, then close; connection_lost(None) follows."""
+        cdef _Stream s = <_Stream>self._s
+        s._check_thread()
+        s._close()
+
+    def abort(self):
+        """Close at once, discarding buffered output; connection_lost(None) follows."""
+        cdef _Stream s = <_Stream>self._s
+        s._check_thread()
+        s._abort(None)
+
+    def is_closing(self):
+        return bool((<_Stream>self._s).c.state & (ST_CLOSING | ST_LOST))
+
+    def pause_reading(self):
+        cdef _Stream s = <_Stream>self._s
+        s._check_thread()
+        if s.c.state & (ST_READ_PAUSED | ST_CLOSING):
+            return
+        us_or_u32(&s.c.state, ST_READ_PAUSED)
+        err = _set_interest(s.loop.pfd, &s.c, s.c.interest & ~US_READ)
+        if err:
+            raise _oserror(err)
+
+    def resume_reading(self):
+        cdef _Stream s = <_Stream>self._s
+        s._check_thread()
+        if not (s.c.state & ST_READ_PAUSED) or s.c.state & ST_CLOSING:
+            return
+        s.c.state &= ~(<uint32_t>ST_READ_PAUSED)
+        if not (s.c.state & ST_EOF):
+            err = _set_interest(s.loop.pfd, &s.c, s.c.interest | US_READ)
+            if err:
+                raise _oserror(err)
+
+    def is_reading(self):
+        return not ((<_Stream>self._s).c.state & (ST_READ_PAUSED | ST_CLOSING | ST_LOST))
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        """asyncio semantics: high defaults to 64 KiB (or 4 * low), low to high // 4."""
+        cdef _Stream s = <_Stream>self._s
+        if high is None:
+            high = 64 * 1024 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        s.c.high = high
+        s.c.low = low
+        if s.c.olen > s.c.high and not (s.c.state & ST_PAUSED) and not (s.c.state & ST_LOST):
+            us_or_u32(&s.c.state, ST_PAUSED)
+            s._pause_protocol()
+        elif s.c.olen <= s.c.low and s.c.state & ST_PAUSED:
+            s._resume_protocol()
+
+    def get_write_buffer_limits(self):
+        cdef _Stream s = <_Stream>self._s
+        return (s.c.low, s.c.high)
+
+    def get_write_buffer_size(self):
+        return (<_Stream>self._s).c.olen
+
+    def get_extra_info(self, name, default=None):
+        """'peername', 'sockname', 'peercred' (PeerCredentials) or 'socket'."""
+        cdef _Stream s = <_Stream>self._s
+        try:
+            if name == "peername":
+                return s.remote_address
+            if name == "sockname":
+                return s.loop.display_path
+            if name == "peercred":
+                return s.peer
+            if name == "socket":
+                sock = s._socket()
+                return default if sock is None else sock
+        except OSError:
+            pass
+        return default
+
+    def set_protocol(self, protocol):
+        (<_Stream>self._s).protocol = protocol
+
+    def get_protocol(self):
+        return (<_Stream>self._s).protocol

@@ -1,0 +1,235 @@
+/* compat.h - the platform-dependent system calls of the core, as static inline C.
+ *
+ * Linux gets accept4/pipe2/SOCK_CLOEXEC so no fd is ever visible without
+ * FD_CLOEXEC, MSG_NOSIGNAL on every send, SO_PEERCRED and renameat2.  macOS
+ * gets the closest equivalents: fcntl right after creation, SO_NOSIGPIPE on
+ * every socket (send(2) there has no MSG_NOSIGNAL), getpeereid and
+ * renameatx_np(RENAME_EXCL).
+ */
+#ifndef UNIXSRV_COMPAT_H
+#define UNIXSRV_COMPAT_H
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__APPLE__)
+#include <sys/ucred.h>
+#endif
+
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0
+#endif
+
+#if defined(__linux__)
+#define US_HAVE_ABSTRACT 1
+#else
+#define US_HAVE_ABSTRACT 0
+#endif
+
+/* Bytes usable in sockaddr_un.sun_path for a NUL-terminated path. */
+#define US_SUN_PATH_MAX ((int)sizeof(((struct sockaddr_un *)0)->sun_path) - 1)
+
+static inline int64_t us_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline int us__fd_flags(int fd, int nonblock) {
+    if (fcntl(fd, F_SETFD, FD_CLOEXEC) < 0) return -1;
+    if (nonblock) {
+        int fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return -1;
+    }
+#if defined(SO_NOSIGPIPE)
+    {
+        int one = 1;
+        /* Fails harmlessly on non-sockets (the wakeup pipe). */
+        (void)setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof(one));
+    }
+#endif
+    return 0;
+}
+
+static inline void us__close_keep_errno(int fd) {
+    int e = errno;
+    close(fd);
+    errno = e;
+}
+
+/* A new AF_UNIX stream socket, always close-on-exec. */
+static inline int us_socket(int nonblock) {
+#if defined(SOCK_CLOEXEC) && defined(SOCK_NONBLOCK)
+    return socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0), 0);
+#else
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (fd >= 0 && us__fd_flags(fd, nonblock) < 0) {
+        us__close_keep_errno(fd);
+        return -1;
+    }
+    return fd;
+#endif
+}
+
+/* accept one pending connection, close-on-exec, optionally non-blocking. */
+static inline int us_accept(int lfd, int nonblock) {
+#if defined(__linux__)
+    return accept4(lfd, NULL, NULL, SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0));
+#else
+    int fd = accept(lfd, NULL, NULL);
+    if (fd >= 0) {
+        if (us__fd_flags(fd, nonblock) < 0) {
+            us__close_keep_errno(fd);
+            return -1;
+        }
+        /* BSD accept(2) inherits O_NONBLOCK from the listener; clear it. */
+        if (!nonblock) {
+            int fl = fcntl(fd, F_GETFL);
+            if (fl >= 0) (void)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+        }
+    }
+    return fd;
+#endif
+}
+
+/* A non-blocking, close-on-exec pipe: [0] read end, [1] write end. */
+static inline int us_pipe(int fds[2]) {
+#if defined(__linux__)
+    return pipe2(fds, O_NONBLOCK | O_CLOEXEC);
+#else
+    if (pipe(fds) < 0) return -1;
+    if (us__fd_flags(fds[0], 1) < 0 || us__fd_flags(fds[1], 1) < 0) {
+        us__close_keep_errno(fds[0]);
+        us__close_keep_errno(fds[1]);
+        return -1;
+    }
+    return 0;
+#endif
+}
+
+/* Fill a sockaddr_un from exactly len bytes (an abstract name starts with
+ * NUL and is length-exact, so no strlen anywhere).  Returns the address
+ * length, or -1 with errno=ENAMETOOLONG. */
+static inline socklen_t us_make_addr(struct sockaddr_un *sa, const char *path,
+                                     size_t len) {
+    if (len > sizeof(sa->sun_path) - (path[0] != '\0' ? 1 : 0)) {
+        errno = ENAMETOOLONG;
+        return (socklen_t)-1;
+    }
+    memset(sa, 0, sizeof(*sa));
+    sa->sun_family = AF_UNIX;
+    memcpy(sa->sun_path, path, len);
+    if (path[0] == '\0') /* abstract: no terminator counted */
+        return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len);
+    return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len + 1);
+}
+
+static inline int us_bind(int fd, const char *path, size_t len) {
+    struct sockaddr_un sa;
+    socklen_t sl = us_make_addr(&sa, path, len);
+    if (sl == (socklen_t)-1) return -1;
+    return bind(fd, (struct sockaddr *)&sa, sl);
+}
+
+/* Liveness probe of an existing socket file: a non-blocking connect answers
+ * at once on AF_UNIX.  Returns 0 if something accepts connections there,
+ * otherwise -1 with errno (ECONNREFUSED means nobody listens: stale;
+ * EAGAIN means the backlog is full: alive, see unix(7)). */
+static inline int us_probe(const char *path, size_t len) {
+    struct sockaddr_un sa;
+    socklen_t sl = us_make_addr(&sa, path, len);
+    if (sl == (socklen_t)-1) return -1;
+    int fd = us_socket(1);
+    if (fd < 0) return -1;
+    int r;
+    do { r = connect(fd, (struct sockaddr *)&sa, sl); } while (r < 0 && errno == EINTR);
+    if (r < 0 && errno == EAGAIN) r = 0;
+    us__close_keep_errno(fd);
+    return r;
+}
+
+/* Move from -> to inside one directory unless `to` exists (EEXIST).  The
+ * socket is already listening with its final mode when it appears, so no
+ * client ever sees a half-set-up socket and two racing starters can never
+ * both win. */
+static inline int us_rename_noreplace(int dirfd, const char *from, const char *to) {
+#if defined(__linux__) && defined(RENAME_NOREPLACE)
+    if (renameat2(dirfd, from, dirfd, to, RENAME_NOREPLACE) == 0) return 0;
+    if (errno != EINVAL && errno != ENOSYS) return -1;
+    /* The filesystem has no RENAME_NOREPLACE: fall through to link+unlink. */
+#elif defined(__APPLE__) && defined(RENAME_EXCL)
+    if (renameatx_np(dirfd, from, dirfd, to, RENAME_EXCL) == 0) return 0;
+    if (errno != ENOTSUP && errno != EINVAL) return -1;
+#endif
+    if (linkat(dirfd, from, dirfd, to, 0) < 0) return -1;
+    (void)unlinkat(dirfd, from, 0);
+    return 0;
+}
+
+/* chmod/chown that never follow a symlink (the name is ours and random, but
+ * the directory may be writable by others). */
+static inline int us_chmod_nofollow(int dirfd, const char *name, mode_t mode) {
+    if (fchmodat(dirfd, name, mode, AT_SYMLINK_NOFOLLOW) == 0) return 0;
+    if (errno != ENOTSUP && errno != EOPNOTSUPP) return -1;
+    /* Old C libraries cannot chmod without following; the caller has just
+     * checked with lstat that the name is a socket, not a link. */
+    return fchmodat(dirfd, name, mode, 0);
+}
+
+static inline int us_chgrp_nofollow(int dirfd, const char *name, long gid) {
+    return fchownat(dirfd, name, (uid_t)-1, (gid_t)gid, AT_SYMLINK_NOFOLLOW);
+}
+
+static inline int us_open_dir(const char *path) {
+#if defined(O_PATH)
+    return open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+#else
+    return open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+#endif
+}
+
+/* Peer credentials at connect time (unix(7) SO_PEERCRED; getpeereid(3)). */
+static inline int us_peercred(int fd, long *pid, long *uid, long *gid) {
+#if defined(SO_PEERCRED)
+    struct ucred cr;
+    socklen_t len = sizeof(cr);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) < 0) return -1;
+    *pid = cr.pid;
+    *uid = cr.uid;
+    *gid = cr.gid;
+    return 0;
+#elif defined(__APPLE__)
+    uid_t u;
+    gid_t g;
+    if (getpeereid(fd, &u, &g) < 0) return -1;
+    *uid = u;
+    *gid = g;
+    *pid = 0;
+#if defined(LOCAL_PEERPID)
+    pid_t p;
+    socklen_t len = sizeof(p);
+    if (getsockopt(fd, SOL_LOCAL, LOCAL_PEERPID, &p, &len) == 0) *pid = p;
+#endif
+    return 0;
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+/* EAGAIN and EWOULDBLOCK may or may not be the same number. */
+static inline int us_would_block(int e) { return e == EAGAIN || e == EWOULDBLOCK; }
+
+static inline int us_is_socket_mode(mode_t m) { return S_ISSOCK(m); }
+
+#endif /* UNIXSRV_COMPAT_H */

@@ -1,0 +1,318 @@
+"""ServerConfig: every setting of a server, validated when it is built.
+
+A rejected value raises the matching :class:`~unixsrv.errors.ConfigError`
+subclass at construction, before anything touches the filesystem.  Values are
+normalised: ``mode`` becomes an int (golib's default ``0o770`` when omitted),
+``group`` a numeric gid (names are resolved here, once), ``idle_timeout`` a
+float number of seconds or ``None``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import grp
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+from ._core import HAVE_ABSTRACT, SUN_PATH_MAX
+from .errors import ConfigError, InvalidGroupError, InvalidModeError, InvalidPathError
+
+__all__ = ["ServerConfig", "DEFAULT_MODE", "parse_mode", "parse_duration", "MAX_GID"]
+
+PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+#: golib's default mode for the socket file when none is configured.
+DEFAULT_MODE = 0o770
+#: Largest valid gid: gid_t is 32-bit and 4294967295 means "unchanged" to chown(2).
+MAX_GID = 4294967294
+
+_MAX_BUFFER = 1 << 30
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """Settings of one Unix socket server.
+
+    ``path`` (required): filesystem path of the socket.  On Linux a leading
+    ``"@"`` or NUL selects the abstract namespace (no file, so no mode/group).
+    ``mode``: permission bits of the socket file: an int (``0o660``) or a
+    string (``"0660"``, ``"660"``, ``"0o660"``, ``"rw-rw----"``); ``None``
+    means ``0o770``.
+    ``group``: gid (0..4294967294) or group name given to the socket file;
+    ``None`` leaves the process's group.
+    ``idle_timeout``: seconds without a byte received or sent after which a
+    connection is closed; ``None`` or 0 disables it.
+    ``backlog``: listen(2) queue length (the kernel caps it at somaxconn).
+    ``max_connections``: connections served at once; a client over the limit is
+    accepted and closed at once.  ``None`` means only the fd limit applies.
+    ``read_buffer_size``: largest chunk one receive delivers (event model) and
+    the default size of ``Connection.read()``.
+    ``write_buffer_high`` / ``write_buffer_low``: event-model flow-control marks
+    (``pause_writing`` above high, ``resume_writing`` at or below low; low
+    defaults to high // 4).
+    ``max_write_buffer``: hard cap on one connection's unsent output; a write
+    beyond it aborts that connection (a peer that never reads cannot exhaust
+    memory even if the protocol ignores ``pause_writing``).
+    """
+
+    path: PathArg
+    mode: int | str | None = None
+    group: int | str | None = None
+    idle_timeout: float | datetime.timedelta | None = None
+    backlog: int = 1024
+    max_connections: int | None = None
+    read_buffer_size: int = 65536
+    write_buffer_high: int = 65536
+    write_buffer_low: int | None = None
+    max_write_buffer: int = 16 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        path, abstract = _normalise_path(self.path)
+        _set(self, "path", path)
+        if abstract:
+            if self.mode is not None:
+                raise InvalidModeError("an abstract socket has no file: mode must be None")
+            if self.group is not None:
+                raise InvalidGroupError("an abstract socket has no file: group must be None")
+        else:
+            _set(self, "mode", DEFAULT_MODE if self.mode is None else parse_mode(self.mode))
+            _set(self, "group", _parse_group(self.group))
+        _set(self, "idle_timeout", _parse_timeout(self.idle_timeout))
+        _check_int("backlog", self.backlog, 1, 1 << 20)
+        if self.max_connections is not None:
+            _check_int("max_connections", self.max_connections, 1, 1 << 30)
+        _check_int("read_buffer_size", self.read_buffer_size, 256, 16 * 1024 * 1024)
+        _check_int("write_buffer_high", self.write_buffer_high, 0, _MAX_BUFFER)
+        low = self.write_buffer_high // 4 if self.write_buffer_low is None else self.write_buffer_low
+        _check_int("write_buffer_low", low, 0, self.write_buffer_high)
+        _set(self, "write_buffer_low", low)
+        _check_int("max_write_buffer", self.max_write_buffer, max(self.write_buffer_high, 1), _MAX_BUFFER)
+
+    # ---------------------------------------------------------------- derived
+
+    @property
+    def is_abstract(self) -> bool:
+        """True for a Linux abstract-namespace name (no file on disk)."""
+        return _is_abstract(self.path)
+
+    @property
+    def address(self) -> bytes:
+        """The exact ``sun_path`` bytes: the encoded path, or NUL + name."""
+        raw = self.path if isinstance(self.path, bytes) else os.fsencode(self.path)
+        return b"\0" + raw[1:] if self.is_abstract else raw
+
+    @property
+    def display_path(self) -> str:
+        """The path as text for messages and callbacks (``@name`` when abstract)."""
+        if self.is_abstract:
+            return "@" + self.address[1:].decode("utf-8", "backslashreplace")
+        return os.fsdecode(self.path)
+
+    # ---------------------------------------------------------------- golib keys
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ServerConfig:
+        """Build a config from a mapping (a parsed JSON/YAML/TOML document).
+
+        Accepts this class's field names and golib's keys: ``network`` (must be
+        ``"unix"``), ``address``, ``perm-file`` (0 or absent = default mode),
+        ``group-perm`` (-1 = the process's group), ``con-idle-timeout`` (a Go
+        duration such as ``"1m30s"`` or a number of seconds) and ``tls`` (must
+        not be enabled: a Unix socket server never silently drops TLS that was
+        asked for).  Unknown keys are an error.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"expected a mapping, got {type(data).__name__}")
+        kwargs: dict[str, Any] = {}
+
+        def put(field: str, value: Any, key: str) -> None:
+            if field in kwargs:
+                raise ConfigError(f"{key!r} sets {field!r} a second time")
+            kwargs[field] = value
+
+        fields = set(cls.__dataclass_fields__)
+        for key, value in data.items():
+            if key == "network":
+                net = str(value).strip().strip("'\"").lower()
+                if net != "unix":
+                    raise ConfigError(f"network {value!r} is not supported: unixsrv serves 'unix' (stream) sockets")
+            elif key == "address":
+                put("path", value, key)
+            elif key == "perm-file":
+                if value not in (0, "0", "", None):
+                    put("mode", value, key)
+            elif key == "group-perm":
+                if isinstance(value, bool) or not isinstance(value, (int, str)):
+                    raise InvalidGroupError(f"group-perm must be an integer gid, got {value!r}")
+                if int(value) != -1:
+                    put("group", int(value), key)
+            elif key == "con-idle-timeout":
+                put("idle_timeout", parse_duration(value), key)
+            elif key == "tls":
+                enabled = value.get("enabled", False) if isinstance(value, Mapping) else value
+                if enabled:
+                    raise ConfigError("TLS is enabled in the configuration but unixsrv serves plain Unix sockets")
+            elif key in fields:
+                put(key, value, key)
+            else:
+                raise ConfigError(f"unknown configuration key {key!r}")
+        if "path" not in kwargs:
+            raise InvalidPathError("the configuration has no 'address' (socket path)")
+        return cls(**kwargs)
+
+
+# ------------------------------------------------------------------ parsing
+
+
+def parse_mode(value: int | str) -> int:
+    """Parse a permission: ``0o660``, ``"0660"``, ``"660"``, ``"0o660"`` or ``"rw-rw----"``.
+
+    A 10-character symbolic form may start with a file-type letter, as golib
+    accepts (``"srw-rw----"``); the type is ignored.
+    """
+    if isinstance(value, bool):
+        raise InvalidModeError(f"mode must be an int or a string, not {value!r}")
+    if isinstance(value, int):
+        mode = value
+    elif isinstance(value, str):
+        text = value.strip().replace('"', "").replace("'", "")
+        if re.fullmatch(r"(0o)?[0-7]{1,4}", text):
+            mode = int(text.removeprefix("0o"), 8)
+        elif re.fullmatch(r"[-dlcbpsD]?[r-][w-][x-][r-][w-][x-][r-][w-][x-]", text):
+            bits = text[-9:]
+            mode = sum(1 << (8 - i) for i, ch in enumerate(bits) if ch != "-")
+        else:
+            raise InvalidModeError(f"invalid permission {value!r}: use octal like '0660' or symbolic like 'rw-rw----'")
+    else:
+        raise InvalidModeError(f"mode must be an int or a string, not {type(value).__name__}")
+    if not 0 <= mode <= 0o777:
+        raise InvalidModeError(f"mode {mode:#o} is out of range 0..0o777")
+    return mode
+
+
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h|d)")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a Go duration string (``"1m30s"``, ``"500ms"``, ``"2h"``,
+    golib's ``"1d"``) or from a number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"invalid duration {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, datetime.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, str):
+        text = value.strip().strip("'\"")
+        if text in ("0", ""):
+            return 0.0
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-")
+        pos, seconds = 0, 0.0
+        while pos < len(body):
+            m = _DURATION_PART.match(body, pos)
+            if not m:
+                raise ConfigError(f"invalid duration {value!r}: expected a Go duration such as '1m30s' or '500ms'")
+            seconds += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            pos = m.end()
+        if not body:
+            raise ConfigError(f"invalid duration {value!r}")
+        seconds *= sign
+    else:
+        raise ConfigError(f"invalid duration {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"duration must be a finite number of seconds >= 0, got {value!r}")
+    return seconds
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _set(obj: object, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)
+
+
+def _is_abstract(path: str | bytes) -> bool:
+    return path[:1] in ("@", "\0", b"@", b"\0")
+
+
+def _normalise_path(value: Any) -> tuple[str | bytes, bool]:
+    if isinstance(value, (str, bytes)):
+        path = value
+    elif isinstance(value, os.PathLike):
+        path = os.fspath(value)
+    else:
+        raise InvalidPathError(f"path must be str, bytes or os.PathLike, not {type(value).__name__}")
+    if not path:
+        raise InvalidPathError("the socket path is empty")
+    raw = path if isinstance(path, bytes) else os.fsencode(path)
+    if _is_abstract(path):
+        if not HAVE_ABSTRACT:
+            raise InvalidPathError(f"abstract socket names exist only on Linux, not on {sys.platform}: {path!r}")
+        if len(raw) < 2:
+            raise InvalidPathError("an abstract socket name needs at least one character after '@' or NUL")
+        # sun_path holds the leading NUL plus the name, with no terminator.
+        if len(raw) > SUN_PATH_MAX + 1:
+            raise InvalidPathError(f"abstract name is {len(raw) - 1} bytes; the limit is {SUN_PATH_MAX} bytes: {path!r}")
+        return path, True
+    if b"\0" in raw:
+        raise InvalidPathError(f"a filesystem socket path cannot contain NUL: {path!r}")
+    if len(raw) > SUN_PATH_MAX:
+        raise InvalidPathError(
+            f"socket path is {len(raw)} bytes; the limit on {sys.platform} is {SUN_PATH_MAX} bytes: {path!r}"
+        )
+    base = os.path.basename(raw)
+    if base in (b"", b".", b".."):
+        raise InvalidPathError(f"socket path must name a file, not a directory: {path!r}")
+    return path, False
+
+
+def _parse_group(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidGroupError(f"group must be a gid or a group name, not {value!r}")
+    if isinstance(value, str):
+        name = value.strip()
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            if name.isdigit():
+                value = int(name)
+            else:
+                raise InvalidGroupError(f"unknown group {value!r}") from None
+    if not isinstance(value, int):
+        raise InvalidGroupError(f"group must be a gid or a group name, not {type(value).__name__}")
+    if not 0 <= value <= MAX_GID:
+        raise InvalidGroupError(f"gid {value} is out of range 0..{MAX_GID}")
+    return value
+
+
+def _parse_timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    seconds = parse_duration(value)
+    return seconds if seconds > 0 else None
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an int, not {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be in {low}..{high}, got {value}")

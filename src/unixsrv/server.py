@@ -1,0 +1,554 @@
+"""Server: the lifecycle of one Unix socket server and its two handler models.
+
+Blocking model, ``Server(config, handler)``: each accepted connection runs
+``handler(conn)`` on a worker thread of its own (threads are pooled and
+reused); ``Connection`` I/O releases the GIL while it waits.
+
+Event model, ``Server(config, protocol=factory)``: one loop thread runs
+asyncio.Protocol callbacks; the C core does the I/O without the GIL and
+dispatches each wakeup's events in one batch.
+
+Both run on the same C loop (``unixsrv._core.Loop``): it owns the listener,
+the poller, the connection table and the counters.  This module decides when
+to start and stop it, runs the callbacks the user registered and keeps every
+callback's exception away from the server.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import _core
+from .config import ServerConfig
+from .connstate import ConnState
+from .errors import InvalidHandlerError, ServerClosedError, ShutdownTimeoutError
+from .workers import WorkerPool
+
+__all__ = ["Server"]
+
+logger = logging.getLogger("unixsrv.server")
+
+Handler = Callable[["_core.Connection"], Any]
+ErrorCallback = Callable[[BaseException], Any]
+StateCallback = Callable[[str, str, ConnState], Any]
+InfoCallback = Callable[[str], Any]
+
+
+class _State(enum.Enum):
+    STOPPED = "stopped"
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+class Server:
+    """A Unix domain socket server.
+
+    Give exactly one of ``handler`` (blocking model: ``handler(conn)`` runs on
+    a worker thread per connection) or ``protocol`` (event model: a factory of
+    ``asyncio.Protocol`` objects).  ``update_conn(sock)`` runs once per
+    accepted connection before the handler, with a ``socket.socket`` for
+    getsockopt/setsockopt (valid only during the call; do not close it).
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        handler: Handler | None = None,
+        *,
+        protocol: Callable[[], Any] | None = None,
+        update_conn: Callable[[socket.socket], Any] | None = None,
+    ) -> None:
+        if not isinstance(config, ServerConfig):
+            raise TypeError(f"config must be a ServerConfig, not {type(config).__name__}")
+        if (handler is None) == (protocol is None):
+            raise InvalidHandlerError("give exactly one of handler= (blocking model) or protocol= (event model)")
+        if handler is not None and not callable(handler):
+            raise InvalidHandlerError(f"handler must be callable, not {type(handler).__name__}")
+        if protocol is not None and not callable(protocol):
+            raise InvalidHandlerError(f"protocol must be a callable protocol factory, not {type(protocol).__name__}")
+        if update_conn is not None and not callable(update_conn):
+            raise InvalidHandlerError(f"update_conn must be callable, not {type(update_conn).__name__}")
+        self._config = config
+        self._handler = handler
+        self._protocol = protocol
+        self._update_conn = update_conn
+        self._on_error: ErrorCallback | None = None
+        self._on_conn_state: StateCallback | None = None
+        self._on_server_info: InfoCallback | None = None
+        self._stats = _core.Stats()
+        self._pool = WorkerPool(self._serve_connection) if handler is not None else None
+        self._workers = threading.local()  # .active is True on a thread running our handler
+        self._lock = threading.Lock()
+        self._state = _State.STOPPED
+        self._loop: _core.Loop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._drained = threading.Condition(threading.Lock())
+        self._owner_pid = os.getpid()
+
+    def __repr__(self) -> str:
+        model = "blocking" if self._handler is not None else "event"
+        return f"<unixsrv.Server {self.path!r} {model} {self._state.value}>"
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def config(self) -> ServerConfig:
+        """The configuration this server was built with."""
+        return self._config
+
+    @property
+    def path(self) -> str:
+        """The socket path (``@name`` for a Linux abstract name)."""
+        return self._config.display_path
+
+    @property
+    def is_running(self) -> bool:
+        """True while the server accepts connections."""
+        return self._state is _State.RUNNING and not self._forked()
+
+    @property
+    def is_gone(self) -> bool:
+        """True before the first start and from the moment a stop begins."""
+        return not self.is_running
+
+    @property
+    def open_connections(self) -> int:
+        """Connections accepted and not yet closed."""
+        return self._stats.open
+
+    def stats(self) -> dict[str, int]:
+        """Counters (cumulative over restarts): accepted, rejected, closed,
+        open, bytes_in, bytes_out, errors."""
+        return self._stats.snapshot()
+
+    # ------------------------------------------------------------------ callbacks
+
+    def on_error(self, fn: ErrorCallback | None) -> ErrorCallback | None:
+        """Register ``fn(exc)``, called once per error (handler or callback
+        exceptions, accept errors, shutdown timeouts reported from a
+        background thread).  Usable as a decorator; ``None`` resets to
+        logging the error."""
+        self._on_error = _callable_or_none(fn, "on_error")
+        return fn
+
+    def on_conn_state(self, fn: StateCallback | None) -> StateCallback | None:
+        """Register ``fn(local, remote, state)``: ``ConnState.NEW`` before the
+        handler starts, ``ConnState.CLOSE`` after it returned and the
+        connection is closed, exactly once each."""
+        self._on_conn_state = _callable_or_none(fn, "on_conn_state")
+        return fn
+
+    def on_server_info(self, fn: InfoCallback | None) -> InfoCallback | None:
+        """Register ``fn(message)`` for lifecycle messages (golib's texts)."""
+        self._on_server_info = _callable_or_none(fn, "on_server_info")
+        return fn
+
+    # ------------------------------------------------------------------ starting
+
+    def start(self) -> None:
+        """Bind and serve on a background thread; return once it accepts.
+
+        Setup errors (address in use, permissions, ...) raise here and leave
+        nothing behind.  A no-op if the server is already running.
+        """
+        self._check_not_forked()
+        while True:
+            with self._lock:
+                if self._state is _State.RUNNING:
+                    return
+                if self._state is _State.STOPPED:
+                    loop = self._open()
+                    ready = threading.Event()
+                    self._thread = threading.Thread(
+                        target=self._run_in_background, args=(loop, ready), name=f"unixsrv {self.path}", daemon=True
+                    )
+                    self._thread.start()
+                    break
+            self._stopped.wait()  # a stop is in progress: start after it
+        ready.wait()
+
+    def serve_forever(self, cancel: threading.Event | None = None) -> None:
+        """Bind and serve on this thread until shutdown(), close() or ``cancel``.
+
+        ``cancel`` (a threading.Event) acts as close() when it is set.  On
+        Ctrl-C the server stops (the socket file is removed) and the
+        KeyboardInterrupt is re-raised.  If the server was started with
+        start(), this waits for it to stop instead.
+        """
+        self._check_not_forked()
+        if cancel is not None and cancel.is_set():
+            return
+        with self._lock:
+            own = self._state is _State.STOPPED
+            if own:
+                loop = self._open()
+        watcher = _CancelWatcher(cancel, self.close) if cancel is not None else None
+        try:
+            if not own:
+                self._stopped.wait()
+                return
+            self._run_here(loop)
+        finally:
+            if watcher is not None:
+                watcher.stop()
+
+    def _open(self) -> _core.Loop:
+        """Create the loop and its listener (called with the lock held)."""
+        cfg = self._config
+        loop = _core.Loop(
+            self,
+            self._stats,
+            self._protocol is not None,
+            self._protocol,
+            cfg.idle_timeout or 0.0,
+            cfg.max_connections or 0,
+            cfg.read_buffer_size,
+            cfg.write_buffer_high,
+            cfg.write_buffer_low,
+            cfg.max_write_buffer,
+        )
+        loop.open(backlog=cfg.backlog, **_listener_args(cfg))
+        self._loop = loop
+        self._state = _State.RUNNING
+        self._stopped.clear()
+        self._info(f"starting listening socket 'unix {self.path}'")
+        return loop
+
+    def _run_in_background(self, loop: _core.Loop, ready: threading.Event) -> None:
+        ready.set()
+        try:
+            loop.run()
+        except BaseException as exc:  # the loop itself failed: report, then stop cleanly
+            self._report(exc)
+        finally:
+            self._finish_run(loop)
+
+    def _run_here(self, loop: _core.Loop) -> None:
+        # On the main thread, a signal that lands on any thread writes to the
+        # loop's wakeup pipe, so the handler runs at once instead of after
+        # the next event (signal.set_wakeup_fd; restored afterwards).
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.set_wakeup_fd(loop.wakeup_fileno, warn_on_full_buffer=False)
+        try:
+            loop.run()
+        finally:
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
+            self._finish_run(loop)
+
+    def _finish_run(self, loop: _core.Loop) -> None:
+        """On the loop thread after run() returned (normally or not)."""
+        try:
+            self._stop_accepting(loop)
+            loop.teardown()
+        finally:
+            if self._pool is not None:
+                self._pool.release_idle()
+            with self._lock:
+                if self._loop is loop:
+                    self._loop = None
+                    self._thread = None
+                    self._state = _State.STOPPED
+                self._stopped.set()
+            with self._drained:
+                self._drained.notify_all()
+
+    # ------------------------------------------------------------------ stopping
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop gracefully; safe from any thread, idempotent.
+
+        Stops accepting and removes the socket file at once, sets every
+        ``conn.done``, shuts down the read side of every connection (blocked
+        reads return b"") and lets handlers finish; in the event model each
+        transport stops reading, flushes its output and closes.  Connections
+        still open after ``timeout`` seconds are force-closed and
+        ShutdownTimeoutError is raised.  Called from a handler or a protocol
+        callback, it starts the shutdown and returns at once (a timeout is
+        then reported through on_error).
+        """
+        if timeout is None or timeout < 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        if self._forked():
+            return
+        if self._on_server_thread():
+            threading.Thread(target=self._shutdown_reporting, args=(timeout,), daemon=True).start()
+            return
+        self._stop(graceful=True, timeout=timeout)
+
+    def close(self) -> None:
+        """Stop now: no grace, every connection closed (clients see EOF).
+
+        Returns promptly even with handlers blocked in read().  Idempotent,
+        safe from any thread.
+        """
+        if self._forked():
+            return
+        loop = self._loop
+        if loop is None:
+            return
+        if loop.on_loop_thread():
+            self._close_now(loop)
+        elif self._on_server_thread():
+            loop.call_soon_threadsafe(lambda: self._close_now(loop))
+        else:
+            self._stop(graceful=False, timeout=0.0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the server is stopped; True if it is."""
+        return self._stopped.wait(timeout)
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run ``callback(*args)`` on the loop thread (where transports may be
+        used).  Raises ServerClosedError if the server is not running."""
+        loop = self._loop
+        if loop is None or not loop.call_soon_threadsafe(lambda: callback(*args)):
+            raise ServerClosedError("the server is not running")
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _shutdown_reporting(self, timeout: float) -> None:
+        try:
+            self._stop(graceful=True, timeout=timeout)
+        except ShutdownTimeoutError as exc:
+            self._report(exc)
+
+    def _stop(self, *, graceful: bool, timeout: float) -> None:
+        with self._lock:
+            loop = self._loop
+            if loop is None:
+                return
+            first = self._state is _State.RUNNING
+            self._state = _State.STOPPING
+        if graceful and not first:
+            self._stopped.wait()  # another shutdown is draining; its deadline bounds this wait
+            return
+        left = 0
+        if graceful and first:
+            deadline = time.monotonic() + timeout
+            self._on_loop(loop, lambda: self._begin_shutdown(loop))
+            if not self._wait_drained(loop, deadline):
+                left = self._stats.open
+        if not graceful or left:
+            self._on_loop(loop, lambda: self._close_now(loop))
+        else:
+            self._on_loop(loop, loop.request_exit)
+        self._stopped.wait()
+        if left:
+            raise ShutdownTimeoutError(
+                f"{left} connection(s) still open after {timeout:g} s of graceful shutdown were force-closed"
+            )
+
+    def _begin_shutdown(self, loop: _core.Loop) -> None:
+        self._stop_accepting(loop)
+        loop.begin_drain()
+
+    def _close_now(self, loop: _core.Loop) -> None:
+        with self._lock:
+            if self._loop is loop:
+                self._state = _State.STOPPING
+        self._stop_accepting(loop)
+        loop.abort_all()
+        loop.request_exit()
+
+    def _stop_accepting(self, loop: _core.Loop) -> None:
+        if loop.stop_accepting():
+            self._info(f"closing listen socket 'unix {self.path}'")
+
+    def _on_loop(self, loop: _core.Loop, fn: Callable[[], None]) -> None:
+        """Run fn on the loop thread and wait for it (the loop runs queued
+        callbacks even while it tears down, so this cannot hang)."""
+        if loop.on_loop_thread():
+            fn()
+            return
+        done = threading.Event()
+
+        def task() -> None:
+            try:
+                fn()
+            finally:
+                done.set()
+
+        if loop.call_soon_threadsafe(task):
+            done.wait()
+
+    def _wait_drained(self, loop: _core.Loop, deadline: float) -> bool:
+        with self._drained:
+            loop.drain_waiting = True
+            try:
+                while self._stats.open > 0 and not self._stopped.is_set():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._drained.wait(remaining)
+                return True
+            finally:
+                loop.drain_waiting = False
+
+    def _notify_drained(self) -> None:
+        with self._drained:
+            self._drained.notify_all()
+
+    def _on_server_thread(self) -> bool:
+        loop = self._loop
+        return (loop is not None and loop.on_loop_thread()) or getattr(self._workers, "active", False)
+
+    def _forked(self) -> bool:
+        return os.getpid() != self._owner_pid
+
+    def _check_not_forked(self) -> None:
+        if self._forked():
+            raise RuntimeError("this Server was inherited through fork(); create a new one in the child process")
+
+    # ------------------------------------------------------------------ per connection
+
+    def _spawn(self, conn: _core.Connection) -> None:
+        """Blocking model: a worker thread for a new connection (loop thread)."""
+        self._pool.submit(conn)  # type: ignore[union-attr]
+
+    def _serve_connection(self, conn: _core.Connection) -> None:
+        """Worker thread: NEW, update_conn, the handler, close, CLOSE."""
+        workers = self._workers
+        workers.active = True
+        try:
+            if self._on_conn_state is not None:
+                self._fire_state(conn, ConnState.NEW)
+            if self._update_conn is None or self._call_update_conn(conn):
+                try:
+                    self._handler(conn)  # type: ignore[misc]
+                except BaseException as exc:
+                    self._report(exc)
+        finally:
+            conn._finish()
+            if self._on_conn_state is not None:
+                self._fire_state(conn, ConnState.CLOSE)
+            workers.active = False
+
+    def _call_update_conn(self, conn: Any) -> bool:
+        """Run update_conn with a socket.socket view of the connection; False
+        (after reporting) if it raised."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, conn.fileno())
+        try:
+            self._update_conn(sock)  # type: ignore[misc]
+            return True
+        except BaseException as exc:
+            self._report(exc)
+            return False
+        finally:
+            if sock.fileno() == -1:
+                conn._forget_fd()
+                self._report(RuntimeError("update_conn closed the connection's socket; never close it there"))
+            else:
+                sock.detach()
+
+    def _fire_state(self, conn: Any, state: ConnState) -> None:
+        fn = self._on_conn_state
+        if fn is None:
+            return
+        try:
+            try:
+                remote = conn.remote_address
+            except OSError:
+                remote = ""
+            fn(conn.local_address, remote, state)
+        except BaseException as exc:
+            self._report(exc)
+
+    def _info(self, message: str) -> None:
+        logger.info("%s", message)
+        fn = self._on_server_info
+        if fn is not None:
+            try:
+                fn(message)
+            except BaseException as exc:
+                self._report(exc)
+
+    def _report(self, exc: BaseException) -> None:
+        """One error: to on_error if registered, else to the log."""
+        self._stats.count_error()
+        fn = self._on_error
+        if fn is None:
+            level = logging.DEBUG if isinstance(exc, (ConnectionResetError, BrokenPipeError)) else logging.ERROR
+            logger.log(level, "unixsrv %s: %s", self.path, exc, exc_info=exc)
+            return
+        try:
+            fn(exc)
+        except BaseException:
+            logger.exception("unixsrv %s: the on_error callback raised while reporting %r", self.path, exc)
+
+
+class _CancelWatcher:
+    """Calls close() when a threading.Event is set (serve_forever's cancel)."""
+
+    def __init__(self, cancel: threading.Event, close: Callable[[], None]) -> None:
+        self._cancel = cancel
+        self._close = close
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="unixsrv cancel watcher", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        # threading.Event offers no callback, so poll it in short waits; a set
+        # event returns from wait() at once, so cancellation is immediate.
+        while not self._done.is_set():
+            if self._cancel.wait(0.05):
+                self._close()
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+def _callable_or_none(fn: Any, name: str) -> Any:
+    if fn is not None and not callable(fn):
+        raise TypeError(f"{name} expects a callable or None, not {type(fn).__name__}")
+    return fn
+
+
+def _listener_args(cfg: ServerConfig) -> dict[str, Any]:
+    """Where and how _core.open_listener creates the socket file."""
+    address = cfg.address
+    if cfg.is_abstract:
+        return dict(address=address, display=cfg.display_path, unlink_path=None, mode=0, gid=-1,
+                    dir_path=b"", base=b"", tmp_name=b"", use_proc=False)
+    dir_path, base = os.path.split(address)
+    dir_path = dir_path or b"."
+    tmp_name = b".us-" + os.urandom(6).hex().encode()
+    # The temporary name must fit sun_path too; if the directory is deep,
+    # reach it through /proc/self/fd (Linux) instead.
+    use_proc = len(dir_path) + 1 + len(tmp_name) > _core.SUN_PATH_MAX
+    if use_proc and not os.path.isdir("/proc/self/fd"):
+        from .errors import InvalidPathError
+
+        raise InvalidPathError(
+            f"the directory of {cfg.display_path!r} is too deep for a temporary socket name; use a shorter path"
+        )
+    return dict(
+        address=address,
+        display=cfg.display_path,
+        unlink_path=os.path.abspath(address),
+        mode=cfg.mode,
+        gid=-1 if cfg.group is None else cfg.group,
+        dir_path=dir_path,
+        base=base,
+        tmp_name=tmp_name,
+        use_proc=use_proc,
+    )
