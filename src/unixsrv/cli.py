@@ -1,0 +1,138 @@
+"""The ``unixsrv`` command (also ``python -m unixsrv``).
+
+``unixsrv serve`` runs a server until SIGINT or SIGTERM, then shuts down
+gracefully (a second signal closes at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import ServerConfig
+from .echo import EchoProtocol, echo_handler
+from .errors import ConfigError, UnixSrvError
+from .server import Server
+
+__all__ = ["main"]
+
+logger = logging.getLogger("unixsrv.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (UnixSrvError, OSError) as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unixsrv", description="A Unix domain socket server.")
+    parser.add_argument("--version", action="version", version=f"unixsrv {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a server until SIGINT/SIGTERM")
+    serve.add_argument("--socket", dest="path", help="socket path ('@name' = Linux abstract name)")
+    serve.add_argument("--config", help="JSON file with ServerConfig fields or golib keys; flags override it")
+    serve.add_argument("--mode", help="socket file mode, e.g. 0660 or rw-rw---- (default 0770)")
+    serve.add_argument("--group", help="group name or gid for the socket file")
+    serve.add_argument("--idle-timeout", type=float, help="close connections idle this many seconds")
+    serve.add_argument("--max-connections", type=int, help="refuse connections beyond this many")
+    serve.add_argument("--backlog", type=int, help="listen(2) backlog (default 1024)")
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0, help="grace period on SIGINT/SIGTERM")
+    serve.add_argument("--model", choices=["event", "blocking"], default="event", help="handler model for --echo")
+    what = serve.add_mutually_exclusive_group(required=True)
+    what.add_argument("--echo", action="store_true", help="serve the built-in echo")
+    what.add_argument("--handler", metavar="MODULE:FUNCTION", help="blocking-model handler(conn)")
+    what.add_argument("--protocol", metavar="MODULE:FACTORY", help="event-model asyncio.Protocol factory")
+    serve.set_defaults(func=_serve)
+
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
+    if args.echo:
+        server = Server(config, echo_handler) if args.model == "blocking" else Server(config, protocol=EchoProtocol)
+        what = f"echo ({args.model} model)"
+    elif args.handler:
+        server = Server(config, _import(args.handler))
+        what = args.handler
+    else:
+        server = Server(config, protocol=_import(args.protocol))
+        what = args.protocol
+    _install_signal_handlers(server, args.shutdown_timeout)
+    logger.info("serving %s on %s; SIGINT or SIGTERM stops it", what, server.path)
+    server.serve_forever()
+    stats = server.stats()
+    logger.info("stopped: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
+    return 0
+
+
+def _config_from_args(args: argparse.Namespace) -> ServerConfig:
+    data: dict[str, Any] = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            loaded = json.load(f)
+        base = ServerConfig.from_mapping(loaded)
+        data.update({k: getattr(base, k) for k in base.__dataclass_fields__})
+    overrides = {
+        "path": args.path,
+        "mode": args.mode,
+        "group": args.group,
+        "idle_timeout": args.idle_timeout,
+        "max_connections": args.max_connections,
+        "backlog": args.backlog,
+    }
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if "path" not in data:
+        raise ConfigError("give --socket PATH or a --config file with an address")
+    return ServerConfig(**data)
+
+
+def _import(spec: str) -> Any:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"expected MODULE:NAME, got {spec!r}")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _install_signal_handlers(server: Server, timeout: float) -> None:
+    received = 0
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal received
+        received += 1
+        name = signal.Signals(signum).name
+        if received == 1:
+            logger.info("%s: shutting down gracefully (up to %g s; repeat to stop at once)", name, timeout)
+            server.shutdown(timeout)
+        else:
+            logger.info("%s: closing now", name)
+            server.close()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
