@@ -17,7 +17,7 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Union, cast
 
 from ._core import HAVE_ABSTRACT, SUN_PATH_MAX
 from .errors import ConfigError, InvalidGroupError, InvalidModeError, InvalidPathError
@@ -98,7 +98,7 @@ class ServerConfig:
     @property
     def is_abstract(self) -> bool:
         """True for a Linux abstract-namespace name (no file on disk)."""
-        return _is_abstract(self.path)
+        return _is_abstract(cast("str | bytes", self.path))
 
     @property
     def address(self) -> bytes:

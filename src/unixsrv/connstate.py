@@ -38,4 +38,5 @@ class ConnState(enum.IntEnum):
     def __str__(self) -> str:
         return _TEXT[self.value]
 
-    __format__ = object.__format__
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from . import _core
 from .config import ServerConfig
@@ -175,6 +175,7 @@ class Server:
                     self._thread.start()
                     break
             self._stopped.wait()  # a stop is in progress: start after it
+        self._info(f"starting listening socket 'unix {self.path}'")
         ready.wait()
 
     def serve_forever(self, cancel: threading.Event | None = None) -> None:
@@ -192,6 +193,8 @@ class Server:
             own = self._state is _State.STOPPED
             if own:
                 loop = self._open()
+        if own:
+            self._info(f"starting listening socket 'unix {self.path}'")
         watcher = _CancelWatcher(cancel, self.close) if cancel is not None else None
         try:
             if not own:
@@ -210,18 +213,17 @@ class Server:
             self._stats,
             self._protocol is not None,
             self._protocol,
-            cfg.idle_timeout or 0.0,
+            cast(float, cfg.idle_timeout or 0.0),  # normalised to float | None
             cfg.max_connections or 0,
             cfg.read_buffer_size,
             cfg.write_buffer_high,
-            cfg.write_buffer_low,
+            cast(int, cfg.write_buffer_low),  # normalised to int
             cfg.max_write_buffer,
         )
         loop.open(backlog=cfg.backlog, **_listener_args(cfg))
         self._loop = loop
         self._state = _State.RUNNING
         self._stopped.clear()
-        self._info(f"starting listening socket 'unix {self.path}'")
         return loop
 
     def _run_in_background(self, loop: _core.Loop, ready: threading.Event) -> None:
