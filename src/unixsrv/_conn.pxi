@@ -52,6 +52,10 @@ cdef class _ConnBase:
         us_or_u32(&self.c.state, ST_CLOSING)
         self.c.fd = -1
 
+    def _expose(self):
+        """Note that user code got a socket object for the fd (update_conn)."""
+        us_or_u32(&self.c.state, ST_EXPOSED)
+
     def fileno(self):
         """The socket's fd, or -1 once it is closed."""
         return self.c.fd if us_load_i32(&self.c.uses) > 0 else -1

@@ -213,6 +213,7 @@ cdef enum:
     ST_PAUSED = 64        # event model: pause_writing() was called
     ST_READ_PAUSED = 128  # event model: pause_reading() was called
     ST_PEER_ERROR = 256   # event model: the connection failed (reset, broken pipe)
+    ST_EXPOSED = 512      # a socket object for the fd was handed to user code
 
 
 cdef struct conn_t:

@@ -185,6 +185,8 @@ cdef class Loop:
 
     # ---------------------------------------------------------------- phase 1
 
+    # Callers holding the GIL wait for the mutex inside `with nogil` (a worker
+    # thread may hold the GIL while it waits for the same mutex otherwise).
     cdef int _lock(self) noexcept nogil:
         if not self.event_model:
             pthread_mutex_lock(&self.mu)
@@ -445,19 +447,20 @@ cdef class Loop:
         cdef int cap = self.table_cap
         while c.fd >= cap:
             cap *= 2
-        with nogil:
-            self._lock()
-            if cap != self.table_cap:
-                grown = <conn_t **>realloc(self.table, sizeof(conn_t *) * cap)
-                if grown != NULL:
-                    memset(grown + self.table_cap, 0, sizeof(conn_t *) * (cap - self.table_cap))
-                    self.table = grown
-                    self.table_cap = cap
-            if c.fd < self.table_cap:
-                self.table[c.fd] = c
-                if c.fd > self.table_hi:
-                    self.table_hi = c.fd
-            self._unlock()
+        if not self.event_model:
+            with nogil:
+                self._lock()
+        if cap != self.table_cap:
+            grown = <conn_t **>realloc(self.table, sizeof(conn_t *) * cap)
+            if grown != NULL:
+                memset(grown + self.table_cap, 0, sizeof(conn_t *) * (cap - self.table_cap))
+                self.table = grown
+                self.table_cap = cap
+        if c.fd < self.table_cap:
+            self.table[c.fd] = c
+            if c.fd > self.table_hi:
+                self.table_hi = c.fd
+        self._unlock()
         if c.fd >= self.table_cap:
             raise MemoryError()
         Py_INCREF(<object>c.owner)
@@ -468,12 +471,13 @@ cdef class Loop:
         so the caller must hold its own."""
         cdef bint removed = False
         cdef int fd = c.fd
-        with nogil:
-            self._lock()
-            if 0 <= fd < self.table_cap and self.table[fd] == c:
-                self.table[fd] = NULL
-                removed = True
-            self._unlock()
+        if not self.event_model:
+            with nogil:
+                self._lock()
+        if 0 <= fd < self.table_cap and self.table[fd] == c:
+            self.table[fd] = NULL
+            removed = True
+        self._unlock()
         if removed:
             Py_DECREF(<object>c.owner)
         return 0
@@ -481,8 +485,9 @@ cdef class Loop:
     cdef object _lookup(self, int fd, uint32_t seq):
         cdef conn_t *c
         cdef object obj = None
-        with nogil:
-            self._lock()
+        if not self.event_model:
+            with nogil:
+                self._lock()
         c = self._table_get(fd, seq)
         if c != NULL:
             obj = <object>c.owner      # a new reference, taken under the lock
@@ -497,8 +502,9 @@ cdef class Loop:
         cdef int k = 0
         if owners == NULL:
             raise MemoryError()
-        with nogil:
-            self._lock()
+        if not self.event_model:
+            with nogil:
+                self._lock()
         for fd in range(self.table_hi + 1):
             if self.table[fd] != NULL:
                 owners[k] = self.table[fd].owner

@@ -191,7 +191,12 @@ cdef class _Stream(_ConnBase):
             self._sock = None
         c.uses = 0
         if c.fd >= 0:
-            close(c.fd)   # also drops the poller registration: we never dup the fd
+            # close() drops the poller registration only if no duplicate of the
+            # fd exists (epoll(7)); user code that saw a socket object for it
+            # could have dup()ed it, so unregister explicitly in that case.
+            if c.state & ST_EXPOSED and c.interest:
+                us_poller_remove(loop.pfd, c.fd, c.interest)
+            close(c.fd)
         loop._table_del(c)
         _obuf_free(c)
         us_add_u64(&loop.stats.s.closed, 1)
@@ -266,6 +271,7 @@ cdef class _Stream(_ConnBase):
         if self._sock is None:
             if self.c.state & ST_LOST:
                 return None
+            us_or_u32(&self.c.state, ST_EXPOSED)
             self._sock = _socket_module.socket(_AF_UNIX, _SOCK_STREAM, 0, self.c.fd)
             self._sock_view = _TransportSocket(self._sock)
         return self._sock_view

@@ -445,6 +445,7 @@ class Server:
     def _call_update_conn(self, conn: Any) -> bool:
         """Run update_conn with a socket.socket view of the connection; False
         (after reporting) if it raised."""
+        conn._expose()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, conn.fileno())
         try:
             self._update_conn(sock)  # type: ignore[misc]
