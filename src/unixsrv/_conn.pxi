@@ -77,7 +77,10 @@ cdef class _ConnBase:
         cdef socklen_t sl = sizeof(sa)
         cdef int r
         if self._remote is None:
-            self._use()
+            # Only a client that bound a name gets here (see us_accept); the
+            # fd is open at least until the connection is closed.
+            if not us_use_acquire(&self.c.uses):
+                raise ServerClosedError("the connection was closed by the server")
             r = getpeername(self.c.fd, <sockaddr *>&sa, &sl)
             self._unuse()
             if r < 0:
@@ -88,16 +91,12 @@ cdef class _ConnBase:
     @property
     def peer(self):
         """PeerCredentials(pid, uid, gid) of the client at connect time
-        (SO_PEERCRED on Linux, getpeereid on macOS, where pid may be 0)."""
-        cdef long pid = 0, uid = 0, gid = 0
-        cdef int r
+        (SO_PEERCRED on Linux, getpeereid on macOS, where pid may be 0);
+        read once when the connection was accepted."""
         if self._peer is None:
-            self._use()
-            r = us_peercred(self.c.fd, &pid, &uid, &gid)
-            self._unuse()
-            if r < 0:
-                raise _oserror(errno)
-            self._peer = _PeerCredentials(pid, uid, gid)
+            if self.c.peer_uid < 0:
+                raise _oserror(ENOTCONN)
+            self._peer = _PeerCredentials(self.c.peer_pid, self.c.peer_uid, self.c.peer_gid)
         return self._peer
 
 

@@ -177,7 +177,7 @@ cdef extern from "compat.h" nogil:
         US_SUN_PATH_MAX
     int64_t us_now_ns()
     int us_socket(int nonblock)
-    int us_accept(int lfd, int nonblock)
+    int us_accept(int lfd, int nonblock, int *named)
     int us_pipe(int fds[2])
     int us_bind(int fd, const char *path, size_t len)
     int us_probe(const char *path, size_t len)
@@ -230,6 +230,9 @@ cdef struct conn_t:
     size_t ocap
     size_t high           # event model: pause_writing above this many bytes
     size_t low            # event model: resume_writing at or below this
+    long peer_pid         # SO_PEERCRED, read once at accept
+    long peer_uid
+    long peer_gid
 
 
 cdef enum RecKind:
@@ -361,7 +364,7 @@ cdef class Loop:
     cdef void _flush(self, conn_t *c) noexcept nogil
     cdef void _sweep(self) noexcept nogil
     cdef int _dispatch(self) except -1
-    cdef int _open_connection(self, int fd) except -1
+    cdef int _open_connection(self, int fd, bint named) except -1
     cdef object _lookup(self, int fd, uint32_t seq)
     cdef int _run_finalizing(self) except -1
     cdef int _run_pending(self) except -1

@@ -252,9 +252,9 @@ cdef class Loop:
                 self.accept_paused = False
 
     cdef void _accept_batch(self) noexcept nogil:
-        cdef int k, fd, err
+        cdef int k, fd, err, named
         for k in range(ACCEPT_BATCH):
-            fd = us_accept(self.lfd, self.event_model)
+            fd = us_accept(self.lfd, self.event_model, &named)
             if fd < 0:
                 err = errno
                 if us_would_block(err):
@@ -279,7 +279,7 @@ cdef class Loop:
                 us_add_u64(&self.stats.s.rejected, 1)
                 continue
             us_add_i64(&self.stats.s.open, 1)
-            if self._push(REC_NEW, fd, 0, 0, 0) < 0:
+            if self._push(REC_NEW, fd, 0, named, 0) < 0:
                 close(fd)
                 us_add_i64(&self.stats.s.open, -1)
                 us_add_u64(&self.stats.s.errors, 1)
@@ -377,7 +377,7 @@ cdef class Loop:
                 r = &self.recs[i]
                 i += 1
                 if r.kind == REC_NEW:
-                    self._open_connection(r.fd)
+                    self._open_connection(r.fd, r.off)
                 elif r.kind == REC_ACCEPT_ERROR:
                     self.server._report(_oserror(<int>r.n, self.display_path))
                 else:
@@ -409,7 +409,7 @@ cdef class Loop:
             raise exc
         return 0
 
-    cdef int _open_connection(self, int fd) except -1:
+    cdef int _open_connection(self, int fd, bint named) except -1:
         cdef _ConnBase conn
         cdef int err
         self.next_seq = (self.next_seq + 1) & 0x7FFFFFFF
@@ -423,7 +423,18 @@ cdef class Loop:
         conn.c.high = self.high_water
         conn.c.low = self.low_water
         conn.c.last_active = self.now
+        # Who the peer is, recorded while the fd is certainly open, so it
+        # stays readable after a close (connection_lost, on_conn_state CLOSE).
+        if us_peercred(fd, &conn.c.peer_pid, &conn.c.peer_uid, &conn.c.peer_gid) < 0:
+            conn.c.peer_pid = conn.c.peer_uid = conn.c.peer_gid = -1
         self._table_put(&conn.c)
+        if not named:
+            conn._remote = ""
+        else:
+            try:
+                conn.remote_address   # rare: read it while the fd is surely open
+            except OSError:
+                conn._remote = ""
         if self.idle_ns and self.next_sweep_ns == NEVER:
             self.next_sweep_ns = self.now + self.idle_ns + min(max(self.idle_ns // 64, 1000000), 250000000)
         us_add_u64(&self.stats.s.accepted, 1)

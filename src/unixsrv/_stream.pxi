@@ -298,10 +298,8 @@ class Transport(_asyncio.Transport):
         (<_Stream>self._s)._write_obj(data)
 
     def writelines(self, list_of_data):
-        """Write each item in order."""
-        cdef _Stream s = <_Stream>self._s
-        for data in list_of_data:
-            s._write_obj(data)
+        """Write the items in order, as one write (so a bad item sends nothing)."""
+        (<_Stream>self._s)._write_obj(b"".join(list_of_data))
 
     def write_eof(self):
         """Shut down the write side once buffered output is flushed."""
@@ -358,6 +356,7 @@ class Transport(_asyncio.Transport):
     def set_write_buffer_limits(self, high=None, low=None):
         """asyncio semantics: high defaults to 64 KiB (or 4 * low), low to high // 4."""
         cdef _Stream s = <_Stream>self._s
+        s._check_thread()
         if high is None:
             high = 64 * 1024 if low is None else 4 * low
         if low is None:

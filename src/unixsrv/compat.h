@@ -81,12 +81,20 @@ static inline int us_socket(int nonblock) {
 #endif
 }
 
-/* accept one pending connection, close-on-exec, optionally non-blocking. */
-static inline int us_accept(int lfd, int nonblock) {
+/* accept one pending connection, close-on-exec, optionally non-blocking.
+ * *named is set to 1 if the client bound a name (most clients do not, and
+ * then the server never needs getpeername(2) to know its address is ""). */
+static inline int us_accept(int lfd, int nonblock, int *named) {
+    struct sockaddr_un sa;
+    socklen_t sl = sizeof(sa);
 #if defined(__linux__)
-    return accept4(lfd, NULL, NULL, SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0));
+    int fd = accept4(lfd, (struct sockaddr *)&sa, &sl,
+                     SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0));
+    *named = fd >= 0 && sl > offsetof(struct sockaddr_un, sun_path);
+    return fd;
 #else
-    int fd = accept(lfd, NULL, NULL);
+    int fd = accept(lfd, (struct sockaddr *)&sa, &sl);
+    *named = fd >= 0 && sl > offsetof(struct sockaddr_un, sun_path) && sa.sun_path[0] != 0;
     if (fd >= 0) {
         if (us__fd_flags(fd, nonblock) < 0) {
             us__close_keep_errno(fd);
