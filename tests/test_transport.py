@@ -1,0 +1,855 @@
+"""unixsrv.Transport: the asyncio.Transport given to event-model protocols.
+
+Covers the write side (write/writelines/write_eof, bytes-like types, writes
+after close/abort/write_eof), close() vs abort(), both directions of flow
+control (pause_writing/resume_writing at the water marks, pause_reading /
+resume_reading), the write-buffer limits with asyncio's semantics, the hard
+``max_write_buffer`` cap, get_extra_info and the rule that transports are only
+used on the server's loop thread (``Server.call_soon_threadsafe`` from others).
+
+Sources: DESIGN.md "Event model" and "Public contract" (Transport follows
+asyncio.Transport); reliability checklist items 27 (bound per-connection
+output: water marks, hard cap) and 32 (partial writes, sha256 equal on both
+ends); golib spec W16 (not every I/O condition is fatal: a full socket buffer
+only pauses the writer).
+
+Every protocol here is plain asyncio code; callbacks run on the loop thread,
+so tests talk to a transport only through ``on_loop`` (call_soon_threadsafe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import DEADLINE, connect, recv_exactly, recv_until_eof, wait_until
+
+from unixsrv import PeerCredentials, ServerClosedError, Transport
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def payload(n: int, seed: int = 1) -> bytes:
+    """n deterministic pseudo-random bytes (no repeating pattern to hide a
+    reordered or duplicated chunk)."""
+    return random.Random(seed).randbytes(n)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def on_loop(srv: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run fn(*args) on the server's loop thread, wait, return its result
+    (re-raising its exception here).  Also a barrier: when it returns, the
+    loop has completed at least one full iteration after this call."""
+    done = threading.Event()
+    box: dict[str, Any] = {}
+
+    def task() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as exc:  # handed back to the test thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    srv.call_soon_threadsafe(task)
+    assert done.wait(DEADLINE), "the loop did not run a queued callback"
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+class Recorder(asyncio.Protocol):
+    """An asyncio.Protocol that records every callback (name, argument) and
+    the thread it ran on.  ``keep_open`` is what eof_received returns."""
+
+    def __init__(self, keep_open: Any = None) -> None:
+        self.keep_open = keep_open
+        self.log: list[tuple[str, Any]] = []
+        self.threads: set[int] = set()
+        self.transport: Any = None
+        self.made = threading.Event()
+        self.eof = threading.Event()
+        self.lost = threading.Event()
+
+    def _rec(self, name: str, arg: Any = None) -> None:
+        self.threads.add(threading.get_ident())
+        self.log.append((name, arg))
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.log]
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(arg for name, arg in self.log if name == "data")
+
+    def lost_calls(self) -> list[Any]:
+        return [arg for name, arg in self.log if name == "lost"]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self._rec("made", transport)
+        self.on_made(transport)
+        self.made.set()  # after on_made: tests may inspect what it did
+
+    def on_made(self, transport: Any) -> None:
+        """What a subclass does in connection_made."""
+
+    def data_received(self, data: bytes) -> None:
+        self._rec("data", data)
+
+    def eof_received(self) -> Any:
+        self._rec("eof")
+        self.eof.set()
+        return self.keep_open
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._rec("lost", exc)
+        self.lost.set()
+
+
+class Collect:
+    """A protocol factory that keeps every protocol it built."""
+
+    def __init__(self, cls: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self.cls, self.args, self.kwargs = cls, args, kwargs
+        self.built: list[Any] = []
+
+    def __call__(self) -> Any:
+        proto = self.cls(*self.args, **self.kwargs)
+        self.built.append(proto)
+        return proto
+
+    def one(self) -> Any:
+        """The first protocol, once its connection_made ran."""
+        wait_until(lambda: self.built)
+        proto = self.built[0]
+        assert proto.made.wait(DEADLINE)
+        return proto
+
+
+class Echo(asyncio.Protocol):
+    """The asyncio docs' echo, without the close after one message."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- type and basics
+
+
+def test_transport_is_an_asyncio_transport(sock_path, make_server):
+    """DESIGN 'Event model': Transport subclasses asyncio.Transport, and the
+    object passed to connection_made is one; get_protocol() is the protocol."""
+    assert issubclass(Transport, asyncio.Transport)
+    factory = Collect(Recorder)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path):
+        proto = factory.one()
+        t = proto.transport
+        assert isinstance(t, asyncio.Transport)
+        assert isinstance(t, Transport)
+        assert t.can_write_eof() is True
+        assert on_loop(srv, t.get_protocol) is proto
+        assert on_loop(srv, t.is_closing) is False
+        assert on_loop(srv, t.is_reading) is True
+        assert on_loop(srv, t.get_write_buffer_size) == 0
+
+
+# ---------------------------------------------------------------- write side
+
+
+class Writer(asyncio.Protocol):
+    """Writes every bytes-like type, then checks what must be refused."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, Any] = {}
+        self.made = threading.Event()
+        self.lost = threading.Event()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        r = self.results
+        transport.write(b"a")
+        transport.write(bytearray(b"b"))
+        transport.write(memoryview(b"xcx")[1:2])  # a view with an offset
+        transport.write(b"")  # a no-op
+        transport.writelines([b"d", bytearray(b"e"), memoryview(b"f")])
+        transport.writelines(iter([b"g", b"h"]))  # any iterable, like asyncio
+        for name, call in (
+            ("write_str", lambda: transport.write("str")),
+            ("writelines_str", lambda: transport.writelines(["str"])),
+        ):
+            try:
+                call()
+            except TypeError:
+                r[name] = "TypeError"
+            else:
+                r[name] = "accepted"
+        transport.close()
+        for name, call in (
+            ("write_after_close", lambda: transport.write(b"late")),
+            ("writelines_after_close", lambda: transport.writelines([b"late"])),
+        ):
+            try:
+                call()
+            except ServerClosedError:
+                r[name] = "ServerClosedError"
+            except BaseException as exc:
+                r[name] = repr(exc)
+            else:
+                r[name] = "accepted"
+        r["closing"] = transport.is_closing()
+        self.made.set()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.results.setdefault("lost", []).append(exc)
+        self.lost.set()
+
+
+def test_write_accepts_bytes_like_and_rejects_str(sock_path, make_server):
+    """write/writelines take bytes, bytearray and memoryview (asyncio's
+    contract), str raises TypeError, writes after close() raise
+    ServerClosedError ("writes after close rejected") and nothing written
+    after close() reaches the client."""
+    factory = Collect(Writer)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path) as s:
+        assert recv_until_eof(s) == b"abcdefgh"
+    proto = factory.one()
+    assert proto.lost.wait(DEADLINE)
+    assert proto.results == {
+        "write_str": "TypeError",
+        "writelines_str": "TypeError",
+        "write_after_close": "ServerClosedError",
+        "writelines_after_close": "ServerClosedError",
+        "closing": True,
+        "lost": [None],
+    }
+
+
+class EofWriter(Recorder):
+    """Writes a large response, then write_eof(); keeps reading."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self.data = data
+        self.after_eof: list[str] = []
+
+    def on_made(self, transport: Any) -> None:
+        transport.write(self.data)
+        self.buffered = transport.get_write_buffer_size()
+        transport.write_eof()
+        transport.write_eof()  # idempotent, like asyncio
+        try:
+            transport.write(b"x")
+        except RuntimeError:
+            self.after_eof.append("RuntimeError")
+        else:
+            self.after_eof.append("accepted")
+        self.closing_after_eof = transport.is_closing()
+
+
+def test_write_eof_flushes_then_half_closes(sock_path, make_server):
+    """write_eof() sends the buffered output, then shuts the write side: the
+    client reads everything then EOF while the server keeps receiving;
+    write() after write_eof() raises RuntimeError (asyncio's behaviour)."""
+    data = payload(2 * MiB)
+    factory = Collect(EofWriter, data)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path) as s:
+        proto = factory.one()
+        assert proto.buffered > 0, "2 MiB should not fit the socket buffer"
+        assert recv_until_eof(s) == data
+        assert proto.after_eof == ["RuntimeError"]
+        assert proto.closing_after_eof is False
+        s.sendall(b"still listening")
+        wait_until(lambda: proto.received == b"still listening")
+        assert not proto.lost.is_set()
+        s.shutdown(socket.SHUT_WR)
+        assert proto.lost.wait(DEADLINE)
+    names = [n for i, n in enumerate(proto.names) if n != "data" or proto.names[i - 1] != "data"]
+    assert names == ["made", "data", "eof", "lost"]
+    assert proto.lost_calls() == [None]
+
+
+class BigWriter(Recorder):
+    """Writes `data` in connection_made, then does `then` ('close'/'abort')."""
+
+    def __init__(self, data: bytes, then: str | None = None) -> None:
+        super().__init__()
+        self.data = data
+        self.then = then
+        self.after: list[str] = []
+
+    def on_made(self, transport: Any) -> None:
+        transport.write(self.data)
+        self.buffered = transport.get_write_buffer_size()
+        if self.then:
+            getattr(transport, self.then)()
+            self.closing = transport.is_closing()
+            self.reading = transport.is_reading()
+            try:
+                transport.write(b"late")
+            except ServerClosedError:
+                self.after.append("ServerClosedError")
+            else:
+                self.after.append("accepted")
+
+
+def test_close_flushes_pending_output_then_connection_lost(sock_path, make_server):
+    """close(): stop reading, flush what is buffered, then close and call
+    connection_lost(None) once; is_closing() is True at once; writes after
+    close() raise ServerClosedError.  The connection is not lost while output
+    is still pending."""
+    data = payload(4 * MiB)
+    factory = Collect(BigWriter, data, "close")
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path) as s:
+        proto = factory.one()
+        assert proto.buffered > 0
+        assert proto.closing is True
+        assert proto.reading is False
+        assert proto.after == ["ServerClosedError"]
+        on_loop(srv, lambda: None)  # a full loop iteration with the client not reading
+        assert not proto.lost.is_set(), "lost before the output was flushed"
+        assert on_loop(srv, proto.transport.get_write_buffer_size) > 0
+        assert sha(recv_until_eof(s)) == sha(data)
+    assert proto.lost.wait(DEADLINE)
+    assert proto.lost_calls() == [None]
+    assert proto.names == ["made", "lost"]
+
+
+def test_abort_discards_pending_output(sock_path, make_server):
+    """abort(): close at once, buffered output discarded, connection_lost(None)
+    once, writes afterwards raise ServerClosedError; the client sees EOF
+    before the whole payload."""
+    data = payload(4 * MiB)
+    factory = Collect(BigWriter, data, "abort")
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path) as s:
+        proto = factory.one()
+        assert proto.buffered > 0
+        assert proto.closing is True
+        assert proto.after == ["ServerClosedError"]
+        assert proto.lost.wait(DEADLINE)
+        got = recv_until_eof(s)
+        assert len(got) < len(data)
+        assert got == data[: len(got)]
+    assert proto.lost_calls() == [None]
+    assert proto.names == ["made", "lost"]
+
+
+def test_slow_reader_gets_8_mib_written_at_once(sock_path, make_server):
+    """Checklist 32 (partial writes): 8 MiB handed to one write() reach a
+    client that reads in 4 KiB pieces intact (sha256 equal)."""
+    data = payload(8 * MiB, seed=8)
+    factory = Collect(BigWriter, data, "close")
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path) as s:
+        h = hashlib.sha256()
+        n = 0
+        while chunk := s.recv(4096):
+            h.update(chunk)
+            n += len(chunk)
+    assert n == len(data)
+    assert h.hexdigest() == sha(data)
+    proto = factory.one()
+    assert proto.lost.wait(DEADLINE)
+    assert proto.lost_calls() == [None]
+    wait_until(lambda: srv.stats()["bytes_out"] >= len(data))
+
+
+# ---------------------------------------------------------------- buffer limits
+
+
+def test_write_buffer_limits_follow_asyncio(sock_path, make_server):
+    """set_write_buffer_limits/get_write_buffer_limits use asyncio's rules:
+    high defaults to 64 KiB (or 4 * low), low to high // 4, and
+    ``high >= low >= 0`` else ValueError; get returns (low, high).  The
+    initial limits come from the config's water marks."""
+    factory = Collect(Recorder)
+    srv = make_server(sock_path, protocol=factory, write_buffer_high=1000, write_buffer_low=100)
+    with connect(srv.path):
+        t = factory.one().transport
+
+        def apply(high: Any = None, low: Any = None) -> tuple[int, int]:
+            t.set_write_buffer_limits(high=high, low=low)
+            return t.get_write_buffer_limits()
+
+        assert on_loop(srv, t.get_write_buffer_limits) == (100, 1000)
+        assert on_loop(srv, apply) == (16 * KiB, 64 * KiB)
+        assert on_loop(srv, apply, 4000) == (1000, 4000)
+        assert on_loop(srv, apply, None, 100) == (100, 400)
+        assert on_loop(srv, apply, 0) == (0, 0)
+        assert on_loop(srv, apply, 5000, 5000) == (5000, 5000)
+        for high, low in ((10, 20), (-1, None), (None, -4)):
+            with pytest.raises(ValueError):
+                on_loop(srv, apply, high, low)
+        assert on_loop(srv, t.get_write_buffer_limits) == (5000, 5000), "a rejected call changed the limits"
+
+
+def test_write_buffer_limits_default_from_config(sock_path, make_server):
+    """Default config: high 64 KiB, low high // 4."""
+    factory = Collect(Recorder)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path):
+        t = factory.one().transport
+        assert on_loop(srv, t.get_write_buffer_limits) == (16 * KiB, 64 * KiB)
+
+
+class FlowRecorder(BigWriter):
+    """BigWriter that also records pause_writing/resume_writing."""
+
+    def __init__(self, data: bytes, high: int) -> None:
+        super().__init__(data)
+        self.high = high
+        self.flow: list[str] = []
+        self.paused = threading.Event()
+        self.resumed = threading.Event()
+
+    def on_made(self, transport: Any) -> None:
+        transport.set_write_buffer_limits(high=self.high)
+        super().on_made(transport)
+
+    def pause_writing(self) -> None:
+        self.flow.append("pause")
+        self.paused.set()
+
+    def resume_writing(self) -> None:
+        self.flow.append("resume")
+        self.resumed.set()
+
+
+def test_lowering_the_high_mark_pauses_and_draining_resumes(sock_path, make_server):
+    """asyncio: set_write_buffer_limits() re-checks the buffer at once, so a
+    buffer above the new high mark calls pause_writing(); when the client
+    drains it to the low mark resume_writing() follows, once each.
+    get_write_buffer_size() reports the unsent bytes (0 when all is sent)."""
+    data = payload(1 * MiB)
+    factory = Collect(FlowRecorder, data, 8 * MiB)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path) as s:
+        proto = factory.one()
+        t = proto.transport
+        assert 0 < proto.buffered <= len(data)
+        assert proto.flow == [], "paused below an 8 MiB high mark"
+        assert on_loop(srv, t.get_write_buffer_size) == proto.buffered  # the client reads nothing
+        on_loop(srv, t.set_write_buffer_limits, 1000)
+        assert proto.flow == ["pause"]
+        assert on_loop(srv, t.get_write_buffer_limits) == (250, 1000)
+        assert recv_exactly(s, len(data)) == data
+        assert proto.resumed.wait(DEADLINE)
+        assert on_loop(srv, t.get_write_buffer_size) == 0
+        assert proto.flow == ["pause", "resume"]
+
+
+# ---------------------------------------------------------------- flow control
+
+
+class Firehose(asyncio.Protocol):
+    """Writes `data` in CHUNK pieces, stopping at pause_writing() and going on
+    at resume_writing() (the asyncio flow-control pattern)."""
+
+    CHUNK = 64 * KiB
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.off = 0
+        self.is_paused = False
+        self.flow: list[str] = []
+        self.max_buffered = 0
+        self.made = threading.Event()
+        self.paused = threading.Event()
+        self.lost = threading.Event()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.limits = transport.get_write_buffer_limits()
+        self.pump()
+        self.made.set()
+
+    def pump(self) -> None:
+        t = self.transport
+        while not self.is_paused and self.off < len(self.data):
+            t.write(self.data[self.off : self.off + self.CHUNK])
+            self.off += self.CHUNK
+            self.max_buffered = max(self.max_buffered, t.get_write_buffer_size())
+
+    def pause_writing(self) -> None:
+        self.flow.append("pause")
+        self.is_paused = True
+        self.paused.set()
+
+    def resume_writing(self) -> None:
+        self.flow.append("resume")
+        self.is_paused = False
+        self.pump()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost_exc = exc
+        self.lost.set()
+
+
+def test_pause_writing_bounds_memory_and_resume_delivers_all(sock_path, make_server):
+    """Checklist 27 / DESIGN 'Event model': a client that does not read makes
+    the transport call pause_writing(); a protocol that honours it keeps the
+    buffer at most high mark + one chunk; once the client reads,
+    resume_writing() follows, pause/resume alternate, and every byte arrives
+    intact and in order."""
+    data = payload(4 * MiB, seed=4)
+    factory = Collect(Firehose, data)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path) as s:
+        proto = factory.one()
+        assert proto.paused.wait(DEADLINE)
+        low, high = proto.limits
+        state = on_loop(srv, lambda: (proto.off, proto.transport.get_write_buffer_size(), list(proto.flow)))
+        off, buffered, flow = state
+        assert flow == ["pause"]
+        assert off < len(data), "the protocol was never told to stop"
+        assert high < buffered <= high + Firehose.CHUNK
+        assert recv_exactly(s, len(data)) == data
+        wait_until(lambda: on_loop(srv, lambda: proto.transport.get_write_buffer_size() == 0 and len(proto.flow) % 2 == 0))
+        flow = list(proto.flow)
+        assert len(flow) >= 2
+        assert flow == ["pause", "resume"] * (len(flow) // 2), "pause/resume must alternate"
+        assert proto.max_buffered <= high + Firehose.CHUNK
+    assert proto.lost.wait(DEADLINE)
+    assert proto.lost_exc is None
+
+
+class PausedReader(asyncio.Protocol):
+    """Pauses reading as soon as it is connected; on EOF answers with the
+    sha256 of everything it received and closes."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.made = threading.Event()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.pause_reading()
+        transport.pause_reading()  # idempotent
+        self.reading_after_pause = transport.is_reading()
+        self.made.set()
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def eof_received(self) -> None:
+        self.transport.write(sha(b"".join(self.chunks)).encode())
+
+
+def test_pause_reading_stops_data_received_until_resumed(sock_path, make_server):
+    """pause_reading(): no data_received while paused even when the client
+    has filled the socket buffers (its non-blocking send would block);
+    is_reading() reflects it; resume_reading() delivers the rest, intact and
+    in order."""
+    data = payload(8 * MiB, seed=2)
+    factory = Collect(PausedReader)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path) as s:
+        proto = factory.one()
+        t = proto.transport
+        assert proto.reading_after_pause is False
+        s.setblocking(False)
+        sent = 0
+        while True:
+            try:
+                sent += s.send(data[sent : sent + 64 * KiB])
+            except BlockingIOError:
+                break
+            assert sent < len(data), "the client never blocked: the server kept reading"
+        s.settimeout(DEADLINE)
+        # Two loop iterations after the data was queued: a reading transport
+        # would have delivered some of it by now.
+        on_loop(srv, lambda: None)
+        assert on_loop(srv, lambda: (len(proto.chunks), t.is_reading())) == (0, False)
+        on_loop(srv, t.resume_reading)
+        on_loop(srv, t.resume_reading)  # idempotent
+        assert on_loop(srv, t.is_reading) is True
+        s.sendall(data[sent:])
+        s.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(s) == sha(data).encode()
+    assert b"".join(proto.chunks) == data
+
+
+class PauseEachChunk(asyncio.Protocol):
+    """Pauses reading after every chunk; the test resumes it each time."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.pause = True
+        self.made = threading.Event()
+        self.eof = threading.Event()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.made.set()
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        if self.pause:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof.set()
+        return True
+
+
+def test_pause_reading_inside_data_received(sock_path, make_server):
+    """pause_reading() called from data_received stops delivery after that
+    chunk; each resume_reading() lets exactly the next chunk through."""
+    data = payload(1 * MiB, seed=3)
+    factory = Collect(PauseEachChunk)
+    srv = make_server(sock_path, protocol=factory, read_buffer_size=4096)
+    with connect(srv.path) as s:
+        proto = factory.one()
+        s.sendall(data[: 64 * KiB])
+        wait_until(lambda: proto.chunks)
+        for _ in range(3):
+            count = len(proto.chunks)
+            on_loop(srv, lambda: None)
+            assert on_loop(srv, lambda: len(proto.chunks)) == count, "data delivered while paused"
+            on_loop(srv, proto.transport.resume_reading)
+            wait_until(lambda count=count: len(proto.chunks) == count + 1)
+        # Let everything else through.
+        def resume_all() -> None:
+            proto.pause = False
+            proto.transport.resume_reading()
+
+        on_loop(srv, resume_all)
+        s.sendall(data[64 * KiB :])
+        s.shutdown(socket.SHUT_WR)
+        assert proto.eof.wait(DEADLINE)
+    assert b"".join(proto.chunks) == data
+
+
+class Hog(asyncio.Protocol):
+    """Ignores pause_writing() and keeps writing to a client that never reads."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.written = 0
+        self.pauses = 0
+        self.lost_calls: list[Any] = []
+        self.made = threading.Event()
+        self.lost = threading.Event()
+
+    def connection_made(self, transport: Any) -> None:
+        chunk = bytes(64 * KiB)
+        while self.written < self.total and not transport.is_closing():
+            transport.write(chunk)
+            self.written += len(chunk)
+        try:
+            transport.write(chunk)
+        except ServerClosedError:
+            self.write_after = "ServerClosedError"
+        else:
+            self.write_after = "accepted"
+        self.made.set()
+
+    def pause_writing(self) -> None:
+        self.pauses += 1  # ignored on purpose
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost_calls.append(exc)
+        self.lost.set()
+
+
+def test_max_write_buffer_aborts_a_protocol_that_ignores_pause(sock_path, make_server):
+    """Checklist 27 (hard cap): with max_write_buffer = 1 MiB, a protocol that
+    ignores pause_writing() and writes 8 MiB to a client that never reads gets
+    its connection aborted with connection_lost(BufferError); the client sees
+    EOF and the server keeps serving."""
+    factory = Collect(Hog, 8 * MiB)
+    srv = make_server(sock_path, protocol=factory, max_write_buffer=1 * MiB)
+    with connect(srv.path) as s:
+        proto = factory.one()
+        assert proto.lost.wait(DEADLINE)
+        assert len(proto.lost_calls) == 1
+        assert isinstance(proto.lost_calls[0], BufferError)
+        assert proto.pauses == 1
+        assert proto.written < 8 * MiB
+        assert proto.write_after == "ServerClosedError"
+        got = recv_until_eof(s)
+        assert len(got) < 2 * MiB
+    wait_until(lambda: srv.open_connections == 0)
+    assert srv.is_running
+
+
+# ---------------------------------------------------------------- extra info
+
+
+class InfoProbe(Echo):
+    """Collects get_extra_info() in connection_made and connection_lost."""
+
+    def __init__(self) -> None:
+        self.info: dict[str, Any] = {}
+        self.made = threading.Event()
+        self.lost = threading.Event()
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        info = self.info
+        for key in ("peername", "sockname", "peercred"):
+            info[key] = transport.get_extra_info(key)
+        sock = transport.get_extra_info("socket")
+        info["socket_fileno_ok"] = sock.fileno() >= 0
+        info["socket_family"] = sock.family
+        info["sndbuf"] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        info["unknown"] = transport.get_extra_info("no-such-key")
+        info["unknown_default"] = transport.get_extra_info("no-such-key", 42)
+        self.made.set()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        t = self.transport
+        self.info["lost"] = {key: t.get_extra_info(key, "dflt") for key in ("peername", "sockname", "peercred")}
+        self.info["lost_socket"] = t.get_extra_info("socket", "dflt")
+        self.lost.set()
+
+
+def test_get_extra_info(sock_path, make_server):
+    """get_extra_info: 'peername' ('' for an unbound client), 'sockname' (the
+    server path), 'peercred' (PeerCredentials of this process), 'socket' (a
+    socket object supporting getsockopt that we must not close; the transport
+    keeps working after it was handed out); unknown keys give the default."""
+    factory = Collect(InfoProbe)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path) as s:
+        proto = factory.one()
+        s.sendall(b"still works")
+        assert recv_exactly(s, 11) == b"still works"
+    info = proto.info
+    assert info["peername"] == ""
+    assert info["sockname"] == srv.path
+    assert info["peercred"] == PeerCredentials(os.getpid(), os.getuid(), os.getgid())
+    assert info["socket_fileno_ok"] is True
+    assert info["socket_family"] == socket.AF_UNIX
+    assert info["sndbuf"] > 0
+    assert info["unknown"] is None
+    assert info["unknown_default"] == 42
+    assert proto.lost.wait(DEADLINE)
+
+
+def test_get_extra_info_named_client(sock_path, sock_dir, make_server):
+    """A client that bound its own path shows up as 'peername'."""
+    factory = Collect(InfoProbe)
+    srv = make_server(sock_path, protocol=factory)
+    client_path = os.path.join(sock_dir, "c.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(DEADLINE)
+        s.bind(client_path)
+        s.connect(srv.path)
+        proto = factory.one()
+    assert proto.info["peername"] == client_path
+
+
+def test_get_extra_info_in_connection_lost(sock_path, make_server):
+    """asyncio fills peername/sockname/peercred when the transport is made,
+    so a protocol may read them in connection_lost (e.g. to log who left);
+    the 'socket' is gone by then (default)."""
+
+    class LateProbe(Recorder):
+        def connection_lost(self, exc: BaseException | None) -> None:
+            t = self.transport
+            self.late = {key: t.get_extra_info(key, "dflt") for key in ("peername", "sockname", "peercred", "socket")}
+            super().connection_lost(exc)
+
+    factory = Collect(LateProbe)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path):
+        proto = factory.one()
+    assert proto.lost.wait(DEADLINE)
+    assert proto.late == {
+        "peername": "",
+        "sockname": srv.path,
+        "peercred": PeerCredentials(os.getpid(), os.getuid(), os.getgid()),
+        "socket": "dflt",
+    }
+
+
+# ---------------------------------------------------------------- threads
+
+
+def test_transport_methods_off_the_loop_thread_raise(sock_path, make_server):
+    """DESIGN 'Event model': transports belong to the loop thread.  Calling
+    write/writelines/write_eof/close/abort/pause_reading/resume_reading from
+    another thread raises RuntimeError and leaves the connection untouched;
+    Server.call_soon_threadsafe(fn, *args) runs fn(*args) on the loop thread,
+    where transport.write works."""
+    factory = Collect(Recorder)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path) as s:
+        proto = factory.one()
+        t = proto.transport
+        calls: list[tuple[str, tuple[Any, ...]]] = [
+            ("write", (b"x",)),
+            ("writelines", ([b"x"],)),
+            ("write_eof", ()),
+            ("pause_reading", ()),
+            ("resume_reading", ()),
+            ("close", ()),
+            ("abort", ()),
+        ]
+        for name, args in calls:
+            with pytest.raises(RuntimeError):
+                getattr(t, name)(*args)
+        assert on_loop(srv, lambda: (t.is_closing(), t.is_reading())) == (False, True)
+        seen: list[tuple[int, Any, Any]] = []
+        srv.call_soon_threadsafe(lambda a, b: seen.append((threading.get_ident(), a, b)), 1, "two")
+        srv.call_soon_threadsafe(t.write, b"from the loop thread")
+        assert recv_exactly(s, 20) == b"from the loop thread"
+        wait_until(lambda: seen)
+        assert seen == [(next(iter(proto.threads)), 1, "two")]
+        assert proto.threads != {threading.get_ident()}
+        s.sendall(b"ping")
+        wait_until(lambda: proto.received == b"ping")
+    assert proto.lost.wait(DEADLINE)
+    assert len(proto.threads) == 1
+
+
+def test_set_write_buffer_limits_off_the_loop_thread_raises(sock_path, make_server):
+    """set_write_buffer_limits() may call pause_writing()/resume_writing()
+    and changes marks the loop reads, so like the other mutating Transport
+    methods it must raise RuntimeError off the loop thread (DESIGN: "all
+    methods must be called on the server's loop thread"; callbacks run on the
+    loop thread only)."""
+    factory = Collect(Recorder)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path):
+        t = factory.one().transport
+        with pytest.raises(RuntimeError):
+            t.set_write_buffer_limits(high=1000)
+        assert on_loop(srv, t.get_write_buffer_limits) == (16 * KiB, 64 * KiB)
+
+
+def test_call_soon_threadsafe_on_a_stopped_server_raises(sock_path, make_server):
+    """call_soon_threadsafe needs a running loop: ServerClosedError otherwise."""
+    srv = make_server(sock_path, protocol=Echo, start=False)
+    with pytest.raises(ServerClosedError):
+        srv.call_soon_threadsafe(lambda: None)
+    srv.start()
+    on_loop(srv, lambda: None)
+    srv.close()
+    assert srv.wait(DEADLINE)
+    with pytest.raises(ServerClosedError):
+        srv.call_soon_threadsafe(lambda: None)
