@@ -121,6 +121,11 @@ cdef class Loop:
     def drain_waiting(self, bint value):
         self.drain_waiting = value
 
+    def claim_thread(self):
+        """Make the calling thread this loop's thread before run() starts, so a
+        signal handler that runs in between is known to be on the loop thread."""
+        self.thread_id = PyThread_get_thread_ident()
+
     def on_loop_thread(self):
         """True when called from the thread running this loop."""
         return self.thread_id != 0 and PyThread_get_thread_ident() == self.thread_id

@@ -147,10 +147,13 @@ class ServerConfig:
                 if value not in (0, "0", "", None):
                     put("mode", value, key)
             elif key == "group-perm":
-                if isinstance(value, bool) or not isinstance(value, (int, str)):
-                    raise InvalidGroupError(f"group-perm must be an integer gid, got {value!r}")
-                if int(value) != -1:
-                    put("group", int(value), key)
+                gid = value.strip() if isinstance(value, str) else value
+                if isinstance(gid, str) and re.fullmatch(r"-?\d+", gid):
+                    gid = int(gid)
+                if isinstance(gid, bool) or not isinstance(gid, int):
+                    raise InvalidGroupError(f"group-perm must be an integer gid (-1 = the process's group), got {value!r}")
+                if gid != -1:
+                    put("group", gid, key)
             elif key == "con-idle-timeout":
                 put("idle_timeout", parse_duration(value), key)
             elif key == "tls":

@@ -193,6 +193,7 @@ class Server:
             own = self._state is _State.STOPPED
             if own:
                 loop = self._open()
+                loop.claim_thread()
         if own:
             self._info(f"starting listening socket 'unix {self.path}'")
         watcher = _CancelWatcher(cancel, self.close) if cancel is not None else None
