@@ -141,8 +141,9 @@ cdef class Loop:
         cdef int n, err, timeout
         if self.closed:
             raise RuntimeError("this loop is closed")
+        # A loop serves one run; an exit requested before run() (a signal
+        # handler during set-up) must not be forgotten here.
         self.thread_id = PyThread_get_thread_ident()
-        self.exiting = False
         while not self.exiting:
             timeout = self._timeout_ms()
             with nogil:

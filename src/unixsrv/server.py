@@ -92,6 +92,7 @@ class Server:
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._stopped.set()
+        self._setup_thread: int | None = None
         self._drained = threading.Condition(threading.Lock())
         self._owner_pid = os.getpid()
 
@@ -167,7 +168,7 @@ class Server:
                 if self._state is _State.RUNNING:
                     return
                 if self._state is _State.STOPPED:
-                    loop = self._open()
+                    loop = self._open(foreground=False)
                     ready = threading.Event()
                     self._thread = threading.Thread(
                         target=self._run_in_background, args=(loop, ready), name=f"unixsrv {self.path}", daemon=True
@@ -192,8 +193,7 @@ class Server:
         with self._lock:
             own = self._state is _State.STOPPED
             if own:
-                loop = self._open()
-                loop.claim_thread()
+                loop = self._open(foreground=True)
         if own:
             self._info(f"starting listening socket 'unix {self.path}'")
         watcher = _CancelWatcher(cancel, self.close) if cancel is not None else None
@@ -206,8 +206,13 @@ class Server:
             if watcher is not None:
                 watcher.stop()
 
-    def _open(self) -> _core.Loop:
-        """Create the loop and its listener (called with the lock held)."""
+    def _open(self, *, foreground: bool) -> _core.Loop:
+        """Create the loop and its listener (called with the lock held).
+
+        A signal handler may run on this thread at any bytecode from here on;
+        if it stops the server, _on_server_thread() must be true so the stop
+        is handed to another thread instead of waiting for this one.
+        """
         cfg = self._config
         loop = _core.Loop(
             self,
@@ -221,10 +226,16 @@ class Server:
             cast(int, cfg.write_buffer_low),  # normalised to int
             cfg.max_write_buffer,
         )
-        loop.open(backlog=cfg.backlog, **_listener_args(cfg))
-        self._loop = loop
-        self._state = _State.RUNNING
-        self._stopped.clear()
+        self._setup_thread = threading.get_ident()
+        try:
+            if foreground:
+                loop.claim_thread()
+            loop.open(backlog=cfg.backlog, **_listener_args(cfg))
+            self._loop = loop
+            self._state = _State.RUNNING
+            self._stopped.clear()
+        finally:
+            self._setup_thread = None
         return loop
 
     def _run_in_background(self, loop: _core.Loop, ready: threading.Event) -> None:
@@ -299,12 +310,10 @@ class Server:
         if self._forked():
             return
         loop = self._loop
-        if loop is None:
-            return
-        if loop.on_loop_thread():
-            self._close_now(loop)
+        if loop is not None and loop.on_loop_thread():
+            self._close_now(loop)  # from a callback: the loop exits after it
         elif self._on_server_thread():
-            loop.call_soon_threadsafe(lambda: self._close_now(loop))
+            threading.Thread(target=self._stop, kwargs={"graceful": False, "timeout": 0.0}, daemon=True).start()
         else:
             self._stop(graceful=False, timeout=0.0)
 
@@ -363,9 +372,9 @@ class Server:
         loop.begin_drain()
 
     def _close_now(self, loop: _core.Loop) -> None:
-        with self._lock:
-            if self._loop is loop:
-                self._state = _State.STOPPING
+        # No lock here: this may run in a signal handler on a thread that holds it.
+        if self._loop is loop:
+            self._state = _State.STOPPING
         self._stop_accepting(loop)
         loop.abort_all()
         loop.request_exit()
@@ -409,8 +418,14 @@ class Server:
             self._drained.notify_all()
 
     def _on_server_thread(self) -> bool:
+        """True on a thread that must not wait for the server to stop: the loop
+        thread, a handler's worker thread, or the thread setting the server up."""
         loop = self._loop
-        return (loop is not None and loop.on_loop_thread()) or getattr(self._workers, "active", False)
+        return (
+            (loop is not None and loop.on_loop_thread())
+            or self._setup_thread == threading.get_ident()
+            or getattr(self._workers, "active", False)
+        )
 
     def _forked(self) -> bool:
         return os.getpid() != self._owner_pid
