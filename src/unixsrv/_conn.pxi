@@ -58,7 +58,9 @@ cdef class _ConnBase:
 
     def fileno(self):
         """The socket's fd, or -1 once it is closed."""
-        return self.c.fd if us_load_i32(&self.c.uses) > 0 else -1
+        if us_load_u32(&self.c.state) & ST_CLOSING or us_load_i32(&self.c.uses) <= 0:
+            return -1
+        return self.c.fd
 
     @property
     def id(self):
@@ -276,9 +278,9 @@ cdef class Connection(_ConnBase):
 
     def close(self):
         """Close the connection now (the client sees EOF).  Idempotent."""
+        self._set_done()
         us_or_u32(&self.c.state, ST_CLOSING)
         self._shutdown_fd(SHUT_RDWR)
-        self._set_done()
 
     @property
     def closed(self):
@@ -318,18 +320,23 @@ cdef class Connection(_ConnBase):
     # -------------------------------------------------- server side (internal)
 
     cdef int _idle_expired(self) except -1:
-        # The sweep already marked it closing and shut the socket down.
-        return self._set_done()
-
-    cdef int _begin_drain(self) except -1:
-        us_or_u32(&self.c.state, ST_RD_SHUT)
-        self._shutdown_fd(SHUT_RD)
-        return self._set_done()
-
-    cdef int _force_close(self) except -1:
+        # done first: a handler woken by the shutdown must already see it set.
+        self._set_done()
         us_or_u32(&self.c.state, ST_CLOSING)
         self._shutdown_fd(SHUT_RDWR)
-        return self._set_done()
+        return 0
+
+    cdef int _begin_drain(self) except -1:
+        self._set_done()
+        us_or_u32(&self.c.state, ST_RD_SHUT)
+        self._shutdown_fd(SHUT_RD)
+        return 0
+
+    cdef int _force_close(self) except -1:
+        self._set_done()
+        us_or_u32(&self.c.state, ST_CLOSING)
+        self._shutdown_fd(SHUT_RDWR)
+        return 0
 
     def _finish(self):
         """The handler returned: close, count, unregister.  Worker thread."""

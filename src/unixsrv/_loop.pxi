@@ -144,6 +144,7 @@ cdef class Loop:
         # A loop serves one run; an exit requested before run() (a signal
         # handler during set-up) must not be forgotten here.
         self.thread_id = PyThread_get_thread_ident()
+        PyErr_CheckSignals()   # one that arrived before the wakeup fd was set
         while not self.exiting:
             timeout = self._timeout_ms()
             with nogil:
@@ -356,16 +357,15 @@ cdef class Loop:
             c = self.table[fd]
             if c == NULL:
                 continue
-            if us_load_u32(&c.state) & (ST_CLOSING if not self.event_model else ST_LOST):
+            if us_load_u32(&c.state) & (ST_IDLE | (ST_CLOSING if not self.event_model else ST_LOST)):
                 continue
             deadline = us_load_i64(&c.last_active) + self.idle_ns
             if deadline > self.now:
                 earliest = min(earliest, deadline)
                 continue
-            if not self.event_model:
-                # The table holds the handler's lifetime use, so c.fd is open.
-                us_or_u32(&c.state, ST_CLOSING | ST_IDLE)
-                shutdown(c.fd, SHUT_RDWR)
+            # Closed in the dispatch, where conn.done is set before the
+            # handler can see the socket shut down.
+            us_or_u32(&c.state, ST_IDLE)
             self._push(REC_IDLE, fd, c.seq, 0, 0)
         self._unlock()
         self.next_sweep_ns = NEVER if earliest == NEVER else earliest + slack
@@ -385,7 +385,7 @@ cdef class Loop:
                 if r.kind == REC_NEW:
                     self._open_connection(r.fd, r.off)
                 elif r.kind == REC_ACCEPT_ERROR:
-                    self.server._report(_oserror(<int>r.n, self.display_path))
+                    self._callback_error(_oserror(<int>r.n, self.display_path))
                 else:
                     obj = self._lookup(r.fd, r.seq)
                     if obj is None:
@@ -448,7 +448,7 @@ cdef class Loop:
             if us_poller_add(self.pfd, fd, _token(&conn.c), US_READ) < 0:
                 err = errno
                 (<_Stream>conn)._abort(None)
-                self.server._report(_oserror(err, self.display_path))
+                self._callback_error(_oserror(err, self.display_path))
                 return 0
             conn.c.interest = US_READ
             return (<_Stream>conn)._start()
@@ -558,11 +558,14 @@ cdef class Loop:
     cdef int _callback_error(self, object exc) except -1:
         """A user callback raised on the loop thread: KeyboardInterrupt and
         SystemExit stop the loop (after this dispatch), the rest is reported."""
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            if self.stash_exc is None:
-                self.stash_exc = exc
-        else:
-            self.server._report(exc)
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            try:
+                self.server._report(exc)
+                return 0
+            except BaseException as err:   # on_error itself raised KeyboardInterrupt
+                exc = err
+        if self.stash_exc is None:
+            self.stash_exc = exc
         return 0
 
     cdef int _conn_closed(self) except -1:

@@ -69,9 +69,13 @@ cdef class _Stream(_ConnBase):
         """Fire NEW, run update_conn, build the protocol, connection_made."""
         cdef Loop loop = self.loop
         server = loop.server
-        if server._on_conn_state is not None:
-            server._fire_state(self, _NEW)
-        if server._update_conn is not None and not server._call_update_conn(self):
+        try:
+            if server._on_conn_state is not None:
+                server._fire_state(self, _NEW)
+            if server._update_conn is not None and not server._call_update_conn(self):
+                return self._abort(None)
+        except BaseException as exc:      # KeyboardInterrupt/SystemExit from a callback
+            loop._callback_error(exc)
             return self._abort(None)
         try:
             self.protocol = loop.factory()
@@ -210,7 +214,10 @@ cdef class _Stream(_ConnBase):
                 loop._callback_error(err)
         server = loop.server
         if server._on_conn_state is not None:
-            server._fire_state(self, _CLOSE)
+            try:
+                server._fire_state(self, _CLOSE)
+            except BaseException as err:  # KeyboardInterrupt/SystemExit from a callback
+                loop._callback_error(err)
         return loop._conn_closed()
 
     cdef int _callback_failed(self, object exc) except -1:

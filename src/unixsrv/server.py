@@ -176,8 +176,12 @@ class Server:
                     self._thread.start()
                     break
             self._stopped.wait()  # a stop is in progress: start after it
-        self._info(f"starting listening socket 'unix {self.path}'")
-        ready.wait()
+        try:
+            self._info(f"starting listening socket 'unix {self.path}'")
+            ready.wait()
+        except BaseException:  # Ctrl-C (or a raising callback's SystemExit) during start()
+            self.close()
+            raise
 
     def serve_forever(self, cancel: threading.Event | None = None) -> None:
         """Bind and serve on this thread until shutdown(), close() or ``cancel``.
@@ -195,13 +199,11 @@ class Server:
             if own:
                 loop = self._open(foreground=True)
         if own:
-            self._info(f"starting listening socket 'unix {self.path}'")
+            self._run_here(loop, cancel)
+            return
         watcher = _CancelWatcher(cancel, self.close) if cancel is not None else None
         try:
-            if not own:
-                self._stopped.wait()
-                return
-            self._run_here(loop)
+            self._stopped.wait()
         finally:
             if watcher is not None:
                 watcher.stop()
@@ -247,25 +249,33 @@ class Server:
         finally:
             self._finish_run(loop)
 
-    def _run_here(self, loop: _core.Loop) -> None:
-        # On the main thread, a signal that lands on any thread writes to the
-        # loop's wakeup pipe, so the handler runs at once instead of after
-        # the next event (signal.set_wakeup_fd; restored afterwards).
+    def _run_here(self, loop: _core.Loop, cancel: threading.Event | None) -> None:
         previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.set_wakeup_fd(loop.wakeup_fileno, warn_on_full_buffer=False)
+        watcher = None
         try:
+            # On the main thread, a signal that lands on any thread writes to
+            # the loop's wakeup pipe, so its handler runs at once instead of
+            # after the next event (signal.set_wakeup_fd; restored afterwards).
+            if threading.current_thread() is threading.main_thread():
+                previous = signal.set_wakeup_fd(loop.wakeup_fileno, warn_on_full_buffer=False)
+            self._info(f"starting listening socket 'unix {self.path}'")
+            if cancel is not None:
+                watcher = _CancelWatcher(cancel, self.close)
             loop.run()
         finally:
             if previous is not None:
                 signal.set_wakeup_fd(previous)
             self._finish_run(loop)
+            if watcher is not None:  # after the loop closed: its close() cannot wait now
+                watcher.stop()
 
     def _finish_run(self, loop: _core.Loop) -> None:
         """On the loop thread after run() returned (normally or not)."""
         try:
-            self._stop_accepting(loop)
-            loop.teardown()
+            try:
+                self._stop_accepting(loop)
+            finally:
+                loop.teardown()
         finally:
             if self._pool is not None:
                 self._pool.release_idle()
@@ -448,10 +458,9 @@ class Server:
             if self._on_conn_state is not None:
                 self._fire_state(conn, ConnState.NEW)
             if self._update_conn is None or self._call_update_conn(conn):
-                try:
-                    self._handler(conn)  # type: ignore[misc]
-                except BaseException as exc:
-                    self._report(exc)
+                self._handler(conn)  # type: ignore[misc]
+        except BaseException as exc:  # even SystemExit: a handler never ends a worker
+            self._report(exc)
         finally:
             conn._finish()
             if self._on_conn_state is not None:
@@ -467,7 +476,7 @@ class Server:
             self._update_conn(sock)  # type: ignore[misc]
             return True
         except BaseException as exc:
-            self._report(exc)
+            self._user_error(exc)
             return False
         finally:
             if sock.fileno() == -1:
@@ -487,7 +496,7 @@ class Server:
                 remote = ""
             fn(conn.local_address, remote, state)
         except BaseException as exc:
-            self._report(exc)
+            self._user_error(exc)
 
     def _info(self, message: str) -> None:
         logger.info("%s", message)
@@ -496,7 +505,16 @@ class Server:
             try:
                 fn(message)
             except BaseException as exc:
-                self._report(exc)
+                self._user_error(exc)
+
+    def _user_error(self, exc: BaseException) -> None:
+        """A user callback raised: report it.  KeyboardInterrupt and SystemExit
+        outside a handler thread are not swallowed: they propagate (the loop
+        stops after its current dispatch, serve_forever cleans up and
+        re-raises)."""
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not getattr(self._workers, "active", False):
+            raise exc
+        self._report(exc)
 
     def _report(self, exc: BaseException) -> None:
         """One error: to on_error if registered, else to the log."""
@@ -508,6 +526,11 @@ class Server:
             return
         try:
             fn(exc)
+        except (KeyboardInterrupt, SystemExit) as err:
+            if getattr(self._workers, "active", False):
+                logger.exception("unixsrv %s: the on_error callback raised while reporting %r", self.path, exc)
+            else:
+                raise err from exc
         except BaseException:
             logger.exception("unixsrv %s: the on_error callback raised while reporting %r", self.path, exc)
 
