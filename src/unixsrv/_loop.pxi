@@ -293,6 +293,7 @@ cdef class Loop:
 
     cdef void _recv_one(self, conn_t *c) noexcept nogil:
         cdef ssize_t r
+        cdef int err
         cdef size_t off = self.rx_used
         if self.rxcap - off < self.read_size:
             return     # shared buffer full: level-triggered, so it comes back
@@ -311,8 +312,9 @@ cdef class Loop:
             _set_interest(self.pfd, c, c.interest & ~US_READ)
             self._push(REC_EOF, c.fd, c.seq, 0, 0)
         elif not us_would_block(errno):
+            err = errno
             _set_interest(self.pfd, c, 0)
-            self._push(REC_ERROR, c.fd, c.seq, 0, errno)
+            self._push(REC_ERROR, c.fd, c.seq, 0, err)
 
     cdef void _flush(self, conn_t *c) noexcept nogil:
         cdef ssize_t r
