@@ -198,7 +198,9 @@ cdef class _Stream(_ConnBase):
             # close() drops the poller registration only if no duplicate of the
             # fd exists (epoll(7)); user code that saw a socket object for it
             # could have dup()ed it, so unregister explicitly in that case.
-            if c.state & ST_EXPOSED and c.interest:
+            # (An epoll registration outlives an interest of 0, hence no
+            # check of c.interest here.)
+            if c.state & ST_EXPOSED:
                 us_poller_remove(loop.pfd, c.fd, c.interest)
             close(c.fd)
         loop._table_del(c)
