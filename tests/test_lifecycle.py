@@ -678,6 +678,9 @@ _CTRL_C = textwrap.dedent(
     from unixsrv import Server, ServerConfig
     from unixsrv.echo import EchoProtocol, echo_handler
     path, model, how = sys.argv[1:4]
+    # A shell that starts us in the background leaves SIGINT ignored, and then
+    # Python installs no KeyboardInterrupt handler: install it explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cfg = ServerConfig(path=path)
     srv = Server(cfg, echo_handler) if model == "blocking" else Server(cfg, protocol=EchoProtocol)
 
