@@ -359,11 +359,29 @@ _RACE = textwrap.dedent(
 )
 
 
-def test_one_of_sixteen_racing_starters_wins(sock_dir: str, sock_path: str, spawn: Callable[..., Any]) -> None:
-    """Checklist 5: 16 processes released by one multiprocessing.Barrier start
-    on the same path: exactly one serves, 15 get a clean AddressInUseError
-    naming the path, and no stray file (no '.us-*' temporary) is left."""
-    result = child_json(spawn(_RACE, sock_path, text=False), timeout=60)
+@pytest.mark.parametrize("at_path", ["nothing", "a stale socket"])
+def test_one_of_sixteen_racing_starters_wins(
+    at_path: str, sock_dir: str, sock_path: str, spawn: Callable[..., Any], run_traced: Callable[..., Any]
+) -> None:
+    """Checklist 5 (and 4 under contention): 16 processes released by one
+    multiprocessing.Barrier start on the same path: exactly one serves, 15
+    get a clean AddressInUseError naming the path, and no stray file (no
+    '.us-*' temporary) is left.
+
+    With a stale socket at the path, all racers find it and probe it; strace
+    delays each probe's connect() by 3 ms (a delay, not an error) so that
+    the racers' "stale -> remove it" steps overlap, as they do when several
+    instances of a crashed service restart at once.  Whoever removes the
+    stale file must never remove a live socket another racer just put there
+    (python/cpython#121252: the first server keeps running, unreachable)."""
+    if at_path == "a stale socket":
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.bind(sock_path)
+        delay = ["--seccomp-bpf", "-e", "trace=connect", "-e", "inject=connect:delay_exit=3000"]
+        proc = run_traced(delay, _RACE, sock_path)
+    else:
+        proc = spawn(_RACE, sock_path, text=False)
+    result = child_json(proc, timeout=60)
     kinds = [o[0] for o in result["outcomes"]]
     assert kinds.count("serving") == 1, result["outcomes"]
     assert kinds.count("in use") == 15, result["outcomes"]
@@ -375,6 +393,74 @@ def test_one_of_sixteen_racing_starters_wins(sock_dir: str, sock_path: str, spaw
     assert result["exitcodes"] == [0] * 16
     assert result["after"] == []  # the winner removed its file on close
     assert os.listdir(sock_dir) == []
+
+
+_TAKEOVER = textwrap.dedent(
+    """
+    import os, sys
+    from unixsrv import AddressInUseError, Server, ServerConfig
+    path, tag, when = sys.argv[1:4]
+
+    def handler(conn):
+        conn.write(tag.encode())
+
+    srv = Server(ServerConfig(path=path), handler)
+    print("go", os.getpid(), flush=True)
+    if when == "on request":
+        sys.stdin.readline()
+    try:
+        srv.start()
+    except AddressInUseError:
+        print("in use", flush=True)
+    else:
+        print("serving", flush=True)
+    sys.stdin.read()
+    srv.close()
+    """
+)
+
+
+def _process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_stale_socket_removal_never_removes_a_live_successor(
+    sock_path: str, spawn: Callable[..., Any], run_traced: Callable[..., Any]
+) -> None:
+    """Checklist 4 and 5 (python/cpython#121252; DESIGN: "an existing path is
+    never blindly deleted: a live server there -> AddressInUseError"): two
+    starters B and A both find the same stale socket.  B decides "stale,
+    remove it" and is held just before its unlink (strace delays B's first
+    unlinkat by 1.5 s; a delay, not an error).  Meanwhile A removes the stale
+    file and starts serving.  When B goes on, it must not delete A's live
+    socket: exactly one of them serves, and the path leads to that one."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(sock_path)  # stale: nobody listens
+    a = spawn(_TAKEOVER, sock_path, "A", "on request", text=False, stdin=subprocess.PIPE)
+    assert read_line(a).startswith("go")
+    hold = ["--seccomp-bpf", "-e", "trace=unlinkat", "-e", "inject=unlinkat:delay_enter=1500000:when=1"]
+    b = run_traced(hold, _TAKEOVER, sock_path, "B", "at once", stdin=subprocess.PIPE)
+    b_pid = int(read_line(b).split()[1])
+
+    def b_held_or_done() -> bool:
+        # 't' = stopped by strace, i.e. held at its unlinkat (the only traced
+        # call); or B already answered (an implementation that never unlinks)
+        return _process_state(b_pid) == "t" or bool(select.select([b.stdout], [], [], 0)[0])
+
+    wait_until(b_held_or_done)
+    assert a.stdin is not None and b.stdin is not None
+    a.stdin.write(b"start\n")
+    a.stdin.flush()
+    outcome = {"A": read_line(a), "B": read_line(b)}
+    winners = [name for name, what in outcome.items() if what == "serving"]
+    assert len(winners) == 1, f"{outcome}: two servers believe they own {sock_path}"
+    assert set(outcome.values()) == {"serving", "in use"}
+    with connect(sock_path) as s:
+        assert recv_until_eof(s) == winners[0].encode()
+    for proc in (a, b):
+        proc.stdin.close()
+        assert proc.wait(DEADLINE) == 0
 
 
 # ---------------------------------------------------------------------------- 6: unlink on close
@@ -408,6 +494,78 @@ def test_close_keeps_a_foreign_socket_at_the_path(
             pass  # the foreign server still listens there
     finally:
         foreign.close()
+
+
+_CLOSE_ON_REQUEST = textwrap.dedent(
+    """
+    import os, sys
+    from unixsrv import Server, ServerConfig
+    from unixsrv.echo import echo_handler
+    srv = Server(ServerConfig(path=sys.argv[1]), echo_handler)
+    srv.start()
+    print("ready", os.getpid(), flush=True)
+    sys.stdin.readline()
+    srv.close()
+    print("closed", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def _held_by_strace(pid: int) -> bool:
+    """True if some thread of pid is stopped by its tracer ('t')."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "t":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def test_close_keeps_a_successor_that_reuses_the_inode_number(sock_path: str, run_traced: Callable[..., Any]) -> None:
+    """Checklist 6b (libuv unlinks *before* close() because "the other way
+    around introduces a race where our process unlinks a socket ... just
+    created by another process"): our file was deleted behind our back, and
+    while we close, a successor binds the path.  Once our listener is closed
+    the old inode is free, and the successor's new socket can get the very
+    same inode number (ext4 reuses it at once), so the (dev, ino) check is
+    only sound while our listener still holds the inode.  strace holds the
+    closing server for 0.5 s at its lstat of the path (a delay, not an
+    error); the successor binds in that moment.  Its socket must survive our
+    close.  Up to three rounds, until the inode number is actually reused."""
+    hold = ["-P", sock_path, "-e", "trace=newfstatat,lstat", "-e", "inject=newfstatat,lstat:delay_enter=500000:when=1"]
+    for _round in range(3):
+        srv = run_traced(hold, _CLOSE_ON_REQUEST, sock_path, stdin=subprocess.PIPE)
+        pid = int(read_line(srv).split()[1])
+        ours = os.lstat(sock_path).st_ino
+        os.unlink(sock_path)  # someone removes our file; we keep listening
+        assert srv.stdin is not None
+        srv.stdin.write(b"close\n")
+        srv.stdin.flush()
+
+        def held_or_done() -> bool:
+            return _held_by_strace(pid) or bool(select.select([srv.stdout], [], [], 0)[0])
+
+        wait_until(held_or_done)
+        successor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            successor.bind(sock_path)
+            successor.listen(4)
+            theirs = os.lstat(sock_path).st_ino
+            assert read_line(srv) == "closed"
+            assert os.path.lexists(sock_path), f"our close() removed the successor's socket (inode {theirs}, ours was {ours})"
+            assert os.lstat(sock_path).st_ino == theirs
+            with connect(sock_path):
+                pass
+        finally:
+            successor.close()
+        srv.stdin.close()
+        assert srv.wait(DEADLINE) == 0
+        os.unlink(sock_path)
+        if theirs == ours:
+            break
 
 
 def test_close_when_the_file_is_already_gone(sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
