@@ -1,0 +1,283 @@
+"""fd hygiene: close-on-exec and non-blocking flags, nothing inherited by
+child processes, no leak across many connections or failed starts
+(reliability checklist, section E: items 33-35)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from conftest import DEADLINE, connect, echo_handler, fd_count, recv_exactly, recv_until_eof, wait_until
+from unixsrv import AddressInUseError, Server, ServerConfig
+from unixsrv.echo import EchoProtocol
+
+O_CLOEXEC_FLAG = 0o2000000  # as /proc/<pid>/fdinfo prints it (octal)
+O_NONBLOCK_FLAG = 0o4000
+
+
+def open_fds() -> set[int]:
+    """The fds open in this process now (without the one listdir used)."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            continue
+        fds.add(fd)
+    return fds
+
+
+def fd_flags(fd: int, pid: str = "self") -> int:
+    """The open-file flags of an fd, from /proc/<pid>/fdinfo (octal)."""
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8)
+    raise AssertionError(f"no flags line for fd {fd}")
+
+
+def fd_target(fd: int, pid: str = "self") -> str:
+    return os.readlink(f"/proc/{pid}/fd/{fd}")
+
+
+def is_listening(fd: int) -> bool:
+    s = socket.socket(fileno=fd)
+    try:
+        return bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    finally:
+        s.detach()
+
+
+def start_echo(make_server: Callable[..., Server], path: str, model: str, **fields: object) -> Server:
+    if model == "blocking":
+        return make_server(path, echo_handler, **fields)
+    return make_server(path, protocol=EchoProtocol, **fields)
+
+
+def echo(s: socket.socket, msg: bytes) -> None:
+    s.sendall(msg)
+    assert recv_exactly(s, len(msg)) == msg
+
+
+@pytest.fixture
+def served(model: str, sock_path: str, make_server: Callable[..., Server]) -> Iterator[tuple[Server, dict[str, list[int]], list[socket.socket]]]:
+    """A running server with 5 connected clients, and its own fds sorted by
+    kind: listener, connection, poller, pipe, other."""
+    before = open_fds()
+    srv = start_echo(make_server, sock_path, model)
+    clients = [connect(sock_path) for _ in range(5)]
+    try:
+        for i, c in enumerate(clients):
+            echo(c, b"client %d" % i)
+        wait_until(lambda: srv.stats()["accepted"] == 5)
+        mine = {c.fileno() for c in clients}
+        kinds: dict[str, list[int]] = {"listener": [], "connection": [], "poller": [], "pipe": [], "other": []}
+        for fd in sorted(open_fds() - before - mine):
+            target = fd_target(fd)
+            if target.startswith("socket:"):
+                kinds["listener" if is_listening(fd) else "connection"].append(fd)
+            elif target == "anon_inode:[eventpoll]":
+                kinds["poller"].append(fd)
+            elif target.startswith("pipe:"):
+                kinds["pipe"].append(fd)
+            else:
+                kinds["other"].append(fd)
+        yield srv, kinds, clients
+    finally:
+        for c in clients:
+            c.close()
+
+
+# ---------------------------------------------------------------------------- 33
+
+
+def test_every_server_fd_is_close_on_exec(model: str, served: tuple[Server, dict[str, list[int]], list[socket.socket]]) -> None:
+    """Checklist 33: the listener, every accepted connection, the poller
+    and the wakeup pipe are created with FD_CLOEXEC (O_CLOEXEC in fdinfo)."""
+    _srv, kinds, _clients = served
+    assert len(kinds["listener"]) == 1
+    assert len(kinds["connection"]) == 5
+    assert len(kinds["poller"]) >= 1
+    assert len(kinds["pipe"]) >= 2  # the wakeup pipe's two ends
+    for kind, fds in kinds.items():
+        for fd in fds:
+            assert fd_flags(fd) & O_CLOEXEC_FLAG, f"{kind} fd {fd} ({fd_target(fd)}) lacks O_CLOEXEC"
+            assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+
+
+def test_listener_and_event_connections_are_nonblocking(
+    model: str, served: tuple[Server, dict[str, list[int]], list[socket.socket]]
+) -> None:
+    """Checklist 33: the listener is O_NONBLOCK (the accept loop must never
+    block), and so is every connection of the event model (one loop thread
+    serves them all); blocking-model connections are served by their own
+    thread."""
+    _srv, kinds, _clients = served
+    (listener,) = kinds["listener"]
+    assert fd_flags(listener) & O_NONBLOCK_FLAG
+    if model == "event":
+        for fd in kinds["connection"]:
+            assert fd_flags(fd) & O_NONBLOCK_FLAG, f"connection fd {fd} is blocking"
+    for fd in kinds["pipe"]:
+        assert fd_flags(fd) & O_NONBLOCK_FLAG, f"wakeup pipe fd {fd} is blocking"
+
+
+def test_child_process_inherits_no_server_fd(
+    model: str, served: tuple[Server, dict[str, list[int]], list[socket.socket]], spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """Checklist 33 (a child holding the listener keeps the socket "alive"):
+    a Popen(close_fds=False) child holds none of the server's fds."""
+    srv, kinds, clients = served
+    ours = {fd_target(fd) for fds in kinds.values() for fd in fds}
+    proc = spawn("import sys; print('ready', flush=True); sys.stdin.read()", close_fds=False, stdin=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    inherited = {fd_target(int(fd), str(proc.pid)) for fd in os.listdir(f"/proc/{proc.pid}/fd")}
+    assert len(inherited) >= 3  # stdin, stdout, stderr at least
+    assert inherited & ours == set()
+    assert proc.stdin is not None
+    proc.stdin.close()
+    assert proc.wait(DEADLINE) == 0
+    echo(clients[0], b"still served")
+    assert srv.is_running
+
+
+# ---------------------------------------------------------------------------- 34
+
+
+def _cycle(path: str, kind: int) -> None:
+    with connect(path) as s:
+        if kind == 0:
+            pass  # connect and close at once
+        elif kind == 1:
+            s.sendall(b"x" * 70000)  # close with the echo unread: the server meets a reset
+        elif kind == 2:
+            echo(s, b"round trip")
+        else:
+            s.sendall(b"half")
+            s.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(s) == b"half"
+
+
+def test_no_fd_leak_over_2000_connections(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 34: 2,000 connect/close cycles of mixed behaviour (close at
+    once, close with unread data, round trip, half-close) leave the
+    process's fd count where it was, and every connection is counted closed."""
+    srv = start_echo(make_server, sock_path, model)
+    base = fd_count()
+    rng = random.Random(34)
+    for _ in range(2000):
+        _cycle(sock_path, rng.randrange(4))
+    wait_until(lambda: srv.stats()["closed"] == 2000)
+    wait_until(lambda: fd_count() == base)
+    stats = srv.stats()
+    assert stats["accepted"] == stats["closed"] == 2000 and stats["open"] == 0
+
+
+def test_no_fd_leak_over_rejected_connections(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 34 (denials): 500 clients over max_connections are closed at
+    once and leave no fd behind."""
+    srv = start_echo(make_server, sock_path, model, max_connections=1)
+    with connect(sock_path) as held:
+        echo(held, b"held")
+        base = fd_count()
+        for _ in range(500):
+            with connect(sock_path) as s:
+                assert s.recv(10) == b""
+        wait_until(lambda: srv.stats()["rejected"] == 500)
+        wait_until(lambda: fd_count() == base)
+        echo(held, b"still held")
+    assert srv.stats()["accepted"] == 1
+
+
+def test_no_fd_leak_over_idle_timeouts(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 34 (timeouts): 100 connections closed by the idle timeout
+    leave no fd behind."""
+    srv = start_echo(make_server, sock_path, model, idle_timeout=0.05)
+    base = fd_count()
+    clients = [connect(sock_path) for _ in range(100)]
+    try:
+        for c in clients:
+            assert c.recv(10) == b""
+    finally:
+        for c in clients:
+            c.close()
+    wait_until(lambda: srv.stats()["closed"] == 100)
+    wait_until(lambda: fd_count() == base)
+
+
+# ---------------------------------------------------------------------------- 35
+
+
+@pytest.fixture
+def immutable_dir(sock_dir: str) -> Iterator[str]:
+    """A directory nobody (not even root) can create files in: chattr +i."""
+    d = os.path.join(sock_dir, "ro")
+    os.mkdir(d)
+    subprocess.run(["chattr", "+i", d], check=True, timeout=DEADLINE)
+    try:
+        yield d
+    finally:
+        subprocess.run(["chattr", "-i", d], check=True, timeout=DEADLINE)
+
+
+@pytest.mark.parametrize("where", ["missing directory", "file as directory", "not a socket", "under /proc"])
+def test_failed_starts_leak_no_fd(where: str, sock_dir: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 35 (CPython test_tcpserver_bind_leak): 1,024 failed starts
+    leave the fd count unchanged, whether start() fails before anything is
+    created (missing directory, a file in the directory's place), at the
+    existing path (a directory there) or at bind (a directory that cannot
+    hold sockets)."""
+    if where == "missing directory":
+        path, exc_type = os.path.join(sock_dir, "missing", "s.sock"), FileNotFoundError
+    elif where == "file as directory":
+        open(os.path.join(sock_dir, "file"), "wb").close()
+        path, exc_type = os.path.join(sock_dir, "file", "s.sock"), NotADirectoryError
+    elif where == "not a socket":
+        os.mkdir(os.path.join(sock_dir, "s.sock"))
+        path, exc_type = os.path.join(sock_dir, "s.sock"), AddressInUseError
+    else:
+        path, exc_type = f"/proc/us-{os.getpid()}.sock", OSError
+    srv = make_server(path, echo_handler, start=False)
+    base = fd_count()
+    for _ in range(1024):
+        with pytest.raises(exc_type):
+            srv.start()
+    assert fd_count() == base
+    assert not srv.is_running
+
+
+@pytest.mark.root
+def test_failed_starts_in_an_unwritable_directory_leak_no_fd(immutable_dir: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 35: 1,024 starts in a directory where bind() fails (EPERM:
+    immutable, so even root cannot create the socket) leave the fd count
+    unchanged and nothing on disk."""
+    srv = make_server(os.path.join(immutable_dir, "s.sock"), echo_handler, start=False)
+    base = fd_count()
+    for _ in range(1024):
+        with pytest.raises(PermissionError) as info:
+            srv.start()
+    assert info.value.errno == errno.EPERM
+    assert fd_count() == base
+    assert os.listdir(immutable_dir) == []
+
+
+def test_failed_starts_against_a_live_server_leak_no_fd(sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 35 (and 2): 1,024 starts refused because a live server holds
+    the path (each one probes it) leave the fd count unchanged."""
+    live = make_server(sock_path, echo_handler)
+    srv = make_server(ServerConfig(path=sock_path), echo_handler, start=False)
+    base = fd_count()
+    for _ in range(1024):
+        with pytest.raises(AddressInUseError):
+            srv.start()
+    wait_until(lambda: live.stats()["closed"] == live.stats()["accepted"])
+    wait_until(lambda: fd_count() == base)
+    assert live.is_running

@@ -1,0 +1,766 @@
+"""Shutdown and lifecycle: close, graceful drain with a deadline, concurrent
+and repeated stops, restarts, connection-state callbacks, stopping from a
+handler, cancel, Ctrl-C, the wakeup fd and fork (reliability checklist,
+sections F and G: items 37-43)."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import textwrap
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from conftest import DEADLINE, connect, echo_handler, recv_exactly, recv_until_eof, wait_until
+from unixsrv import ConnState, Server, ServerClosedError, ShutdownTimeoutError
+from unixsrv.echo import EchoProtocol
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def start_echo(make_server: Callable[..., Server], path: str, model: str, *, start: bool = True, **fields: Any) -> Server:
+    if model == "blocking":
+        return make_server(path, echo_handler, start=start, **fields)
+    return make_server(path, protocol=EchoProtocol, start=start, **fields)
+
+
+def echo(s: socket.socket, msg: bytes) -> None:
+    s.sendall(msg)
+    assert recv_exactly(s, len(msg)) == msg
+
+
+def echo_once(path: str, msg: bytes) -> None:
+    with connect(path) as s:
+        echo(s, msg)
+
+
+def open_fds() -> set[int]:
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fcntl.fcntl(int(name), fcntl.F_GETFD)
+        except OSError:
+            continue
+        fds.add(int(name))
+    return fds
+
+
+def fd_targets() -> set[str]:
+    out = set()
+    for fd in open_fds():
+        try:
+            out.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+
+
+def listener_target(before: set[int]) -> str:
+    """/proc target ('socket:[N]') of the one listening socket opened since ``before``."""
+    found = []
+    for fd in open_fds() - before:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if target.startswith("socket:"):
+            s = socket.socket(fileno=fd)
+            try:
+                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    found.append(target)
+            finally:
+                s.detach()
+    assert len(found) == 1, found
+    return found[0]
+
+
+def read_line(proc: subprocess.Popen[Any], timeout: float = DEADLINE) -> str:
+    """The next line a child printed (stdout opened with text=False)."""
+    buf: bytearray = proc.__dict__.setdefault("_linebuf", bytearray())
+    end = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no line from pid {proc.pid} within {timeout} s (so far {bytes(buf)!r})")
+        if select.select([proc.stdout], [], [], left)[0]:
+            chunk = os.read(proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
+            if not chunk:
+                raise AssertionError(f"pid {proc.pid} closed stdout before a line")
+            buf += chunk
+    line, _, rest = bytes(buf).partition(b"\n")
+    buf[:] = rest
+    return line.decode()
+
+
+def fork_quietly() -> int:
+    """os.fork() without Python 3.12's "multi-threaded fork" DeprecationWarning
+    (warnings are errors here; the child only runs fork-safe code)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
+def reap(pid: int, timeout: float = DEADLINE) -> int:
+    """Wait for a forked child without hanging; its exit code."""
+    status: list[int] = []
+
+    def done() -> bool:
+        got, st = os.waitpid(pid, os.WNOHANG)
+        if got == pid:
+            status.append(st)
+        return bool(status)
+
+    try:
+        wait_until(done, timeout)
+    finally:
+        if not status:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status[0])
+
+
+class Timed(threading.Thread):
+    """Run fn on a thread; remember its result or exception and how long it took."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.fn = fn
+        self.exc: BaseException | None = None
+        self.elapsed = -1.0
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        try:
+            self.fn()
+        except BaseException as exc:
+            self.exc = exc
+        finally:
+            self.elapsed = time.monotonic() - t0
+
+
+BIG = b"0123456789abcdef" * (1 << 18)  # 4 MiB: far more than the socket buffers hold
+
+
+# ---------------------------------------------------------------------------- 37: close
+
+
+def test_close_stops_accepting_at_once(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 37 (benoitc/gunicorn#922): once close() returns, the path is
+    gone, a new connect() fails at once with ENOENT (or ECONNREFUSED), the
+    listening fd is closed and connected clients see EOF."""
+    before = open_fds()
+    srv = start_echo(make_server, sock_path, model)
+    listener = listener_target(before)
+    with connect(sock_path) as client:
+        echo(client, b"hello")  # its handler is now parked in read()
+        t0 = time.monotonic()
+        srv.close()
+        assert time.monotonic() - t0 < 2.0  # DESIGN close(): returns promptly
+        assert not os.path.lexists(sock_path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(DEADLINE)
+            t0 = time.monotonic()
+            with pytest.raises((FileNotFoundError, ConnectionRefusedError)):
+                s.connect(sock_path)
+            assert time.monotonic() - t0 < 1.0
+        assert listener not in fd_targets()
+        assert recv_until_eof(client) == b""
+    assert not srv.is_running and srv.is_gone
+
+
+# ---------------------------------------------------------------------------- 38: graceful drain
+
+
+def test_shutdown_drains_blocking_handlers(sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 38 (DESIGN shutdown(timeout); python/cpython#104344): an idle
+    client (its handler parked in read()) gets EOF at once, the socket file
+    is gone at once, a client in the middle of a response gets all of it,
+    and shutdown() returns only once that handler has finished."""
+    in_middle, release = threading.Event(), threading.Event()
+
+    def handler(conn: Any) -> None:
+        data = conn.read()
+        if data == b"slow":
+            conn.write(b"part one, ")
+            in_middle.set()
+            release.wait(DEADLINE)
+            conn.write(b"part two")
+            return
+        while data:
+            conn.write(data)
+            data = conn.read()
+
+    srv = make_server(sock_path, handler)
+    with connect(sock_path) as idle, connect(sock_path) as busy:
+        echo(idle, b"idle one")
+        busy.sendall(b"slow")
+        assert recv_exactly(busy, 10) == b"part one, "
+        assert in_middle.wait(DEADLINE)
+        stopper = Timed(lambda: srv.shutdown(timeout=DEADLINE))
+        stopper.start()
+        t0 = time.monotonic()
+        assert idle.recv(100) == b""
+        assert time.monotonic() - t0 < 2.0
+        assert not os.path.lexists(sock_path)
+        assert stopper.is_alive()  # the busy handler is still working
+        release.set()
+        assert recv_until_eof(busy) == b"part two"
+        stopper.join(DEADLINE)
+    assert not stopper.is_alive() and stopper.exc is None
+    assert not srv.is_running
+
+
+def test_shutdown_flushes_event_model_output(sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 38, event model (DESIGN: stop reading, flush pending output,
+    close): an idle client gets EOF at once; a client with 4 MiB of output
+    still buffered on the server gets every byte before its EOF, and
+    shutdown() returns once that output is flushed."""
+    wrote = threading.Event()
+
+    class Big(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            if data == b"big":
+                self.transport.write(BIG)
+                wrote.set()
+            else:
+                self.transport.write(data)
+
+    srv = make_server(sock_path, protocol=Big)
+    with connect(sock_path) as idle, connect(sock_path) as busy:
+        echo(idle, b"idle one")
+        busy.sendall(b"big")
+        assert wrote.wait(DEADLINE)
+        stopper = Timed(lambda: srv.shutdown(timeout=DEADLINE))
+        stopper.start()
+        t0 = time.monotonic()
+        assert idle.recv(100) == b""
+        assert time.monotonic() - t0 < 2.0
+        assert stopper.is_alive()  # 4 MiB cannot have been flushed yet
+        assert recv_until_eof(busy) == BIG
+        stopper.join(DEADLINE)
+    assert not stopper.is_alive() and stopper.exc is None
+    assert not srv.is_running and not os.path.lexists(sock_path)
+
+
+def test_shutdown_deadline_blocking(sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 38 (DESIGN: force-close at the deadline, then
+    ShutdownTimeoutError): a handler that never finishes makes shutdown(0.5)
+    raise ShutdownTimeoutError after about 0.5 s; its client sees EOF, and
+    the handler's later write raises ServerClosedError."""
+    started, stuck = threading.Event(), threading.Event()
+    late: list[BaseException] = []
+
+    def handler(conn: Any) -> None:
+        conn.read()
+        started.set()
+        stuck.wait(DEADLINE)  # ignores conn.done on purpose
+        try:
+            conn.write(b"too late")
+        except BaseException as exc:
+            late.append(exc)
+
+    srv = make_server(sock_path, handler)
+    with connect(sock_path) as client:
+        client.sendall(b"go")
+        assert started.wait(DEADLINE)
+        t0 = time.monotonic()
+        with pytest.raises(ShutdownTimeoutError):
+            srv.shutdown(timeout=0.5)
+        elapsed = time.monotonic() - t0
+        assert 0.45 <= elapsed < 3.0, elapsed
+        assert recv_until_eof(client) == b""
+        assert not srv.is_running
+        stuck.set()
+        wait_until(lambda: late)
+    assert isinstance(late[0], ServerClosedError)
+
+
+def test_shutdown_deadline_event_model(sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 38, event model: a client that never reads its 4 MiB makes
+    shutdown(0.5) raise ShutdownTimeoutError after about 0.5 s; the
+    connection is aborted (the client gets a short read, then EOF) and
+    connection_lost runs exactly once."""
+    wrote = threading.Event()
+    lost: list[Any] = []
+
+    class Big(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(BIG)
+            wrote.set()
+
+        def connection_lost(self, exc: Any) -> None:
+            lost.append(exc)
+
+    srv = make_server(sock_path, protocol=Big)
+    with connect(sock_path) as client:
+        client.sendall(b"big")
+        assert wrote.wait(DEADLINE)
+        t0 = time.monotonic()
+        with pytest.raises(ShutdownTimeoutError):
+            srv.shutdown(timeout=0.5)
+        elapsed = time.monotonic() - t0
+        assert 0.45 <= elapsed < 3.0, elapsed
+        got = recv_until_eof(client)
+        assert len(got) < len(BIG) and BIG.startswith(got)
+    assert not srv.is_running
+    wait_until(lambda: lost)
+    assert len(lost) == 1
+
+
+# ---------------------------------------------------------------------------- 39: concurrent, repeated
+
+
+@pytest.mark.parametrize("calls", ["close", "close and shutdown"])
+def test_eight_threads_stop_at_once(calls: str, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 39: 8 threads stopping the server at the same moment (all
+    close(), or close() and shutdown() mixed) raise nothing; every call
+    returns, the server is stopped, its file gone, its clients at EOF."""
+    srv = start_echo(make_server, sock_path, model)
+    clients = [connect(sock_path) for _ in range(3)]
+    try:
+        for c in clients:
+            echo(c, b"x")
+        barrier = threading.Barrier(8)
+
+        def stopper(i: int) -> Callable[[], None]:
+            def run() -> None:
+                barrier.wait(DEADLINE)
+                if calls == "close" or i % 2 == 0:
+                    srv.close()
+                else:
+                    srv.shutdown(timeout=DEADLINE)
+
+            return run
+
+        threads = [Timed(stopper(i)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(DEADLINE)
+        assert [t.is_alive() for t in threads] == [False] * 8
+        assert [t.exc for t in threads] == [None] * 8
+        assert not srv.is_running and srv.wait(0)
+        assert not os.path.lexists(sock_path)
+        for c in clients:
+            assert recv_until_eof(c) == b""
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_stop_calls_on_a_never_started_server_are_noops(sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 39 (DESIGN State): close()/shutdown() on a server that never
+    started do nothing and raise nothing; nothing appears on disk."""
+    srv = make_server(sock_path, echo_handler, start=False)
+    srv.close()
+    srv.shutdown()
+    srv.shutdown(timeout=0)
+    srv.close()
+    assert srv.is_gone and not srv.is_running and srv.wait(0)
+    assert os.listdir(sock_dir) == []
+
+
+@pytest.mark.parametrize("first", ["close", "shutdown"])
+def test_stop_is_idempotent(first: str, model: str, sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 39: after a stop, more close()/shutdown() calls are no-ops."""
+    srv = start_echo(make_server, sock_path, model)
+    echo_once(sock_path, b"once")
+    getattr(srv, first)()
+    for _ in range(3):
+        srv.close()
+        srv.shutdown(timeout=0)
+        srv.shutdown()
+    assert not srv.is_running and os.listdir(sock_dir) == []
+
+
+def test_restart_after_stop_on_the_same_path(model: str, sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """DESIGN State: a stopped Server can be started again on its path (after
+    close() and after shutdown()); stats are cumulative; start() on a running
+    server is a no-op."""
+    srv = start_echo(make_server, sock_path, model)
+    echo_once(sock_path, b"run one")
+    srv.start()  # no-op
+    srv.close()
+    assert os.listdir(sock_dir) == []
+    srv.start()
+    echo_once(sock_path, b"run two")
+    srv.shutdown(timeout=DEADLINE)
+    assert os.listdir(sock_dir) == []
+    srv.start()
+    echo_once(sock_path, b"run three")
+    assert srv.is_running
+    wait_until(lambda: srv.stats()["closed"] == 3)
+    assert srv.stats()["accepted"] == 3
+
+
+# ---------------------------------------------------------------------------- 40: callbacks
+
+
+def test_conn_state_new_and_close_once_each_in_order(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 40 (DESIGN ConnState: NEW before the handler, CLOSE after it
+    returned and the connection is closed, exactly once each): 200 clients,
+    each bound to its own abstract name so the server sees a distinct remote
+    address, behave at random (close at once, close with unread data, round
+    trip, half-close, abandon a large write); per connection the events are
+    exactly NEW, handler start, handler end, CLOSE."""
+    events: list[tuple[str, Any]] = []
+
+    def handler(conn: Any) -> None:
+        remote = conn.remote_address
+        events.append((remote, "start"))
+        try:
+            echo_handler(conn)
+        finally:
+            events.append((remote, "end"))
+
+    class Proto(EchoProtocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.remote = transport.get_extra_info("peername")
+            events.append((self.remote, "start"))
+
+        def connection_lost(self, exc: Any) -> None:
+            events.append((self.remote, "end"))
+
+    if model == "blocking":
+        srv = make_server(sock_path, handler, start=False)
+    else:
+        srv = make_server(sock_path, protocol=Proto, start=False)
+    locals_seen: set[str] = set()
+
+    @srv.on_conn_state
+    def state(local: str, remote: str, st: ConnState) -> None:
+        locals_seen.add(local)
+        events.append((remote, st))
+
+    srv.start()
+    rng = random.Random(40)
+    prefix = "us-cs-" + os.urandom(4).hex()
+    names = []
+    for i in range(200):
+        name = f"{prefix}-{i}"
+        names.append("@" + name)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(DEADLINE)
+            s.bind(b"\0" + name.encode())
+            s.connect(sock_path)
+            kind = rng.randrange(5)
+            if kind == 1:
+                s.sendall(b"unread")
+            elif kind == 2:
+                echo(s, b"round trip")
+            elif kind == 3:
+                s.sendall(b"half")
+                s.shutdown(socket.SHUT_WR)
+                assert recv_until_eof(s) == b"half"
+            elif kind == 4:
+                s.sendall(os.urandom(300_000))  # the echo will meet a reset
+    wait_until(lambda: sum(1 for _, st in events if st is ConnState.CLOSE) >= 200)
+    per_conn: dict[str, list[Any]] = {}
+    for remote, what in list(events):
+        per_conn.setdefault(remote, []).append(what)
+    assert sorted(per_conn) == sorted(names)
+    bad = {r: seq for r, seq in per_conn.items() if seq != [ConnState.NEW, "start", "end", ConnState.CLOSE]}
+    assert bad == {}
+    assert locals_seen == {sock_path}
+    stats = srv.stats()
+    assert stats["accepted"] == stats["closed"] == 200
+
+
+@pytest.mark.parametrize("which", ["on_conn_state", "on_server_info", "update_conn", "handler", "on_error"])
+def test_raising_callback_does_not_stop_the_server(
+    which: str, model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
+    """Checklist 40 (DESIGN Callbacks: a raising callback never stops the
+    server): a callback that raises is reported to on_error, one exception
+    per call, and the server keeps serving; update_conn or a handler /
+    protocol callback raising closes only that connection (EOF); on_error
+    itself raising is logged and the server serves on."""
+    reported: list[BaseException] = []
+    failing = [True]
+
+    def boom(*args: Any) -> None:
+        if failing[0]:
+            raise RuntimeError(f"boom from {which}")
+
+    def handler(conn: Any) -> None:
+        while data := conn.read():
+            if data == b"raise":
+                boom()
+            conn.write(data)
+
+    class Proto(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            if data == b"raise":
+                boom()
+            self.transport.write(data)
+
+    update = {"update_conn": boom} if which == "update_conn" else {}
+    if model == "blocking":
+        srv = make_server(sock_path, handler, start=False, **update)
+    else:
+        srv = make_server(sock_path, protocol=Proto, start=False, **update)
+    if which == "on_error":
+        srv.on_conn_state(boom)
+        srv.on_error(lambda exc: (reported.append(exc), boom()))
+    else:
+        srv.on_error(reported.append)
+    if which == "on_conn_state":
+        srv.on_conn_state(boom)
+    if which == "on_server_info":
+        srv.on_server_info(boom)
+    srv.start()
+    for i in range(5):
+        with connect(sock_path) as s:
+            if which == "update_conn":
+                assert recv_until_eof(s) == b""
+            elif which == "handler":
+                s.sendall(b"raise")
+                assert recv_until_eof(s) == b""
+            else:
+                echo(s, b"msg %d" % i)
+    expected = {"on_conn_state": 10, "on_error": 10, "update_conn": 5, "handler": 5, "on_server_info": 1}[which]
+    wait_until(lambda: len(reported) >= expected and srv.stats()["open"] == 0)
+    assert srv.is_running
+    assert len(reported) == expected
+    assert all(isinstance(e, RuntimeError) and str(e) == f"boom from {which}" for e in reported), reported
+    failing[0] = False
+    echo_once(sock_path, b"still serving")
+    wait_until(lambda: srv.stats()["open"] == 0)
+    assert len(reported) == expected
+
+
+# ---------------------------------------------------------------------------- stopping from inside
+
+
+@pytest.mark.parametrize("how", ["shutdown", "close"])
+def test_stop_from_inside_a_handler(how: str, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """DESIGN shutdown(): called from a handler or protocol callback it
+    starts the stop and returns at once (it never waits for its own
+    caller); the server then stops and removes its file.  The same for
+    close()."""
+    took: list[float] = []
+    srv_box: list[Server] = []
+
+    def stop() -> None:
+        t0 = time.monotonic()
+        if how == "shutdown":
+            srv_box[0].shutdown(timeout=DEADLINE)
+        else:
+            srv_box[0].close()
+        took.append(time.monotonic() - t0)
+
+    def handler(conn: Any) -> None:
+        conn.read()
+        stop()
+        if how == "shutdown":
+            conn.write(b"bye")
+
+    class Proto(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            stop()
+            if how == "shutdown":
+                self.transport.write(b"bye")
+
+    if model == "blocking":
+        srv = make_server(sock_path, handler)
+    else:
+        srv = make_server(sock_path, protocol=Proto)
+    srv_box.append(srv)
+    with connect(sock_path) as s:
+        s.sendall(b"stop please")
+        assert recv_until_eof(s) == (b"bye" if how == "shutdown" else b"")
+    assert srv.wait(DEADLINE)
+    assert len(took) == 1 and took[0] < 1.0
+    assert not srv.is_running and not os.path.lexists(sock_path)
+
+
+# ---------------------------------------------------------------------------- serve_forever
+
+
+def test_serve_forever_returns_when_cancel_is_set(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """golib Listen(ctx) / DESIGN serve_forever(cancel): setting the event
+    stops the server (like close()) and serve_forever returns None."""
+    srv = start_echo(make_server, sock_path, model, start=False)
+    cancel = threading.Event()
+    result: list[Any] = []
+    runner = Timed(lambda: result.append(srv.serve_forever(cancel=cancel)))
+    runner.start()
+    try:
+        wait_until(lambda: os.path.exists(sock_path))
+        echo_once(sock_path, b"serving forever")
+    finally:
+        cancel.set()
+    runner.join(DEADLINE)
+    assert not runner.is_alive() and runner.exc is None and result == [None]
+    assert not srv.is_running and not os.path.lexists(sock_path)
+
+
+@pytest.mark.parametrize("how", ["shutdown", "close"])
+def test_serve_forever_returns_after_a_stop(how: str, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """DESIGN serve_forever: returns None after shutdown() or close() from
+    another thread."""
+    srv = start_echo(make_server, sock_path, model, start=False)
+    runner = Timed(srv.serve_forever)
+    runner.start()
+    try:
+        wait_until(lambda: os.path.exists(sock_path))
+        echo_once(sock_path, b"x")
+    finally:
+        getattr(srv, how)()
+    runner.join(DEADLINE)
+    assert not runner.is_alive() and runner.exc is None
+    assert not os.path.lexists(sock_path)
+
+
+def test_serve_forever_with_cancel_already_set(sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """A cancel that is already set: serve_forever returns at once and binds nothing."""
+    srv = make_server(sock_path, echo_handler, start=False)
+    cancel = threading.Event()
+    cancel.set()
+    assert srv.serve_forever(cancel=cancel) is None
+    assert os.listdir(sock_dir) == [] and not srv.is_running
+
+
+def test_serve_forever_restores_the_wakeup_fd(sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 41: serve_forever on the main thread installs its own wakeup
+    fd and puts the previous one back afterwards."""
+    assert threading.current_thread() is threading.main_thread()
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    old = signal.set_wakeup_fd(w)
+    try:
+        srv = make_server(sock_path, echo_handler, start=False)
+        cancel = threading.Event()
+
+        def canceller() -> None:
+            try:
+                wait_until(lambda: os.path.exists(sock_path))
+                echo_once(sock_path, b"wake")
+            finally:
+                cancel.set()
+
+        t = Timed(canceller)
+        t.start()
+        srv.serve_forever(cancel=cancel)
+        t.join(DEADLINE)
+        assert t.exc is None
+        assert signal.set_wakeup_fd(w) == w
+    finally:
+        signal.set_wakeup_fd(old)
+        os.close(r)
+        os.close(w)
+
+
+_CTRL_C = textwrap.dedent(
+    """
+    import os, signal, sys, threading
+    from unixsrv import Server, ServerConfig
+    from unixsrv.echo import EchoProtocol, echo_handler
+    path, model, how = sys.argv[1:4]
+    # A shell that starts us in the background leaves SIGINT ignored, and then
+    # Python installs no KeyboardInterrupt handler: install it explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    cfg = ServerConfig(path=path)
+    srv = Server(cfg, echo_handler) if model == "blocking" else Server(cfg, protocol=EchoProtocol)
+
+    def helper():
+        sys.stdin.readline()
+        if how == "helper thread":   # the signal lands on this thread, not the loop's
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    threading.Thread(target=helper, daemon=True).start()
+    srv.serve_forever()
+    print("serve_forever returned", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["os.kill", "helper thread"])
+def test_ctrl_c_stops_cleanly_and_reraises(how: str, model: str, sock_path: str, spawn: Callable[..., Any]) -> None:
+    """Checklist 41 and 42 (DESIGN: Ctrl-C cleans up, then re-raises
+    KeyboardInterrupt; the wakeup fd makes Python handlers run promptly):
+    SIGINT to the process, or pthread_kill'ed to a helper thread while the
+    main thread waits in the loop, stops serve_forever within 2 s; the
+    process exits through KeyboardInterrupt (non-zero), the socket file is
+    removed and no ResourceWarning is printed."""
+    env = dict(os.environ, PYTHONWARNINGS="always::ResourceWarning")
+    proc = spawn(_CTRL_C, sock_path, model, how, text=False, stdin=subprocess.PIPE, env=env)
+    wait_until(lambda: os.path.exists(sock_path) or proc.poll() is not None)
+    echo_once(sock_path, b"up")
+    t0 = time.monotonic()
+    if how == "os.kill":
+        os.kill(proc.pid, signal.SIGINT)
+    else:
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+    code = proc.wait(DEADLINE)
+    elapsed = time.monotonic() - t0
+    assert proc.stderr is not None and proc.stdout is not None
+    err = proc.stderr.read().decode(errors="replace")
+    out = proc.stdout.read().decode(errors="replace")
+    assert elapsed < 2.0, elapsed
+    assert code != 0
+    assert "KeyboardInterrupt" in err
+    assert "serve_forever returned" not in out
+    assert "ResourceWarning" not in err and "Exception ignored" not in err, err
+    assert not os.path.lexists(sock_path)
+
+
+# ---------------------------------------------------------------------------- 43: fork
+
+
+def test_fork_while_serving(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 43: in a child forked while the server runs, serve_forever()
+    and start() raise RuntimeError (the Server belongs to the parent) and
+    close() does nothing; the parent's server, including a connection
+    opened before the fork, keeps serving: 100 more requests."""
+    srv = start_echo(make_server, sock_path, model)
+    early = connect(sock_path)
+    try:
+        echo(early, b"before fork")
+        pid = fork_quietly()
+        if pid == 0:  # child: fork-safe work only, then _exit
+            code = 1
+            try:
+                try:
+                    srv.serve_forever()
+                except RuntimeError:
+                    code = 2
+                    try:
+                        srv.start()
+                    except RuntimeError:
+                        code = 3
+                        srv.close()
+                        if not srv.is_running:
+                            code = 0
+            finally:
+                os._exit(code)
+        assert reap(pid) == 0
+        assert srv.is_running and os.path.exists(sock_path)
+        echo(early, b"after fork")
+        for i in range(100):
+            echo_once(sock_path, b"request %d" % i)
+    finally:
+        early.close()
