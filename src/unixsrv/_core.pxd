@@ -185,6 +185,7 @@ cdef extern from "compat.h" nogil:
     int us_chmod_nofollow(int dirfd, const char *name, mode_t mode)
     int us_chgrp_nofollow(int dirfd, const char *name, long gid)
     int us_open_dir(const char *path)
+    int us_lock_dir(const char *path, int timeout_ms)
     int us_peercred(int fd, long *pid, long *uid, long *gid)
     int us_is_socket_mode(mode_t m)
     int us_would_block(int e)

@@ -15,6 +15,11 @@
 #      socket (connect is refused) -> unlinked if its inode did not change,
 #      then back to 5.
 #
+# All of this, and the removal at stop, runs under an flock(2) on the directory,
+# so two unixsrv processes never interleave "check the inode, unlink the
+# name": without it one could delete the other's fresh socket, all the more
+# since ext4 hands a freed inode number straight to the next new file.
+#
 # Until step 5 nobody can connect (nothing listens at the final name), and
 # before step 4 nobody could connect to the temporary name either: connect(2)
 # is refused until listen(2) (unix(7)).
@@ -77,6 +82,17 @@ cdef int _examine_existing(int dirfd, bytes base, bytes probe_addr, object displ
     return 1
 
 
+cdef int _lock_dir(bytes dir_path, object display) except -2:
+    """flock the directory (see above); -1 when it cannot be locked at all."""
+    cdef const char *p = dir_path
+    cdef int fd
+    with nogil:
+        fd = us_lock_dir(p, 10000)
+    if fd == -2:
+        raise TimeoutError(f"another process kept the directory of {display!r} locked for 10 s")
+    return fd
+
+
 def open_listener(object address, object display, int backlog, int mode, long gid,
                   bytes dir_path, bytes base, bytes tmp_name, bint use_proc):
     """Create the listening socket.  Returns (fd, st_dev, st_ino).
@@ -87,7 +103,7 @@ def open_listener(object address, object display, int backlog, int mode, long gi
     ``use_proc`` says to reach the directory through /proc/self/fd because
     the directory path plus the temporary name would not fit sun_path.
     """
-    cdef int fd = -1, dirfd = -1, tries
+    cdef int fd = -1, dirfd = -1, lockfd = -1, tries
     cdef stat st
     cdef bint tmp_bound = False
     cdef bytes tmp_addr
@@ -97,6 +113,7 @@ def open_listener(object address, object display, int backlog, int mode, long gi
     if dirfd < 0:
         raise _oserror(errno, display)
     try:
+        lockfd = _lock_dir(dir_path, display)
         # A name that is obviously taken fails before anything is created.
         if fstatat(dirfd, base, &st, AT_SYMLINK_NOFOLLOW) == 0:
             _examine_existing(dirfd, base, address, display)
@@ -136,16 +153,24 @@ def open_listener(object address, object display, int backlog, int mode, long gi
             unlinkat(dirfd, tmp_name, 0)
         raise
     finally:
+        if lockfd >= 0:
+            close(lockfd)      # releases the flock
         close(dirfd)
 
 
 def unlink_if_same(bytes path, dev_t dev, ino_t ino):
     """Remove the socket file at ``path`` only if it is still the inode we
-    created (a successor server may own the path by now).  Returns True if
-    the file was removed."""
+    created (a successor server may own the path by now).  Call it before
+    closing the listener: once closed, the inode number may be reused by a
+    successor's socket.  Returns True if the file was removed."""
     cdef stat st
-    if lstat(path, &st) < 0:
-        return False
-    if not us_is_socket_mode(st.st_mode) or st.st_dev != dev or st.st_ino != ino:
-        return False
-    return unlink(path) == 0
+    cdef int lockfd = _lock_dir(_os.path.dirname(path) or b".", _os.fsdecode(path))
+    try:
+        if lstat(path, &st) < 0:
+            return False
+        if not us_is_socket_mode(st.st_mode) or st.st_dev != dev or st.st_ino != ino:
+            return False
+        return unlink(path) == 0
+    finally:
+        if lockfd >= 0:
+            close(lockfd)

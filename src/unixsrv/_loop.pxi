@@ -583,13 +583,16 @@ cdef class Loop:
         """Close the listener and remove our socket file.  True the first time."""
         if self.lfd < 0:
             return False
-        if self.pfd >= 0 and not self.is_forked():
+        forked = self.is_forked()
+        if self.unlink_path is not None and not forked:
+            # Unlink first: while our listener is open its inode number cannot
+            # be handed to a successor's socket file.
+            unlink_if_same(self.unlink_path, self.sock_dev, self.sock_ino)
+        if self.pfd >= 0 and not forked:
             us_poller_remove(self.pfd, self.lfd, US_READ)
         close(self.lfd)
         self.lfd = -1
         self.accepting = False
-        if self.unlink_path is not None and not self.is_forked():
-            unlink_if_same(self.unlink_path, self.sock_dev, self.sock_ino)
         return True
 
     def begin_drain(self):

@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -196,6 +197,29 @@ static inline int us_chmod_nofollow(int dirfd, const char *name, mode_t mode) {
 
 static inline int us_chgrp_nofollow(int dirfd, const char *name, long gid) {
     return fchownat(dirfd, name, (uid_t)-1, (gid_t)gid, AT_SYMLINK_NOFOLLOW);
+}
+
+/* Serialise unixsrv processes that create or remove sockets in one
+ * directory: flock(2) on the directory itself (no lock file to leave behind;
+ * released if the holder dies).  Waits up to timeout_ms; returns the locked
+ * fd, or -1 if the directory cannot be opened for locking (then the caller
+ * goes on unlocked) or -2 on timeout.  Call without the GIL. */
+static inline int us_lock_dir(const char *path, int timeout_ms) {
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    for (int waited = 0;; waited++) {
+        if (flock(fd, LOCK_EX | LOCK_NB) == 0) return fd;
+        if (errno != EWOULDBLOCK && errno != EINTR) {
+            us__close_keep_errno(fd);
+            return -1;
+        }
+        if (waited >= timeout_ms) {
+            close(fd);
+            return -2;
+        }
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
 }
 
 static inline int us_open_dir(const char *path) {
