@@ -37,6 +37,18 @@
 # for writability and reads SO_ERROR.  The whole connect phase is bounded by
 # a deadline, and may be paced (connections per second).
 
+cdef extern from *:
+    """
+    /* Linux answers a non-blocking connect() to a full backlog with EAGAIN;
+     * the BSDs and macOS refuse it (ECONNREFUSED), like a dead socket. */
+    #if defined(__linux__)
+    #define LG_REFUSED_MAY_BE_FULL 0
+    #else
+    #define LG_REFUSED_MAY_BE_FULL 1
+    #endif
+    """
+    int LG_REFUSED_MAY_BE_FULL
+
 cdef uint64_t LG_TOKEN_STOP = 0xFFFFFFFFFFFFFFFFULL
 cdef uint64_t LG_TOKEN_WATCH = 0xFFFFFFFFFFFFFFFEULL
 cdef int64_t LG_SECOND = 1000000000LL
@@ -203,7 +215,7 @@ cdef int64_t _lg_proc_ticks(int pid) noexcept nogil:
     if pid <= 0:
         return -1
     snprintf(path, sizeof(path), b"/proc/%d/stat", pid)
-    fd = open(path, O_RDONLY | O_CLOEXEC)
+    fd = c_open(path, O_RDONLY | O_CLOEXEC)
     if fd < 0:
         return -1
     n = read(fd, buf, sizeof(buf) - 1)
@@ -294,6 +306,7 @@ cdef class LoadGen:
     cdef bint connected_phase_done
     cdef bint ran
     cdef bint backlog_full
+    cdef bint ever_connected
     cdef bint stopping
     cdef bint stop_requested
     cdef bint measuring
@@ -441,9 +454,15 @@ cdef class LoadGen:
         if r == 0:
             return self._connected(i, now)
         err = errno
-        if us_would_block(err):
-            # Linux: the listener's backlog is full.  Retry this one later
-            # and start no other connect in this round.
+        if us_would_block(err) or (err == ECONNREFUSED and LG_REFUSED_MAY_BE_FULL
+                                   and self.ever_connected):
+            # The listener's backlog is full.  Retry this one later and
+            # start no other connect in this round.  (Where a full backlog
+            # looks like ECONNREFUSED, only once the server has accepted a
+            # connection from us, and on a fresh socket.)
+            if err == ECONNREFUSED:
+                close(c.fd)
+                c.fd = -1
             self.backlog_full = True
             c.state = CS_RETRY
             self._rq_push(i, now + LG_RETRY_NS)
@@ -497,6 +516,7 @@ cdef class LoadGen:
             return self._connect_failed(i, errno, now)
         c.interest = LG_RD
         c.state = CS_OPEN
+        self.ever_connected = True
         if self.mode == LG_PINGPONG:
             self.established += 1          # traffic starts in run()
             return 1

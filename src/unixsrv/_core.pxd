@@ -216,7 +216,8 @@ cdef extern from "<unistd.h>" nogil:
 
 
 cdef extern from "<fcntl.h>" nogil:
-    int open(const char *path, int flags, ...)
+    # Not named `open`: that would hide Python's open() in all of _core.
+    int c_open "open"(const char *path, int flags, ...)
     enum:
         O_RDONLY
         O_CLOEXEC

@@ -242,7 +242,7 @@ def _run_local(
             raise _connect_error(raw["connect_errno"], options.path)
         if options.mode == "hold" and on_established is not None:
             on_established(_established_info(info, gen.result()))
-        if ready is not None and not ready(info):
+        if ready is not None and not ready({**info, "errors": sum(gen.result()["errors"].values())}):
             return gen.result()
         return gen.run(options.run_duration, options.warmup, options.requests or 0,
                        options.stall_timeout)
@@ -386,7 +386,7 @@ class _ChildSet:
                         "connections": sum(r["established"] for r in self.ready.values()),
                         "failed": sum(r["failed"] for r in self.ready.values()),
                         "seconds": round(max(r["seconds"] for r in self.ready.values()), 6),
-                        "errors": 0,
+                        "errors": sum(r["errors"] for r in self.ready.values()),
                     })
                 if self.watch_fd >= 0:
                     try:
