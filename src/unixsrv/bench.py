@@ -423,7 +423,7 @@ class _ChildSet:
                         self.watch_fd = -1
                         self._request_stop()
                 else:
-                    self._read_child(key.data, key.fileobj)  # type: ignore[arg-type]
+                    self._read_child(key.data, key.fileobj)
             self._tick()
 
     def _read_child(self, i: int, stream: Any) -> None:
