@@ -158,6 +158,7 @@ cdef extern from "poller.h" nogil:
     enum:
         US_READ
         US_WRITE
+        US_EDGE
     ctypedef struct us_poll_event:
         pass
     int us_poller_create()
@@ -189,6 +190,67 @@ cdef extern from "compat.h" nogil:
     int us_peercred(int fd, long *pid, long *uid, long *gid)
     int us_is_socket_mode(mode_t m)
     int us_would_block(int e)
+
+
+# --- used by the load generator (_client.pxi) only
+
+cdef extern from "<errno.h>" nogil:
+    enum:
+        EINPROGRESS
+        EALREADY
+        EISCONN
+        ETIMEDOUT
+
+
+cdef extern from "<string.h>" nogil:
+    int memcmp(const void *a, const void *b, size_t n)
+
+
+cdef extern from "<stdio.h>" nogil:
+    int snprintf(char *buf, size_t n, const char *fmt, ...)
+
+
+cdef extern from "<unistd.h>" nogil:
+    long sysconf(int name)
+    enum:
+        _SC_CLK_TCK
+
+
+cdef extern from "<fcntl.h>" nogil:
+    # Not named `open`: that would hide Python's open() in all of _core.
+    int c_open "open"(const char *path, int flags, ...)
+    enum:
+        O_RDONLY
+        O_CLOEXEC
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    int connect(int fd, const sockaddr *addr, socklen_t len)
+    int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+
+
+cdef extern from "<sys/time.h>" nogil:
+    struct timeval:
+        long tv_sec
+        long tv_usec
+
+
+cdef extern from "<sys/resource.h>" nogil:
+    struct rusage:
+        timeval ru_utime
+        timeval ru_stime
+    enum:
+        RUSAGE_SELF
+    int getrusage(int who, rusage *usage)
+
+
+cdef extern from "compat.h" nogil:
+    socklen_t us_make_addr(sockaddr_un *sa, const char *path, size_t len)
+
+
+cdef extern from * nogil:
+    # GCC and Clang builtin (the only compilers the Unix builds use).
+    int __builtin_clzll(unsigned long long x)
 
 
 # ----------------------------------------------------------------- core types

@@ -46,6 +46,7 @@ include "_listener.pxi"
 include "_conn.pxi"
 include "_stream.pxi"
 include "_loop.pxi"
+include "_client.pxi"
 
 _PeerCredentials = PeerCredentials
 

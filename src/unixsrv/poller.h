@@ -18,6 +18,9 @@
 
 #define US_READ 1
 #define US_WRITE 2
+/* Edge-triggered (epoll EPOLLET, kqueue EV_CLEAR): only the load generator
+ * uses it, on sockets it reads until a short read. */
+#define US_EDGE 4
 
 #if defined(__linux__)
 #include <sys/epoll.h>
@@ -32,6 +35,7 @@ static inline uint32_t us__epoll_mask(int interest) {
     uint32_t m = 0;
     if (interest & US_READ) m |= EPOLLIN | EPOLLRDHUP;
     if (interest & US_WRITE) m |= EPOLLOUT;
+    if (m && (interest & US_EDGE)) m |= EPOLLET;
     return m;
 }
 
@@ -107,13 +111,18 @@ static inline int us__kq_apply(int pfd, int fd, uint64_t token, int old_interest
     struct kevent ch[2];
     int n = 0;
     void *udata = (void *)(uintptr_t)token;
-    if ((new_interest ^ old_interest) & US_READ) {
-        EV_SET(&ch[n++], fd, EVFILT_READ,
-               (new_interest & US_READ) ? EV_ADD | EV_ENABLE : EV_DELETE, 0, 0, udata);
+    unsigned short clear = (new_interest & US_EDGE) ? EV_CLEAR : 0;
+    if ((new_interest ^ old_interest) & (US_READ | US_EDGE)) {
+        if (new_interest & US_READ)
+            EV_SET(&ch[n++], fd, EVFILT_READ, EV_ADD | EV_ENABLE | clear, 0, 0, udata);
+        else if (old_interest & US_READ)
+            EV_SET(&ch[n++], fd, EVFILT_READ, EV_DELETE, 0, 0, udata);
     }
-    if ((new_interest ^ old_interest) & US_WRITE) {
-        EV_SET(&ch[n++], fd, EVFILT_WRITE,
-               (new_interest & US_WRITE) ? EV_ADD | EV_ENABLE : EV_DELETE, 0, 0, udata);
+    if ((new_interest ^ old_interest) & (US_WRITE | US_EDGE)) {
+        if (new_interest & US_WRITE)
+            EV_SET(&ch[n++], fd, EVFILT_WRITE, EV_ADD | EV_ENABLE | clear, 0, 0, udata);
+        else if (old_interest & US_WRITE)
+            EV_SET(&ch[n++], fd, EVFILT_WRITE, EV_DELETE, 0, 0, udata);
     }
     if (n == 0) return 0;
     int r;
