@@ -7,6 +7,14 @@ Rules every test follows (see the README's "Testing" section):
   deadline (``wait_until``);
 - every server a test builds is closed when the test ends (``make_server``),
   every process it starts is ended by its PID (``spawn``).
+
+Platforms: the suite runs on Linux and macOS (CI).  A test (or one
+parametrisation) that exercises a Linux-only facility carries
+``@pytest.mark.linux("<the facility>")``; on any other platform
+``pytest_collection_modifyitems`` skips it with a reason naming that facility,
+on Linux the marker changes nothing.  Helpers here hide the differences that
+are not the subject of a test (``fd_count``, ``connect``, ``make_room``,
+``default_gid``).
 """
 
 from __future__ import annotations
@@ -29,6 +37,60 @@ from unixsrv import Server, ServerConfig
 #: Generous bound for anything a test waits for; a healthy run needs far less.
 DEADLINE = 10.0
 
+#: True on Linux, where every test runs; elsewhere tests marked ``linux`` are skipped.
+LINUX = sys.platform.startswith("linux")
+
+#: Where this process's open fds are listed: /proc/self/fd on Linux, /dev/fd
+#: (fdescfs) on macOS and the BSDs.
+FD_DIR = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+
+#: File descriptors the suite needs at once (1,000 clients and their server
+#: ends in one process, plus slack).  macOS starts processes with a soft limit
+#: of 256; Linux usually with 1,024 or more.
+_NOFILE_WANTED = 4096
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Raise the soft RLIMIT_NOFILE to _NOFILE_WANTED (never above the hard
+    limit) if it is lower; a higher limit is left alone."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < _NOFILE_WANTED:
+        want = _NOFILE_WANTED if hard == resource.RLIM_INFINITY else min(hard, _NOFILE_WANTED)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):  # e.g. above macOS's kern.maxfilesperproc: keep the default
+            pass
+
+
+def _linux_reasons(item: pytest.Item) -> list[str]:
+    """The facilities named by every ``linux`` marker on ``item`` (its own,
+    its parametrisation's, its class's and its module's)."""
+    reasons = []
+    for marker in item.iter_markers("linux"):
+        if len(marker.args) != 1 or marker.kwargs or not isinstance(marker.args[0], str) or not marker.args[0].strip():
+            raise pytest.UsageError(
+                f"{item.nodeid}: use @pytest.mark.linux(\"<the Linux-only facility>\"), got args={marker.args!r} "
+                f"kwargs={marker.kwargs!r}"
+            )
+        if marker.args[0] not in reasons:
+            reasons.append(marker.args[0])
+    return reasons
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``linux`` on other platforms, naming the facility.
+
+    The markers are checked on every platform (a bare ``@pytest.mark.linux``
+    is a usage error), so a malformed one is caught on Linux too; on Linux
+    nothing is skipped."""
+    for item in items:
+        reasons = _linux_reasons(item)
+        if reasons and not LINUX:
+            reason = f"Linux-only facility, not on {sys.platform}: {'; '.join(reasons)}"
+            item.add_marker(pytest.mark.skip(reason=reason))
+
 
 def wait_until(predicate: Callable[[], Any], timeout: float = DEADLINE, interval: float = 0.002) -> Any:
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout``."""
@@ -43,16 +105,67 @@ def wait_until(predicate: Callable[[], Any], timeout: float = DEADLINE, interval
 
 
 def fd_count() -> int:
-    """Open file descriptors of this process."""
-    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else len(os.listdir("/dev/fd"))
+    """Open file descriptors of this process, as listed in FD_DIR."""
+    return len(os.listdir(FD_DIR))
+
+
+def connect_socket(s: socket.socket, path: str | bytes, timeout: float = DEADLINE) -> None:
+    """``s.connect(path)``, waiting for room in a full listen backlog.
+
+    On Linux this is exactly ``s.connect(path)``: a blocking connect(2) to a
+    full backlog waits for room.  macOS and the BSDs refuse it at once with
+    ECONNREFUSED, the same error as for a socket nobody listens on, so there
+    a refused connect is retried until ``timeout``; a refusal that lasts that
+    long is raised."""
+    if LINUX:
+        s.connect(path)
+        return
+    refused: list[ConnectionRefusedError] = []
+
+    def attempt() -> bool:
+        try:
+            s.connect(path)
+        except ConnectionRefusedError as exc:
+            refused[:] = [exc]
+            return False
+        return True
+
+    try:
+        wait_until(attempt, timeout, interval=0.001)
+    except AssertionError:
+        raise refused[0] from None
 
 
 def connect(path: str | bytes, timeout: float = DEADLINE) -> socket.socket:
     """A client socket connected to ``path``, with a timeout so no test hangs."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
-    s.connect(path)
+    try:
+        connect_socket(s, path, timeout)
+    except BaseException:
+        s.close()
+        raise
     return s
+
+
+def make_room(s: socket.socket, n: int) -> None:
+    """Let the connected ``s`` send ``n`` bytes its peer does not read (yet),
+    so that a ``sendall`` of them cannot block.
+
+    On Linux a no-op: the default AF_UNIX buffers (about 200 KiB in each
+    direction, on top of what the peer keeps reading and echoing) have always
+    sufficed for what the tests send that way.  On macOS the sender's
+    SO_SNDBUF bounds the bytes in flight, 8 KiB by default
+    (net.local.stream.sendspace), so it is raised to ``n``."""
+    if not LINUX and s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < n:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, n)
+
+
+def default_gid(directory: str) -> int:
+    """The group a new file in ``directory`` gets when nobody chooses one: the
+    process's group on Linux (``directory`` is never set-group-ID in these
+    tests), the directory's group on macOS and the BSDs."""
+    return os.getgid() if LINUX else os.stat(directory).st_gid
 
 
 def recv_exactly(s: socket.socket, n: int) -> bytes:

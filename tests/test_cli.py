@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, connect, recv_exactly, recv_until_eof, wait_until
+from conftest import DEADLINE, connect, make_room, recv_exactly, recv_until_eof, wait_until
 
 import unixsrv
 
@@ -83,6 +83,7 @@ def wait_serving(proc: subprocess.Popen, path: str) -> None:
 
 def echo_round_trip(path: str, payload: bytes = b"ping over unix") -> None:
     with connect(path) as s:
+        make_room(s, len(payload))  # all of it is sent before the echo is read
         s.sendall(payload)
         assert recv_exactly(s, len(payload)) == payload
         s.shutdown(socket.SHUT_WR)

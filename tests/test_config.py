@@ -22,10 +22,9 @@ import pytest
 from conftest import connect, echo_handler, recv_exactly
 
 from unixsrv import ConfigError, InvalidGroupError, InvalidPathError, ServerConfig
+from unixsrv._core import HAVE_ABSTRACT, SUN_PATH_MAX  # 107 on Linux (sun_path 108), 103 on macOS (104)
 from unixsrv.config import DEFAULT_MODE, MAX_GID, parse_duration, parse_mode
 from unixsrv.errors import InvalidModeError
-
-SUN_PATH_MAX = 107  # Linux: sizeof(sun_path) == 108, one byte for the terminating NUL
 
 
 def rejects(exc_class: type[ConfigError], **fields):
@@ -94,24 +93,26 @@ class TestPath:
         rejects(InvalidPathError, path=bad)
 
     def test_path_of_107_bytes_is_accepted_and_binds(self, sock_dir, make_server):
-        """Checklist 9: a 107-byte path (the Linux sun_path limit) is valid and serves."""
+        """Checklist 9: a path of SUN_PATH_MAX bytes (the sun_path limit: 107 on
+        Linux, 103 on macOS) is valid and serves."""
         path = path_of_length(sock_dir, SUN_PATH_MAX)
         cfg = ServerConfig(path=path)
         assert cfg.address == os.fsencode(path)
         srv = make_server(cfg, echo_handler)
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
         with connect(path) as s:
-            s.sendall(b"107")
-            assert recv_exactly(s, 3) == b"107"
+            s.sendall(b"max")
+            assert recv_exactly(s, 3) == b"max"
         srv.close()
         assert not os.path.lexists(path)
 
     @pytest.mark.parametrize("extra", [1, 50])
     def test_path_longer_than_sun_path_rejected_nothing_created(self, sock_dir, extra):
-        """Checklist 9: 108+ bytes -> ValueError naming the limit, nothing created on disk."""
+        """Checklist 9: SUN_PATH_MAX + 1 or more bytes (108+ on Linux) -> ValueError
+        naming the limit, nothing created on disk."""
         path = path_of_length(sock_dir, SUN_PATH_MAX + extra)
         exc = rejects(InvalidPathError, path=path)
-        assert "107" in str(exc)
+        assert str(SUN_PATH_MAX) in str(exc)
         exc = rejects(InvalidPathError, path=os.fsencode(path))
         assert os.listdir(sock_dir) == []
 
@@ -136,6 +137,7 @@ class TestPath:
         assert os.listdir(sock_dir) == []
 
 
+@pytest.mark.linux("abstract socket names")
 class TestAbstract:
     @pytest.mark.parametrize("name", ["@x", b"@x", "\0x", b"\0x"])
     def test_abstract_forms(self, name):
@@ -265,8 +267,9 @@ class TestGroup:
         rejects(InvalidGroupError, path=sock_path, group=gid)
 
     def test_group_name_root_resolved_at_build(self, sock_path):
-        """DESIGN: a group name is resolved when the config is built."""
-        cfg = ServerConfig(path=sock_path, group="root")
+        """DESIGN: a group name is resolved when the config is built (gid 0's
+        name: "root" on Linux, "wheel" on macOS)."""
+        cfg = ServerConfig(path=sock_path, group=grp.getgrgid(0).gr_name)
         assert cfg.group == 0
         assert type(cfg.group) is int
 
@@ -413,9 +416,15 @@ class TestShape:
             dataclasses.replace(cfg, mode="bogus")
 
     def test_derived_properties(self, sock_path):
-        """is_abstract / address / display_path for each kind of path."""
+        """is_abstract / address / display_path for each kind of path (where
+        there are no abstract names, both abstract forms are InvalidPathError)."""
         fs = ServerConfig(path=sock_path)
         assert (fs.is_abstract, fs.address, fs.display_path) == (False, os.fsencode(sock_path), sock_path)
+        if not HAVE_ABSTRACT:
+            for name in ("@svc.name", b"\0svc\xff"):
+                with pytest.raises(InvalidPathError, match="abstract"):
+                    ServerConfig(path=name)
+            return
         ab = ServerConfig(path="@svc.name")
         assert (ab.is_abstract, ab.address, ab.display_path) == (True, b"\0svc.name", "@svc.name")
         raw = ServerConfig(path=b"\0svc\xff")
@@ -611,6 +620,7 @@ class TestFromMapping:
             ServerConfig.from_mapping({"address": sock_path, "backlog": 0})
         assert os.listdir(sock_dir) == []
 
+    @pytest.mark.linux("abstract socket names")
     def test_abstract_address(self):
         """golib W6: an '@name' address works and keeps mode/group unset."""
         cfg = ServerConfig.from_mapping({"network": "unix", "address": "@golib", "perm-file": 0, "group-perm": -1})

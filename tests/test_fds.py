@@ -6,26 +6,42 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import random
+import select
 import socket
+import stat
 import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from conftest import DEADLINE, connect, echo_handler, fd_count, recv_exactly, recv_until_eof, wait_until
+from conftest import (
+    DEADLINE,
+    FD_DIR,
+    LINUX,
+    connect,
+    echo_handler,
+    fd_count,
+    make_room,
+    recv_exactly,
+    recv_until_eof,
+    wait_until,
+)
 from unixsrv import AddressInUseError, Server, ServerConfig
 from unixsrv.echo import EchoProtocol
 
-O_CLOEXEC_FLAG = 0o2000000  # as /proc/<pid>/fdinfo prints it (octal)
-O_NONBLOCK_FLAG = 0o4000
+# As /proc/<pid>/fdinfo prints them on Linux (0o2000000, 0o4000); fd_flags
+# builds the same bits from fcntl(2) elsewhere.
+O_CLOEXEC_FLAG = os.O_CLOEXEC
+O_NONBLOCK_FLAG = os.O_NONBLOCK
 
 
 def open_fds() -> set[int]:
     """The fds open in this process now (without the one listdir used)."""
     fds = set()
-    for name in os.listdir("/proc/self/fd"):
+    for name in os.listdir(FD_DIR):
         fd = int(name)
         try:
             fcntl.fcntl(fd, fcntl.F_GETFD)
@@ -35,17 +51,27 @@ def open_fds() -> set[int]:
     return fds
 
 
-def fd_flags(fd: int, pid: str = "self") -> int:
-    """The open-file flags of an fd, from /proc/<pid>/fdinfo (octal)."""
-    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+def fd_flags(fd: int) -> int:
+    """The open-file flags of an fd: on Linux the "flags:" line of
+    /proc/self/fdinfo (octal; it includes O_CLOEXEC when FD_CLOEXEC is set);
+    elsewhere fcntl(F_GETFL), plus O_CLOEXEC if fcntl(F_GETFD) has FD_CLOEXEC."""
+    if not LINUX:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+            flags |= os.O_CLOEXEC
+        return flags
+    with open(f"/proc/self/fdinfo/{fd}") as f:
         for line in f:
             if line.startswith("flags:"):
                 return int(line.split()[1], 8)
     raise AssertionError(f"no flags line for fd {fd}")
 
 
-def fd_target(fd: int, pid: str = "self") -> str:
-    return os.readlink(f"/proc/{pid}/fd/{fd}")
+def fd_identity(fd: int) -> tuple[int, int, int]:
+    """What an fd refers to: (file type, st_dev, st_ino) from fstat.  For a
+    socket on Linux st_ino is the N of its /proc link "socket:[N]"."""
+    st = os.fstat(fd)
+    return stat.S_IFMT(st.st_mode), st.st_dev, st.st_ino
 
 
 def is_listening(fd: int) -> bool:
@@ -54,6 +80,39 @@ def is_listening(fd: int) -> bool:
         return bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
     finally:
         s.detach()
+
+
+def is_kqueue(fd: int) -> bool:
+    """True if fd is a kqueue: kevent(2) on it works (it fails with EBADF on
+    anything else).  macOS's fstat reports a kqueue as a FIFO, like a pipe."""
+    if not hasattr(select, "kqueue"):
+        return False
+    kq = select.kqueue.fromfd(os.dup(fd))
+    try:
+        kq.control(None, 0, 0)
+    except OSError:
+        return False
+    finally:
+        kq.close()
+    return True
+
+
+def fd_kind(fd: int) -> str:
+    """listener, connection, poller (epoll/kqueue), pipe or other.  Linux:
+    from the /proc/self/fd link; elsewhere from fstat and kevent."""
+    if LINUX:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if target.startswith("socket:"):
+            return "listener" if is_listening(fd) else "connection"
+        if target == "anon_inode:[eventpoll]":
+            return "poller"
+        return "pipe" if target.startswith("pipe:") else "other"
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISSOCK(mode):
+        return "listener" if is_listening(fd) else "connection"
+    if is_kqueue(fd):
+        return "poller"
+    return "pipe" if stat.S_ISFIFO(mode) else "other"
 
 
 def start_echo(make_server: Callable[..., Server], path: str, model: str, **fields: object) -> Server:
@@ -81,15 +140,7 @@ def served(model: str, sock_path: str, make_server: Callable[..., Server]) -> It
         mine = {c.fileno() for c in clients}
         kinds: dict[str, list[int]] = {"listener": [], "connection": [], "poller": [], "pipe": [], "other": []}
         for fd in sorted(open_fds() - before - mine):
-            target = fd_target(fd)
-            if target.startswith("socket:"):
-                kinds["listener" if is_listening(fd) else "connection"].append(fd)
-            elif target == "anon_inode:[eventpoll]":
-                kinds["poller"].append(fd)
-            elif target.startswith("pipe:"):
-                kinds["pipe"].append(fd)
-            else:
-                kinds["other"].append(fd)
+            kinds[fd_kind(fd)].append(fd)
         yield srv, kinds, clients
     finally:
         for c in clients:
@@ -97,6 +148,21 @@ def served(model: str, sock_path: str, make_server: Callable[..., Server]) -> It
 
 
 # ---------------------------------------------------------------------------- 33
+
+# A child that prints fd_identity() of each of its open fds as JSON, then
+# waits for stdin to close.
+_REPORT_FDS = """
+import json, os, stat, sys
+ids = []
+for name in os.listdir(sys.argv[1]):
+    try:
+        st = os.fstat(int(name))
+    except OSError:
+        continue  # the directory fd listdir used, closed by now
+    ids.append([stat.S_IFMT(st.st_mode), st.st_dev, st.st_ino])
+print(json.dumps(ids), flush=True)
+sys.stdin.read()
+"""
 
 
 def test_every_server_fd_is_close_on_exec(model: str, served: tuple[Server, dict[str, list[int]], list[socket.socket]]) -> None:
@@ -109,7 +175,7 @@ def test_every_server_fd_is_close_on_exec(model: str, served: tuple[Server, dict
     assert len(kinds["pipe"]) >= 2  # the wakeup pipe's two ends
     for kind, fds in kinds.items():
         for fd in fds:
-            assert fd_flags(fd) & O_CLOEXEC_FLAG, f"{kind} fd {fd} ({fd_target(fd)}) lacks O_CLOEXEC"
+            assert fd_flags(fd) & O_CLOEXEC_FLAG, f"{kind} fd {fd} ({fd_identity(fd)}) lacks O_CLOEXEC"
             assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
 
 
@@ -134,12 +200,13 @@ def test_child_process_inherits_no_server_fd(
     model: str, served: tuple[Server, dict[str, list[int]], list[socket.socket]], spawn: Callable[..., subprocess.Popen[str]]
 ) -> None:
     """Checklist 33 (a child holding the listener keeps the socket "alive"):
-    a Popen(close_fds=False) child holds none of the server's fds."""
+    a Popen(close_fds=False) child holds none of the server's fds (the child
+    reports what each of its fds refers to: file type, st_dev, st_ino)."""
     srv, kinds, clients = served
-    ours = {fd_target(fd) for fds in kinds.values() for fd in fds}
-    proc = spawn("import sys; print('ready', flush=True); sys.stdin.read()", close_fds=False, stdin=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-    inherited = {fd_target(int(fd), str(proc.pid)) for fd in os.listdir(f"/proc/{proc.pid}/fd")}
+    ours = {fd_identity(fd) for fds in kinds.values() for fd in fds}
+    proc = spawn(_REPORT_FDS, FD_DIR, close_fds=False, stdin=subprocess.PIPE)
+    assert proc.stdout is not None
+    inherited = {tuple(ident) for ident in json.loads(proc.stdout.readline())}
     assert len(inherited) >= 3  # stdin, stdout, stderr at least
     assert inherited & ours == set()
     assert proc.stdin is not None
@@ -157,6 +224,7 @@ def _cycle(path: str, kind: int) -> None:
         if kind == 0:
             pass  # connect and close at once
         elif kind == 1:
+            make_room(s, 70000)
             s.sendall(b"x" * 70000)  # close with the echo unread: the server meets a reset
         elif kind == 2:
             echo(s, b"round trip")
@@ -228,7 +296,11 @@ def immutable_dir(sock_dir: str) -> Iterator[str]:
         subprocess.run(["chattr", "-i", d], check=True, timeout=DEADLINE)
 
 
-@pytest.mark.parametrize("where", ["missing directory", "file as directory", "not a socket", "under /proc"])
+@pytest.mark.parametrize(
+    "where",
+    ["missing directory", "file as directory", "not a socket",
+     pytest.param("under /proc", marks=pytest.mark.linux("/proc, a directory that cannot hold sockets"))],
+)
 def test_failed_starts_leak_no_fd(where: str, sock_dir: str, make_server: Callable[..., Server]) -> None:
     """Checklist 35 (CPython test_tcpserver_bind_leak): 1,024 failed starts
     leave the fd count unchanged, whether start() fails before anything is
@@ -255,6 +327,7 @@ def test_failed_starts_leak_no_fd(where: str, sock_dir: str, make_server: Callab
 
 
 @pytest.mark.root
+@pytest.mark.linux("chattr +i (an immutable directory)")
 def test_failed_starts_in_an_unwritable_directory_leak_no_fd(immutable_dir: str, make_server: Callable[..., Server]) -> None:
     """Checklist 35: 1,024 starts in a directory where bind() fails (EPERM:
     immutable, so even root cannot create the socket) leave the fd count

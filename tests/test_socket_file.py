@@ -27,6 +27,10 @@ import pytest
 
 from conftest import DEADLINE, connect, echo_handler, fd_count, recv_exactly, recv_until_eof, wait_until
 from unixsrv import AddressInUseError, InvalidPathError, Server, ServerConfig
+from unixsrv._core import SUN_PATH_MAX
+
+# Facilities of the Linux-only tests (see conftest: @pytest.mark.linux).
+STRACE = "strace (system-call delay and error injection)"
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -232,6 +236,7 @@ def test_live_server_is_not_taken_over(sock_dir: str, sock_path: str, make_serve
             assert recv_until_eof(s) == b"first"
 
 
+@pytest.mark.linux("EAGAIN from connect() to a full listen backlog (macOS refuses it: ECONNREFUSED)")
 def test_full_backlog_counts_as_live(sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
     """Checklist 3: a listener whose backlog is full answers the liveness
     probe with EAGAIN; that means "alive", so start() refuses and keeps the
@@ -359,7 +364,7 @@ _RACE = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("at_path", ["nothing", "a stale socket"])
+@pytest.mark.parametrize("at_path", ["nothing", pytest.param("a stale socket", marks=pytest.mark.linux(STRACE))])
 def test_one_of_sixteen_racing_starters_wins(
     at_path: str, sock_dir: str, sock_path: str, spawn: Callable[..., Any], run_traced: Callable[..., Any]
 ) -> None:
@@ -425,6 +430,7 @@ def _process_state(pid: int) -> str:
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
+@pytest.mark.linux(STRACE)
 def test_stale_socket_removal_never_removes_a_live_successor(
     sock_path: str, spawn: Callable[..., Any], run_traced: Callable[..., Any]
 ) -> None:
@@ -524,6 +530,7 @@ def _held_by_strace(pid: int) -> bool:
     return False
 
 
+@pytest.mark.linux(STRACE)
 def test_close_keeps_a_successor_that_reuses_the_inode_number(sock_path: str, run_traced: Callable[..., Any]) -> None:
     """Checklist 6b (libuv unlinks *before* close() because "the other way
     around introduces a race where our process unlinks a socket ... just
@@ -619,34 +626,41 @@ def test_forked_child_closing_the_server_keeps_the_parents_socket(
 # ---------------------------------------------------------------------------- 9, 10: path syntax
 
 
-@pytest.mark.parametrize("layout", ["long file name", "long directory"])
+@pytest.mark.parametrize(
+    "layout",
+    ["long file name",
+     pytest.param("long directory",
+                  marks=pytest.mark.linux("/proc/self/fd/N/ to bind in a directory too deep for sun_path"))],
+)
 def test_path_of_107_bytes_binds(layout: str, sock_dir: str, make_server: Callable[..., Server]) -> None:
-    """Checklist 9: a 107-byte path (sun_path - 1) works, also when the
-    directory itself is so deep that a temporary name beside the socket would
-    not fit; after close nothing is left."""
+    """Checklist 9: a path of SUN_PATH_MAX bytes (sun_path - 1: 107 on
+    Linux, 103 on macOS) works, also when the directory itself is so deep
+    that a temporary name beside the socket would not fit (Linux: reached
+    through /proc/self/fd); after close nothing is left."""
     if layout == "long file name":
         directory = sock_dir
-        path = os.path.join(directory, "n" * (107 - len(sock_dir) - 1))
+        path = os.path.join(directory, "n" * (SUN_PATH_MAX - len(sock_dir) - 1))
     else:
-        directory = os.path.join(sock_dir, "d" * (105 - len(sock_dir) - 1))
+        directory = os.path.join(sock_dir, "d" * (SUN_PATH_MAX - 2 - len(sock_dir) - 1))
         os.mkdir(directory)
         path = os.path.join(directory, "s")
-    assert len(os.fsencode(path)) == 107
+    assert len(os.fsencode(path)) == SUN_PATH_MAX
     srv = make_server(path, echo_handler)
     assert os.listdir(directory) == [os.path.basename(path)]
     with connect(path) as s:
-        s.sendall(b"107")
-        assert recv_exactly(s, 3) == b"107"
+        s.sendall(b"max")
+        assert recv_exactly(s, 3) == b"max"
     srv.close()
     assert os.listdir(directory) == []
 
 
 @pytest.mark.parametrize("as_bytes", [False, True])
 def test_path_of_108_bytes_is_rejected_with_nothing_created(as_bytes: bool, sock_dir: str) -> None:
-    """Checklist 9 (python/cpython#93852): 108 bytes never fit sun_path:
-    InvalidPathError (a ValueError) when the config is built, nothing on disk."""
-    path = os.path.join(sock_dir, "n" * (108 - len(sock_dir) - 1))
-    assert len(path) == 108
+    """Checklist 9 (python/cpython#93852): SUN_PATH_MAX + 1 bytes (108 on
+    Linux, 104 on macOS) never fit sun_path: InvalidPathError (a ValueError)
+    when the config is built, nothing on disk."""
+    path = os.path.join(sock_dir, "n" * (SUN_PATH_MAX + 1 - len(sock_dir) - 1))
+    assert len(path) == SUN_PATH_MAX + 1
     with pytest.raises(InvalidPathError) as info:
         ServerConfig(path=os.fsencode(path) if as_bytes else path)
     assert isinstance(info.value, ValueError)
@@ -667,6 +681,7 @@ def test_embedded_nul_is_rejected(path: str | bytes, sock_dir: str) -> None:
     assert os.listdir(sock_dir) == []
 
 
+@pytest.mark.linux("abstract socket names")
 def test_abstract_names_are_length_exact(make_server: Callable[..., Server]) -> None:
     """Checklist 10 (MagicStack/uvloop#528): b'\\0n' and b'\\0n\\0' are
     different abstract names: two independent listeners, each reached by its
@@ -844,6 +859,7 @@ _NEVER_LOOSE = textwrap.dedent(
 
 
 @pytest.mark.root
+@pytest.mark.linux(STRACE)
 def test_never_connectable_with_a_looser_mode(sock_dir: str, run_traced: Callable[..., Any]) -> None:
     """Checklist 11 (golang/go#11822; bind -> chmod -> listen): with umask 0
     and mode 0o600, a uid-1000 process that keeps connecting to every name in
@@ -899,7 +915,8 @@ _START_AS_UID_1000 = textwrap.dedent(
             os.close(r)
             os.setgroups([]); os.setgid(1000); os.setuid(1000)
             srv = Server(ServerConfig(path=path, group=group), echo_handler)
-            base = len(os.listdir("/proc/self/fd"))
+            fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+            base = len(os.listdir(fd_dir))
             out = dict(uid=os.getuid())
             try:
                 srv.start()
@@ -909,7 +926,7 @@ _START_AS_UID_1000 = textwrap.dedent(
             else:
                 out.update(type=None)
                 srv.close()
-            out.update(fds_before=base, fds_after=len(os.listdir("/proc/self/fd")),
+            out.update(fds_before=base, fds_after=len(os.listdir(fd_dir)),
                        listing=sorted(os.listdir(directory)), running=srv.is_running)
             os.write(w, json.dumps(out).encode())
             code = 0
@@ -971,6 +988,7 @@ _FAILING_START = textwrap.dedent(
     ("syscalls", "what"),
     [("chmod,fchmodat", "chmod"), ("fchownat,lchown,chown", "chown")],
 )
+@pytest.mark.linux(STRACE)
 def test_chmod_or_chown_failure_cleans_up(
     syscalls: str, what: str, sock_dir: str, sock_path: str, run_traced: Callable[..., Any]
 ) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, connect, recv_exactly, recv_until_eof, wait_until
+from conftest import DEADLINE, connect, make_room, recv_exactly, recv_until_eof, wait_until
 
 from unixsrv import PeerCredentials, ServerClosedError, Transport
 
@@ -623,6 +623,7 @@ def test_pause_reading_inside_data_received(sock_path, make_server):
     srv = make_server(sock_path, protocol=factory, read_buffer_size=4096)
     with connect(srv.path) as s:
         proto = factory.one()
+        make_room(s, 64 * KiB)  # sent while the server reads only 4 KiB per resume
         s.sendall(data[: 64 * KiB])
         wait_until(lambda: proto.chunks)
         for _ in range(3):

@@ -44,8 +44,12 @@ class Recorder:
 
 
 def thread_alive(native_id: int) -> bool:
-    """True while the OS thread still exists in this process."""
-    return os.path.exists(f"/proc/self/task/{native_id}")
+    """True while the OS thread still exists in this process (Linux:
+    /proc/self/task/<tid>).  Without /proc (macOS) the nearest portable
+    evidence: a Python thread with that native id is still alive."""
+    if os.path.isdir("/proc/self/task"):
+        return os.path.exists(f"/proc/self/task/{native_id}")
+    return any(t.native_id == native_id for t in threading.enumerate())
 
 
 def make_pool(idle_timeout: float = 60.0) -> tuple[WorkerPool, Recorder]:
