@@ -80,7 +80,8 @@ def _linux_reasons(item: pytest.Item) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked ``linux`` on other platforms, naming the facility.
+    """Skip tests marked ``linux`` on other platforms, naming the facility,
+    and tests marked ``root`` when not running as root.
 
     The markers are checked on every platform (a bare ``@pytest.mark.linux``
     is a usage error), so a malformed one is caught on Linux too; on Linux
@@ -90,6 +91,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if reasons and not LINUX:
             reason = f"Linux-only facility, not on {sys.platform}: {'; '.join(reasons)}"
             item.add_marker(pytest.mark.skip(reason=reason))
+        if item.get_closest_marker("root") is not None and os.geteuid() != 0:
+            # chown to an arbitrary group and setuid()/setgid() in a forked
+            # child need privileges; CI runners are not root, this machine is.
+            item.add_marker(pytest.mark.skip(reason="needs root (uid 0) to change ownership or uid"))
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = DEADLINE, interval: float = 0.002) -> Any:

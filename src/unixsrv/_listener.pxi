@@ -66,9 +66,14 @@ cdef int _examine_existing(int dirfd, bytes base, bytes probe_addr, object displ
         raise _oserror(errno, display)
     if not us_is_socket_mode(st.st_mode):
         raise AddressInUseError(display, "the path exists and is not a socket; it was left untouched")
-    if us_probe(probe_addr, len(probe_addr)) == 0:
+    cdef const char *addr = probe_addr
+    cdef size_t addr_len = len(probe_addr)
+    cdef int r, err
+    with nogil:
+        r = us_probe(addr, addr_len)
+        err = errno
+    if r == 0:
         raise AddressInUseError(display)
-    err = errno
     if err == ENOENT:
         return 1
     if err != ECONNREFUSED:

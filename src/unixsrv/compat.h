@@ -150,20 +150,36 @@ static inline int us_bind(int fd, const char *path, size_t len) {
     return bind(fd, (struct sockaddr *)&sa, sl);
 }
 
+static inline int us__probe_once(const struct sockaddr_un *sa, socklen_t sl) {
+    int fd = us_socket(1);
+    if (fd < 0) return -1;
+    int r;
+    do { r = connect(fd, (const struct sockaddr *)sa, sl); } while (r < 0 && errno == EINTR);
+    if (r < 0 && errno == EAGAIN) r = 0;
+    us__close_keep_errno(fd);
+    return r;
+}
+
 /* Liveness probe of an existing socket file: a non-blocking connect answers
  * at once on AF_UNIX.  Returns 0 if something accepts connections there,
- * otherwise -1 with errno (ECONNREFUSED means nobody listens: stale;
- * EAGAIN means the backlog is full: alive, see unix(7)). */
+ * otherwise -1 with errno (ECONNREFUSED means nobody listens: stale).
+ * Linux reports a full backlog as EAGAIN (unix(7)): alive.  The BSDs and
+ * macOS refuse it with ECONNREFUSED, like a dead socket; a busy server drains
+ * its backlog within milliseconds while a dead one never answers, so there
+ * a refusal is only believed after it repeated for about 100 ms.
+ * Call without the GIL. */
 static inline int us_probe(const char *path, size_t len) {
     struct sockaddr_un sa;
     socklen_t sl = us_make_addr(&sa, path, len);
     if (sl == (socklen_t)-1) return -1;
-    int fd = us_socket(1);
-    if (fd < 0) return -1;
-    int r;
-    do { r = connect(fd, (struct sockaddr *)&sa, sl); } while (r < 0 && errno == EINTR);
-    if (r < 0 && errno == EAGAIN) r = 0;
-    us__close_keep_errno(fd);
+    int r = us__probe_once(&sa, sl);
+#if !defined(__linux__)
+    for (int i = 0; i < 5 && r < 0 && errno == ECONNREFUSED; i++) {
+        struct timespec ts = {0, 20000000};
+        nanosleep(&ts, NULL);
+        r = us__probe_once(&sa, sl);
+    }
+#endif
     return r;
 }
 
