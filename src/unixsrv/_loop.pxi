@@ -307,9 +307,9 @@ cdef class Loop:
             c.last_active = self.now
             self._push(REC_DATA, c.fd, c.seq, off, r)
         elif r == 0:
+            # EOF stays readable forever (level-triggered); the dispatch either
+            # closes the fd or, if eof_received() keeps it open, stops reading.
             c.state |= ST_EOF
-            # Level-triggered EOF stays readable forever: stop asking.
-            _set_interest(self.pfd, c, c.interest & ~US_READ)
             self._push(REC_EOF, c.fd, c.seq, 0, 0)
         elif not us_would_block(errno):
             err = errno

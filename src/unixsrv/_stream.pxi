@@ -167,9 +167,12 @@ cdef class _Stream(_ConnBase):
         if c.state & (ST_CLOSING | ST_LOST):
             return 0
         us_or_u32(&c.state, ST_CLOSING)
-        _set_interest(self.loop.pfd, c, c.interest & ~US_READ)
         if c.olen == 0:
-            self.loop.finalizing.append(self)
+            self.loop.finalizing.append(self)   # the fd closes this dispatch
+        else:
+            # Stop reading while the output drains (closing the fd without
+            # this would cost nothing, but draining can take long).
+            _set_interest(self.loop.pfd, c, c.interest & ~US_READ)
         return 0
 
     cdef int _abort(self, object exc) except -1:
@@ -249,6 +252,11 @@ cdef class _Stream(_ConnBase):
                 return self._callback_failed(exc)
             if not keep_open:
                 self._close()
+            elif not (c.state & ST_LOST):
+                err = _set_interest(self.loop.pfd, c, c.interest & ~US_READ)
+                if err:
+                    us_or_u32(&c.state, ST_PEER_ERROR)
+                    self._abort(_oserror(err))
         elif kind == REC_ERROR:
             us_or_u32(&c.state, ST_PEER_ERROR)
             self._abort(_oserror(<int>r.n))
