@@ -15,24 +15,44 @@ parametrisation) that exercises a Linux-only facility carries
 on Linux the marker changes nothing.  Helpers here hide the differences that
 are not the subject of a test (``fd_count``, ``connect``, ``make_room``,
 ``default_gid``).
+
+Helpers used by more than one test module live here, once (the project rule:
+no copy-paste twins): servers and clients (``serve_model``, ``start_echo``,
+``connected``, ``listening_socket``, ``echo``, ``echo_once``,
+``run_threads``, ``shutdown_times_out``), child processes (``read_line``,
+``finish``, ``end_processes``, ``fork_quietly``, ``reap``, ``child_pids``,
+``proc_stat``, the ``run_traced`` fixture), fds (``open_fds``,
+``fd_identity``, ``is_listening``) and event-model protocols (``Recorder``,
+``Collect``, ``Echo``, ``BigWriter``, ``on_loop``, ``payload``, ``sha``,
+``squash``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+import hashlib
 import os
+import random
+import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from unixsrv import Server, ServerConfig
+from unixsrv import Server, ServerClosedError, ServerConfig, ShutdownTimeoutError
+from unixsrv.echo import EchoProtocol
 
 #: Generous bound for anything a test waits for; a healthy run needs far less.
 DEADLINE = 10.0
@@ -153,6 +173,22 @@ def connect(path: str | bytes, timeout: float = DEADLINE) -> socket.socket:
     return s
 
 
+@contextlib.contextmanager
+def connected(path: str | bytes, n: int) -> Iterator[list[socket.socket]]:
+    """``n`` clients connected to ``path`` (as ``connect`` makes them), all
+    closed at the end of the block, also those a test took out of the list."""
+    clients: list[socket.socket] = []
+    opened: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            opened.append(connect(path))
+        clients.extend(opened)
+        yield clients
+    finally:
+        for c in opened:
+            c.close()
+
+
 def make_room(s: socket.socket, n: int) -> None:
     """Let the connected ``s`` send ``n`` bytes its peer does not read (yet),
     so that a ``sendall`` of them cannot block.
@@ -196,6 +232,395 @@ def echo_handler(conn: Any) -> None:
     """Blocking-model echo used by many tests."""
     while data := conn.read():
         conn.write(data)
+
+
+# ---------------------------------------------------------------------------- servers and clients
+
+
+def serve_model(
+    make_server: Callable[..., Server], path: str | bytes, model: str, handler: Any, protocol: Any, **kwargs: Any
+) -> Server:
+    """A server (from the ``make_server`` fixture) in ``model``: ``handler``
+    for "blocking", the protocol factory ``protocol`` for "event".  ``kwargs``
+    go to make_server (config fields, ``start=``, ``update_conn=``)."""
+    if model == "blocking":
+        return make_server(path, handler, **kwargs)
+    return make_server(path, protocol=protocol, **kwargs)
+
+
+def start_echo(make_server: Callable[..., Server], path: str | bytes, model: str, **kwargs: Any) -> Server:
+    """An echo server in ``model`` (golib's echoHandler): ``echo_handler`` or
+    ``unixsrv.echo.EchoProtocol``; ``kwargs`` as for ``serve_model``."""
+    return serve_model(make_server, path, model, echo_handler, EchoProtocol, **kwargs)
+
+
+@contextlib.contextmanager
+def listening_socket(path: str | bytes, backlog: int | None = None) -> Iterator[socket.socket]:
+    """A plain AF_UNIX socket bound to ``path`` and listening: another
+    server's socket, as far as unixsrv can tell.  Closed at the end of the
+    block without unlinking, so its file is then a stale socket."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(path)
+        if backlog is None:
+            s.listen()
+        else:
+            s.listen(backlog)
+        yield s
+    finally:
+        s.close()
+
+
+def echo(s: socket.socket, msg: bytes) -> None:
+    """One round trip on a connected client: ``msg`` must come back as is."""
+    s.sendall(msg)
+    assert recv_exactly(s, len(msg)) == msg
+
+
+def echo_once(path: str | bytes, msg: bytes) -> None:
+    """One round trip on a fresh connection (golib's sendAndReceive)."""
+    with connect(path) as s:
+        echo(s, msg)
+
+
+def run_threads(target: Callable[[int], Any], n: int, timeout: float = DEADLINE) -> list[Any]:
+    """Run target(i) on n threads released at once by a barrier; return the
+    results in order (an exception a call raised is its result).  Fails if a
+    thread is still running ``timeout`` s after the ones before it ended."""
+    results: list[Any] = [None] * n
+    barrier = threading.Barrier(n)
+
+    def body(i: int) -> None:
+        try:
+            barrier.wait(DEADLINE)
+            results[i] = target(i)
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive()
+    return results
+
+
+def shutdown_times_out(srv: Server, timeout: float) -> float:
+    """``srv.shutdown(timeout)``, which must raise ShutdownTimeoutError; the
+    seconds it took (each test bounds them as its source requires)."""
+    t0 = time.monotonic()
+    with pytest.raises(ShutdownTimeoutError):
+        srv.shutdown(timeout=timeout)
+    return time.monotonic() - t0
+
+
+# ---------------------------------------------------------------------------- child processes
+
+
+def _text(data: str | bytes | None) -> str:
+    if isinstance(data, bytes):
+        return data.decode(errors="replace")
+    return data or ""
+
+
+def _exit_report(proc: subprocess.Popen[Any]) -> str:
+    """How a child that closed its stdout ended: exit code and stderr."""
+    try:
+        code = proc.wait(DEADLINE)
+    except subprocess.TimeoutExpired:
+        return "; it is still running"
+    err = proc.stderr.read() if proc.stderr is not None else ""
+    return f"; it exited ({code}); stderr:\n{_text(err)}"
+
+
+def read_line(proc: subprocess.Popen[Any], timeout: float = DEADLINE) -> str:
+    """The next line a child printed, without its newline; fails instead of
+    hanging if none arrives within ``timeout`` (and shows the child's stderr
+    if it exited first).
+
+    Reads the stdout pipe's fd into a buffer kept on ``proc``, so it works for
+    a Popen in text or bytes mode alike, and a line that arrived together with
+    the previous one is never waited for again (select() cannot see what a
+    file object has buffered).  ``finish`` picks up what is left in it."""
+    assert proc.stdout is not None
+    buf: bytearray = proc.__dict__.setdefault("_linebuf", bytearray())
+    end = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no line from pid {proc.pid} within {timeout} s (so far {bytes(buf)!r})")
+        if select.select([proc.stdout], [], [], left)[0]:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise AssertionError(f"pid {proc.pid} closed its stdout before a line{_exit_report(proc)}")
+            buf += chunk
+    line, _, rest = bytes(buf).partition(b"\n")
+    buf[:] = rest
+    return line.decode()
+
+
+def finish(proc: subprocess.Popen[Any], timeout: float = DEADLINE) -> tuple[int, str, str]:
+    """Let a child end by itself: close its stdin (the signal to stop for the
+    children that serve until stdin closes), read the rest of its output and
+    wait; (exit code, stdout, stderr) as text.  Raises TimeoutExpired if it
+    does not exit within ``timeout`` (the fixture that started it kills it)."""
+    out, err = proc.communicate(timeout=timeout)
+    unread = bytes(proc.__dict__.pop("_linebuf", b""))  # read by read_line, not returned yet
+    return proc.returncode, unread.decode(errors="replace") + _text(out), _text(err)
+
+
+def end_processes(procs: list[subprocess.Popen[Any]], *, children_first: bool = False) -> None:
+    """Teardown of the fixtures that start processes: kill each one still
+    running by its PID (its own children first with ``children_first``),
+    reap it and close its pipes."""
+    for proc in procs:
+        if proc.poll() is None:
+            if children_first:
+                for child in child_pids(proc.pid):
+                    with contextlib.suppress(ProcessLookupError):  # it may have exited meanwhile
+                        os.kill(child, signal.SIGKILL)
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(DEADLINE)
+        for stream in (proc.stdout, proc.stderr, proc.stdin):
+            if stream is not None:
+                stream.close()
+
+
+def fork_quietly() -> int:
+    """os.fork() without Python 3.12's "multi-threaded fork" DeprecationWarning
+    (warnings are errors here; the child only runs fork-safe code)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
+def reap(pid: int, timeout: float = DEADLINE) -> int:
+    """Wait for a forked child (without hanging) and return its exit code;
+    kills it by PID if it does not finish in time."""
+    status: list[int] = []
+
+    def done() -> bool:
+        got, st = os.waitpid(pid, os.WNOHANG)
+        if got == pid:
+            status.append(st)
+        return bool(status)
+
+    try:
+        wait_until(done, timeout)
+    finally:
+        if not status:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status[0])
+
+
+def child_pids(pid: int | None = None) -> set[int]:
+    """PIDs of the children of ``pid`` (default: this process), live or
+    unreaped, as ``pgrep -P`` lists them (Linux and macOS).  pgrep runs
+    without LD_PRELOAD: it dies under an inherited ASan preload."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    parent = os.getpid() if pid is None else pid
+    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True, check=False, env=env)
+    return {int(p) for p in out.stdout.split()}
+
+
+def proc_stat(pid: int, tid: int | None = None) -> list[str]:
+    """The fields of /proc/<pid>/stat (or of thread ``tid``'s
+    /proc/<pid>/task/<tid>/stat) after the command name: [0] is the state
+    ('t' = stopped by a tracer), [1] the parent PID, [11] and [12] utime and
+    stime in clock ticks.  Linux only (tests using it are marked ``linux``)."""
+    where = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(where) as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+# ---------------------------------------------------------------------------- fds
+
+
+def open_fds() -> set[int]:
+    """The fds open in this process now (without the one listdir used)."""
+    fds = set()
+    for name in os.listdir(FD_DIR):
+        fd = int(name)
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            continue
+        fds.add(fd)
+    return fds
+
+
+def fd_identity(fd: int) -> tuple[int, int, int]:
+    """What an fd refers to: (file type, st_dev, st_ino) from fstat.  For a
+    socket on Linux st_ino is the N of its /proc link "socket:[N]"."""
+    st = os.fstat(fd)
+    return stat.S_IFMT(st.st_mode), st.st_dev, st.st_ino
+
+
+def is_listening(fd: int) -> bool:
+    """True if the socket ``fd`` is a listening one (SO_ACCEPTCONN)."""
+    s = socket.socket(fileno=fd)
+    try:
+        return bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    finally:
+        s.detach()
+
+
+# ---------------------------------------------------------------------------- event model
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def payload(n: int, seed: int = 1) -> bytes:
+    """n deterministic pseudo-random bytes (no repeating pattern to hide a
+    reordered or duplicated chunk)."""
+    return random.Random(seed).randbytes(n)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def squash(names: list[str]) -> list[str]:
+    """Collapse runs of 'data' into one entry."""
+    return [n for i, n in enumerate(names) if n != "data" or i == 0 or names[i - 1] != "data"]
+
+
+def outcome(call: Callable[[], Any], expected: type[BaseException]) -> str:
+    """What ``call()`` did, for a protocol to record on the loop thread:
+    ``expected``'s name if it raised that, "accepted" if it returned, the
+    repr of any other exception."""
+    try:
+        call()
+    except expected:
+        return expected.__name__
+    except BaseException as exc:
+        return repr(exc)
+    return "accepted"
+
+
+def on_loop(srv: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run fn(*args) on the server's loop thread, wait, return its result
+    (re-raising its exception here).  Also a barrier: when it returns, the
+    loop has completed at least one full iteration after this call."""
+    done = threading.Event()
+    box: dict[str, Any] = {}
+
+    def task() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as exc:  # handed back to the test thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    srv.call_soon_threadsafe(task)
+    assert done.wait(DEADLINE), "the loop did not run a queued callback"
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+class Recorder(asyncio.Protocol):
+    """An asyncio.Protocol that records every callback (name, argument) and
+    the thread it ran on.  ``keep_open`` is what eof_received returns."""
+
+    def __init__(self, keep_open: Any = None) -> None:
+        self.keep_open = keep_open
+        self.log: list[tuple[str, Any]] = []
+        self.threads: set[int] = set()
+        self.transport: Any = None
+        self.made = threading.Event()
+        self.eof = threading.Event()
+        self.lost = threading.Event()
+
+    def _rec(self, name: str, arg: Any = None) -> None:
+        self.threads.add(threading.get_ident())
+        self.log.append((name, arg))
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.log]
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(arg for name, arg in self.log if name == "data")
+
+    def lost_calls(self) -> list[Any]:
+        return [arg for name, arg in self.log if name == "lost"]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self._rec("made", transport)
+        self.on_made(transport)
+        self.made.set()  # after on_made: tests may inspect what it did
+
+    def on_made(self, transport: Any) -> None:
+        """What a subclass does in connection_made."""
+
+    def data_received(self, data: bytes) -> None:
+        self._rec("data", data)
+
+    def eof_received(self) -> Any:
+        self._rec("eof")
+        self.eof.set()
+        return self.keep_open
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._rec("lost", exc)
+        self.lost.set()
+
+
+class Collect:
+    """A protocol factory that keeps every protocol it built."""
+
+    def __init__(self, cls: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self.cls, self.args, self.kwargs = cls, args, kwargs
+        self.built: list[Any] = []
+
+    def __call__(self) -> Any:
+        proto = self.cls(*self.args, **self.kwargs)
+        self.built.append(proto)
+        return proto
+
+    def one(self) -> Any:
+        """The first protocol, once its connection_made ran."""
+        wait_until(lambda: self.built)
+        proto = self.built[0]
+        assert proto.made.wait(DEADLINE)
+        return proto
+
+
+class Echo(asyncio.Protocol):
+    """The asyncio docs' echo, without the close after one message (plain
+    asyncio code, unlike unixsrv.echo.EchoProtocol)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+
+class BigWriter(Recorder):
+    """Writes `data` in connection_made, then does `then` ('close'/'abort')."""
+
+    def __init__(self, data: bytes, then: str | None = None) -> None:
+        super().__init__()
+        self.data = data
+        self.then = then
+        self.after: list[str] = []
+
+    def on_made(self, transport: Any) -> None:
+        transport.write(self.data)
+        self.buffered = transport.get_write_buffer_size()
+        if self.then:
+            getattr(transport, self.then)()
+            self.closing = transport.is_closing()
+            self.reading = transport.is_reading()
+            self.after.append(outcome(lambda: transport.write(b"late"), ServerClosedError))
 
 
 @pytest.fixture
@@ -259,13 +684,31 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
         return proc
 
     yield factory
-    for proc in procs:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(DEADLINE)
-        for stream in (proc.stdout, proc.stderr, proc.stdin):
-            if stream is not None:
-                stream.close()
+    end_processes(procs)
+
+
+@pytest.fixture
+def run_traced() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Run ``python -c code`` under strace (for syscall delay and error
+    injection): ``run_traced(strace_args, code, *args, **popen_kwargs)``;
+    stdout, stderr and stdin are pipes unless given.
+
+    Killing strace would only detach its tracee, so teardown kills the
+    traced Python child by its PID first, then strace by its PID.
+    """
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def factory(strace_args: list[str], code: str, *args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        kwargs.setdefault("stdin", subprocess.PIPE)
+        argv = ["strace", "-f", "-qq", "-o", "/dev/null", *strace_args, sys.executable, "-c", code, *args]
+        proc = subprocess.Popen(argv, **kwargs)
+        procs.append(proc)
+        return proc
+
+    yield factory
+    end_processes(procs, children_first=True)
 
 
 @pytest.fixture(params=["blocking", "event"])
@@ -277,8 +720,4 @@ def model(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def echo_server(model: str, sock_path: str, make_server: Callable[..., Server]) -> Server:
     """A started echo server in the model under test."""
-    from unixsrv.echo import EchoProtocol
-
-    if model == "blocking":
-        return make_server(sock_path, echo_handler)
-    return make_server(sock_path, protocol=EchoProtocol)
+    return start_echo(make_server, sock_path, model)

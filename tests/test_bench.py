@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import threading
 
 import pytest
-from conftest import DEADLINE, wait_until
+from conftest import DEADLINE, child_pids, wait_until
 
 #: The load generator reads a server's CPU time from /proc/<pid>/stat.
 PROC_STAT = os.path.exists(f"/proc/{os.getpid()}/stat")
@@ -27,14 +26,6 @@ from unixsrv.echo import EchoProtocol
 from unixsrv.errors import ConfigError
 
 CLI = "import sys; from unixsrv.cli import main; raise SystemExit(main(sys.argv[1:]))"
-
-
-def child_pids() -> set[int]:
-    """PIDs of this process's children, live or unreaped (pgrep -P).  pgrep
-    runs without LD_PRELOAD: it dies under an inherited ASan preload."""
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    out = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True, check=False, env=env)
-    return {int(p) for p in out.stdout.split()}
 
 
 def bench(path: str, **fields) -> dict:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, connect, make_room, recv_exactly, recv_until_eof, wait_until
+from conftest import connect, echo, end_processes, finish, make_room, recv_exactly, recv_until_eof, wait_until
 
 import unixsrv
 
@@ -51,16 +51,7 @@ def cli(tmp_path) -> Iterator[Cli]:
         return proc
 
     yield factory
-    for proc in procs:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=DEADLINE)
-
-
-def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    """Wait for the process to exit by itself; return (status, stdout, stderr)."""
-    out, err = proc.communicate(timeout=DEADLINE)
-    return proc.returncode, out, err
+    end_processes(procs)
 
 
 def wait_serving(proc: subprocess.Popen, path: str) -> None:
@@ -88,6 +79,14 @@ def echo_round_trip(path: str, payload: bytes = b"ping over unix") -> None:
         assert recv_exactly(s, len(payload)) == payload
         s.shutdown(socket.SHUT_WR)
         assert recv_until_eof(s) == b""
+
+
+def terminate(proc: subprocess.Popen) -> str:
+    """SIGTERM a serving ``unixsrv``; it must exit 0 by itself; its stderr."""
+    os.kill(proc.pid, signal.SIGTERM)
+    status, _, err = finish(proc)
+    assert status == 0, err
+    return err
 
 
 def write_module(directory, name: str, source: str) -> None:
@@ -139,8 +138,7 @@ def test_signal_stops_gracefully(cli, sock_path, model, signum):
     proc = cli("serve", "--socket", sock_path, "--echo", "--model", model)
     wait_serving(proc, sock_path)
     with connect(sock_path) as client:
-        client.sendall(b"before")
-        assert recv_exactly(client, 6) == b"before"
+        echo(client, b"before")
         os.kill(proc.pid, signum)
         assert recv_until_eof(client) == b""  # graceful: the idle client is released
         status, _, err = finish(proc)
@@ -157,9 +155,7 @@ def test_signal_with_no_client(cli, sock_path):
     """SIGTERM on an idle server: exit 0 promptly, file gone."""
     proc = cli("serve", "--socket", sock_path, "--echo")
     wait_serving(proc, sock_path)
-    os.kill(proc.pid, signal.SIGTERM)
-    status, _, err = finish(proc)
-    assert status == 0, err
+    terminate(proc)
     assert not os.path.lexists(sock_path)
 
 
@@ -170,9 +166,7 @@ def test_sigterm_as_soon_as_socket_appears(cli, sock_path):
     for _ in range(5):
         proc = cli("serve", "--socket", sock_path, "--echo")
         wait_until(lambda: os.path.exists(sock_path) or proc.poll() is not None, interval=0.0)
-        os.kill(proc.pid, signal.SIGTERM)
-        status, _, err = finish(proc)
-        assert status == 0, err
+        terminate(proc)
         assert not os.path.lexists(sock_path)
 
 
@@ -310,10 +304,7 @@ def test_handler_module_function(cli, sock_path, tmp_path):
         s.sendall(b"hello")
         s.shutdown(socket.SHUT_WR)
         assert recv_until_eof(s) == b"handled:HELLO"
-    os.kill(proc.pid, signal.SIGTERM)
-    status, _, err = finish(proc)
-    assert status == 0, err
-    assert "clihandler_mod:handle" in err
+    assert "clihandler_mod:handle" in terminate(proc)
 
 
 def test_protocol_module_class(cli, sock_path, tmp_path):
@@ -343,9 +334,7 @@ def test_protocol_module_class(cli, sock_path, tmp_path):
         assert recv_exactly(s, 3) == b"ABC"
         s.shutdown(socket.SHUT_WR)
         assert recv_until_eof(s) == b"<bye>"
-    os.kill(proc.pid, signal.SIGTERM)
-    status, _, err = finish(proc)
-    assert status == 0, err
+    terminate(proc)
 
 
 def test_nested_attribute_spec(cli, sock_path, tmp_path):

@@ -19,7 +19,7 @@ import pathlib
 import stat
 
 import pytest
-from conftest import connect, echo_handler, recv_exactly
+from conftest import connect, echo_handler, echo_once, recv_exactly
 
 from unixsrv import ConfigError, InvalidGroupError, InvalidPathError, ServerConfig
 from unixsrv._core import HAVE_ABSTRACT, SUN_PATH_MAX  # 107 on Linux (sun_path 108), 103 on macOS (104)
@@ -100,9 +100,7 @@ class TestPath:
         assert cfg.address == os.fsencode(path)
         srv = make_server(cfg, echo_handler)
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
-        with connect(path) as s:
-            s.sendall(b"max")
-            assert recv_exactly(s, 3) == b"max"
+        echo_once(path, b"max")
         srv.close()
         assert not os.path.lexists(path)
 

@@ -25,10 +25,11 @@ import time
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, connect, recv_exactly, recv_until_eof, wait_until
-from test_transport import MiB, BigWriter, Collect, Echo, Recorder, on_loop, payload, sha
+from conftest import (DEADLINE, BigWriter, Collect, Echo, MiB, Recorder, connect, connected, echo, echo_once,
+                      on_loop, payload, recv_exactly, recv_until_eof, sha, shutdown_times_out, squash,
+                      wait_until)
 
-from unixsrv import ConnState, IdleTimeoutError, ShutdownTimeoutError
+from unixsrv import ConnState, IdleTimeoutError
 
 
 class EchoRecorder(Recorder):
@@ -121,11 +122,6 @@ def test_unmodified_asyncio_protocol(runner, sock_path, make_server):
 
 
 # ---------------------------------------------------------------- callback order
-
-
-def squash(names: list[str]) -> list[str]:
-    """Collapse runs of 'data' into one entry."""
-    return [n for i, n in enumerate(names) if n != "data" or i == 0 or names[i - 1] != "data"]
 
 
 def test_callback_order_and_thread(sock_path, make_server):
@@ -316,12 +312,6 @@ class Switch:
         return proto
 
 
-def echo_ok(path: str) -> None:
-    with connect(path) as s:
-        s.sendall(b"still serving")
-        assert recv_exactly(s, 13) == b"still serving"
-
-
 @pytest.mark.parametrize("where", ["connection_made", "data_received", "eof_received"])
 def test_raising_protocol_callback(where, sock_path, make_server):
     """DESIGN 'Event model' / checklist 40 / W12: a protocol callback that
@@ -347,7 +337,7 @@ def test_raising_protocol_callback(where, sock_path, make_server):
     assert errors == [boom]
     assert proto.lost_calls() == [boom]
     assert proto.names.count("lost") == 1
-    echo_ok(srv.path)
+    echo_once(srv.path, b"still serving")
     on_loop(srv, lambda: None)
     assert proto.names.count("lost") == 1
     assert errors == [boom]
@@ -372,7 +362,7 @@ def test_raising_factory(sock_path, make_server):
     wait_until(lambda: errors)
     assert errors == [boom]
     wait_until(lambda: srv.open_connections == 0)
-    echo_ok(srv.path)
+    echo_once(srv.path, b"still serving")
     assert errors == [boom]
 
 
@@ -398,7 +388,7 @@ def test_raising_connection_lost_and_pause_writing_are_reported(sock_path, make_
         assert len(recv_until_eof(s)) == 1 * MiB
     wait_until(lambda: len(errors) == 2)
     assert errors == [pause_boom, lost_boom]
-    echo_ok(srv.path)
+    echo_once(srv.path, b"still serving")
 
 
 # ---------------------------------------------------------------- idle, limits
@@ -418,8 +408,7 @@ def test_idle_timeout_event_model(sock_path, make_server):
         # Keep `busy` active for 3 timeouts (a behaviour about time: the
         # sleep lets time pass between pings, it synchronises nothing).
         while time.monotonic() - start < 3 * idle:
-            busy.sendall(b"ping")
-            assert recv_exactly(busy, 4) == b"ping"
+            echo(busy, b"ping")
             time.sleep(idle / 8)
         quiet_proto = factory.built[0]
         assert quiet_proto.lost.wait(DEADLINE)
@@ -428,8 +417,7 @@ def test_idle_timeout_event_model(sock_path, make_server):
         assert recv_until_eof(quiet) == b""
         busy_proto = factory.built[1]
         assert not busy_proto.lost.is_set()
-        busy.sendall(b"alive")
-        assert recv_exactly(busy, 5) == b"alive"
+        echo(busy, b"alive")
 
 
 def test_max_connections_event_model(sock_path, make_server):
@@ -440,15 +428,13 @@ def test_max_connections_event_model(sock_path, make_server):
     srv = make_server(sock_path, protocol=factory, max_connections=2)
     with connect(srv.path) as a, connect(srv.path) as b:
         for s in (a, b):
-            s.sendall(b"in")
-            assert recv_exactly(s, 2) == b"in"
+            echo(s, b"in")
         with connect(srv.path) as extra:
             assert recv_until_eof(extra) == b""
         wait_until(lambda: srv.stats()["rejected"] == 1)
         assert len(factory.built) == 2
         for s in (a, b):
-            s.sendall(b"still")
-            assert recv_exactly(s, 5) == b"still"
+            echo(s, b"still")
         stats = srv.stats()
         assert stats["accepted"] == 2
         assert stats["rejected"] == 1
@@ -504,8 +490,7 @@ def test_graceful_shutdown_aborts_a_non_reader_at_the_deadline(sock_path, make_s
     with connect(srv.path) as s:
         proto = factory.one()
         assert proto.buffered > 0
-        with pytest.raises(ShutdownTimeoutError):
-            srv.shutdown(timeout=0.3)
+        shutdown_times_out(srv, 0.3)
         assert proto.lost.wait(DEADLINE)
         assert proto.names == ["made", "lost"]
         got = recv_until_eof(s)
@@ -621,8 +606,7 @@ def test_update_conn_runs_once_before_connection_made(sock_path, make_server):
             if k == 1:
                 assert recv_until_eof(s) == b""
             else:
-                s.sendall(b"hi")
-                assert recv_exactly(s, 2) == b"hi"
+                echo(s, b"hi")
         wait_until(lambda: log and log[-1] == (ConnState.CLOSE,))
         on_loop(srv, lambda: None)
         if k == 1:
@@ -691,8 +675,7 @@ def test_server_close_loses_every_connection_once(sock_path, make_server):
     server stops."""
     factory = Switch(lambda: BigWriter(payload(4 * MiB)), Recorder)
     srv = make_server(sock_path, protocol=factory)
-    clients = [connect(srv.path) for _ in range(5)]
-    try:
+    with connected(srv.path, 5) as clients:
         wait_until(lambda: len(factory.built) == 5)
         on_loop(srv, lambda: None)
         srv.close()
@@ -700,9 +683,6 @@ def test_server_close_loses_every_connection_once(sock_path, make_server):
         for s in clients[1:]:
             assert recv_until_eof(s) == b""
         assert len(recv_until_eof(clients[0])) < 4 * MiB
-    finally:
-        for s in clients:
-            s.close()
     assert factory.built[0].buffered > 0
     for proto in factory.built:
         assert proto.lost.wait(DEADLINE)
@@ -725,8 +705,7 @@ def test_server_close_from_a_protocol_callback(sock_path, make_server):
     factory.cls = Closer
     srv = make_server(sock_path, protocol=factory)
     with connect(srv.path) as other, connect(srv.path) as s:
-        other.sendall(b"hi")
-        assert recv_exactly(other, 2) == b"hi"
+        echo(other, b"hi")
         s.sendall(b"close the server")
         assert recv_until_eof(s) == b"close the server"  # written before close()
         assert recv_until_eof(other) == b""
@@ -748,7 +727,7 @@ def test_raising_on_conn_state_does_not_stop_serving(sock_path, make_server):
     srv.on_error(errors.append)
     srv.on_conn_state(bad_state)
     srv.start()
-    echo_ok(srv.path)
+    echo_once(srv.path, b"still serving")
     wait_until(lambda: len(errors) == 2)
     assert [e.args[0] for e in errors] == [ConnState.NEW, ConnState.CLOSE]
-    echo_ok(srv.path)
+    echo_once(srv.path, b"still serving")

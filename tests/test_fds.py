@@ -17,38 +17,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from conftest import (
-    DEADLINE,
-    FD_DIR,
-    LINUX,
-    connect,
-    echo_handler,
-    fd_count,
-    make_room,
-    recv_exactly,
-    recv_until_eof,
-    wait_until,
-)
+from conftest import (DEADLINE, FD_DIR, LINUX, connect, connected, echo, echo_handler, fd_count, fd_identity,
+                      finish, is_listening, make_room, open_fds, read_line, recv_until_eof, start_echo,
+                      wait_until)
 from unixsrv import AddressInUseError, Server, ServerConfig
-from unixsrv.echo import EchoProtocol
 
 # As /proc/<pid>/fdinfo prints them on Linux (0o2000000, 0o4000); fd_flags
 # builds the same bits from fcntl(2) elsewhere.
 O_CLOEXEC_FLAG = os.O_CLOEXEC
 O_NONBLOCK_FLAG = os.O_NONBLOCK
-
-
-def open_fds() -> set[int]:
-    """The fds open in this process now (without the one listdir used)."""
-    fds = set()
-    for name in os.listdir(FD_DIR):
-        fd = int(name)
-        try:
-            fcntl.fcntl(fd, fcntl.F_GETFD)
-        except OSError:
-            continue
-        fds.add(fd)
-    return fds
 
 
 def fd_flags(fd: int) -> int:
@@ -65,21 +42,6 @@ def fd_flags(fd: int) -> int:
             if line.startswith("flags:"):
                 return int(line.split()[1], 8)
     raise AssertionError(f"no flags line for fd {fd}")
-
-
-def fd_identity(fd: int) -> tuple[int, int, int]:
-    """What an fd refers to: (file type, st_dev, st_ino) from fstat.  For a
-    socket on Linux st_ino is the N of its /proc link "socket:[N]"."""
-    st = os.fstat(fd)
-    return stat.S_IFMT(st.st_mode), st.st_dev, st.st_ino
-
-
-def is_listening(fd: int) -> bool:
-    s = socket.socket(fileno=fd)
-    try:
-        return bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-    finally:
-        s.detach()
 
 
 def is_kqueue(fd: int) -> bool:
@@ -115,25 +77,13 @@ def fd_kind(fd: int) -> str:
     return "pipe" if stat.S_ISFIFO(mode) else "other"
 
 
-def start_echo(make_server: Callable[..., Server], path: str, model: str, **fields: object) -> Server:
-    if model == "blocking":
-        return make_server(path, echo_handler, **fields)
-    return make_server(path, protocol=EchoProtocol, **fields)
-
-
-def echo(s: socket.socket, msg: bytes) -> None:
-    s.sendall(msg)
-    assert recv_exactly(s, len(msg)) == msg
-
-
 @pytest.fixture
 def served(model: str, sock_path: str, make_server: Callable[..., Server]) -> Iterator[tuple[Server, dict[str, list[int]], list[socket.socket]]]:
     """A running server with 5 connected clients, and its own fds sorted by
     kind: listener, connection, poller, pipe, other."""
     before = open_fds()
     srv = start_echo(make_server, sock_path, model)
-    clients = [connect(sock_path) for _ in range(5)]
-    try:
+    with connected(sock_path, 5) as clients:
         for i, c in enumerate(clients):
             echo(c, b"client %d" % i)
         wait_until(lambda: srv.stats()["accepted"] == 5)
@@ -142,9 +92,6 @@ def served(model: str, sock_path: str, make_server: Callable[..., Server]) -> It
         for fd in sorted(open_fds() - before - mine):
             kinds[fd_kind(fd)].append(fd)
         yield srv, kinds, clients
-    finally:
-        for c in clients:
-            c.close()
 
 
 # ---------------------------------------------------------------------------- 33
@@ -205,13 +152,11 @@ def test_child_process_inherits_no_server_fd(
     srv, kinds, clients = served
     ours = {fd_identity(fd) for fds in kinds.values() for fd in fds}
     proc = spawn(_REPORT_FDS, FD_DIR, close_fds=False, stdin=subprocess.PIPE)
-    assert proc.stdout is not None
-    inherited = {tuple(ident) for ident in json.loads(proc.stdout.readline())}
+    inherited = {tuple(ident) for ident in json.loads(read_line(proc))}
     assert len(inherited) >= 3  # stdin, stdout, stderr at least
     assert inherited & ours == set()
-    assert proc.stdin is not None
-    proc.stdin.close()
-    assert proc.wait(DEADLINE) == 0
+    code, _out, err = finish(proc)
+    assert code == 0, err
     echo(clients[0], b"still served")
     assert srv.is_running
 
@@ -270,13 +215,9 @@ def test_no_fd_leak_over_idle_timeouts(model: str, sock_path: str, make_server: 
     leave no fd behind."""
     srv = start_echo(make_server, sock_path, model, idle_timeout=0.05)
     base = fd_count()
-    clients = [connect(sock_path) for _ in range(100)]
-    try:
+    with connected(sock_path, 100) as clients:
         for c in clients:
             assert c.recv(10) == b""
-    finally:
-        for c in clients:
-            c.close()
     wait_until(lambda: srv.stats()["closed"] == 100)
     wait_until(lambda: fd_count() == base)
 

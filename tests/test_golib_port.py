@@ -31,7 +31,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, connect, default_gid, echo_handler, recv_exactly, recv_until_eof, wait_until
+from conftest import (DEADLINE, connect, connected, default_gid, echo, echo_handler, echo_once,
+                      recv_until_eof, run_threads, serve_model, start_echo, wait_until)
 
 from unixsrv import (
     ConfigError,
@@ -52,12 +53,13 @@ from unixsrv.echo import EchoProtocol
 
 class ServeThread(threading.Thread):
     """Runs ``srv.serve_forever(cancel)`` (golib's ``go srv.Listen(ctx)``) and
-    keeps its outcome, so no exception escapes a thread."""
+    keeps its outcome, so no exception escapes a thread; ``cancel`` is its
+    own event (golib's ctx cancel function)."""
 
-    def __init__(self, srv: Server, cancel: threading.Event | None = None) -> None:
+    def __init__(self, srv: Server) -> None:
         super().__init__(daemon=True, name="serve_forever")
         self.srv = srv
-        self.cancel = cancel
+        self.cancel = threading.Event()
         self.result: Any = "not returned"
         self.error: BaseException | None = None
 
@@ -66,6 +68,14 @@ class ServeThread(threading.Thread):
             self.result = self.srv.serve_forever(self.cancel)
         except BaseException as exc:  # kept for the test to assert on
             self.error = exc
+
+    @classmethod
+    def running(cls, srv: Server) -> ServeThread:
+        """Start serve_forever on a thread; return once the server runs."""
+        t = cls(srv)
+        t.start()
+        wait_until(lambda: srv.is_running)
+        return t
 
     def finish(self) -> None:
         self.join(DEADLINE)
@@ -88,10 +98,12 @@ class Counter:
 
 
 class RecordingProtocol(asyncio.Protocol):
-    """Event model: echo, and record every callback in ``log``."""
+    """Event model: echo, and record every callback in ``log``; sets
+    ``finished`` (if given) after connection_lost."""
 
-    def __init__(self, log: list[Any]) -> None:
+    def __init__(self, log: list[Any], finished: threading.Event | None = None) -> None:
         self.log = log
+        self.finished = finished
         self.transport: Any = None
 
     def connection_made(self, transport: Any) -> None:
@@ -107,41 +119,8 @@ class RecordingProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.log.append(("lost", exc))
-
-
-def start_echo(model: str, make_server: Callable[..., Server], path: str, **fields: Any) -> Server:
-    """An echo server in ``model`` (golib's echoHandler)."""
-    if model == "blocking":
-        return make_server(path, echo_handler, **fields)
-    return make_server(path, protocol=EchoProtocol, **fields)
-
-
-def echo_once(path: str, msg: bytes) -> None:
-    """golib's sendAndReceive on a fresh connection."""
-    with connect(path) as s:
-        s.sendall(msg)
-        assert recv_exactly(s, len(msg)) == msg
-
-
-def run_threads(target: Callable[[int], Any], n: int) -> list[Any]:
-    """Run target(i) on n threads at once; return the results (exceptions as values)."""
-    results: list[Any] = [None] * n
-    barrier = threading.Barrier(n)
-
-    def body(i: int) -> None:
-        try:
-            barrier.wait(DEADLINE)
-            results[i] = target(i)
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(DEADLINE)
-        assert not t.is_alive()
-    return results
+        if self.finished is not None:
+            self.finished.set()
 
 
 # ============================================================================ creation_test.go
@@ -304,7 +283,7 @@ class TestBasic:
 
     def test_accept_connections(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib basic: should accept connections when running."""
-        srv = start_echo(model, make_server, sock_path)
+        srv = start_echo(make_server, sock_path, model)
         with connect(sock_path):
             wait_until(lambda: srv.open_connections == 1)
             assert srv.stats()["accepted"] == 1
@@ -316,19 +295,16 @@ class TestBasic:
     def test_stop_with_cancellation(self, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib basic: should stop server with context cancellation."""
         srv = make_server(sock_path, echo_handler, start=False)
-        cancel = threading.Event()
-        t = ServeThread(srv, cancel)
-        t.start()
-        wait_until(lambda: srv.is_running)
+        t = ServeThread.running(srv)
         echo_once(sock_path, b"x")
-        cancel.set()
+        t.cancel.set()
         t.finish()
         assert srv.is_running is False
         assert not os.path.lexists(sock_path)
 
     def test_track_multiple_connections(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib basic: should track multiple connections (exact: 1, 2, 3)."""
-        srv = start_echo(model, make_server, sock_path)
+        srv = start_echo(make_server, sock_path, model)
         clients = []
         try:
             for k in (1, 2, 3):
@@ -342,7 +318,7 @@ class TestBasic:
 
     def test_decrement_on_close(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib basic: should decrement count when connection closes."""
-        srv = start_echo(model, make_server, sock_path)
+        srv = start_echo(make_server, sock_path, model)
         c = connect(sock_path)
         wait_until(lambda: srv.open_connections == 1)
         c.close()
@@ -351,7 +327,7 @@ class TestBasic:
 
     def test_rapid_open_close(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib basic: should handle rapid connection open/close cycles."""
-        srv = start_echo(model, make_server, sock_path)
+        srv = start_echo(make_server, sock_path, model)
         for _ in range(10):
             connect(sock_path).close()
         wait_until(lambda: srv.stats()["closed"] == 10)
@@ -360,7 +336,7 @@ class TestBasic:
 
     def test_graceful_shutdown(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib basic: should shutdown gracefully with Shutdown()."""
-        srv = start_echo(model, make_server, sock_path)
+        srv = start_echo(make_server, sock_path, model)
         c = connect(sock_path)
         wait_until(lambda: srv.open_connections == 1)
         c.close()
@@ -372,7 +348,7 @@ class TestBasic:
     def test_close_immediately(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib basic: should close immediately with Close() (here: even with
         a client connected, which sees EOF)."""
-        srv = start_echo(model, make_server, sock_path)
+        srv = start_echo(make_server, sock_path, model)
         with connect(sock_path) as c:
             wait_until(lambda: srv.open_connections == 1)
             assert srv.close() is None
@@ -436,9 +412,7 @@ class TestContext:
         """golib context: should handle multiple reads and writes."""
         with connect(echo_server.path) as s:
             for i in range(5):
-                msg = f"Message {i}".encode()
-                s.sendall(msg)
-                assert recv_exactly(s, len(msg)) == msg
+                echo(s, f"Message {i}".encode())
 
     def test_error_after_close(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib context: should return error after connection close (W17:
@@ -465,10 +439,7 @@ class TestContext:
                     outcome.append(exc)
                 done.set()
 
-        if model == "blocking":
-            make_server(sock_path, handler)
-        else:
-            make_server(sock_path, protocol=P)
+        serve_model(make_server, sock_path, model, handler, P)
         with connect(sock_path) as s:
             assert done.wait(DEADLINE)
             assert recv_until_eof(s) == b""
@@ -504,10 +475,7 @@ class TestContext:
                 seen.append((transport.get_extra_info("sockname"), transport.get_extra_info("peername")))
                 transport.close()
 
-        if model == "blocking":
-            make_server(sock_path, handler)
-        else:
-            make_server(sock_path, protocol=P)
+        serve_model(make_server, sock_path, model, handler, P)
         with connect(sock_path) as s:
             assert recv_until_eof(s) == b""
         client_path = os.path.join(sock_dir, "client.sock")
@@ -533,15 +501,11 @@ class TestContext:
             entered.set()
             return RecordingProtocol(log)
 
-        srv = make_server(sock_path, handler if model == "blocking" else None,
-                          protocol=None if model == "blocking" else factory, start=False)
-        cancel = threading.Event()
-        t = ServeThread(srv, cancel)
-        t.start()
-        wait_until(lambda: srv.is_running)
+        srv = serve_model(make_server, sock_path, model, handler, factory, start=False)
+        t = ServeThread.running(srv)
         with connect(sock_path) as s:
             assert entered.wait(DEADLINE)
-            cancel.set()
+            t.cancel.set()
             t.finish()
             assert recv_until_eof(s) == b""
         if model == "blocking":
@@ -569,13 +533,10 @@ class TestContext:
             finished.set()
 
         srv = make_server(sock_path, handler, start=False)
-        cancel = threading.Event()
-        t = ServeThread(srv, cancel)
-        t.start()
-        wait_until(lambda: srv.is_running)
+        t = ServeThread.running(srv)
         with connect(sock_path) as s:
             assert entered.wait(DEADLINE)
-            cancel.set()
+            t.cancel.set()
             t.finish()
             assert finished.wait(DEADLINE)
             assert recv_until_eof(s) == b""
@@ -607,10 +568,7 @@ class TestContext:
                 transport.close()
                 done.set()
 
-        if model == "blocking":
-            make_server(sock_path, handler)
-        else:
-            make_server(sock_path, protocol=P)
+        serve_model(make_server, sock_path, model, handler, P)
         with connect(sock_path) as s:
             assert done.wait(DEADLINE)
             assert recv_until_eof(s) == b""
@@ -639,15 +597,7 @@ class TestContext:
                 result.append(exc)
             finished.set()
 
-        class P(RecordingProtocol):
-            def connection_lost(self, exc: BaseException | None) -> None:
-                super().connection_lost(exc)
-                finished.set()
-
-        if model == "blocking":
-            srv = make_server(sock_path, handler)
-        else:
-            srv = make_server(sock_path, protocol=lambda: P(log))
+        srv = serve_model(make_server, sock_path, model, handler, lambda: RecordingProtocol(log, finished))
         connect(sock_path).close()
         assert srv.is_running and not srv.is_gone
         assert finished.wait(DEADLINE)
@@ -739,10 +689,7 @@ class TestConcurrency:
             def connection_made(self, transport: Any) -> None:
                 transport.close()
 
-        if model == "blocking":
-            srv = make_server(sock_path, lambda conn: conn.close())
-        else:
-            srv = make_server(sock_path, protocol=Closer)
+        srv = serve_model(make_server, sock_path, model, lambda conn: conn.close(), Closer)
 
         def client(i: int) -> bytes:
             with connect(sock_path) as s:
@@ -760,13 +707,9 @@ class TestConcurrency:
     def test_concurrent_open_connections(self, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib concurrency: should handle concurrent OpenConnections calls."""
         srv = make_server(sock_path, echo_handler)
-        clients = [connect(sock_path) for _ in range(3)]
-        try:
+        with connected(sock_path, 3):
             wait_until(lambda: srv.open_connections == 3)
             assert run_threads(lambda i: srv.open_connections, 20) == [3] * 20
-        finally:
-            for c in clients:
-                c.close()
 
     def test_concurrent_register_error(self, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib concurrency: should handle concurrent RegisterFuncError (the
@@ -808,8 +751,7 @@ class TestConcurrency:
             finished.inc()
 
         srv = make_server(sock_path, slow)
-        clients = [connect(sock_path) for _ in range(5)]
-        try:
+        with connected(sock_path, 5) as clients:
             for i, c in enumerate(clients):
                 c.sendall(b"job %d" % i)
             wait_until(lambda: got.value == 5)
@@ -817,9 +759,6 @@ class TestConcurrency:
             assert finished.value == 5
             for i, c in enumerate(clients):
                 assert recv_until_eof(c) == b"job %d" % i
-        finally:
-            for c in clients:
-                c.close()
         assert srv.open_connections == 0
 
 
@@ -858,7 +797,7 @@ class TestRobustness:
         """golib robustness: should call info callback on connection events
         (exactly NEW then CLOSE, with the server path and "" for the client)."""
         events: list[tuple[str, str, ConnState]] = []
-        srv = start_echo(model, make_server, sock_path, start=False)
+        srv = start_echo(make_server, sock_path, model, start=False)
         srv.on_conn_state(lambda local, remote, state: events.append((local, remote, state)))
         srv.start()
         connect(sock_path).close()
@@ -877,7 +816,7 @@ class TestRobustness:
 
     def test_idle_connection_closed(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib robustness: should close idle connections after timeout (1 s)."""
-        srv = start_echo(model, make_server, sock_path, idle_timeout=1.0)
+        srv = start_echo(make_server, sock_path, model, idle_timeout=1.0)
         start = time.monotonic()
         with connect(sock_path) as s:
             wait_until(lambda: srv.open_connections == 1)
@@ -889,12 +828,11 @@ class TestRobustness:
     def test_active_connection_kept(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib robustness: should not timeout active connections (golib:
         1 s timeout, five echoes 400 ms apart; scaled to 0.6 s and 200 ms)."""
-        srv = start_echo(model, make_server, sock_path, idle_timeout=0.6)
+        srv = start_echo(make_server, sock_path, model, idle_timeout=0.6)
         with connect(sock_path) as s:
             for i in range(7):
                 time.sleep(0.2)  # the client's think time, within the timeout
-                s.sendall(b"ping %d" % i)
-                assert recv_exactly(s, 6) == b"ping %d" % i
+                echo(s, b"ping %d" % i)
             assert srv.open_connections == 1
 
     def test_handler_panic(self, sock_path: str, make_server: Callable[..., Server]) -> None:
@@ -939,15 +877,7 @@ class TestRobustness:
 
         log: list[Any] = []
 
-        class P(RecordingProtocol):
-            def connection_lost(self, exc: BaseException | None) -> None:
-                super().connection_lost(exc)
-                finished.set()
-
-        if model == "blocking":
-            srv = make_server(sock_path, read_only)
-        else:
-            srv = make_server(sock_path, protocol=lambda: P(log))
+        srv = serve_model(make_server, sock_path, model, read_only, lambda: RecordingProtocol(log, finished))
         connect(sock_path).close()
         assert finished.wait(DEADLINE)
         assert got == []
@@ -965,10 +895,7 @@ class TestRobustness:
                 transport.write(b"Server message")
                 transport.close()
 
-        if model == "blocking":
-            srv = make_server(sock_path, lambda conn: conn.write(b"Server message"))
-        else:
-            srv = make_server(sock_path, protocol=P)
+        srv = serve_model(make_server, sock_path, model, lambda conn: conn.write(b"Server message"), P)
         with connect(sock_path) as s:
             assert recv_until_eof(s) == b"Server message"
         assert srv.is_running
@@ -985,25 +912,19 @@ class TestRobustness:
             finished.inc()
 
         srv = make_server(sock_path, slow)
-        clients = [connect(sock_path) for _ in range(3)]
-        try:
+        with connected(sock_path, 3) as clients:
             wait_until(lambda: srv.open_connections == 3)
             assert srv.shutdown(DEADLINE) is None
             assert finished.value == 3
             assert srv.open_connections == 0
             for c in clients:
                 assert recv_until_eof(c) == b""
-        finally:
-            for c in clients:
-                c.close()
 
     def test_multiple_listen(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib robustness: should handle multiple Listen attempts."""
-        srv = start_echo(model, make_server, sock_path, start=False)
+        srv = start_echo(make_server, sock_path, model, start=False)
         for cycle in range(2):
-            t = ServeThread(srv, threading.Event())
-            t.start()
-            wait_until(lambda: srv.is_running)
+            t = ServeThread.running(srv)
             echo_once(sock_path, b"cycle %d" % cycle)
             assert srv.shutdown(5.0) is None
             t.finish()
@@ -1056,11 +977,8 @@ class TestExamples:
     def test_example_listen(self, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib ExampleServerUnix_Listen: a cancellable Listen; "Server is running"."""
         srv = make_server(sock_path, echo_handler, start=False)
-        cancel = threading.Event()
-        t = ServeThread(srv, cancel)
-        t.start()
-        wait_until(lambda: srv.is_running)
-        cancel.set()
+        t = ServeThread.running(srv)
+        t.cancel.set()
         t.finish()
         assert not srv.is_running
 
@@ -1079,7 +997,7 @@ class TestExamples:
     def test_example_idle_timeout(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib ExampleServerUnix_idleTimeout: 100 ms idle timeout, silently
         disabled in golib; here it works (W18)."""
-        srv = start_echo(model, make_server, sock_path, idle_timeout=0.1)
+        srv = start_echo(make_server, sock_path, model, idle_timeout=0.1)
         with connect(sock_path) as s:
             assert recv_until_eof(s) == b""
         wait_until(lambda: srv.open_connections == 0)
@@ -1123,10 +1041,7 @@ def test_conn_state_order(model: str, sock_path: str, make_server: Callable[...,
             log.append(("closed at CLOSE", conns[0].closed, conns[0].fileno()))
         log.append(state)
 
-    if model == "blocking":
-        srv = make_server(sock_path, handler, start=False)
-    else:
-        srv = make_server(sock_path, protocol=lambda: RecordingProtocol(log), start=False)
+    srv = serve_model(make_server, sock_path, model, handler, lambda: RecordingProtocol(log), start=False)
     srv.on_conn_state(on_state)
     srv.start()
     echo_once(sock_path, b"order")

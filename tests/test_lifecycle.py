@@ -6,10 +6,8 @@ sections F and G: items 37-43)."""
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import random
-import select
 import signal
 import socket
 import stat
@@ -17,62 +15,19 @@ import subprocess
 import textwrap
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from conftest import (
-    DEADLINE,
-    FD_DIR,
-    connect,
-    connect_socket,
-    echo_handler,
-    make_room,
-    recv_exactly,
-    recv_until_eof,
-    wait_until,
-)
-from unixsrv import ConnState, Server, ServerClosedError, ShutdownTimeoutError
+from conftest import (DEADLINE, connect, connect_socket, connected, echo, echo_handler, echo_once,
+                      fd_identity, fork_quietly, is_listening, make_room, open_fds, reap, recv_exactly,
+                      recv_until_eof, serve_model, shutdown_times_out, start_echo, wait_until)
+from unixsrv import ConnState, Server, ServerClosedError
 from unixsrv._core import HAVE_ABSTRACT
 from unixsrv.echo import EchoProtocol
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def start_echo(make_server: Callable[..., Server], path: str, model: str, *, start: bool = True, **fields: Any) -> Server:
-    if model == "blocking":
-        return make_server(path, echo_handler, start=start, **fields)
-    return make_server(path, protocol=EchoProtocol, start=start, **fields)
-
-
-def echo(s: socket.socket, msg: bytes) -> None:
-    s.sendall(msg)
-    assert recv_exactly(s, len(msg)) == msg
-
-
-def echo_once(path: str, msg: bytes) -> None:
-    with connect(path) as s:
-        echo(s, msg)
-
-
-def open_fds() -> set[int]:
-    fds = set()
-    for name in os.listdir(FD_DIR):
-        try:
-            fcntl.fcntl(int(name), fcntl.F_GETFD)
-        except OSError:
-            continue
-        fds.add(int(name))
-    return fds
-
-
-def fd_identity(fd: int) -> tuple[int, int, int]:
-    """What an fd refers to: (file type, st_dev, st_ino).  For a socket on
-    Linux st_ino is the N of its /proc link "socket:[N]"."""
-    st = os.fstat(fd)
-    return stat.S_IFMT(st.st_mode), st.st_dev, st.st_ino
 
 
 def fd_targets() -> set[tuple[int, int, int]]:
@@ -91,60 +46,10 @@ def listener_target(before: set[int]) -> tuple[int, int, int]:
     found = []
     for fd in open_fds() - before:
         ident = fd_identity(fd)
-        if stat.S_ISSOCK(ident[0]):
-            s = socket.socket(fileno=fd)
-            try:
-                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                    found.append(ident)
-            finally:
-                s.detach()
+        if stat.S_ISSOCK(ident[0]) and is_listening(fd):
+            found.append(ident)
     assert len(found) == 1, found
     return found[0]
-
-
-def read_line(proc: subprocess.Popen[Any], timeout: float = DEADLINE) -> str:
-    """The next line a child printed (stdout opened with text=False)."""
-    buf: bytearray = proc.__dict__.setdefault("_linebuf", bytearray())
-    end = time.monotonic() + timeout
-    while b"\n" not in buf:
-        left = end - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no line from pid {proc.pid} within {timeout} s (so far {bytes(buf)!r})")
-        if select.select([proc.stdout], [], [], left)[0]:
-            chunk = os.read(proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
-            if not chunk:
-                raise AssertionError(f"pid {proc.pid} closed stdout before a line")
-            buf += chunk
-    line, _, rest = bytes(buf).partition(b"\n")
-    buf[:] = rest
-    return line.decode()
-
-
-def fork_quietly() -> int:
-    """os.fork() without Python 3.12's "multi-threaded fork" DeprecationWarning
-    (warnings are errors here; the child only runs fork-safe code)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return os.fork()
-
-
-def reap(pid: int, timeout: float = DEADLINE) -> int:
-    """Wait for a forked child without hanging; its exit code."""
-    status: list[int] = []
-
-    def done() -> bool:
-        got, st = os.waitpid(pid, os.WNOHANG)
-        if got == pid:
-            status.append(st)
-        return bool(status)
-
-    try:
-        wait_until(done, timeout)
-    finally:
-        if not status:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status[0])
 
 
 class Timed(threading.Thread):
@@ -164,6 +69,17 @@ class Timed(threading.Thread):
             self.exc = exc
         finally:
             self.elapsed = time.monotonic() - t0
+
+
+def start_shutdown(srv: Server, idle: socket.socket) -> Timed:
+    """Start ``srv.shutdown()`` on a thread (returned, running); the idle
+    client ``idle`` must get EOF at once (within 2 s)."""
+    stopper = Timed(lambda: srv.shutdown(timeout=DEADLINE))
+    stopper.start()
+    t0 = time.monotonic()
+    assert idle.recv(100) == b""
+    assert time.monotonic() - t0 < 2.0
+    return stopper
 
 
 BIG = b"0123456789abcdef" * (1 << 18)  # 4 MiB: far more than the socket buffers hold
@@ -224,11 +140,7 @@ def test_shutdown_drains_blocking_handlers(sock_path: str, make_server: Callable
         busy.sendall(b"slow")
         assert recv_exactly(busy, 10) == b"part one, "
         assert in_middle.wait(DEADLINE)
-        stopper = Timed(lambda: srv.shutdown(timeout=DEADLINE))
-        stopper.start()
-        t0 = time.monotonic()
-        assert idle.recv(100) == b""
-        assert time.monotonic() - t0 < 2.0
+        stopper = start_shutdown(srv, idle)
         assert not os.path.lexists(sock_path)
         assert stopper.is_alive()  # the busy handler is still working
         release.set()
@@ -261,11 +173,7 @@ def test_shutdown_flushes_event_model_output(sock_path: str, make_server: Callab
         echo(idle, b"idle one")
         busy.sendall(b"big")
         assert wrote.wait(DEADLINE)
-        stopper = Timed(lambda: srv.shutdown(timeout=DEADLINE))
-        stopper.start()
-        t0 = time.monotonic()
-        assert idle.recv(100) == b""
-        assert time.monotonic() - t0 < 2.0
+        stopper = start_shutdown(srv, idle)
         assert stopper.is_alive()  # 4 MiB cannot have been flushed yet
         assert recv_until_eof(busy) == BIG
         stopper.join(DEADLINE)
@@ -294,10 +202,7 @@ def test_shutdown_deadline_blocking(sock_path: str, make_server: Callable[..., S
     with connect(sock_path) as client:
         client.sendall(b"go")
         assert started.wait(DEADLINE)
-        t0 = time.monotonic()
-        with pytest.raises(ShutdownTimeoutError):
-            srv.shutdown(timeout=0.5)
-        elapsed = time.monotonic() - t0
+        elapsed = shutdown_times_out(srv, 0.5)
         assert 0.45 <= elapsed < 3.0, elapsed
         assert recv_until_eof(client) == b""
         assert not srv.is_running
@@ -329,10 +234,7 @@ def test_shutdown_deadline_event_model(sock_path: str, make_server: Callable[...
     with connect(sock_path) as client:
         client.sendall(b"big")
         assert wrote.wait(DEADLINE)
-        t0 = time.monotonic()
-        with pytest.raises(ShutdownTimeoutError):
-            srv.shutdown(timeout=0.5)
-        elapsed = time.monotonic() - t0
+        elapsed = shutdown_times_out(srv, 0.5)
         assert 0.45 <= elapsed < 3.0, elapsed
         got = recv_until_eof(client)
         assert len(got) < len(BIG) and BIG.startswith(got)
@@ -350,8 +252,7 @@ def test_eight_threads_stop_at_once(calls: str, model: str, sock_path: str, make
     close(), or close() and shutdown() mixed) raise nothing; every call
     returns, the server is stopped, its file gone, its clients at EOF."""
     srv = start_echo(make_server, sock_path, model)
-    clients = [connect(sock_path) for _ in range(3)]
-    try:
+    with connected(sock_path, 3) as clients:
         for c in clients:
             echo(c, b"x")
         barrier = threading.Barrier(8)
@@ -377,9 +278,6 @@ def test_eight_threads_stop_at_once(calls: str, model: str, sock_path: str, make
         assert not os.path.lexists(sock_path)
         for c in clients:
             assert recv_until_eof(c) == b""
-    finally:
-        for c in clients:
-            c.close()
 
 
 def test_stop_calls_on_a_never_started_server_are_noops(sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
@@ -459,10 +357,7 @@ def test_conn_state_new_and_close_once_each_in_order(
         def connection_lost(self, exc: Any) -> None:
             events.append((self.remote, "end"))
 
-    if model == "blocking":
-        srv = make_server(sock_path, handler, start=False)
-    else:
-        srv = make_server(sock_path, protocol=Proto, start=False)
+    srv = serve_model(make_server, sock_path, model, handler, Proto, start=False)
     locals_seen: set[str] = set()
 
     @srv.on_conn_state
@@ -542,10 +437,7 @@ def test_raising_callback_does_not_stop_the_server(
             self.transport.write(data)
 
     update = {"update_conn": boom} if which == "update_conn" else {}
-    if model == "blocking":
-        srv = make_server(sock_path, handler, start=False, **update)
-    else:
-        srv = make_server(sock_path, protocol=Proto, start=False, **update)
+    srv = serve_model(make_server, sock_path, model, handler, Proto, start=False, **update)
     if which == "on_error":
         srv.on_conn_state(boom)
         srv.on_error(lambda exc: (reported.append(exc), boom()))
@@ -611,10 +503,7 @@ def test_stop_from_inside_a_handler(how: str, model: str, sock_path: str, make_s
             if how == "shutdown":
                 self.transport.write(b"bye")
 
-    if model == "blocking":
-        srv = make_server(sock_path, handler)
-    else:
-        srv = make_server(sock_path, protocol=Proto)
+    srv = serve_model(make_server, sock_path, model, handler, Proto)
     srv_box.append(srv)
     with connect(sock_path) as s:
         s.sendall(b"stop please")

@@ -4,29 +4,25 @@ items 22-25 and 30-32)."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
-import hashlib
 import json
 import logging
 import os
 import random
-import select
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from conftest import DEADLINE, connect, echo_handler, make_room, recv_exactly, recv_until_eof, wait_until
+from conftest import (DEADLINE, connect, connected, echo, echo_once, finish, make_room, proc_stat, read_line,
+                      recv_exactly, sha, start_echo, wait_until)
 from unixsrv import Server
-from unixsrv.echo import EchoProtocol
 
 # Facilities of the Linux-only tests (see conftest: @pytest.mark.linux).
 STRACE = "strace (system-call delay and error injection)"
@@ -34,93 +30,10 @@ STRACE = "strace (system-call delay and error injection)"
 # ---------------------------------------------------------------------------- helpers
 
 
-def read_line(proc: subprocess.Popen[Any], timeout: float = DEADLINE) -> str:
-    """The next line a child printed (stdout opened with text=False); fails
-    instead of hanging if none arrives within ``timeout``."""
-    buf: bytearray = proc.__dict__.setdefault("_linebuf", bytearray())
-    end = time.monotonic() + timeout
-    while b"\n" not in buf:
-        left = end - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no line from pid {proc.pid} within {timeout} s (so far {bytes(buf)!r})")
-        if select.select([proc.stdout], [], [], left)[0]:
-            chunk = os.read(proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
-            if not chunk:
-                try:
-                    proc.wait(DEADLINE)
-                finally:
-                    err = proc.stderr.read() if proc.stderr is not None else b""
-                raise AssertionError(f"pid {proc.pid} exited ({proc.returncode}) before a line; stderr:\n{err!r}")
-            buf += chunk
-    line, _, rest = bytes(buf).partition(b"\n")
-    buf[:] = rest
-    return line.decode()
-
-
-def finish(proc: subprocess.Popen[Any]) -> tuple[int, str]:
-    """Close the child's stdin (its signal to stop) and return (exit code, stderr)."""
-    assert proc.stdin is not None
-    proc.stdin.close()
-    code = proc.wait(DEADLINE)
-    err = proc.stderr.read() if proc.stderr is not None else b""
-    return code, err.decode(errors="replace")
-
-
-def echo_once(path: str, payload: bytes) -> bytes:
-    with connect(path) as s:
-        s.sendall(payload)
-        return recv_exactly(s, len(payload))
-
-
 def cpu_ticks(pid: int) -> int:
     """utime + stime of a process in clock ticks (/proc/<pid>/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    fields = proc_stat(pid)
     return int(fields[11]) + int(fields[12])
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                kids.append(int(entry))
-    return kids
-
-
-@pytest.fixture
-def run_traced() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Run ``python -c code`` under strace (for syscall error injection).
-
-    Killing strace would only detach its tracee, so teardown kills the
-    traced Python child by its PID first, then strace by its PID.
-    """
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def factory(strace_args: list[str], code: str, *args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
-        kwargs.setdefault("stdout", subprocess.PIPE)
-        kwargs.setdefault("stderr", subprocess.PIPE)
-        kwargs.setdefault("stdin", subprocess.PIPE)
-        argv = ["strace", "-f", "-qq", "-o", "/dev/null", *strace_args, sys.executable, "-c", code, *args]
-        proc = subprocess.Popen(argv, **kwargs)
-        procs.append(proc)
-        return proc
-
-    yield factory
-    for proc in procs:
-        if proc.poll() is None:
-            for child in _children(proc.pid):
-                os.kill(child, signal.SIGKILL)
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(DEADLINE)
-        for stream in (proc.stdout, proc.stderr, proc.stdin):
-            if stream is not None:
-                stream.close()
 
 
 # A server in a child process: argv = path, model, then optional settings as
@@ -154,12 +67,6 @@ _SERVER = textwrap.dedent(
 )
 
 
-def _echo_server(make_server: Callable[..., Server], path: str, model: str, **fields: Any) -> Server:
-    if model == "blocking":
-        return make_server(path, echo_handler, **fields)
-    return make_server(path, protocol=EchoProtocol, **fields)
-
-
 # ---------------------------------------------------------------------------- 22: max_connections
 
 
@@ -168,12 +75,10 @@ def test_max_connections_rejects_the_eleventh(model: str, sock_path: str, make_s
     is accepted and closed at once (EOF), counted in 'rejected' and not in
     'accepted'; the first 10 keep echoing.  Once one of them leaves, a new
     client is served again."""
-    srv = _echo_server(make_server, sock_path, model, max_connections=10)
-    clients = [connect(sock_path) for _ in range(10)]
-    try:
+    srv = start_echo(make_server, sock_path, model, max_connections=10)
+    with connected(sock_path, 10) as clients:
         for i, c in enumerate(clients):
-            c.sendall(b"hello %d" % i)
-            assert recv_exactly(c, len(b"hello %d" % i)) == b"hello %d" % i
+            echo(c, b"hello %d" % i)
         with connect(sock_path, timeout=2.0) as extra:
             t0 = time.monotonic()
             assert extra.recv(100) == b""
@@ -182,15 +87,11 @@ def test_max_connections_rejects_the_eleventh(model: str, sock_path: str, make_s
         stats = srv.stats()
         assert stats["accepted"] == 10 and stats["open"] == 10
         for i, c in enumerate(clients):
-            c.sendall(b"still %d" % i)
-            assert recv_exactly(c, len(b"still %d" % i)) == b"still %d" % i
+            echo(c, b"still %d" % i)
         clients.pop().close()
         wait_until(lambda: srv.stats()["open"] == 9)
-        assert echo_once(sock_path, b"room again") == b"room again"
+        echo_once(sock_path, b"room again")
         assert srv.stats()["rejected"] == 1
-    finally:
-        for c in clients:
-            c.close()
 
 
 # ---------------------------------------------------------------------------- 23: EMFILE
@@ -207,11 +108,8 @@ def test_emfile_backs_off_and_recovers(model: str, sock_path: str, spawn: Callab
     line = read_line(proc)
     assert line.startswith("ready")
     pid = proc.pid
-    assert echo_once(sock_path, b"before") == b"before"
-    clients = []
-    try:
-        for _ in range(200):
-            clients.append(connect(sock_path))
+    echo_once(sock_path, b"before")
+    with connected(sock_path, 200):
         # The table is full once the server holds (nearly) 64 fds.
         wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) >= 60)
         start = cpu_ticks(pid)
@@ -219,17 +117,25 @@ def test_emfile_backs_off_and_recovers(model: str, sock_path: str, spawn: Callab
         used = (cpu_ticks(pid) - start) / os.sysconf("SC_CLK_TCK")
         assert used < 0.2, f"the server used {used:.2f} s of CPU in 2 s with no fds left"
         assert proc.poll() is None
-    finally:
-        for c in clients:
-            c.close()
-    with connect(sock_path) as s:
-        s.sendall(b"after the storm")
-        assert recv_exactly(s, 15) == b"after the storm"
-    code, _err = finish(proc)
+    echo_once(sock_path, b"after the storm")
+    code, _out, _err = finish(proc)
     assert code == 0
 
 
 # ---------------------------------------------------------------------------- 24: accept errors
+
+
+def _serve_through_failing_accepts(run_traced: Callable[..., Any], err: str, path: str, model: str, *opts: str) -> str:
+    """The _SERVER child under strace, accept4 failing with ``err`` on its
+    first five calls: 8 clients each get their echo, the child exits 0 once
+    told to; its stderr."""
+    proc = run_traced(["-e", f"inject=accept4:error={err}:when=1..5"], _SERVER, path, model, *opts)
+    assert read_line(proc).startswith("ready")
+    for i in range(8):
+        echo_once(path, b"client %d" % i)
+    code, _out, stderr = finish(proc)
+    assert code == 0
+    return stderr
 
 
 @pytest.mark.parametrize("err", ["ECONNABORTED", "EINTR", "EPROTO"])
@@ -241,13 +147,7 @@ def test_transient_accept_errors_are_skipped(
     failing with a per-client error (strace injects it on the first five
     calls) is skipped: every client is served and nothing is logged at
     WARNING or above (the child logs to stderr at that level)."""
-    proc = run_traced(["-e", f"inject=accept4:error={err}:when=1..5"], _SERVER, sock_path, model)
-    assert read_line(proc).startswith("ready")
-    for i in range(8):
-        msg = b"client %d" % i
-        assert echo_once(sock_path, msg) == msg
-    code, stderr = finish(proc)
-    assert code == 0
+    stderr = _serve_through_failing_accepts(run_traced, err, sock_path, model)
     assert stderr == ""
 
 
@@ -261,14 +161,7 @@ def test_resource_accept_errors_back_off_and_recover(
     delays the clients but every one of them is served; the error reaches
     on_error (server.py: "accept errors") as an OSError with that errno and
     the path, without flooding."""
-    proc = run_traced(["-e", f"inject=accept4:error={err}:when=1..5"], _SERVER, sock_path, model,
-                      json.dumps({"on_error": True}))
-    assert read_line(proc).startswith("ready")
-    for i in range(8):
-        msg = b"client %d" % i
-        assert echo_once(sock_path, msg) == msg
-    code, stderr = finish(proc)
-    assert code == 0
+    stderr = _serve_through_failing_accepts(run_traced, err, sock_path, model, json.dumps({"on_error": True}))
     reports = [json.loads(line.split(" ", 1)[1]) for line in stderr.splitlines() if line.startswith("on_error ")]
     # Reported to on_error as the matching OSError carrying the path, but
     # not flooding: at most once per failed call.
@@ -286,7 +179,7 @@ def test_idle_client_gets_eof_after_the_timeout(
 ) -> None:
     """Checklist 25 (golib spec d: idle timeout keyed by peer address, whole
     seconds): idle_timeout=0.5 closes a silent client at 0.5 s +- 0.2 s."""
-    _echo_server(make_server, sock_path, model, idle_timeout=0.5)
+    start_echo(make_server, sock_path, model, idle_timeout=0.5)
     with connect(sock_path) as s:
         t0 = time.monotonic()
         assert s.recv(100) == b""
@@ -300,11 +193,10 @@ def test_idle_timeout_counts_from_the_last_byte(
     """Checklist 25 (DESIGN: idle = no byte for idle_timeout): a client that
     talks every 0.2 s stays connected past 0.5 s, then gets EOF about 0.5 s
     after its last byte."""
-    _echo_server(make_server, sock_path, model, idle_timeout=0.5)
+    start_echo(make_server, sock_path, model, idle_timeout=0.5)
     with connect(sock_path) as s:
         for i in range(5):  # 1 s of activity in total
-            s.sendall(b"%d" % i)
-            assert recv_exactly(s, 1) == b"%d" % i
+            echo(s, b"%d" % i)
             time.sleep(0.2)  # let time pass: idling is the behaviour under test
         t0 = time.monotonic()
         assert s.recv(100) == b""
@@ -374,8 +266,8 @@ def test_writing_to_a_vanished_peer_does_not_kill(model: str, sock_path: str, sp
             pass  # connect and close at once
         assert read_line(proc) in ("write-error BrokenPipeError", "write-error ConnectionResetError")
     assert proc.poll() is None
-    assert echo_once(sock_path, b"still here") == b"still here"
-    code, _err = finish(proc)
+    echo_once(sock_path, b"still here")
+    code, _out, _err = finish(proc)
     assert code == 0
 
 
@@ -390,7 +282,7 @@ def test_resets_are_normal_disconnects(
     disconnects: no ERROR log record, CLOSE fired 1000 times and stats
     closed == accepted == 1000."""
     caplog.set_level(logging.DEBUG)
-    srv = _echo_server(make_server, sock_path, model)
+    srv = start_echo(make_server, sock_path, model)
     closes = []
     srv.on_conn_state(lambda local, remote, state: closes.append(state) if state.name == "CLOSE" else None)
     payload = os.urandom(32 * 1024)
@@ -406,7 +298,7 @@ def test_resets_are_normal_disconnects(
     bad = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert bad == [], [r.getMessage() for r in bad[:5]]
     assert srv.is_running
-    assert echo_once(sock_path, b"fine") == b"fine"
+    echo_once(sock_path, b"fine")
 
 
 # ---------------------------------------------------------------------------- 32: partial writes
@@ -430,7 +322,7 @@ def _exchange_big(path: str, payloads: list[bytes]) -> None:
             got = recv_exactly(s, len(payload))
             t.join(DEADLINE)
             assert not t.is_alive() and errors == []
-            assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
+            assert sha(got) == sha(payload)
 
 
 def test_partial_writes_with_a_tiny_send_buffer(
@@ -444,10 +336,7 @@ def test_partial_writes_with_a_tiny_send_buffer(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         sizes.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
 
-    if model == "blocking":
-        srv = make_server(sock_path, echo_handler, update_conn=small_sndbuf)
-    else:
-        srv = make_server(sock_path, protocol=EchoProtocol, update_conn=small_sndbuf)
+    srv = start_echo(make_server, sock_path, model, update_conn=small_sndbuf)
     rng = random.Random(32)
     payloads = [rng.randbytes(1 << 20) for _ in range(4)]
     _exchange_big(sock_path, payloads)
@@ -501,11 +390,11 @@ def test_eintr_storm_with_partial_writes(model: str, sock_path: str, spawn: Call
         rng = random.Random(33)
         _exchange_big(sock_path, [rng.randbytes(1 << 20) for _ in range(4)])
         for i in range(50):
-            assert echo_once(sock_path, b"small %d" % i) == b"small %d" % i
+            echo_once(sock_path, b"small %d" % i)
     finally:
         stop.set()
         t.join(DEADLINE)
     assert sent[0] > 10
     assert proc.poll() is None
-    code, _err = finish(proc)
+    code, _out, _err = finish(proc)
     assert code == 0

@@ -16,16 +16,14 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import textwrap
-import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from conftest import DEADLINE, connect, echo_handler, fd_count, recv_exactly, recv_until_eof, wait_until
+from conftest import (DEADLINE, connect, echo, echo_handler, echo_once, fork_quietly, listening_socket,
+                      proc_stat, read_line, reap, recv_until_eof, wait_until)
 from unixsrv import AddressInUseError, InvalidPathError, Server, ServerConfig
 from unixsrv._core import SUN_PATH_MAX
 
@@ -33,29 +31,6 @@ from unixsrv._core import SUN_PATH_MAX
 STRACE = "strace (system-call delay and error injection)"
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def read_line(proc: subprocess.Popen[Any], timeout: float = DEADLINE) -> str:
-    """The next line a child printed (stdout opened with text=False); fails
-    instead of hanging if none arrives within ``timeout``."""
-    buf: bytearray = proc.__dict__.setdefault("_linebuf", bytearray())
-    end = time.monotonic() + timeout
-    while b"\n" not in buf:
-        left = end - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no line from pid {proc.pid} within {timeout} s (so far {bytes(buf)!r})")
-        if select.select([proc.stdout], [], [], left)[0]:
-            chunk = os.read(proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
-            if not chunk:
-                try:
-                    proc.wait(DEADLINE)
-                finally:
-                    err = proc.stderr.read() if proc.stderr is not None else b""
-                raise AssertionError(f"pid {proc.pid} exited ({proc.returncode}) before a line; stderr:\n{err!r}")
-            buf += chunk
-    line, _, rest = bytes(buf).partition(b"\n")
-    buf[:] = rest
-    return line.decode()
 
 
 def child_json(proc: subprocess.Popen[Any], timeout: float = DEADLINE) -> Any:
@@ -92,77 +67,6 @@ def tagged(tag: bytes) -> Callable[[Any], None]:
         conn.write(tag)
 
     return handler
-
-
-@pytest.fixture
-def run_traced() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Run ``python -c code`` under strace (for syscall error injection).
-
-    Killing strace would only detach its tracee, so teardown kills the
-    traced Python child by its PID first, then strace by its PID.
-    """
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def factory(strace_args: list[str], code: str, *args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
-        kwargs.setdefault("stdout", subprocess.PIPE)
-        kwargs.setdefault("stderr", subprocess.PIPE)
-        argv = ["strace", "-f", "-qq", "-o", "/dev/null", *strace_args, sys.executable, "-c", code, *args]
-        proc = subprocess.Popen(argv, **kwargs)
-        procs.append(proc)
-        return proc
-
-    yield factory
-    for proc in procs:
-        if proc.poll() is None:
-            for child in _children(proc.pid):
-                os.kill(child, signal.SIGKILL)
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(DEADLINE)
-        for stream in (proc.stdout, proc.stderr, proc.stdin):
-            if stream is not None:
-                stream.close()
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                kids.append(int(entry))
-    return kids
-
-
-def fork_quietly() -> int:
-    """os.fork() without Python 3.12's "multi-threaded fork" DeprecationWarning
-    (warnings are errors here; the child only runs fork-safe code)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return os.fork()
-
-
-def reap(pid: int, timeout: float = DEADLINE) -> int:
-    """Wait for a forked child (without hanging) and return its exit code;
-    kills it by PID if it does not finish in time."""
-    status: list[int] = []
-
-    def done() -> bool:
-        got, st = os.waitpid(pid, os.WNOHANG)
-        if got == pid:
-            status.append(st)
-        return bool(status)
-
-    try:
-        wait_until(done, timeout)
-    finally:
-        if not status:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status[0])
 
 
 # ---------------------------------------------------------------------------- 1: non-sockets
@@ -276,7 +180,9 @@ def test_full_backlog_counts_as_live(sock_dir: str, sock_path: str, make_server:
 
 # ---------------------------------------------------------------------------- 4: stale socket
 
-_SERVE_UNTIL_STDIN_CLOSES = textwrap.dedent(
+# An echo server on argv[1] in a child process: prints "ready <pid>"; a line
+# on stdin makes it close() and print "closed"; it exits when stdin closes.
+_CLOSE_ON_REQUEST = textwrap.dedent(
     """
     import os, sys
     from unixsrv import Server, ServerConfig
@@ -284,8 +190,10 @@ _SERVE_UNTIL_STDIN_CLOSES = textwrap.dedent(
     srv = Server(ServerConfig(path=sys.argv[1]), echo_handler)
     srv.start()
     print("ready", os.getpid(), flush=True)
-    sys.stdin.read()
+    sys.stdin.readline()
     srv.close()
+    print("closed", flush=True)
+    sys.stdin.read()
     """
 )
 
@@ -296,7 +204,7 @@ def test_stale_socket_of_a_killed_server_is_replaced(
     """Checklist 4: a server killed with SIGKILL leaves its socket file; a new
     server on that path finds it stale (connect refused), replaces it at
     once and serves."""
-    proc = spawn(_SERVE_UNTIL_STDIN_CLOSES, sock_path, text=False, stdin=subprocess.PIPE)
+    proc = spawn(_CLOSE_ON_REQUEST, sock_path, text=False, stdin=subprocess.PIPE)
     assert read_line(proc).startswith("ready")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(DEADLINE)
@@ -306,9 +214,7 @@ def test_stale_socket_of_a_killed_server_is_replaced(
         s.connect(sock_path)  # precondition: it really is stale
     srv = make_server(sock_path, echo_handler)
     assert srv.is_running
-    with connect(sock_path) as s:
-        s.sendall(b"alive again")
-        assert recv_exactly(s, 11) == b"alive again"
+    echo_once(sock_path, b"alive again")
     assert sorted(os.listdir(sock_dir)) == ["s.sock"]
 
 
@@ -425,11 +331,6 @@ _TAKEOVER = textwrap.dedent(
 )
 
 
-def _process_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
 @pytest.mark.linux(STRACE)
 def test_stale_socket_removal_never_removes_a_live_successor(
     sock_path: str, spawn: Callable[..., Any], run_traced: Callable[..., Any]
@@ -452,7 +353,7 @@ def test_stale_socket_removal_never_removes_a_live_successor(
     def b_held_or_done() -> bool:
         # 't' = stopped by strace, i.e. held at its unlinkat (the only traced
         # call); or B already answered (an implementation that never unlinks)
-        return _process_state(b_pid) == "t" or bool(select.select([b.stdout], [], [], 0)[0])
+        return proc_stat(b_pid)[0] == "t" or bool(select.select([b.stdout], [], [], 0)[0])
 
     wait_until(b_held_or_done)
     assert a.stdin is not None and b.stdin is not None
@@ -489,42 +390,20 @@ def test_close_keeps_a_foreign_socket_at_the_path(
     another server's socket, stopping must not remove the other one."""
     srv = make_server(sock_path, echo_handler)
     os.unlink(sock_path)
-    foreign = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        foreign.bind(sock_path)
-        foreign.listen(4)
+    with listening_socket(sock_path, 4):
         ino = os.lstat(sock_path).st_ino
         getattr(srv, stop)()
         assert os.lstat(sock_path).st_ino == ino
         with connect(sock_path):
             pass  # the foreign server still listens there
-    finally:
-        foreign.close()
-
-
-_CLOSE_ON_REQUEST = textwrap.dedent(
-    """
-    import os, sys
-    from unixsrv import Server, ServerConfig
-    from unixsrv.echo import echo_handler
-    srv = Server(ServerConfig(path=sys.argv[1]), echo_handler)
-    srv.start()
-    print("ready", os.getpid(), flush=True)
-    sys.stdin.readline()
-    srv.close()
-    print("closed", flush=True)
-    sys.stdin.read()
-    """
-)
 
 
 def _held_by_strace(pid: int) -> bool:
     """True if some thread of pid is stopped by its tracer ('t')."""
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "t":
-                    return True
+            if proc_stat(pid, int(tid))[0] == "t":
+                return True
         except OSError:
             continue
     return False
@@ -556,18 +435,13 @@ def test_close_keeps_a_successor_that_reuses_the_inode_number(sock_path: str, ru
             return _held_by_strace(pid) or bool(select.select([srv.stdout], [], [], 0)[0])
 
         wait_until(held_or_done)
-        successor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            successor.bind(sock_path)
-            successor.listen(4)
+        with listening_socket(sock_path, 4):  # the successor
             theirs = os.lstat(sock_path).st_ino
             assert read_line(srv) == "closed"
             assert os.path.lexists(sock_path), f"our close() removed the successor's socket (inode {theirs}, ours was {ours})"
             assert os.lstat(sock_path).st_ino == theirs
             with connect(sock_path):
                 pass
-        finally:
-            successor.close()
         srv.stdin.close()
         assert srv.wait(DEADLINE) == 0
         os.unlink(sock_path)
@@ -598,8 +472,7 @@ def test_forked_child_closing_the_server_keeps_the_parents_socket(
     ino = os.lstat(sock_path).st_ino
     early = connect(sock_path)
     try:
-        early.sendall(b"before")
-        assert recv_exactly(early, 6) == b"before"
+        echo(early, b"before")
         pid = fork_quietly()
         if pid == 0:  # child: only fork-safe work, then _exit
             code = 1
@@ -612,13 +485,9 @@ def test_forked_child_closing_the_server_keeps_the_parents_socket(
         assert reap(pid) == 0
         assert os.lstat(sock_path).st_ino == ino
         assert srv.is_running
-        early.sendall(b"after")
-        assert recv_exactly(early, 5) == b"after"
+        echo(early, b"after")
         for i in range(100):
-            msg = b"request %d" % i
-            with connect(sock_path) as s:
-                s.sendall(msg)
-                assert recv_exactly(s, len(msg)) == msg
+            echo_once(sock_path, b"request %d" % i)
     finally:
         early.close()
 
@@ -647,9 +516,7 @@ def test_path_of_107_bytes_binds(layout: str, sock_dir: str, make_server: Callab
     assert len(os.fsencode(path)) == SUN_PATH_MAX
     srv = make_server(path, echo_handler)
     assert os.listdir(directory) == [os.path.basename(path)]
-    with connect(path) as s:
-        s.sendall(b"max")
-        assert recv_exactly(s, 3) == b"max"
+    echo_once(path, b"max")
     srv.close()
     assert os.listdir(directory) == []
 
@@ -891,9 +758,7 @@ def test_large_gids_stick(gid: int, sock_path: str, make_server: Callable[..., S
     st = os.lstat(sock_path)
     assert st.st_gid == gid
     assert stat.S_IMODE(st.st_mode) == 0o660
-    with connect(sock_path) as s:
-        s.sendall(b"gid")
-        assert recv_exactly(s, 3) == b"gid"
+    echo_once(sock_path, b"gid")
 
 
 # Forks a child that becomes uid/gid 1000 and tries one start() at

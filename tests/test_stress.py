@@ -7,22 +7,14 @@ from __future__ import annotations
 import random
 import selectors
 import socket
-import threading
 import time
 from collections.abc import Callable
 
-from conftest import DEADLINE, connect, echo_handler, fd_count, recv_exactly, wait_until
+from conftest import connect, echo, fd_count, run_threads, start_echo, wait_until
 from unixsrv import Server
-from unixsrv.echo import EchoProtocol
 
 CLIENTS = 200
 ROUNDS = 50
-
-
-def start_echo(make_server: Callable[..., Server], path: str, model: str) -> Server:
-    if model == "blocking":
-        return make_server(path, echo_handler)
-    return make_server(path, protocol=EchoProtocol)
 
 
 class _Client:
@@ -116,31 +108,19 @@ def test_2000_cycles_from_8_threads_leak_nothing(model: str, sock_path: str, mak
     count where it was, and stats()['accepted'] == stats()['closed'] == 2000."""
     srv = start_echo(make_server, sock_path, model)
     base = fd_count()
-    barrier = threading.Barrier(8)
-    errors: list[BaseException] = []
 
     def worker(seed: int) -> None:
         rng = random.Random(seed)
-        try:
-            barrier.wait(DEADLINE)
-            for i in range(250):
-                with connect(sock_path) as s:
-                    kind = rng.randrange(3)
-                    if kind == 1:
-                        msg = b"%d:%d" % (seed, i)
-                        s.sendall(msg)
-                        assert recv_exactly(s, len(msg)) == msg
-                    elif kind == 2:
-                        s.sendall(b"x" * 4096)
-        except BaseException as exc:
-            errors.append(exc)
+        for i in range(250):
+            with connect(sock_path) as s:
+                kind = rng.randrange(3)
+                if kind == 1:
+                    echo(s, b"%d:%d" % (seed, i))
+                elif kind == 2:
+                    s.sendall(b"x" * 4096)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads)
+    results = run_threads(worker, 8, timeout=60)  # fails if a thread has not finished
+    errors = [r for r in results if r is not None]
     assert errors == []
     wait_until(lambda: srv.stats()["closed"] == 2000)
     wait_until(lambda: fd_count() == base)

@@ -22,135 +22,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import random
 import socket
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, connect, make_room, recv_exactly, recv_until_eof, wait_until
+from conftest import (DEADLINE, BigWriter, Collect, Echo, KiB, MiB, Recorder, connect, echo, make_room,
+                      on_loop, outcome, payload, recv_exactly, recv_until_eof, sha, squash, wait_until)
 
 from unixsrv import PeerCredentials, ServerClosedError, Transport
-
-KiB = 1024
-MiB = 1024 * KiB
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def payload(n: int, seed: int = 1) -> bytes:
-    """n deterministic pseudo-random bytes (no repeating pattern to hide a
-    reordered or duplicated chunk)."""
-    return random.Random(seed).randbytes(n)
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def on_loop(srv: Any, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run fn(*args) on the server's loop thread, wait, return its result
-    (re-raising its exception here).  Also a barrier: when it returns, the
-    loop has completed at least one full iteration after this call."""
-    done = threading.Event()
-    box: dict[str, Any] = {}
-
-    def task() -> None:
-        try:
-            box["result"] = fn(*args)
-        except BaseException as exc:  # handed back to the test thread
-            box["error"] = exc
-        finally:
-            done.set()
-
-    srv.call_soon_threadsafe(task)
-    assert done.wait(DEADLINE), "the loop did not run a queued callback"
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
-
-
-class Recorder(asyncio.Protocol):
-    """An asyncio.Protocol that records every callback (name, argument) and
-    the thread it ran on.  ``keep_open`` is what eof_received returns."""
-
-    def __init__(self, keep_open: Any = None) -> None:
-        self.keep_open = keep_open
-        self.log: list[tuple[str, Any]] = []
-        self.threads: set[int] = set()
-        self.transport: Any = None
-        self.made = threading.Event()
-        self.eof = threading.Event()
-        self.lost = threading.Event()
-
-    def _rec(self, name: str, arg: Any = None) -> None:
-        self.threads.add(threading.get_ident())
-        self.log.append((name, arg))
-
-    @property
-    def names(self) -> list[str]:
-        return [name for name, _ in self.log]
-
-    @property
-    def received(self) -> bytes:
-        return b"".join(arg for name, arg in self.log if name == "data")
-
-    def lost_calls(self) -> list[Any]:
-        return [arg for name, arg in self.log if name == "lost"]
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        self._rec("made", transport)
-        self.on_made(transport)
-        self.made.set()  # after on_made: tests may inspect what it did
-
-    def on_made(self, transport: Any) -> None:
-        """What a subclass does in connection_made."""
-
-    def data_received(self, data: bytes) -> None:
-        self._rec("data", data)
-
-    def eof_received(self) -> Any:
-        self._rec("eof")
-        self.eof.set()
-        return self.keep_open
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._rec("lost", exc)
-        self.lost.set()
-
-
-class Collect:
-    """A protocol factory that keeps every protocol it built."""
-
-    def __init__(self, cls: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        self.cls, self.args, self.kwargs = cls, args, kwargs
-        self.built: list[Any] = []
-
-    def __call__(self) -> Any:
-        proto = self.cls(*self.args, **self.kwargs)
-        self.built.append(proto)
-        return proto
-
-    def one(self) -> Any:
-        """The first protocol, once its connection_made ran."""
-        wait_until(lambda: self.built)
-        proto = self.built[0]
-        assert proto.made.wait(DEADLINE)
-        return proto
-
-
-class Echo(asyncio.Protocol):
-    """The asyncio docs' echo, without the close after one message."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[attr-defined]
-
 
 # ---------------------------------------------------------------- type and basics
 
@@ -193,29 +73,11 @@ class Writer(asyncio.Protocol):
         transport.write(b"")  # a no-op
         transport.writelines([b"d", bytearray(b"e"), memoryview(b"f")])
         transport.writelines(iter([b"g", b"h"]))  # any iterable, like asyncio
-        for name, call in (
-            ("write_str", lambda: transport.write("str")),
-            ("writelines_str", lambda: transport.writelines(["str"])),
-        ):
-            try:
-                call()
-            except TypeError:
-                r[name] = "TypeError"
-            else:
-                r[name] = "accepted"
+        r["write_str"] = outcome(lambda: transport.write("str"), TypeError)
+        r["writelines_str"] = outcome(lambda: transport.writelines(["str"]), TypeError)
         transport.close()
-        for name, call in (
-            ("write_after_close", lambda: transport.write(b"late")),
-            ("writelines_after_close", lambda: transport.writelines([b"late"])),
-        ):
-            try:
-                call()
-            except ServerClosedError:
-                r[name] = "ServerClosedError"
-            except BaseException as exc:
-                r[name] = repr(exc)
-            else:
-                r[name] = "accepted"
+        r["write_after_close"] = outcome(lambda: transport.write(b"late"), ServerClosedError)
+        r["writelines_after_close"] = outcome(lambda: transport.writelines([b"late"]), ServerClosedError)
         r["closing"] = transport.is_closing()
         self.made.set()
 
@@ -258,12 +120,7 @@ class EofWriter(Recorder):
         self.buffered = transport.get_write_buffer_size()
         transport.write_eof()
         transport.write_eof()  # idempotent, like asyncio
-        try:
-            transport.write(b"x")
-        except RuntimeError:
-            self.after_eof.append("RuntimeError")
-        else:
-            self.after_eof.append("accepted")
+        self.after_eof.append(outcome(lambda: transport.write(b"x"), RuntimeError))
         self.closing_after_eof = transport.is_closing()
 
 
@@ -285,33 +142,8 @@ def test_write_eof_flushes_then_half_closes(sock_path, make_server):
         assert not proto.lost.is_set()
         s.shutdown(socket.SHUT_WR)
         assert proto.lost.wait(DEADLINE)
-    names = [n for i, n in enumerate(proto.names) if n != "data" or proto.names[i - 1] != "data"]
-    assert names == ["made", "data", "eof", "lost"]
+    assert squash(proto.names) == ["made", "data", "eof", "lost"]
     assert proto.lost_calls() == [None]
-
-
-class BigWriter(Recorder):
-    """Writes `data` in connection_made, then does `then` ('close'/'abort')."""
-
-    def __init__(self, data: bytes, then: str | None = None) -> None:
-        super().__init__()
-        self.data = data
-        self.then = then
-        self.after: list[str] = []
-
-    def on_made(self, transport: Any) -> None:
-        transport.write(self.data)
-        self.buffered = transport.get_write_buffer_size()
-        if self.then:
-            getattr(transport, self.then)()
-            self.closing = transport.is_closing()
-            self.reading = transport.is_reading()
-            try:
-                transport.write(b"late")
-            except ServerClosedError:
-                self.after.append("ServerClosedError")
-            else:
-                self.after.append("accepted")
 
 
 def test_close_flushes_pending_output_then_connection_lost(sock_path, make_server):
@@ -660,12 +492,7 @@ class Hog(asyncio.Protocol):
         while self.written < self.total and not transport.is_closing():
             transport.write(chunk)
             self.written += len(chunk)
-        try:
-            transport.write(chunk)
-        except ServerClosedError:
-            self.write_after = "ServerClosedError"
-        else:
-            self.write_after = "accepted"
+        self.write_after = outcome(lambda: transport.write(chunk), ServerClosedError)
         self.made.set()
 
     def pause_writing(self) -> None:
@@ -737,8 +564,7 @@ def test_get_extra_info(sock_path, make_server):
     srv = make_server(sock_path, protocol=factory)
     with connect(srv.path) as s:
         proto = factory.one()
-        s.sendall(b"still works")
-        assert recv_exactly(s, 11) == b"still works"
+        echo(s, b"still works")
     info = proto.info
     assert info["peername"] == ""
     assert info["sockname"] == srv.path

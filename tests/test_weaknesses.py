@@ -31,19 +31,19 @@ import asyncio
 import errno
 import json
 import os
-import select
 import signal
 import socket
 import stat
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, connect, default_gid, echo_handler, fd_count, recv_exactly, recv_until_eof, wait_until
+from conftest import (DEADLINE, connect, connected, default_gid, echo, echo_handler, echo_once, fd_count,
+                      listening_socket, read_line, recv_until_eof, run_threads, serve_model,
+                      shutdown_times_out, start_echo, wait_until)
 
 import unixsrv
 from unixsrv import (
@@ -65,28 +65,6 @@ from unixsrv._core import SUN_PATH_MAX
 from unixsrv.echo import EchoProtocol
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def start_echo(model: str, make_server: Callable[..., Server], path: str, **fields: Any) -> Server:
-    if model == "blocking":
-        return make_server(path, echo_handler, **fields)
-    return make_server(path, protocol=EchoProtocol, **fields)
-
-
-def echo_once(path: str | bytes, msg: bytes) -> None:
-    with connect(path) as s:
-        s.sendall(msg)
-        assert recv_exactly(s, len(msg)) == msg
-
-
-def readline(proc: subprocess.Popen[str], timeout: float = DEADLINE) -> str:
-    """One line of a child's stdout, failing (not hanging) after timeout."""
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, f"no output from pid {proc.pid} within {timeout} s"
-    line = proc.stdout.readline()
-    assert line, f"pid {proc.pid} closed stdout; stderr: {proc.stderr.read() if proc.stderr else ''}"
-    return line.strip()
 
 
 class LostRecorder(EchoProtocol):
@@ -182,20 +160,20 @@ def test_w1_no_window_before_final_mode(sock_dir: str, make_server: Callable[...
     path = os.path.join(sock_dir, "s.sock")
     gid = 65534
     watcher = spawn(_W1_WATCHER, sock_dir, "s.sock", str(0o600), str(gid))
-    assert readline(watcher) == "watching"
+    assert read_line(watcher) == "watching"
     old = os.umask(0)
     try:
         srv = make_server(path, echo_handler, mode=0o600, group=gid, start=False)
         for _ in range(50):
             srv.start()
-            assert readline(watcher) == "seen listening"
+            assert read_line(watcher) == "seen listening"
             srv.close()
-            assert readline(watcher) == "gone"
+            assert read_line(watcher) == "gone"
     finally:
         os.umask(old)
     with open(os.path.join(sock_dir, "stop"), "w"):
         pass
-    report = json.loads(readline(watcher))
+    report = json.loads(read_line(watcher))
     assert watcher.wait(DEADLINE) == 0
     assert report["early"] == []
     assert set(report["states"]) == {f"{stat.S_IFSOCK:o}/{0o600:d}/{gid:d}"}
@@ -216,7 +194,7 @@ srv.close()
 
 @pytest.mark.root
 @pytest.mark.linux("strace (system-call delay and error injection)")
-def test_w1_window_widened_with_strace(sock_dir: str) -> None:
+def test_w1_window_widened_with_strace(sock_dir: str, run_traced: Callable[..., subprocess.Popen[str]]) -> None:
     """W1, deterministic: strace holds the server for 0.2 s after each of
     bind, chmod, chown and listen, so every intermediate state of the socket
     file lasts long enough to be seen.  The watcher must see those states
@@ -225,8 +203,7 @@ def test_w1_window_widened_with_strace(sock_dir: str) -> None:
     chmod, fails this: the final path shows up as 0777 and accepts.)"""
     path = os.path.join(sock_dir, "s.sock")
     syscalls = "bind,chmod,fchmodat,fchownat,listen"
-    cmd = ["strace", "-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-e", f"trace={syscalls}",
-           "-e", f"inject={syscalls}:delay_exit=200000", sys.executable, "-c", _W1_SLOW_SERVER, path]
+    delay = ["--seccomp-bpf", "-e", f"trace={syscalls}", "-e", f"inject={syscalls}:delay_exit=200000"]
     states: list[tuple[bool, int, int]] = []
     accepted: list[tuple[bool, int, int]] = []
     stop = threading.Event()
@@ -252,13 +229,12 @@ def test_w1_window_widened_with_strace(sock_dir: str) -> None:
                     if after.st_ino == st.st_ino and not final(after):
                         accepted.append(key)
 
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    server_pid = 0
+    proc = run_traced(delay, _W1_SLOW_SERVER, path, text=True)
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        server_pid = int(readline(proc))
-        assert readline(proc) == "started"
+        int(read_line(proc))  # the server's pid
+        assert read_line(proc) == "started"
         wait_until(lambda: any(seen[0] for seen in states))
         assert proc.stdin is not None
         proc.stdin.write("\n")
@@ -267,13 +243,6 @@ def test_w1_window_widened_with_strace(sock_dir: str) -> None:
     finally:
         stop.set()
         watcher.join(DEADLINE)
-        for pid in (server_pid, proc.pid):
-            if pid and proc.poll() is None:
-                os.kill(pid, signal.SIGKILL)
-        proc.wait(DEADLINE)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
     assert accepted == []
     assert [s for s in states if s[0]] == [(True, 0o600, 65534)]
     # The delays did widen the window: the temporary name was seen before its
@@ -331,18 +300,13 @@ def test_w3_never_deletes_what_is_not_stale(sock_dir: str, make_server: Callable
     assert os.path.isdir(path)
     os.rmdir(path)
 
-    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        live.bind(path)
-        live.listen()
+    with listening_socket(path):  # live
         ino = inode(path)
         with pytest.raises(AddressInUseError):
             make_server(path, echo_handler, start=False).start()
         assert inode(path) == ino
         with connect(path):
             pass  # the other server still owns the path
-    finally:
-        live.close()
     # Closed without unlink: a stale socket, which nobody answers.
     assert stat.S_ISSOCK(os.lstat(path).st_mode)
     assert connect_error(path) == errno.ECONNREFUSED
@@ -368,17 +332,12 @@ def test_w4_unlink_only_our_inode(sock_path: str, make_server: Callable[..., Ser
     replaced ours at the path, stopping leaves it in place."""
     srv = make_server(sock_path, echo_handler)
     os.unlink(sock_path)
-    successor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        successor.bind(sock_path)
-        successor.listen()
+    with listening_socket(sock_path):  # the successor
         ino = inode(sock_path)
         srv.close()
         assert inode(sock_path) == ino
         with connect(sock_path):
             pass
-    finally:
-        successor.close()
     os.unlink(sock_path)
 
     srv.start()
@@ -398,19 +357,7 @@ def test_w5_second_start_is_noop(sock_path: str, make_server: Callable[..., Serv
     ino = inode(sock_path)
     fds = fd_count()
     srv.start()
-    errors: list[BaseException] = []
-
-    def again() -> None:
-        try:
-            srv.start()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=again) for _ in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(DEADLINE)
+    errors = [r for r in run_threads(lambda i: srv.start(), 5) if r is not None]
     assert errors == []
     assert inode(sock_path) == ino
     assert fd_count() == fds
@@ -423,21 +370,7 @@ def test_w5_second_start_is_noop(sock_path: str, make_server: Callable[..., Serv
 def test_w5_concurrent_first_starts(sock_path: str, make_server: Callable[..., Server]) -> None:
     """W5: several threads starting a stopped server at once bind once."""
     srv = make_server(sock_path, echo_handler, start=False)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
-
-    def go() -> None:
-        try:
-            barrier.wait(DEADLINE)
-            srv.start()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=go) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(DEADLINE)
+    errors = [r for r in run_threads(lambda i: srv.start(), 4) if r is not None]
     assert errors == []
     assert srv.is_running
     assert os.listdir(os.path.dirname(sock_path)) == ["s.sock"]
@@ -449,7 +382,7 @@ def test_w6_abstract_namespace(model: str, sock_dir: str, make_server: Callable[
     """W6 (abstract sockets unsupported in golib): an "@name" works, makes
     no file, reports "@name" as its path, and takes no mode or group."""
     name = "@unixsrv-test-" + os.urandom(6).hex()
-    srv = start_echo(model, make_server, name)
+    srv = start_echo(make_server, name, model)
     assert srv.path == name
     echo_once("\0" + name[1:], b"abstract")
     assert os.listdir(sock_dir) == []
@@ -527,10 +460,7 @@ def test_w7_shutdown_timeout_is_the_callers(sock_path: str, make_server: Callabl
     try:
         with connect(sock_path) as s:
             assert entered.wait(DEADLINE)
-            began = time.monotonic()
-            with pytest.raises(ShutdownTimeoutError):
-                srv.shutdown(0.3)
-            assert time.monotonic() - began >= 0.3
+            assert shutdown_times_out(srv, 0.3) >= 0.3
             assert recv_until_eof(s) == b""
             assert not srv.is_running
     finally:
@@ -624,15 +554,14 @@ def test_w10_idle_is_per_connection(model: str, sock_path: str, make_server: Cal
     """W10 (idle registry keyed by the peer address "@"): with several
     unnamed clients, closing one does not touch the others, and each idle
     client is closed on its own clock."""
-    srv = start_echo(model, make_server, sock_path, idle_timeout=0.6)
+    srv = start_echo(make_server, sock_path, model, idle_timeout=0.6)
     a, b, c = (connect(sock_path) for _ in range(3))
     try:
         wait_until(lambda: srv.open_connections == 3)
         a.close()
         wait_until(lambda: srv.open_connections == 2)
         for s in (b, c):
-            s.sendall(b"alive")
-            assert recv_exactly(s, 5) == b"alive"
+            echo(s, b"alive")
         # c stays silent and is closed; b keeps talking and is kept.
         c_closed = threading.Event()
 
@@ -645,8 +574,7 @@ def test_w10_idle_is_per_connection(model: str, sock_path: str, make_server: Cal
         began = time.monotonic()
         while time.monotonic() - began < 1.5:
             time.sleep(0.15)  # b's think time, well within the timeout
-            b.sendall(b"ping")
-            assert recv_exactly(b, 4) == b"ping"
+            echo(b, b"ping")
         t.join(DEADLINE)
         assert c_closed.is_set()
         assert srv.open_connections == 1
@@ -677,15 +605,13 @@ def test_w11_stale_connection_cannot_touch_another(sock_path: str, make_server: 
     wait_until(lambda: srv.open_connections == 0)
     stale = kept[0]
     with connect(sock_path) as second:
-        second.sendall(b"mine")
-        assert recv_exactly(second, 4) == b"mine"
+        echo(second, b"mine")
         for op in (stale.read, lambda: stale.write(b"intruder")):
             with pytest.raises(ServerClosedError):
                 op()
         stale.close()
         assert stale.fileno() == -1
-        second.sendall(b"still mine")
-        assert recv_exactly(second, 10) == b"still mine"
+        echo(second, b"still mine")
 
 
 def test_w12_returning_handler_closes(sock_path: str, make_server: Callable[..., Server]) -> None:
@@ -724,10 +650,7 @@ def test_w12_raising_handler(model: str, sock_path: str, make_server: Callable[.
         def connection_lost(self, exc: BaseException | None) -> None:
             lost.append(exc)
 
-    if model == "blocking":
-        srv = make_server(sock_path, handler, start=False)
-    else:
-        srv = make_server(sock_path, protocol=P, start=False)
+    srv = serve_model(make_server, sock_path, model, handler, P, start=False)
     srv.on_error(errors.append)
     srv.start()
     with connect(sock_path) as s:
@@ -779,37 +702,33 @@ def test_w13_accept_errors_back_off(sock_path: str, spawn: Callable[..., subproc
     the error is reported a bounded number of times, and once the clients
     go a new client is served."""
     proc = spawn(_W13_SERVER, sock_path, stdin=subprocess.PIPE)
-    assert readline(proc) == "ready"
+    assert read_line(proc) == "ready"
     assert proc.stdin is not None
 
     def stats() -> tuple[int, int]:
         proc.stdin.write("stats\n")  # type: ignore[union-attr]
         proc.stdin.flush()  # type: ignore[union-attr]
-        n_errors, n_open = readline(proc).split()
+        n_errors, n_open = read_line(proc).split()
         return int(n_errors), int(n_open)
 
     def cpu_seconds() -> float:
         """The server process's CPU time (user + system, all threads), as it reports it."""
         proc.stdin.write("cpu\n")  # type: ignore[union-attr]
         proc.stdin.flush()  # type: ignore[union-attr]
-        return float(readline(proc))
+        return float(read_line(proc))
 
-    clients = [connect(sock_path) for _ in range(40)]
-    try:
+    with connected(sock_path, 40):
         wait_until(lambda: stats()[0] >= 1)
         before = cpu_seconds()
         time.sleep(1.0)  # let the server sit at EMFILE for a while
         used = cpu_seconds() - before
         assert used < 0.3, f"the server burned {used:.2f} s of CPU in 1 s at EMFILE"
         assert stats()[0] <= 5
-    finally:
-        for c in clients:
-            c.close()
     wait_until(lambda: stats()[1] == 0)
     echo_once(sock_path, b"served again")
     proc.stdin.write("quit\n")
     proc.stdin.flush()
-    assert readline(proc) == "bye"
+    assert read_line(proc) == "bye"
     assert proc.wait(DEADLINE) == 0
     assert not os.path.lexists(sock_path)
 
@@ -863,10 +782,10 @@ def test_w14_keyboard_interrupt_not_swallowed(sock_path: str, spawn: Callable[..
     """W14 (a panic inside Listen is swallowed): Ctrl-C while serve_forever
     serves stops it, removes the socket file and re-raises KeyboardInterrupt."""
     proc = spawn(_W14_SIGINT, sock_path)
-    assert readline(proc) == f"starting listening socket 'unix {sock_path}'"
+    assert read_line(proc) == f"starting listening socket 'unix {sock_path}'"
     echo_once(sock_path, b"serving")  # the loop is running: the signal lands in its wait
     os.kill(proc.pid, signal.SIGINT)
-    assert readline(proc) == f"closing listen socket 'unix {sock_path}'"
+    assert read_line(proc) == f"closing listen socket 'unix {sock_path}'"
     assert proc.wait(DEADLINE) != 0
     assert proc.stderr is not None
     assert proc.stderr.read().rstrip().endswith("KeyboardInterrupt")
@@ -1001,10 +920,7 @@ def test_w16_client_reset_is_reported(model: str, sock_path: str, make_server: C
         def connection_lost(self, exc: BaseException | None) -> None:
             results.append(exc)
 
-    if model == "blocking":
-        srv = make_server(sock_path, handler)
-    else:
-        srv = make_server(sock_path, protocol=P)
+    srv = serve_model(make_server, sock_path, model, handler, P)
     s = connect(sock_path)
     assert written.wait(DEADLINE)
     s.close()
@@ -1076,10 +992,7 @@ def test_w18_sub_second_idle(model: str, sock_path: str, make_server: Callable[.
             pass
         done_seen.append(conn.done.wait(DEADLINE))
 
-    if model == "blocking":
-        srv = make_server(sock_path, handler, idle_timeout=0.3)
-    else:
-        srv = make_server(sock_path, protocol=lambda: LostRecorder(lost), idle_timeout=0.3)
+    srv = serve_model(make_server, sock_path, model, handler, lambda: LostRecorder(lost), idle_timeout=0.3)
     began = time.monotonic()
     with connect(sock_path) as s:
         assert recv_until_eof(s) == b""
@@ -1106,14 +1019,10 @@ def test_w18_done_set_when_idle_close_wakes_read(sock_path: str, make_server: Ca
             seen.append(conn.done.is_set())
 
     srv = make_server(sock_path, handler, idle_timeout=0.1)
-    clients = [connect(sock_path) for _ in range(30)]
-    try:
+    with connected(sock_path, 30) as clients:
         for c in clients:
             assert recv_until_eof(c) == b""
         wait_until(lambda: len(seen) == 30)
-    finally:
-        for c in clients:
-            c.close()
     assert seen.count(False) == 0, f"{seen.count(False)} of 30 handlers saw b'' before conn.done was set"
     wait_until(lambda: srv.open_connections == 0)
 
@@ -1121,13 +1030,12 @@ def test_w18_done_set_when_idle_close_wakes_read(sock_path: str, make_server: Ca
 def test_w18_active_client_kept(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
     """W18: with a 0.3 s idle timeout, a client talking every 0.1 s is kept
     past 1 s (traffic resets the clock)."""
-    srv = start_echo(model, make_server, sock_path, idle_timeout=0.3)
+    srv = start_echo(make_server, sock_path, model, idle_timeout=0.3)
     with connect(sock_path) as s:
         began = time.monotonic()
         while time.monotonic() - began < 1.2:
             time.sleep(0.1)  # the client's think time
-            s.sendall(b"p")
-            assert recv_exactly(s, 1) == b"p"
+            echo(s, b"p")
         assert srv.open_connections == 1
         assert recv_until_eof(s) == b""  # then silence closes it
 
@@ -1239,7 +1147,7 @@ def test_w23_is_gone_and_restart(model: str, sock_path: str, make_server: Callab
     """W23 (IsGone meaning and docs disagree; "cannot be restarted"):
     is_gone is True before start and after stop, False while serving, and a
     stopped server starts again."""
-    srv = start_echo(model, make_server, sock_path, start=False)
+    srv = start_echo(make_server, sock_path, model, start=False)
     assert (srv.is_gone, srv.is_running) == (True, False)
     for cycle in range(3):
         srv.start()

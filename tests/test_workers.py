@@ -52,6 +52,18 @@ def thread_alive(native_id: int) -> bool:
     return any(t.native_id == native_id for t in threading.enumerate())
 
 
+def release_all(pool: WorkerPool) -> None:
+    """Let every parked worker go and wait until no thread is left."""
+    pool.release_idle()
+    wait_until(lambda: pool.threads == 0)
+
+
+def wait_threads_gone(rec: Recorder) -> None:
+    """Wait until every OS thread that ran one of the jobs has exited."""
+    for tid in rec.native_ids:
+        wait_until(lambda tid=tid: not thread_alive(tid))
+
+
 def make_pool(idle_timeout: float = 60.0) -> tuple[WorkerPool, Recorder]:
     rec = Recorder()
     return WorkerPool(rec, idle_timeout=idle_timeout), rec
@@ -87,8 +99,7 @@ def test_all_jobs_run_concurrently_when_every_worker_is_busy():
     finally:
         release.set()
         wait_until(lambda: rec.done == n)
-        pool.release_idle()
-        wait_until(lambda: pool.threads == 0)
+        release_all(pool)
     assert rec.errors == []
 
 
@@ -118,8 +129,7 @@ def test_grows_while_busy_then_parks():
     finally:
         for gate in gates:
             gate.set()
-        pool.release_idle()
-        wait_until(lambda: pool.threads == 0)
+        release_all(pool)
     assert rec.errors == []
 
 
@@ -149,8 +159,7 @@ def test_parked_thread_is_reused():
         wait_until(lambda: pool.idle == 1)
         assert pool.threads == 1
     finally:
-        pool.release_idle()
-        wait_until(lambda: pool.threads == 0)
+        release_all(pool)
     assert rec.errors == []
     assert rec.done == 2
 
@@ -165,8 +174,7 @@ def test_many_sequential_jobs_use_one_thread():
             assert pool.threads == 1
         assert len(set(rec.idents)) == 1
     finally:
-        pool.release_idle()
-        wait_until(lambda: pool.threads == 0)
+        release_all(pool)
 
 
 def test_idle_threads_exit_after_idle_timeout():
@@ -189,8 +197,7 @@ def test_idle_threads_exit_after_idle_timeout():
     wait_until(lambda: pool.threads == 0)
     assert pool.idle == 0
     assert rec.done == 3
-    for tid in rec.native_ids:
-        wait_until(lambda tid=tid: not thread_alive(tid))
+    wait_threads_gone(rec)
     assert rec.errors == []
 
 
@@ -218,8 +225,7 @@ def test_release_idle_ends_parked_threads():
     pool.release_idle()
     assert pool.idle == 0
     wait_until(lambda: pool.threads == 0)
-    for tid in rec.native_ids:
-        wait_until(lambda tid=tid: not thread_alive(tid))
+    wait_threads_gone(rec)
     assert rec.errors == []
 
 
@@ -250,8 +256,7 @@ def test_release_idle_leaves_busy_workers_alone():
     assert finished.wait(DEADLINE)
     wait_until(lambda: pool.idle == 1)
     assert pool.threads == 1
-    pool.release_idle()
-    wait_until(lambda: pool.threads == 0)
+    release_all(pool)
     assert rec.errors == []
     assert rec.done == 3
 
@@ -282,5 +287,4 @@ def test_submit_from_inside_a_job():
         wait_until(lambda: rec.done == 2)
         assert rec.errors == []
     finally:
-        pool.release_idle()
-        wait_until(lambda: pool.threads == 0)
+        release_all(pool)
