@@ -1013,8 +1013,11 @@ def test_w18_done_set_when_idle_close_wakes_read(sock_path: str, make_server: Ca
     lock = threading.Lock()
 
     def handler(conn: Connection) -> None:
-        while conn.read():
-            pass
+        try:
+            while conn.read():
+                pass
+        except ServerClosedError:
+            pass  # the idle close came before this read() started (DESIGN: I/O after our close raises)
         with lock:
             seen.append(conn.done.is_set())
 
