@@ -257,13 +257,18 @@ class BenchError(RuntimeError):
     pass
 
 
-def run_bench(path: str, timeout: float, **options: Any) -> dict[str, Any]:
+def pin_to_one_cpu() -> None:
+    """preexec_fn: run the child on the lowest CPU it may use."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
+def run_bench(path: str, timeout: float, preexec: Any = None, **options: Any) -> dict[str, Any]:
     """One ``unixsrv bench --json`` run; returns its result object (exit
     status 1 = errors were counted: the result still comes back, with
     ``errors`` > 0).  Raises BenchError when it produced no result."""
     argv = bench_argv(path, **options)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=ROOT)
+                            stderr=subprocess.PIPE, cwd=ROOT, preexec_fn=preexec)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
