@@ -255,10 +255,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     facts = machine_facts()
     quiet = wait_quiet(args.max_load, args.max_busy, args.wait_quiet)
     load0 = quiet["loadavg"]
+    facts["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     data: dict[str, Any] = {
         "command": args.command_line,
         "options": {"rounds": args.rounds, "duration": args.duration, "warmup": args.warmup,
-                    "quick": args.quick},
+                    "quick": args.quick, "retry_disturbed": args.retry_disturbed},
         "scenarios": [asdict(s) for s in scenarios],
         "servers": servers,
         "machine": facts,
@@ -278,6 +279,19 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             order = servers[k:] + servers[:k]
             for server in order:
                 rec = measure(server, sc, args.duration, args.warmup)
+                # Another process took CPU meanwhile: measure again (a few
+                # times at most) and keep the least disturbed attempt.
+                attempts = 1
+                while (attempts <= args.retry_disturbed and "failure" not in rec
+                       and (rec.get("other_cpu_share") or 0) > DISTURBED_SHARE):
+                    log(f"    {sc.key} {server}: other processes took {rec['other_cpu_share']:.2f} cores; "
+                        f"measuring again")
+                    time.sleep(5)
+                    again = measure(server, sc, args.duration, args.warmup)
+                    attempts += 1
+                    if "failure" not in again and again["other_cpu_share"] < rec["other_cpu_share"]:
+                        rec = again
+                rec["attempts"] = attempts
                 rec["round"] = rnd
                 data["records"].append(rec)
                 done += 1
@@ -332,18 +346,26 @@ def targets(summ: dict[tuple[str, str], dict[str, Any]]) -> list[tuple[str, str,
 
     rows: list[tuple[str, str, str, bool | None]] = []
 
-    def add(what: str, target: str, value: float | None, ok: bool | None, fmt: str = "{:.2f}x") -> None:
-        rows.append((what, target, "n/a" if value is None else fmt.format(value), ok))
+    def add(what: str, target: str, value: float | None, ok: bool | None, fmt: str = "{:.2f}x",
+            rate_of: tuple[str, tuple[str, str]] | None = None) -> None:
+        text = "n/a" if value is None else fmt.format(value)
+        if value is not None and rate_of is not None:
+            sc, pair = rate_of
+            if any((g(sc, srv, "client_cpu_share") or 0) >= GEN_BOUND_SHARE for srv in pair):
+                text += " †"
+        rows.append((what, target, text, ok))
 
     for sc in ("pp-100", "pp-1000"):
         r = ratio(g(sc, "unixsrv-event", "server_cpu_us_per_rt"), g(sc, REFERENCE_CPU, "server_cpu_us_per_rt"))
         add(f"event model CPU/rt vs C epoll, {sc}", "<= 1.25x", r, None if r is None else r <= 1.25)
         r = ratio(g(sc, "unixsrv-event", "rate"), g(sc, REFERENCE_RATE, "rate"))
-        add(f"event model rt/s vs uvloop Protocol, {sc}", ">= 1.3x", r, None if r is None else r >= 1.3)
+        add(f"event model rt/s vs uvloop Protocol, {sc}", ">= 1.3x", r, None if r is None else r >= 1.3,
+            rate_of=(sc, ("unixsrv-event", REFERENCE_RATE)))
     r = ratio(g("pp-100", "unixsrv-blocking", "server_cpu_us_per_rt"), g("pp-100", "socketserver", "server_cpu_us_per_rt"))
     add("blocking model CPU/rt vs socketserver, pp-100", "<= 0.5x", r, None if r is None else r <= 0.5)
     r = ratio(g("pp-100", "unixsrv-blocking", "rate"), g("pp-100", "socketserver", "rate"))
-    add("blocking model rt/s vs socketserver, pp-100", ">= 2x", r, None if r is None else r >= 2.0)
+    add("blocking model rt/s vs socketserver, pp-100", ">= 2x", r, None if r is None else r >= 2.0,
+        rate_of=("pp-100", ("unixsrv-blocking", "socketserver")))
     v = g("rss-10000", "unixsrv-event", "rss_per_conn_bytes")
     add("event model RSS per idle connection at 10,000", "<= 1 KiB", v,
         None if v is None else v <= 1024, "{:,.0f} B")
@@ -352,7 +374,8 @@ def targets(summ: dict[tuple[str, str], dict[str, Any]]) -> list[tuple[str, str,
         None if v is None else v <= 16384, "{:,.0f} B")
     for model in ("unixsrv-event", "unixsrv-blocking"):
         r = ratio(g("connect", model, "rate"), g("connect", REFERENCE_CPU, "rate"))
-        add(f"{model.split('-')[1]} model connect rate vs C epoll", ">= 0.9x", r, None if r is None else r >= 0.9)
+        add(f"{model.split('-')[1]} model connect rate vs C epoll", ">= 0.9x", r, None if r is None else r >= 0.9,
+            rate_of=("connect", (model, REFERENCE_CPU)))
     return rows
 
 
@@ -401,6 +424,9 @@ def render_markdown(data: dict[str, Any], summ: dict[tuple[str, str], dict[str, 
     L.append(f"![server CPU per round trip and round trips/s]({png_name})")
     L.append("")
     L.append("## The issue's targets (for context; the harness reports, it does not assert)")
+    L.append("")
+    L.append("Medians; † = the generator was saturated (≥ {:.2f} of a core) in one of the two rows compared, "
+             "so that rate ratio is not the servers' alone.".format(GEN_BOUND_SHARE))
     L.append("")
     L.append("| target | wanted | measured | met |")
     L.append("|---|---|---|---|")
@@ -513,6 +539,10 @@ def notes(data: dict[str, Any], summ: dict[tuple[str, str], dict[str, Any]]) -> 
                    + "; ".join(f"{sc}: {', '.join(v)}" for sc, v in by_sc.items()) + ".")
     else:
         out.append(f"No measurement had the generator at ≥ {GEN_BOUND_SHARE:.2f} of a core.")
+    retried = [r for r in data["records"] if r.get("attempts", 1) > 1]
+    if retried:
+        out.append(f"{len(retried)} of {len(data['records'])} measurements were repeated because other processes "
+                   f"took more than {DISTURBED_SHARE} cores meanwhile (the least disturbed attempt is kept).")
     disturbed = [(k, s["other_cpu_share"]) for k, s in summ.items()
                  if s.get("other_cpu_share") is not None and s["other_cpu_share"] > DISTURBED_SHARE]
     if disturbed:
@@ -624,6 +654,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-busy", type=float, default=0.3,
                    help="... and for the CPU in use by others to drop below this many cores (default 0.3)")
     p.add_argument("--wait-quiet", type=float, help="wait at most this many seconds for that (default 600; --quick 0)")
+    p.add_argument("--retry-disturbed", type=int, default=2,
+                   help="measure again (at most this many times) when other processes took more than "
+                        f"{DISTURBED_SHARE} cores meanwhile; the least disturbed attempt is kept (default 2)")
     p.add_argument("--report-only", metavar="JSON", help="only re-render the reports from a saved benchmarks.json")
     args = p.parse_args(argv)
     args.command_line = "python benchmarks/run.py" + ("" if argv is None and len(sys.argv) < 2
