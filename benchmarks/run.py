@@ -570,7 +570,10 @@ def notes(data: dict[str, Any], summ: dict[tuple[str, str], dict[str, Any]]) -> 
             "the servers' own cost; the unpinned one mostly measures the machine. The same effect, "
             "diluted, is in every row: a server that sleeps and wakes less often (batching more work per "
             "wake-up) pays it less often.")
-    out.append("*spread* = (max − min) / median of the rate over the rounds.")
+    out.append("*spread* = (max − min) / median of the rate over the rounds. With only "
+               f"{nproc} CPUs for server and generator together, the rates of the fast servers depend on "
+               "how their wake-ups line up and move a lot from round to round; CPU per round trip is much "
+               "steadier, which is why the tables are ranked by it.")
     out.append("CPU per round trip = server CPU over the generator's measured window / round trips in it; "
                "in connect mode a round trip is a whole connect → 64 B echo → close cycle. For the "
                "threaded servers it includes every thread.")
@@ -605,11 +608,15 @@ def render_png(data: dict[str, Any], summ: dict[tuple[str, str], dict[str, Any]]
             xs, ys = [], []
             for i, sc in enumerate(scs):
                 v = summ.get((sc["key"], srv), {}).get(field_)
-                if v is not None and v > 0:
-                    xs.append(i - 0.4 + width * (j + 0.5))
+                x = i - 0.4 + width * (j + 0.5)
+                if v is not None and v >= 1:
+                    xs.append(x)
                     ys.append(v)
+                elif v is not None:        # below the log axis (e.g. the C server's ~0 B)
+                    ax.text(x, 1.15, "≈0", ha="center", va="bottom", fontsize=7, color=colors.get(srv))
             ax.bar(xs, ys, width, label=srv, color=colors.get(srv))
         ax.set_yscale("log")
+        ax.set_ylim(bottom=1 if field_ == "rss_per_conn_bytes" else None)
         ax.set_title(title)
         ax.set_xticks(range(len(scs)))
         ax.set_xticklabels([s["key"] for s in scs])
