@@ -125,8 +125,9 @@ def render(data: dict[str, Any]) -> str:
          "do not edit by hand.", "", "```", data["command"], "```", "",
          f"- **Date**: {m['date']}; wall time {data['wall_s']:.0f} s.",
          f"- **Machine**: {m['nproc']} CPUs, Linux {m['kernel']}, Python {m['python']}, "
-         f"hard RLIMIT_NOFILE {m['nofile_hard']} (cannot be raised here, not even as root), "
-         f"load average before {m['load_before']}.",
+         f"hard RLIMIT_NOFILE {m['nofile_hard']} (cannot be raised here, not even as root); "
+         f"before the run {m['busy_before']:.2f} cores were in use (3 s sample of /proc/stat), load average "
+         f"{m['load_before']} (it counts threads: a previous 10,000-thread run keeps it up for minutes).",
          "",
          "One server process per model (`python -m unixsrv serve --echo --model M --backlog 4096`, soft "
          "fd limit raised to the hard one). Baseline = VmRSS after one short warm-up connection. Each step "
@@ -198,11 +199,16 @@ def main() -> int:
     hard = harness.raise_nofile_limit()
     t0 = time.monotonic()
     load = tuple(round(x, 2) for x in os.getloadavg())
+    a = harness.CpuSnapshot.take()
+    time.sleep(3.0)                      # let time pass: sample the machine's CPU use
+    b = harness.CpuSnapshot.take()
+    busy = (b.busy - a.busy) / (b.wall - a.wall)
     data: dict[str, Any] = {
         "command": command,
         "idle_s": args.idle,
         "machine": {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                     "nofile_hard": hard, "load_before": "/".join(map(str, load)),
+                    "busy_before": round(busy, 3),
                     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
         "models": [],
     }
@@ -217,6 +223,12 @@ def main() -> int:
         f"separate processes ({PER_PROCESS:,} connections each at most), each with its own fd limit.",
         "The blocking model runs one handler thread per connection; its per-connection RSS is mostly the "
         "touched part of each thread's stack plus the Python thread state.",
+        "Every connection counted as held has echoed 64 B, verified byte for byte by the generator "
+        "(hold mode), after which it stays idle; a failed connect or echo would show under failed / errors.",
+        "The first step's per-connection figure can be lower than the later ones: its connections partly "
+        "fit into memory the server had already reserved (allocator pools, pre-sized tables). The "
+        "marginal cost of the later steps is the one to compare; flat means it stays about the same up "
+        "to the fd limit.",
     ]
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(os.path.join(harness.BUILD, "scale.json"), "w", encoding="utf-8") as f:
