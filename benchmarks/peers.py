@@ -1,0 +1,131 @@
+"""The peer echo servers the benchmark compares unixsrv with.
+
+    python benchmarks/peers.py KIND PATH [--backlog N]
+
+KIND is one of:
+
+``uvloop-protocol``   uvloop event loop, an ``asyncio.Protocol`` that writes back
+                      every chunk in ``data_received``;
+``uvloop-streams``    uvloop, ``asyncio.start_unix_server`` with a
+                      ``reader.read(65536)`` / ``writer.write`` + ``drain`` loop;
+``asyncio-protocol``  the same Protocol on the default asyncio loop;
+``asyncio-streams``   the same streams handler on the default asyncio loop;
+``socketserver``      ``socketserver.ThreadingUnixStreamServer`` (one thread per
+                      connection, ``daemon_threads``) with a ``BaseRequestHandler``
+                      doing ``recv(65536)`` + ``sendall`` until EOF.
+
+Each is written the way the library's documentation shows it, nothing tuned.
+The listening socket is bound under a temporary name, listens with the given
+backlog (default 4096), and is then renamed to PATH, so PATH exists only once
+the server accepts (the readiness rule of ``unixsrv serve`` and of the C
+reference).  The soft RLIMIT_NOFILE is raised to the hard limit.  The process
+runs until SIGTERM/SIGINT (default actions: the harness ends it by PID).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import socket
+import socketserver
+
+KINDS = ("uvloop-protocol", "uvloop-streams", "asyncio-protocol", "asyncio-streams", "socketserver")
+
+
+class EchoProtocol(asyncio.Protocol):
+    """Writes back every chunk as it arrives."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[attr-defined]
+
+
+async def echo_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The streams echo: read, write, drain, until EOF."""
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+class EchoHandler(socketserver.BaseRequestHandler):
+    """recv(65536) + sendall until EOF."""
+
+    def handle(self) -> None:
+        sock = self.request
+        try:
+            while data := sock.recv(65536):
+                sock.sendall(data)
+        except ConnectionError:
+            pass
+
+
+class EchoUnixServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+    request_queue_size = 4096
+
+
+def listening_socket(path: str, backlog: int) -> socket.socket:
+    """Bind under a temporary name and listen; the caller renames it to
+    ``path`` once its loop is about to accept."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(tmp)
+    sock.listen(backlog)
+    return sock
+
+
+def serve_asyncio(kind: str, path: str, backlog: int) -> None:
+    if kind.startswith("uvloop"):
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    sock = listening_socket(path, backlog)
+    tmp = sock.getsockname()
+    if kind.endswith("protocol"):
+        server = loop.run_until_complete(loop.create_unix_server(EchoProtocol, sock=sock, backlog=backlog))
+    else:
+        server = loop.run_until_complete(asyncio.start_unix_server(echo_stream, sock=sock, backlog=backlog))
+    os.rename(tmp, path)
+    try:
+        loop.run_until_complete(server.serve_forever())
+    finally:
+        loop.close()
+
+
+def serve_socketserver(path: str, backlog: int) -> None:
+    EchoUnixServer.request_queue_size = backlog
+    tmp = f"{path}.{os.getpid()}.tmp"
+    server = EchoUnixServer(tmp, EchoHandler)   # binds and listens(request_queue_size)
+    os.rename(tmp, path)
+    server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("path")
+    parser.add_argument("--backlog", type=int, default=4096)
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.kind == "socketserver":
+        serve_socketserver(args.path, args.backlog)
+    else:
+        serve_asyncio(args.kind, args.path, args.backlog)
+
+
+if __name__ == "__main__":
+    main()
