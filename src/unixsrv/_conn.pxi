@@ -158,6 +158,10 @@ cdef ssize_t _send_blocking(int fd, const char *buf, size_t n, int *err) noexcep
 # Kept below one page so the stack frame needs no extra probe pages.
 cdef enum:
     SMALL_READ = 2048
+    # Writes up to this size are tried without giving up the GIL; copying
+    # more than that into the kernel while holding it makes every other
+    # handler thread wait longer than a GIL hand-off costs.
+    SMALL_WRITE = 8192
 
 
 cdef class Connection(_ConnBase):
@@ -184,16 +188,17 @@ cdef class Connection(_ConnBase):
         try:
             if n == 0:
                 return b""
-            with nogil:
-                r = _recv_blocking(self.c.fd, small, n if n < SMALL_READ else SMALL_READ, &err)
-            if r < 0:
-                raise self._io_error(err)
-            if r == 0:
-                us_or_u32(&self.c.state, ST_EOF)
-                return b""
+            if n > SMALL_READ and self._big_reads:
+                return self._read_big(n)
+            r = self._recv_now(small, n if n < SMALL_READ else SMALL_READ, &err)
+            if r <= 0:
+                return self._read_result(r, err)
             if r < SMALL_READ or n == SMALL_READ:
                 data = small[:r]
             else:
+                # The stack buffer filled up: messages here are big, so the
+                # next reads go straight into a bytes object (_read_big).
+                self._big_reads = True
                 data = PyBytes_FromStringAndSize(NULL, n)
                 memcpy(<char *>data, small, r)
                 more = recv(self.c.fd, (<char *>data) + r, n - r, MSG_DONTWAIT)
@@ -206,6 +211,52 @@ cdef class Connection(_ConnBase):
         self._count_in(r)
         return data
 
+    cdef object _read_big(self, Py_ssize_t n):
+        """One recv() straight into a bytes object of n, shrunk to fit."""
+        cdef PyObject *raw
+        cdef ssize_t r
+        cdef int err = 0
+        cdef bytes data = PyBytes_FromStringAndSize(NULL, n)
+        r = self._recv_now(<char *>data, n, &err)
+        if r <= 0:
+            return self._read_result(r, err)
+        if r <= SMALL_READ:
+            self._big_reads = False
+        if r < n:
+            # _PyBytes_Resize needs the only reference: hand ours to `raw`.
+            raw = <PyObject *>data
+            Py_INCREF(data)
+            data = None
+            _PyBytes_Resize(&raw, r)
+            data = <bytes>raw
+            Py_DECREF(data)
+        self._count_in(r)
+        return data
+
+    cdef ssize_t _recv_now(self, char *buf, size_t n, int *err) except? -2:
+        """recv(): for small messages first without waiting and without
+        giving up the GIL (under load the data is often there already, and
+        handing the GIL to another thread and back costs more than this
+        syscall); else, and for big messages, wait without the GIL."""
+        cdef ssize_t r
+        if not self._big_reads:
+            r = recv(self.c.fd, buf, n, MSG_DONTWAIT)
+            if r >= 0:
+                return r
+            if not us_would_block(errno) and errno != EINTR:
+                err[0] = errno
+                return -1
+        with nogil:
+            r = _recv_blocking(self.c.fd, buf, n, err)
+        return r
+
+    cdef object _read_result(self, ssize_t r, int err):
+        """b"" at EOF, the matching exception on error."""
+        if r < 0:
+            raise self._io_error(err)
+        us_or_u32(&self.c.state, ST_EOF)
+        return b""
+
     def readinto(self, buffer):
         """Read into a writable buffer; returns the byte count (0 at EOF)."""
         cdef Py_buffer view
@@ -217,8 +268,8 @@ cdef class Connection(_ConnBase):
             try:
                 if view.len == 0:
                     return 0
-                with nogil:
-                    r = _recv_blocking(self.c.fd, <char *>view.buf, view.len, &err)
+                r = self._recv_now(<char *>view.buf, view.len, &err)
+                self._big_reads = r > SMALL_READ
             finally:
                 self._unuse()
         finally:
@@ -241,9 +292,12 @@ cdef class Connection(_ConnBase):
         try:
             self._use()
             try:
-                # Most writes fit the socket buffer: try without waiting (and
-                # without giving up the GIL) first.
-                r = send(self.c.fd, view.buf, view.len, MSG_NOSIGNAL | MSG_DONTWAIT)
+                # Most small writes fit the socket buffer: try them without
+                # waiting (and without giving up the GIL) first.
+                if view.len > SMALL_WRITE:
+                    r = 0
+                else:
+                    r = send(self.c.fd, view.buf, view.len, MSG_NOSIGNAL | MSG_DONTWAIT)
                 if r >= 0:
                     done = r
                 elif not us_would_block(errno) and errno != EINTR:

@@ -340,6 +340,10 @@ cdef class _ConnBase:
 cdef class Connection(_ConnBase):
     cdef object _done
     cdef bint _done_set
+    cdef bint _big_reads
+    cdef object _read_big(self, Py_ssize_t n)
+    cdef ssize_t _recv_now(self, char *buf, size_t n, int *err) except? -2
+    cdef object _read_result(self, ssize_t r, int err)
     cdef int _set_done(self) except -1
     cdef object _io_error(self, int err)
     cdef void _count_in(self, ssize_t r) noexcept
