@@ -17,6 +17,11 @@ cdef inline int64_t _idle_touch(Loop loop) noexcept nogil:
     return us_now_ns() if loop.idle_ns else 0
 
 
+# The connection objects opt out of cyclic GC (one object less per
+# connection for every collection to scan): the only cycle they take part in
+# is _Stream -> protocol -> transport -> _Stream, and _finalize(), which every
+# connection reaches (teardown finalizes whatever is left), breaks it.
+@cython.no_gc
 cdef class _ConnBase:
 
     def __cinit__(self):
@@ -164,6 +169,7 @@ cdef enum:
     SMALL_WRITE = 8192
 
 
+@cython.no_gc
 cdef class Connection(_ConnBase):
     """One client connection, handed to a blocking ``handler(conn)``.
 

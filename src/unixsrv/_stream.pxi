@@ -52,6 +52,7 @@ cdef void _obuf_free(conn_t *c) noexcept nogil:
     c.ocap = c.ooff = c.olen = 0
 
 
+@cython.no_gc
 cdef class _Stream(_ConnBase):
     """Loop-side state of one event-model connection."""
 
