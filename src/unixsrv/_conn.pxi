@@ -405,6 +405,5 @@ cdef class Connection(_ConnBase):
         self._shutdown_fd(SHUT_RDWR)     # wakes any other thread using it
         self._unuse()                    # the lifetime use: closes the fd
         self._set_done()
-        us_add_u64(&self.loop.stats.s.closed, 1)
-        us_add_i64(&self.loop.stats.s.open, -1)
+        self.loop._count_closed()
         self.loop._conn_closed()

@@ -436,6 +436,7 @@ cdef class Loop:
     cdef int _run_finalizing(self) except -1
     cdef int _run_pending(self) except -1
     cdef int _conn_closed(self) except -1
+    cdef void _count_closed(self) noexcept nogil
     cdef void _close_fds(self) noexcept
     cdef list _snapshot(self)
     cdef int _callback_error(self, object exc) except -1

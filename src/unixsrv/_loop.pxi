@@ -285,10 +285,13 @@ cdef class Loop:
                 close(fd)          # over the limit: the client sees EOF at once
                 us_add_u64(&self.stats.s.rejected, 1)
                 continue
+            # Counted here, together, so that accepted == closed + open holds
+            # for any reader at any moment.
+            us_add_u64(&self.stats.s.accepted, 1)
             us_add_i64(&self.stats.s.open, 1)
             if self._push(REC_NEW, fd, 0, named, 0) < 0:
                 close(fd)
-                us_add_i64(&self.stats.s.open, -1)
+                self._count_closed()
                 us_add_u64(&self.stats.s.errors, 1)
 
     cdef void _recv_one(self, conn_t *c) noexcept nogil:
@@ -403,7 +406,7 @@ cdef class Loop:
             while i < self.nrecs:
                 if self.recs[i].kind == REC_NEW:
                     close(self.recs[i].fd)
-                    us_add_i64(&self.stats.s.open, -1)
+                    self._count_closed()
                 i += 1
             raise
         finally:
@@ -445,7 +448,6 @@ cdef class Loop:
                 conn._remote = ""
         if self.idle_ns and self.next_sweep_ns == NEVER:
             self.next_sweep_ns = self.now + self.idle_ns + min(max(self.idle_ns // 64, 1000000), 250000000)
-        us_add_u64(&self.stats.s.accepted, 1)
         if self.event_model:
             if us_poller_add(self.pfd, fd, _token(&conn.c), US_READ) < 0:
                 err = errno
@@ -569,6 +571,10 @@ cdef class Loop:
         if self.stash_exc is None:
             self.stash_exc = exc
         return 0
+
+    cdef void _count_closed(self) noexcept nogil:
+        us_add_u64(&self.stats.s.closed, 1)
+        us_add_i64(&self.stats.s.open, -1)
 
     cdef int _conn_closed(self) except -1:
         if self.drain_waiting and us_load_i64(&self.stats.s.open) <= 0:

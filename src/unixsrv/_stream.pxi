@@ -209,8 +209,7 @@ cdef class _Stream(_ConnBase):
             close(c.fd)
         loop._table_del(c)
         _obuf_free(c)
-        us_add_u64(&loop.stats.s.closed, 1)
-        us_add_i64(&loop.stats.s.open, -1)
+        loop._count_closed()
         proto, exc = self.protocol, self._lost_exc
         self.protocol = self._lost_exc = None
         if proto is not None:
