@@ -2,7 +2,7 @@
 # Declarations of the C core: system calls (all nogil), the platform shims in
 # the small headers next to this file, and the extension types of _core.pyx.
 
-from cpython.object cimport PyObject
+from cpython.object cimport PyObject, PyTypeObject
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 
 
@@ -248,6 +248,15 @@ cdef extern from "compat.h" nogil:
     socklen_t us_make_addr(sockaddr_un *sa, const char *path, size_t len)
 
 
+cdef extern from "Python.h":
+    # The slot of a __slots__ attribute (Include/cpython/descrobject.h).
+    ctypedef struct PyMemberDef:
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+    object PyType_GenericAlloc(PyTypeObject *type, Py_ssize_t nitems)
+
+
 cdef extern from * nogil:
     # GCC and Clang builtin (the only compilers the Unix builds use).
     int __builtin_clzll(unsigned long long x)
@@ -319,6 +328,13 @@ cdef struct rec_t:
 
 cdef class Stats:
     cdef us_stats s
+
+
+cdef class Callbacks:
+    cdef public object on_error
+    cdef public object on_conn_state
+    cdef public object on_server_info
+    cdef public object update_conn
 
 
 cdef class Loop
@@ -395,6 +411,7 @@ cdef class Loop:
     cdef long owner_pid
     cdef unsigned long thread_id
     cdef Stats stats
+    cdef Callbacks callbacks
     cdef object server
     cdef object factory
     cdef object pending

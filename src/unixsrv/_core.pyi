@@ -17,6 +17,14 @@ class Stats:
     def snapshot(self) -> dict[str, int]: ...
     def count_error(self) -> None: ...
 
+class Callbacks:
+    """The callbacks of one Server, shared with its loops (None = unset)."""
+
+    on_error: Callable[[BaseException], Any] | None
+    on_conn_state: Callable[[str, str, Any], Any] | None
+    on_server_info: Callable[[str], Any] | None
+    update_conn: Callable[[Any], Any] | None
+
 class _ConnBase:
     def fileno(self) -> int: ...
     @property
@@ -80,6 +88,7 @@ class Loop:
         self,
         server: Any,
         stats: Stats,
+        callbacks: Callbacks,
         event_model: bool,
         factory: Callable[[], asyncio.BaseProtocol] | None,
         idle_timeout: float,

@@ -12,6 +12,8 @@ cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE, _PyBytes_Resize
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.method cimport PyMethod_Check, PyMethod_GET_FUNCTION
+from cpython.object cimport PyObject, PyObject_TypeCheck, PyTypeObject
 from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.ref cimport Py_DECREF, Py_INCREF
 
@@ -43,6 +45,7 @@ _CLOSE = _ConnState.CLOSE
 _live_loops = _weakref.WeakSet()
 
 include "_stats.pxi"
+include "_callbacks.pxi"
 include "_listener.pxi"
 include "_conn.pxi"
 include "_stream.pxi"

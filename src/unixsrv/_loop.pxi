@@ -38,11 +38,12 @@ cdef class Loop:
         self.accept_backoff_ms = BACKOFF_MIN_MS
         pthread_mutex_init(&self.mu, NULL)
 
-    def __init__(self, server, Stats stats, bint event_model, factory,
+    def __init__(self, server, Stats stats, Callbacks callbacks, bint event_model, factory,
                  double idle_timeout, size_t max_connections, size_t read_size,
                  size_t high_water, size_t low_water, size_t max_write_buffer):
         self.server = server
         self.stats = stats
+        self.callbacks = callbacks
         self.event_model = event_model
         self.factory = factory
         self.idle_ns = <int64_t>(idle_timeout * 1e9) if idle_timeout > 0 else 0
@@ -542,11 +543,15 @@ cdef class Loop:
         return out
 
     cdef int _run_finalizing(self) except -1:
-        cdef list batch
-        while self.finalizing:
-            batch, self.finalizing = self.finalizing, []
-            for s in batch:
-                (<_Stream>s)._finalize()
+        # By index: a connection_lost() may close more transports, which
+        # append to the list while it is walked.
+        cdef Py_ssize_t i = 0
+        try:
+            while i < len(self.finalizing):
+                (<_Stream>self.finalizing[i])._finalize()
+                i += 1
+        finally:
+            del self.finalizing[:i]
         return 0
 
     cdef int _run_pending(self) except -1:

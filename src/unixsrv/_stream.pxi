@@ -46,6 +46,18 @@ cdef int _obuf_append(conn_t *c, const char *p, size_t n) noexcept nogil:
     return 0
 
 
+# asyncio's own no-op implementations: a protocol that inherits them unchanged
+# is not called for them (a Python call costs more than the rest of a
+# connection's teardown).  The check is on the bound method, so an override
+# anywhere - subclass, instance attribute, a patched asyncio - is honoured.
+cdef object _BASE_EOF_RECEIVED = _asyncio.Protocol.eof_received
+cdef object _BASE_CONNECTION_LOST = _asyncio.BaseProtocol.connection_lost
+
+
+cdef inline bint _is_base(object method, object base):
+    return PyMethod_Check(method) and <object>PyMethod_GET_FUNCTION(method) is base
+
+
 cdef void _obuf_free(conn_t *c) noexcept nogil:
     free(c.obuf)
     c.obuf = NULL
@@ -69,18 +81,19 @@ cdef class _Stream(_ConnBase):
     cdef int _start(self) except -1:
         """Fire NEW, run update_conn, build the protocol, connection_made."""
         cdef Loop loop = self.loop
+        cdef Callbacks callbacks = loop.callbacks
         server = loop.server
         try:
-            if server._on_conn_state is not None:
+            if callbacks.on_conn_state is not None:
                 server._fire_state(self, _NEW)
-            if server._update_conn is not None and not server._call_update_conn(self):
+            if callbacks.update_conn is not None and not server._call_update_conn(self):
                 return self._abort(None)
         except BaseException as exc:      # KeyboardInterrupt/SystemExit from a callback
             loop._callback_error(exc)
             return self._abort(None)
         try:
             self.protocol = loop.factory()
-            self.protocol.connection_made(Transport(self))
+            self.protocol.connection_made(_new_transport(self))
         except BaseException as exc:
             self._callback_failed(exc)
         return 0
@@ -214,13 +227,14 @@ cdef class _Stream(_ConnBase):
         self.protocol = self._lost_exc = None
         if proto is not None:
             try:
-                proto.connection_lost(exc)
+                connection_lost = proto.connection_lost
+                if not _is_base(connection_lost, _BASE_CONNECTION_LOST):
+                    connection_lost(exc)
             except BaseException as err:
                 loop._callback_error(err)
-        server = loop.server
-        if server._on_conn_state is not None:
+        if loop.callbacks.on_conn_state is not None:
             try:
-                server._fire_state(self, _CLOSE)
+                loop.server._fire_state(self, _CLOSE)
             except BaseException as err:  # KeyboardInterrupt/SystemExit from a callback
                 loop._callback_error(err)
         return loop._conn_closed()
@@ -247,7 +261,8 @@ cdef class _Stream(_ConnBase):
             if c.state & ST_CLOSING:
                 return 0
             try:
-                keep_open = self.protocol.eof_received()
+                eof_received = self.protocol.eof_received
+                keep_open = None if _is_base(eof_received, _BASE_EOF_RECEIVED) else eof_received()
             except BaseException as exc:
                 return self._callback_failed(exc)
             if not keep_open:
@@ -294,6 +309,37 @@ cdef class _Stream(_ConnBase):
         return self._sock_view
 
 
+# Transport is a Python class (it must subclass asyncio.Transport), so its
+# `_s` slot is reached through a member descriptor; every transport call goes
+# through it, so read and write the slot at its fixed offset instead (both set
+# right after the class below).
+cdef PyTypeObject *_TRANSPORT_TYPE = NULL
+cdef Py_ssize_t _TRANSPORT_SLOT = 0
+
+
+cdef inline PyObject **_transport_slot(object transport) noexcept:
+    return <PyObject **>((<char *><PyObject *>transport) + _TRANSPORT_SLOT)
+
+
+cdef _Stream _stream_of(object transport):
+    """The _Stream behind a Transport (or a subclass of it)."""
+    cdef PyObject *s
+    if not PyObject_TypeCheck(transport, _TRANSPORT_TYPE):
+        raise TypeError(f"expected a unixsrv Transport, not {type(transport).__name__}")
+    s = _transport_slot(transport)[0]
+    if s == NULL:
+        raise RuntimeError("this Transport is not attached to a connection")
+    return <_Stream>s
+
+
+cdef object _new_transport(_Stream stream):
+    """Transport(stream) without the generic type call and __init__."""
+    transport = PyType_GenericAlloc(_TRANSPORT_TYPE, 0)
+    Py_INCREF(stream)
+    _transport_slot(transport)[0] = <PyObject *>stream
+    return transport
+
+
 class Transport(_asyncio.Transport):
     """The asyncio.Transport given to ``Protocol.connection_made``.
 
@@ -307,20 +353,20 @@ class Transport(_asyncio.Transport):
         self._s = stream
 
     def __repr__(self):
-        s = <_Stream>self._s
+        s = _stream_of(self)
         return f"<unixsrv.Transport id={s.c.seq} fd={s.c.fd} closing={self.is_closing()}>"
 
     def write(self, data):
         """Send data now if the socket takes it, else buffer it."""
-        (<_Stream>self._s)._write_obj(data)
+        _stream_of(self)._write_obj(data)
 
     def writelines(self, list_of_data):
         """Write the items in order, as one write (so a bad item sends nothing)."""
-        (<_Stream>self._s)._write_obj(b"".join(list_of_data))
+        _stream_of(self)._write_obj(b"".join(list_of_data))
 
     def write_eof(self):
         """Shut down the write side once buffered output is flushed."""
-        cdef _Stream s = <_Stream>self._s
+        cdef _Stream s = _stream_of(self)
         s._check_thread()
         if s.c.state & (ST_WRITE_EOF | ST_CLOSING | ST_LOST):
             return
@@ -333,21 +379,21 @@ class Transport(_asyncio.Transport):
 
     def close(self):
         """Stop reading, flush buffered output, then close; connection_lost(None) follows."""
-        cdef _Stream s = <_Stream>self._s
+        cdef _Stream s = _stream_of(self)
         s._check_thread()
         s._close()
 
     def abort(self):
         """Close at once, discarding buffered output; connection_lost(None) follows."""
-        cdef _Stream s = <_Stream>self._s
+        cdef _Stream s = _stream_of(self)
         s._check_thread()
         s._abort(None)
 
     def is_closing(self):
-        return bool((<_Stream>self._s).c.state & (ST_CLOSING | ST_LOST))
+        return bool(_stream_of(self).c.state & (ST_CLOSING | ST_LOST))
 
     def pause_reading(self):
-        cdef _Stream s = <_Stream>self._s
+        cdef _Stream s = _stream_of(self)
         s._check_thread()
         if s.c.state & (ST_READ_PAUSED | ST_CLOSING):
             return
@@ -357,7 +403,7 @@ class Transport(_asyncio.Transport):
             raise _oserror(err)
 
     def resume_reading(self):
-        cdef _Stream s = <_Stream>self._s
+        cdef _Stream s = _stream_of(self)
         s._check_thread()
         if not (s.c.state & ST_READ_PAUSED) or s.c.state & ST_CLOSING:
             return
@@ -368,11 +414,11 @@ class Transport(_asyncio.Transport):
                 raise _oserror(err)
 
     def is_reading(self):
-        return not ((<_Stream>self._s).c.state & (ST_READ_PAUSED | ST_CLOSING | ST_LOST))
+        return not (_stream_of(self).c.state & (ST_READ_PAUSED | ST_CLOSING | ST_LOST))
 
     def set_write_buffer_limits(self, high=None, low=None):
         """asyncio semantics: high defaults to 64 KiB (or 4 * low), low to high // 4."""
-        cdef _Stream s = <_Stream>self._s
+        cdef _Stream s = _stream_of(self)
         s._check_thread()
         if high is None:
             high = 64 * 1024 if low is None else 4 * low
@@ -389,15 +435,15 @@ class Transport(_asyncio.Transport):
             s._resume_protocol()
 
     def get_write_buffer_limits(self):
-        cdef _Stream s = <_Stream>self._s
+        cdef _Stream s = _stream_of(self)
         return (s.c.low, s.c.high)
 
     def get_write_buffer_size(self):
-        return (<_Stream>self._s).c.olen
+        return _stream_of(self).c.olen
 
     def get_extra_info(self, name, default=None):
         """'peername', 'sockname', 'peercred' (PeerCredentials) or 'socket'."""
-        cdef _Stream s = <_Stream>self._s
+        cdef _Stream s = _stream_of(self)
         try:
             if name == "peername":
                 return s.remote_address
@@ -413,7 +459,11 @@ class Transport(_asyncio.Transport):
         return default
 
     def set_protocol(self, protocol):
-        (<_Stream>self._s).protocol = protocol
+        _stream_of(self).protocol = protocol
 
     def get_protocol(self):
-        return (<_Stream>self._s).protocol
+        return _stream_of(self).protocol
+
+
+_TRANSPORT_TYPE = <PyTypeObject *>Transport
+_TRANSPORT_SLOT = (<PyMemberDescrObject *>Transport.__dict__["_s"]).d_member.offset

@@ -79,10 +79,8 @@ class Server:
         self._config = config
         self._handler = handler
         self._protocol = protocol
-        self._update_conn = update_conn
-        self._on_error: ErrorCallback | None = None
-        self._on_conn_state: StateCallback | None = None
-        self._on_server_info: InfoCallback | None = None
+        self._callbacks = _core.Callbacks()
+        self._callbacks.update_conn = update_conn
         self._stats = _core.Stats()
         self._pool = WorkerPool(self._serve_connection) if handler is not None else None
         self._workers = threading.local()  # .active is True on a thread running our handler
@@ -139,19 +137,19 @@ class Server:
         exceptions, accept errors, shutdown timeouts reported from a
         background thread).  Usable as a decorator; ``None`` resets to
         logging the error."""
-        self._on_error = _callable_or_none(fn, "on_error")
+        self._callbacks.on_error = _callable_or_none(fn, "on_error")
         return fn
 
     def on_conn_state(self, fn: StateCallback | None) -> StateCallback | None:
         """Register ``fn(local, remote, state)``: ``ConnState.NEW`` before the
         handler starts, ``ConnState.CLOSE`` after it returned and the
         connection is closed, exactly once each."""
-        self._on_conn_state = _callable_or_none(fn, "on_conn_state")
+        self._callbacks.on_conn_state = _callable_or_none(fn, "on_conn_state")
         return fn
 
     def on_server_info(self, fn: InfoCallback | None) -> InfoCallback | None:
         """Register ``fn(message)`` for lifecycle messages (golib's texts)."""
-        self._on_server_info = _callable_or_none(fn, "on_server_info")
+        self._callbacks.on_server_info = _callable_or_none(fn, "on_server_info")
         return fn
 
     # ------------------------------------------------------------------ starting
@@ -219,6 +217,7 @@ class Server:
         loop = _core.Loop(
             self,
             self._stats,
+            self._callbacks,
             self._protocol is not None,
             self._protocol,
             cast(float, cfg.idle_timeout or 0.0),  # normalised to float | None
@@ -454,16 +453,17 @@ class Server:
         """Worker thread: NEW, update_conn, the handler, close, CLOSE."""
         workers = self._workers
         workers.active = True
+        callbacks = self._callbacks
         try:
-            if self._on_conn_state is not None:
+            if callbacks.on_conn_state is not None:
                 self._fire_state(conn, ConnState.NEW)
-            if self._update_conn is None or self._call_update_conn(conn):
+            if callbacks.update_conn is None or self._call_update_conn(conn):
                 self._handler(conn)  # type: ignore[misc]
         except BaseException as exc:  # even SystemExit: a handler never ends a worker
             self._report(exc)
         finally:
             conn._finish()
-            if self._on_conn_state is not None:
+            if callbacks.on_conn_state is not None:
                 self._fire_state(conn, ConnState.CLOSE)
             workers.active = False
 
@@ -473,7 +473,7 @@ class Server:
         conn._expose()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, conn.fileno())
         try:
-            self._update_conn(sock)  # type: ignore[misc]
+            self._callbacks.update_conn(sock)
             return True
         except BaseException as exc:
             self._user_error(exc)
@@ -486,7 +486,7 @@ class Server:
                 sock.detach()
 
     def _fire_state(self, conn: Any, state: ConnState) -> None:
-        fn = self._on_conn_state
+        fn = self._callbacks.on_conn_state
         if fn is None:
             return
         try:
@@ -500,7 +500,7 @@ class Server:
 
     def _info(self, message: str) -> None:
         logger.info("%s", message)
-        fn = self._on_server_info
+        fn = self._callbacks.on_server_info
         if fn is not None:
             try:
                 fn(message)
@@ -519,7 +519,7 @@ class Server:
     def _report(self, exc: BaseException) -> None:
         """One error: to on_error if registered, else to the log."""
         self._stats.count_error()
-        fn = self._on_error
+        fn = self._callbacks.on_error
         if fn is None:
             level = logging.DEBUG if isinstance(exc, (ConnectionResetError, BrokenPipeError)) else logging.ERROR
             logger.log(level, "unixsrv %s: %s", self.path, exc, exc_info=exc)
