@@ -22,7 +22,8 @@ no copy-paste twins): servers and clients (``serve_model``, ``start_echo``,
 ``run_threads``, ``shutdown_times_out``), child processes (``read_line``,
 ``finish``, ``end_processes``, ``fork_quietly``, ``reap``, ``child_pids``,
 ``proc_stat``, the ``run_traced`` fixture), fds (``open_fds``,
-``fd_identity``, ``is_listening``) and event-model protocols (``Recorder``,
+``fd_identity``, ``is_listening``), CPU use (``process_cpu_over``) and
+event-model protocols (``Recorder``,
 ``Collect``, ``Echo``, ``BigWriter``, ``on_loop``, ``payload``, ``sha``,
 ``squash``).
 """
@@ -35,6 +36,7 @@ import fcntl
 import hashlib
 import os
 import random
+import resource
 import select
 import shutil
 import signal
@@ -127,6 +129,20 @@ def wait_until(predicate: Callable[[], Any], timeout: float = DEADLINE, interval
         if time.monotonic() > end:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         time.sleep(interval)
+
+
+def process_cpu_over(seconds: float) -> float:
+    """CPU time (user + system, every thread) this process uses while the
+    calling thread waits `seconds`: what the server's threads burn in a
+    window where nothing should happen.  CPU time, not wall time, so the
+    bound a test puts on it holds on a loaded machine."""
+    def used() -> float:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    start = used()
+    time.sleep(seconds)  # the measured window itself, not a synchronisation
+    return used() - start
 
 
 def fd_count() -> int:

@@ -362,3 +362,11 @@ def test_histogram_percentiles_merge_by_adding_counts():
     assert abs(p999 - 1_000) / 1_000 < 0.01        # 999 of 1000 samples at 1 us
     assert _core.hist_percentiles(merged, (1.0,))[0] > 4_900_000
     assert _core.hist_percentiles({}, (0.5,)) == [None]
+
+
+@pytest.mark.parametrize("bucket", [-1, _core.HIST_BUCKETS, 10**6])
+def test_histogram_percentiles_refuse_buckets_out_of_range(bucket):
+    """A histogram read back from JSON with a bucket index outside the
+    histogram is an error, never a shift past 64 bits."""
+    with pytest.raises(IndexError):
+        _core.hist_percentiles({0: 1, bucket: 1}, (0.5,))

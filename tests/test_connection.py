@@ -8,6 +8,7 @@ every transition (small -> large -> small) to exact bytes.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -121,3 +122,36 @@ def test_readinto_and_write_of_buffers(sock_path: str, make_server: Callable[...
     assert counts[-1] == 0
     assert sum(counts) == len(payload)
     assert written == counts[:-1]
+
+
+def test_reset_right_after_a_full_small_read_is_raised_by_the_next_read(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
+    """A client that sends exactly one stack buffer (2 KiB) and closes with
+    data of ours unread resets the connection (unix(7): the peer gets
+    ECONNRESET).  read() returns the 2 KiB; the reset, which the socket
+    reports once, is not swallowed by the look-ahead for more data: the next
+    read() raises ConnectionResetError instead of returning b""."""
+    results: list[Any] = []
+    gone = threading.Event()
+    done = threading.Event()
+
+    def handler(conn: Any) -> None:
+        try:
+            conn.write(b"never read")
+            assert gone.wait(10)
+            results.append(len(conn.read(65536)))
+            try:
+                results.append(conn.read(65536))
+            except ConnectionResetError:
+                results.append("reset")
+        finally:
+            done.set()
+
+    make_server(sock_path, handler)
+    with connect(sock_path) as s:
+        assert s.recv(1, socket.MSG_PEEK) == b"n"  # arrived, and stays unread
+        s.sendall(os.urandom(2048))
+    gone.set()
+    assert done.wait(10)
+    assert results == [2048, "reset"]

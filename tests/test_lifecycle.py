@@ -685,3 +685,211 @@ def test_fork_while_serving(model: str, sock_path: str, make_server: Callable[..
             echo_once(sock_path, b"request %d" % i)
     finally:
         early.close()
+
+
+# ---------------------------------------------------------------------------- update_conn and callbacks
+
+
+class EchoUntilEof(asyncio.Protocol):
+    """Event-model echo that records connection_lost."""
+
+    lost: list[Any] = []
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def connection_lost(self, exc: Any) -> None:
+        EchoUntilEof.lost.append(exc)
+
+
+@pytest.mark.parametrize("what", ["close", "keep", "setsockopt"])
+def test_update_conn_cannot_take_the_connections_fd(
+    what: str, model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
+    """update_conn gets a socket of its own for the connection: closing it
+    or keeping it beyond the call leaves the connection intact (it is served,
+    counted, closed and announced exactly once, no fd is leaked), while an
+    option set on it applies to the connection itself (it is the same open
+    socket)."""
+    kept: list[socket.socket] = []
+    seen_sndbuf: list[int] = []
+    errors: list[BaseException] = []
+
+    def update_conn(sock: socket.socket) -> None:
+        if what == "close":
+            sock.close()
+        elif what == "keep":
+            kept.append(sock.dup())
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+
+    def handler(conn: Any) -> None:
+        s = socket.socket(fileno=os.dup(conn.fileno()))
+        seen_sndbuf.append(s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+        s.close()
+        echo_handler(conn)
+
+    EchoUntilEof.lost = []
+    srv = serve_model(make_server, sock_path, model, handler, EchoUntilEof, update_conn=update_conn, start=False)
+    srv.on_error(errors.append)
+    states: list[ConnState] = []
+    srv.on_conn_state(lambda local, remote, st: states.append(st))
+    before = len(open_fds())
+    srv.start()
+    for _ in range(3):
+        with connect(sock_path) as s:
+            echo(s, b"still mine")
+    wait_until(lambda: srv.stats()["closed"] == 3)
+    for k in kept:
+        k.close()
+    assert errors == []
+    assert states.count(ConnState.NEW) == states.count(ConnState.CLOSE) == 3
+    assert all(states[:k].count(ConnState.CLOSE) <= states[:k].count(ConnState.NEW) for k in range(7))
+    stats = srv.stats()
+    assert (stats["accepted"], stats["closed"], stats["open"]) == (3, 3, 0)
+    if model == "event":
+        assert EchoUntilEof.lost == [None] * 3
+    if what == "setsockopt" and model == "blocking":
+        assert seen_sndbuf and all(v >= 65536 for v in seen_sndbuf)  # Linux doubles it (socket(7))
+    srv.close()
+    wait_until(lambda: len(open_fds()) <= before)
+
+
+def test_close_is_announced_only_after_new(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """NEW and CLOSE come in pairs: an on_conn_state registered while a
+    connection is open sees neither for that connection, but both for the
+    next one."""
+    release = threading.Event()
+
+    def handler(conn: Any) -> None:
+        release.wait(DEADLINE)
+        echo_handler(conn)
+
+    srv = serve_model(make_server, sock_path, model, handler, EchoProtocol)
+    events: list[tuple[int, ConnState]] = []
+    with connect(sock_path) as first:
+        wait_until(lambda: srv.open_connections == 1)
+        srv.on_conn_state(lambda local, remote, st: events.append((1, st)))
+        release.set()
+        echo(first, b"one")
+    wait_until(lambda: srv.stats()["closed"] == 1)
+    on_loop_idle(srv)
+    assert events == []
+    echo_once(sock_path, b"two")
+    wait_until(lambda: len(events) == 2)
+    assert events == [(1, ConnState.NEW), (1, ConnState.CLOSE)]
+
+
+def on_loop_idle(srv: Server) -> None:
+    """Return once the loop ran a full iteration after this call."""
+    done = threading.Event()
+    srv.call_soon_threadsafe(done.set)
+    assert done.wait(DEADLINE)
+
+
+def test_close_from_data_received_defers_connection_lost(sock_path: str, make_server: Callable[..., Server]) -> None:
+    """DESIGN: close() called from a protocol callback stops the server, but
+    connection_lost() never runs inside another callback: it follows after
+    data_received() returned."""
+    log: list[str] = []
+    srv_box: list[Server] = []
+
+    class Stopper(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            log.append("data")
+            srv_box[0].close()
+            log.append("close returned")
+            self.transport.write(b"late")  # closing: raises, the transport is closed
+            log.append("not reached")
+
+        def connection_lost(self, exc: Any) -> None:
+            log.append("lost")
+
+    srv = make_server(sock_path, protocol=Stopper)
+    srv_box.append(srv)
+    errors: list[BaseException] = []
+    srv.on_error(errors.append)
+    with connect(sock_path) as s:
+        s.sendall(b"stop")
+        assert recv_until_eof(s) == b""
+    assert srv.wait(DEADLINE)
+    assert log == ["data", "close returned", "lost"]
+    assert len(errors) == 1 and isinstance(errors[0], ServerClosedError)
+
+
+def test_system_exit_from_a_callback_during_teardown_is_raised(sock_path: str, make_server: Callable[..., Server]) -> None:
+    """A callback raising KeyboardInterrupt stops serve_forever() with
+    another connection still open; tearing down finalizes that transport,
+    and its connection_lost() raises SystemExit.  That exception is not
+    lost: serve_forever() raises it after the cleanup (with the interrupt as
+    its context), as it would have during serving."""
+    built: list[Any] = []
+
+    class Stays(asyncio.Protocol):
+        def connection_lost(self, exc: Any) -> None:
+            raise SystemExit(3)
+
+    class Interrupts(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            raise KeyboardInterrupt
+
+    def factory() -> Any:
+        built.append(Stays() if not built else Interrupts())
+        return built[-1]
+
+    srv = make_server(sock_path, protocol=factory, start=False)
+    raised: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            srv.serve_forever()
+        except BaseException as exc:  # the test inspects it
+            raised.append(exc)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    wait_until(lambda: os.path.exists(sock_path))
+    with connect(sock_path), connect(sock_path) as second:
+        wait_until(lambda: srv.open_connections == 2)
+        second.sendall(b"stop")
+        t.join(DEADLINE)
+    assert not t.is_alive()
+    assert len(raised) == 1 and isinstance(raised[0], SystemExit) and raised[0].args == (3,)
+    assert isinstance(raised[0].__context__, KeyboardInterrupt)
+    assert not os.path.lexists(sock_path)
+    assert srv.is_gone
+
+
+def test_stats_snapshot_is_consistent_while_connections_churn(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
+    """stats() read from another thread while connections open and close
+    always satisfies accepted == closed + open, with open >= 0."""
+    srv = start_echo(make_server, sock_path, model)
+    stop = threading.Event()
+    bad: list[dict[str, int]] = []
+    reads = [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            st = srv.stats()
+            reads[0] += 1
+            if st["accepted"] != st["closed"] + st["open"] or st["open"] < 0:
+                bad.append(st)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    try:
+        for _ in range(300):
+            echo_once(sock_path, b"x")
+    finally:
+        stop.set()
+        t.join(DEADLINE)
+    assert reads[0] > 100
+    assert bad == []

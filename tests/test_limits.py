@@ -398,3 +398,23 @@ def test_eintr_storm_with_partial_writes(model: str, sock_path: str, spawn: Call
     assert proc.poll() is None
     code, _out, _err = finish(proc)
     assert code == 0
+
+
+# ---------------------------------------------------------------------------- idle timeouts beyond int64 nanoseconds
+
+
+@pytest.mark.parametrize("idle", [1e10, 1e300])
+def test_huge_idle_timeout_never_closes_early(
+    idle: float, model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
+    """An idle timeout beyond what int64 nanoseconds hold (1e10 s; golib's
+    largest Go duration, "2562047h", is 9.2e9 s) means "practically never":
+    deadlines must not overflow into the past and close every connection at
+    the first sweep.  Over a window of 0.5 s (the time that would show such
+    a sweep) the connection stays open and keeps echoing."""
+    srv = start_echo(make_server, sock_path, model, idle_timeout=idle)
+    with connect(sock_path) as s:
+        echo(s, b"first")
+        time.sleep(0.5)  # the window an overflowed deadline would fire in
+        echo(s, b"still here")
+        assert srv.open_connections == 1

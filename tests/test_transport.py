@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 from conftest import (DEADLINE, BigWriter, Collect, Echo, KiB, MiB, Recorder, connect, echo, make_room,
-                      on_loop, outcome, payload, recv_exactly, recv_until_eof, sha, squash, wait_until)
+                      on_loop, outcome, payload, process_cpu_over, recv_exactly, recv_until_eof, sha, squash,
+                      wait_until)
 
 from unixsrv import PeerCredentials, ServerClosedError, Transport
 
@@ -680,3 +681,134 @@ def test_call_soon_threadsafe_on_a_stopped_server_raises(sock_path, make_server)
     assert srv.wait(DEADLINE)
     with pytest.raises(ServerClosedError):
         srv.call_soon_threadsafe(lambda: None)
+
+
+# ---------------------------------------------------------------- a peer that went away
+
+
+class PausedAtOnce(Recorder):
+    """Pauses reading as soon as it is connected."""
+
+    def on_made(self, transport: Any) -> None:
+        transport.pause_reading()
+
+
+def test_paused_transport_whose_peer_left_does_not_spin(sock_path, make_server):
+    """A paused transport whose client hung up costs no CPU: epoll reports
+    EPOLLHUP even for an fd registered with no events (epoll_ctl(2)), so a
+    socket that is neither read nor written must not stay registered.  On
+    resume_reading() the EOF is delivered."""
+    factory = Collect(PausedAtOnce)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path):
+        proto = factory.one()
+    # The client is gone; the transport is still paused.
+    used = process_cpu_over(0.5)
+    assert used < 0.15, f"the loop burned {used:.2f} s of CPU in 0.5 s on a hung-up, paused socket"
+    assert proto.names == ["made"]
+    on_loop(srv, proto.transport.resume_reading)
+    assert proto.lost.wait(DEADLINE)
+    assert squash(proto.names) == ["made", "eof", "lost"]
+
+
+class HalfCloseAnswer(Recorder):
+    """On the client's EOF: keep the transport open, answer, then write_eof."""
+
+    def __init__(self) -> None:
+        super().__init__(keep_open=True)
+
+    def eof_received(self) -> Any:
+        keep = super().eof_received()
+        self.transport.write(b"answer")
+        self.transport.write_eof()
+        return keep
+
+
+def test_both_directions_shut_but_open_does_not_spin(sock_path, make_server):
+    """The client sends a request and shuts its write side; eof_received()
+    keeps the transport open, the protocol answers and calls write_eof().
+    Both directions are now shut and the transport stays open until the
+    protocol closes it, without costing CPU meanwhile (asyncio's transports
+    idle in this state too)."""
+    factory = Collect(HalfCloseAnswer)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path) as s:
+        proto = factory.one()
+        s.sendall(b"request")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(s) == b"answer"
+        used = process_cpu_over(0.5)
+        assert used < 0.15, f"the loop burned {used:.2f} s of CPU in 0.5 s on a fully shut socket"
+        assert not proto.lost.is_set()
+    on_loop(srv, proto.transport.close)
+    assert proto.lost.wait(DEADLINE)
+    assert proto.lost_calls() == [None]
+
+
+# ---------------------------------------------------------------- pause_reading within one wakeup
+
+
+class Pauser(Recorder):
+    """On its first data, pauses reading on the transport of `victim`."""
+
+    def __init__(self, victim: list[Any]) -> None:
+        super().__init__()
+        self.victim = victim
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.victim[0].transport.pause_reading()
+
+
+class Watched(Recorder):
+    """Records whether its transport was reading whenever data arrived."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading_at_delivery: list[bool] = []
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.reading_at_delivery.append(self.transport.is_reading())
+
+
+def test_pause_reading_holds_data_already_received_in_the_same_wakeup(sock_path, make_server):
+    """The loop receives every readable connection before it dispatches; a
+    pause_reading() that one connection's callback calls on another must
+    still hold back that other connection's data already received in the
+    same wakeup, deliver it on resume_reading(), in order, then the rest."""
+    victim: list[Any] = []
+    built: list[Any] = []
+
+    def factory() -> Any:
+        proto = Watched() if not built else Pauser(victim)
+        if not built:
+            victim.append(proto)
+        built.append(proto)
+        return proto
+
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path) as b, connect(srv.path) as a:
+        wait_until(lambda: len(built) == 2 and all(p.made.is_set() for p in built))
+        watched, pauser = built
+        # Hold the loop in a callback so both sends land in one wakeup, A's
+        # first (epoll reports ready sockets in the order they became ready).
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            held.set()
+            release.wait(DEADLINE)
+
+        srv.call_soon_threadsafe(hold)
+        assert held.wait(DEADLINE)
+        a.sendall(b"pause B")
+        b.sendall(b"first")
+        release.set()
+        wait_until(lambda: pauser.received == b"pause B")
+        on_loop(srv, lambda: None)
+        assert watched.received == b"", "data was delivered to a paused transport"
+        assert on_loop(srv, watched.transport.is_reading) is False
+        b.sendall(b", second")   # arrives while paused: stays in the kernel
+        on_loop(srv, watched.transport.resume_reading)
+        wait_until(lambda: watched.received == b"first, second")
+    assert watched.reading_at_delivery and all(watched.reading_at_delivery)

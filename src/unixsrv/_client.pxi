@@ -37,18 +37,6 @@
 # for writability and reads SO_ERROR.  The whole connect phase is bounded by
 # a deadline, and may be paced (connections per second).
 
-cdef extern from *:
-    """
-    /* Linux answers a non-blocking connect() to a full backlog with EAGAIN;
-     * the BSDs and macOS refuse it (ECONNREFUSED), like a dead socket. */
-    #if defined(__linux__)
-    #define LG_REFUSED_MAY_BE_FULL 0
-    #else
-    #define LG_REFUSED_MAY_BE_FULL 1
-    #endif
-    """
-    int LG_REFUSED_MAY_BE_FULL
-
 cdef uint64_t LG_TOKEN_STOP = 0xFFFFFFFFFFFFFFFFULL
 cdef uint64_t LG_TOKEN_WATCH = 0xFFFFFFFFFFFFFFFEULL
 cdef int64_t LG_SECOND = 1000000000LL
@@ -160,6 +148,9 @@ def hist_percentiles(counts, quantiles):
     Histograms of several runs merge by adding their counts."""
     cdef list items = sorted(dict(counts).items())
     cdef object total = sum(c for _, c in items)
+    for i, _ in items:
+        if not 0 <= i < H_BUCKETS:
+            raise IndexError(f"histogram bucket {i} out of range 0..{H_BUCKETS - 1}")
     out = []
     for q in quantiles:
         if not total:
@@ -454,7 +445,7 @@ cdef class LoadGen:
         if r == 0:
             return self._connected(i, now)
         err = errno
-        if us_would_block(err) or (err == ECONNREFUSED and LG_REFUSED_MAY_BE_FULL
+        if us_would_block(err) or (err == ECONNREFUSED and US_REFUSED_MAY_BE_FULL
                                    and self.ever_connected):
             # The listener's backlog is full.  Retry this one later and
             # start no other connect in this round.  (Where a full backlog

@@ -10,13 +10,6 @@
 # touched again.
 
 
-cdef object _PeerCredentials = None   # set by _core.pyx after the import
-
-
-cdef inline int64_t _idle_touch(Loop loop) noexcept nogil:
-    return us_now_ns() if loop.idle_ns else 0
-
-
 # The connection objects opt out of cyclic GC (one object less per
 # connection for every collection to scan): the only cycle they take part in
 # is _Stream -> protocol -> transport -> _Stream, and _finalize(), which every
@@ -52,13 +45,10 @@ cdef class _ConnBase:
     cdef int _force_close(self) except -1:
         raise NotImplementedError
 
-    def _forget_fd(self):
-        """update_conn closed our fd behind our back: never touch it again."""
-        us_or_u32(&self.c.state, ST_CLOSING)
-        self.c.fd = -1
-
     def _expose(self):
-        """Note that user code got a socket object for the fd (update_conn)."""
+        """Note that user code got a socket object for the fd (update_conn),
+        which it may dup(): then close() no longer drops the fd's epoll
+        registration (epoll(7)), so _finalize removes it explicitly."""
         us_or_u32(&self.c.state, ST_EXPOSED)
 
     def fileno(self):
@@ -82,17 +72,17 @@ cdef class _ConnBase:
         """The client's address: usually ``""``, since clients rarely bind."""
         cdef sockaddr_un sa
         cdef socklen_t sl = sizeof(sa)
-        cdef int r
+        cdef int r, err
         if self._remote is None:
-            # Only a client that bound a name gets here (see us_accept); the
-            # fd is open at least until the connection is closed.
-            if not us_use_acquire(&self.c.uses):
-                raise ServerClosedError("the connection was closed by the server")
+            # Only a client that bound a name gets here (see us_accept), and
+            # only at accept time (_open_connection).
+            self._use()
             r = getpeername(self.c.fd, <sockaddr *>&sa, &sl)
+            err = errno
             self._unuse()
             if r < 0:
-                raise _oserror(errno)
-            self._remote = _decode_sockaddr(sa.sun_path, <Py_ssize_t>sl - 2)
+                raise _oserror(err)
+            self._remote = _decode_sockaddr(sa.sun_path, us_sun_path_len(sl))
         return self._remote
 
     @property
@@ -103,11 +93,11 @@ cdef class _ConnBase:
         if self._peer is None:
             if self.c.peer_uid < 0:
                 raise _oserror(ENOTCONN)
-            self._peer = _PeerCredentials(self.c.peer_pid, self.c.peer_uid, self.c.peer_gid)
+            self._peer = PeerCredentials(self.c.peer_pid, self.c.peer_uid, self.c.peer_gid)
         return self._peer
 
 
-cdef str _decode_sockaddr(const char *path, Py_ssize_t n):
+cdef str _decode_sockaddr(const char *path, size_t n):
     cdef bytes raw
     if n <= 0:
         return ""
@@ -185,49 +175,52 @@ cdef class Connection(_ConnBase):
     def read(self, Py_ssize_t n=65536):
         """Read up to n bytes; wait for at least one.  b"" at EOF."""
         cdef char small[SMALL_READ]
-        cdef ssize_t r, more
+        cdef ssize_t r
         cdef int err = 0
-        cdef bytes data
         if n < 0:
             raise ValueError("n must be >= 0")
         self._use()
         try:
+            self._raise_deferred()
             if n == 0:
                 return b""
             if n > SMALL_READ and self._big_reads:
-                return self._read_big(n)
+                return self._read_big(n, NULL, 0)
             r = self._recv_now(small, n if n < SMALL_READ else SMALL_READ, &err)
             if r <= 0:
                 return self._read_result(r, err)
-            if r < SMALL_READ or n == SMALL_READ:
-                data = small[:r]
-            else:
-                # The stack buffer filled up: messages here are big, so the
-                # next reads go straight into a bytes object (_read_big).
+            if r == SMALL_READ and n > SMALL_READ:
+                # The stack buffer filled up: messages here are big, so this
+                # and the next reads go straight into a bytes object.
                 self._big_reads = True
-                data = PyBytes_FromStringAndSize(NULL, n)
-                memcpy(<char *>data, small, r)
-                more = recv(self.c.fd, (<char *>data) + r, n - r, MSG_DONTWAIT)
-                if more > 0:
-                    r += more
-                if r < n:
-                    data = data[:r]
+                return self._read_big(n, small, r)
         finally:
             self._unuse()
         self._count_in(r)
-        return data
+        return small[:r]
 
-    cdef object _read_big(self, Py_ssize_t n):
-        """One recv() straight into a bytes object of n, shrunk to fit."""
+    cdef object _read_big(self, Py_ssize_t n, const char *head, ssize_t have):
+        """Read into a bytes object of n, shrunk in place to what arrived.
+        With `have` bytes already read into `head`, only take what is there
+        already (never wait: the caller has data to return)."""
         cdef PyObject *raw
         cdef ssize_t r
         cdef int err = 0
         cdef bytes data = PyBytes_FromStringAndSize(NULL, n)
-        r = self._recv_now(<char *>data, n, &err)
-        if r <= 0:
-            return self._read_result(r, err)
-        if r <= SMALL_READ:
-            self._big_reads = False
+        if have:
+            memcpy(<char *>data, head, have)
+            r = recv(self.c.fd, (<char *>data) + have, n - have, MSG_DONTWAIT)
+            if r < 0:
+                if not us_would_block(errno) and errno != EINTR:
+                    self._deferred_err = errno    # raised by the next read
+                r = 0
+            r += have
+        else:
+            r = self._recv_now(<char *>data, n, &err)
+            if r <= 0:
+                return self._read_result(r, err)
+            if r <= SMALL_READ:
+                self._big_reads = False
         if r < n:
             # _PyBytes_Resize needs the only reference: hand ours to `raw`.
             raw = <PyObject *>data
@@ -238,6 +231,14 @@ cdef class Connection(_ConnBase):
             Py_DECREF(data)
         self._count_in(r)
         return data
+
+    cdef int _raise_deferred(self) except -1:
+        """An error that a read hit after it had data to return."""
+        cdef int err = self._deferred_err
+        if err:
+            self._deferred_err = 0
+            raise self._io_error(err)
+        return 0
 
     cdef ssize_t _recv_now(self, char *buf, size_t n, int *err) except? -2:
         """recv(): for small messages first without waiting and without
@@ -272,6 +273,7 @@ cdef class Connection(_ConnBase):
         try:
             self._use()
             try:
+                self._raise_deferred()
                 if view.len == 0:
                     return 0
                 r = self._recv_now(<char *>view.buf, view.len, &err)
@@ -280,12 +282,10 @@ cdef class Connection(_ConnBase):
                 self._unuse()
         finally:
             PyBuffer_Release(&view)
-        if r < 0:
-            raise self._io_error(err)
-        if r == 0:
-            us_or_u32(&self.c.state, ST_EOF)
-        else:
-            self._count_in(r)
+        if r <= 0:
+            self._read_result(r, err)
+            return 0
+        self._count_in(r)
         return r
 
     def write(self, data):
@@ -338,9 +338,18 @@ cdef class Connection(_ConnBase):
 
     def close(self):
         """Close the connection now (the client sees EOF).  Idempotent."""
+        self._close_now()
+
+    cdef int _close_now(self) except -1:
+        # done first: a handler woken by the shutdown must already see it set.
         self._set_done()
         us_or_u32(&self.c.state, ST_CLOSING)
+        # Wakes a recv()/send() blocked on this socket in another thread:
+        # Linux's unix_shutdown() wakes the socket's waiters
+        # (net/unix/af_unix.c), as do the BSDs (soshutdown); POSIX leaves it
+        # unspecified, and close() would not wake them at all.
         self._shutdown_fd(SHUT_RDWR)
+        return 0
 
     @property
     def closed(self):
@@ -380,27 +389,23 @@ cdef class Connection(_ConnBase):
     # -------------------------------------------------- server side (internal)
 
     cdef int _idle_expired(self) except -1:
-        # done first: a handler woken by the shutdown must already see it set.
-        self._set_done()
-        us_or_u32(&self.c.state, ST_CLOSING)
-        self._shutdown_fd(SHUT_RDWR)
-        return 0
+        return self._close_now()
 
     cdef int _begin_drain(self) except -1:
+        # Only the read side: a blocked or later read() returns b"", while a
+        # handler still writing its answer may go on (see _close_now).
         self._set_done()
-        us_or_u32(&self.c.state, ST_RD_SHUT)
         self._shutdown_fd(SHUT_RD)
         return 0
 
     cdef int _force_close(self) except -1:
-        self._set_done()
-        us_or_u32(&self.c.state, ST_CLOSING)
-        self._shutdown_fd(SHUT_RDWR)
-        return 0
+        return self._close_now()
 
     def _finish(self):
-        """The handler returned: close, count, unregister.  Worker thread."""
-        us_or_u32(&self.c.state, ST_CLOSING)
+        """The handler returned: close, count, unregister.  Worker thread;
+        once per connection."""
+        if us_or_u32(&self.c.state, ST_FINISHED | ST_CLOSING) & ST_FINISHED:
+            return
         self.loop._table_del(&self.c)
         self._shutdown_fd(SHUT_RDWR)     # wakes any other thread using it
         self._unuse()                    # the lifetime use: closes the fd

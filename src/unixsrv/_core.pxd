@@ -138,13 +138,15 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
     int pthread_mutex_destroy(pthread_mutex_t *m)
     int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_trylock(pthread_mutex_t *m)
     int pthread_mutex_unlock(pthread_mutex_t *m)
 
 
 cdef extern from "atomics.h" nogil:
     void us_add_u64(uint64_t *p, uint64_t v)
     uint64_t us_load_u64(const uint64_t *p)
-    void us_add_i64(int64_t *p, int64_t v)
+    void us_add_u64_release(uint64_t *p, uint64_t v)
+    uint64_t us_load_u64_acquire(const uint64_t *p)
     int64_t us_load_i64(const int64_t *p)
     void us_store_i64(int64_t *p, int64_t v)
     uint32_t us_or_u32(uint32_t *p, uint32_t bits)
@@ -174,6 +176,7 @@ cdef extern from "poller.h" nogil:
 cdef extern from "compat.h" nogil:
     enum:
         MSG_NOSIGNAL
+        US_REFUSED_MAY_BE_FULL
         US_HAVE_ABSTRACT
         US_SUN_PATH_MAX
     int64_t us_now_ns()
@@ -183,8 +186,8 @@ cdef extern from "compat.h" nogil:
     int us_bind(int fd, const char *path, size_t len)
     int us_probe(const char *path, size_t len)
     int us_rename_noreplace(int dirfd, const char *src, const char *dst)
-    int us_chmod_nofollow(int dirfd, const char *name, mode_t mode)
-    int us_chgrp_nofollow(int dirfd, const char *name, long gid)
+    int us_set_mode_group(int dirfd, const char *name, dev_t dev, ino_t ino, mode_t mode, long gid)
+    size_t us_sun_path_len(socklen_t sl)
     int us_open_dir(const char *path)
     int us_lock_dir(const char *path, int timeout_ms)
     int us_peercred(int fd, long *pid, long *uid, long *gid)
@@ -266,18 +269,17 @@ cdef extern from * nogil:
 
 cdef struct us_stats:
     uint64_t accepted     # connections handed to a handler / protocol
-    uint64_t closed       # accepted connections closed since
+    uint64_t closed       # accepted connections closed since (open = accepted - closed)
     uint64_t rejected     # refused by max_connections
     uint64_t bytes_in
     uint64_t bytes_out
     uint64_t errors       # errors reported through on_error
-    int64_t open          # accepted and not yet closed
 
 
 # Connection state bits (conn_t.state), set with us_or_u32.
 cdef enum:
     ST_CLOSING = 1        # our side closed it: new I/O raises ServerClosedError
-    ST_RD_SHUT = 2        # read side shut down for a graceful shutdown
+    ST_QUEUED = 2         # event model: queued for _finalize (exactly once)
     ST_EOF = 4            # the peer's EOF (or a reset) was seen
     ST_IDLE = 8           # closed by the idle timeout
     ST_LOST = 16          # event model: fd closed, connection_lost scheduled
@@ -286,6 +288,8 @@ cdef enum:
     ST_READ_PAUSED = 128  # event model: pause_reading() was called
     ST_PEER_ERROR = 256   # event model: the connection failed (reset, broken pipe)
     ST_EXPOSED = 512      # a socket object for the fd was handed to user code
+    ST_ANNOUNCED = 1024   # on_conn_state NEW fired, so CLOSE fires too
+    ST_FINISHED = 2048    # blocking model: _finish() ran
 
 
 cdef struct conn_t:
@@ -357,7 +361,10 @@ cdef class Connection(_ConnBase):
     cdef object _done
     cdef bint _done_set
     cdef bint _big_reads
-    cdef object _read_big(self, Py_ssize_t n)
+    cdef int _deferred_err
+    cdef object _read_big(self, Py_ssize_t n, const char *head, ssize_t have)
+    cdef int _raise_deferred(self) except -1
+    cdef int _close_now(self) except -1
     cdef ssize_t _recv_now(self, char *buf, size_t n, int *err) except? -2
     cdef object _read_result(self, ssize_t r, int err)
     cdef int _set_done(self) except -1
@@ -370,12 +377,19 @@ cdef class _Stream(_ConnBase):
     cdef object _sock
     cdef object _sock_view
     cdef object _lost_exc
+    cdef list _held
     cdef int _write_obj(self, object data) except -1
     cdef int _write_buf(self, const char *data, size_t n) except -1
     cdef int _start(self) except -1
     cdef int _on_record(self, rec_t *r) except -1
     cdef int _close(self) except -1
     cdef int _abort(self, object exc) except -1
+    cdef int _fail(self, int err) except -1
+    cdef int _queue_finalize(self) except -1
+    cdef int _check_high_water(self) except -1
+    cdef int _deliver(self, bytes data) except -1
+    cdef int _deliver_eof(self) except -1
+    cdef int _hold(self, object item) except -1
     cdef int _finalize(self) except -1
     cdef int _pause_protocol(self) except -1
     cdef int _resume_protocol(self) except -1
@@ -395,6 +409,7 @@ cdef class Loop:
     cdef bint exiting
     cdef bint closed
     cdef bint drain_waiting
+    cdef bint dispatching
     cdef int accept_backoff_ms
     cdef int64_t accept_resume_ns
     cdef int64_t idle_ns
@@ -426,18 +441,17 @@ cdef class Loop:
     cdef size_t rx_used
     cdef rec_t *recs
     cdef int nrecs
-    cdef int recs_cap
     cdef us_poll_event *events
-    cdef int max_events
     cdef readonly object display_path
     cdef object unlink_path
     cdef dev_t sock_dev
     cdef ino_t sock_ino
     cdef object __weakref__
 
-    cdef int _lock(self) noexcept nogil
-    cdef int _unlock(self) noexcept nogil
-    cdef int _push(self, int kind, int fd, uint32_t seq, size_t off, ssize_t n) noexcept nogil
+    cdef void _lock(self) noexcept nogil
+    cdef void _unlock(self) noexcept nogil
+    cdef void _lock_with_gil(self) noexcept
+    cdef void _push(self, int kind, int fd, uint32_t seq, size_t off, ssize_t n) noexcept nogil
     cdef int _table_put(self, conn_t *c) except -1
     cdef conn_t *_table_get(self, int fd, uint32_t seq) noexcept nogil
     cdef int _table_del(self, conn_t *c) noexcept
@@ -448,9 +462,11 @@ cdef class Loop:
     cdef void _flush(self, conn_t *c) noexcept nogil
     cdef void _sweep(self) noexcept nogil
     cdef int _dispatch(self) except -1
+    cdef void _drop_accepted(self, int fd) noexcept nogil
     cdef int _open_connection(self, int fd, bint named) except -1
     cdef object _lookup(self, int fd, uint32_t seq)
     cdef int _run_finalizing(self) except -1
+    cdef int _finalize_unless_dispatching(self) except -1
     cdef int _run_pending(self) except -1
     cdef int _conn_closed(self) except -1
     cdef void _count_closed(self) noexcept nogil

@@ -52,8 +52,6 @@ include "_stream.pxi"
 include "_loop.pxi"
 include "_client.pxi"
 
-_PeerCredentials = PeerCredentials
-
 
 def _after_fork_in_child():
     for loop in list(_live_loops):

@@ -6,7 +6,8 @@
 #
 #   1. open the directory (O_PATH on Linux);
 #   2. bind a new socket under a random temporary name in that directory;
-#   3. chmod and chgrp the temporary name without following symlinks;
+#   3. chmod and chgrp the socket just bound there (that inode, never a
+#      symlink or a file swapped in under its name);
 #   4. listen();
 #   5. rename the temporary name onto the final name, refusing to replace
 #      anything (renameat2 RENAME_NOREPLACE / renameatx_np RENAME_EXCL);
@@ -132,14 +133,13 @@ def open_listener(object address, object display, int backlog, int mode, long gi
         if us_bind(fd, tmp_addr, len(tmp_addr)) < 0:
             raise _oserror(errno, display)
         tmp_bound = True
-        # The file is ours: a socket owned by our euid.  Both calls below
-        # refuse to follow a symlink even if one were swapped in.
+        # The file is ours: a socket owned by our euid.  Its mode and group
+        # are set on exactly this inode (us_set_mode_group), never through a
+        # symlink or onto another file swapped in under the same name.
         if (fstatat(dirfd, tmp_name, &st, AT_SYMLINK_NOFOLLOW) < 0
                 or not us_is_socket_mode(st.st_mode) or st.st_uid != geteuid()):
             raise _oserror(EEXIST, display)
-        if us_chmod_nofollow(dirfd, tmp_name, <mode_t>mode) < 0:
-            raise _oserror(errno, display)
-        if gid >= 0 and us_chgrp_nofollow(dirfd, tmp_name, gid) < 0:
+        if us_set_mode_group(dirfd, tmp_name, st.st_dev, st.st_ino, <mode_t>mode, gid) < 0:
             raise _oserror(errno, display)
         if listen(fd, backlog) < 0:
             raise _oserror(errno, display)

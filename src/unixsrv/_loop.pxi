@@ -23,8 +23,24 @@ cdef int64_t NEVER = 0x7FFFFFFFFFFFFFFFLL
 cdef enum:
     MAX_EVENTS = 512
     ACCEPT_BATCH = 128
+    SWEEP_BATCH = 512
+    # Records of one wakeup: at most two per connection event (one from the
+    # flush, one from the receive), one per accept, and what the idle sweep
+    # may add (it stops at SWEEP_BATCH and resumes on the next wakeup).  So
+    # the record array never grows and a record is never lost.
+    RECS_CAP = 2 * MAX_EVENTS + ACCEPT_BATCH + SWEEP_BATCH
     BACKOFF_MIN_MS = 10
     BACKOFF_MAX_MS = 1000
+
+# Idle timeouts beyond this are treated as this (about 31 years), so that
+# "now + timeout" in nanoseconds can never overflow.
+cdef double IDLE_MAX_S = 1e9
+
+
+cdef inline int64_t _sweep_slack(int64_t idle_ns) noexcept nogil:
+    """How late an idle sweep may run: 1/64 of the timeout, 1..250 ms, so
+    that connections expiring close together share one sweep."""
+    return min(max(idle_ns // 64, 1000000), 250000000)
 
 
 cdef class Loop:
@@ -46,7 +62,7 @@ cdef class Loop:
         self.callbacks = callbacks
         self.event_model = event_model
         self.factory = factory
-        self.idle_ns = <int64_t>(idle_timeout * 1e9) if idle_timeout > 0 else 0
+        self.idle_ns = <int64_t>(min(idle_timeout, IDLE_MAX_S) * 1e9) if idle_timeout > 0 else 0
         self.max_conns = max_connections
         self.read_size = read_size
         self.high_water = high_water
@@ -55,10 +71,8 @@ cdef class Loop:
         self.pending = _deque()
         self.finalizing = []
         self.display_path = ""
-        self.max_events = MAX_EVENTS
         self.events = <us_poll_event *>malloc(sizeof(us_poll_event) * MAX_EVENTS)
-        self.recs_cap = MAX_EVENTS + ACCEPT_BATCH
-        self.recs = <rec_t *>malloc(sizeof(rec_t) * self.recs_cap)
+        self.recs = <rec_t *>malloc(sizeof(rec_t) * RECS_CAP)
         self.rxcap = max(4 * read_size, <size_t>(256 * 1024)) if event_model else 0
         self.rxbuf = <char *>malloc(self.rxcap) if event_model else NULL
         self.table_cap = 1024
@@ -99,9 +113,11 @@ cdef class Loop:
                 raise _oserror(errno)
             self.accepting = True
         except BaseException:
-            self.stop_accepting()
-            self._close_fds()
             self.closed = True
+            try:
+                self.stop_accepting()
+            finally:
+                self._close_fds()
             raise
         _live_loops.add(self)
 
@@ -149,7 +165,7 @@ cdef class Loop:
         while not self.exiting:
             timeout = self._timeout_ms()
             with nogil:
-                n = us_poller_wait(self.pfd, self.events, self.max_events, timeout)
+                n = us_poller_wait(self.pfd, self.events, MAX_EVENTS, timeout)
                 err = errno
                 self.now = us_now_ns()
                 self._collect(n)
@@ -193,33 +209,32 @@ cdef class Loop:
 
     # ---------------------------------------------------------------- phase 1
 
-    # Callers holding the GIL wait for the mutex inside `with nogil` (a worker
-    # thread may hold the GIL while it waits for the same mutex otherwise).
-    cdef int _lock(self) noexcept nogil:
+    # The table mutex (blocking model only).  Nobody holding it ever waits for
+    # the GIL, so a thread holding the GIL may try it; if it is busy, it waits
+    # without the GIL (else a worker holding the GIL while it waits for the
+    # same mutex could deadlock with us).  The try spares the GIL hand-off in
+    # the common, uncontended case.
+    cdef void _lock(self) noexcept nogil:
         if not self.event_model:
             pthread_mutex_lock(&self.mu)
-        return 0
 
-    cdef int _unlock(self) noexcept nogil:
+    cdef void _unlock(self) noexcept nogil:
         if not self.event_model:
             pthread_mutex_unlock(&self.mu)
-        return 0
 
-    cdef int _push(self, int kind, int fd, uint32_t seq, size_t off, ssize_t n) noexcept nogil:
-        cdef rec_t *grown
-        if self.nrecs == self.recs_cap:
-            grown = <rec_t *>realloc(self.recs, sizeof(rec_t) * self.recs_cap * 2)
-            if grown == NULL:
-                return -1
-            self.recs = grown
-            self.recs_cap *= 2
+    cdef void _lock_with_gil(self) noexcept:
+        if not self.event_model and pthread_mutex_trylock(&self.mu) != 0:
+            with nogil:
+                pthread_mutex_lock(&self.mu)
+
+    cdef void _push(self, int kind, int fd, uint32_t seq, size_t off, ssize_t n) noexcept nogil:
+        # Never more than RECS_CAP per wakeup (see there).
         self.recs[self.nrecs].kind = kind
         self.recs[self.nrecs].fd = fd
         self.recs[self.nrecs].seq = seq
         self.recs[self.nrecs].off = off
         self.recs[self.nrecs].n = n
         self.nrecs += 1
-        return 0
 
     cdef conn_t *_table_get(self, int fd, uint32_t seq) noexcept nogil:
         cdef conn_t *c
@@ -268,7 +283,9 @@ cdef class Loop:
                 if us_would_block(err):
                     return
                 if err == EINTR or err == ECONNABORTED or err == EPROTO:
-                    continue       # that client gave up; the next one may be fine
+                    # accept(2): errors of one pending connection (it gave
+                    # up); "treat them like EAGAIN by retrying".
+                    continue
                 # EMFILE, ENFILE, ENOBUFS, ENOMEM, ...: retrying at once would
                 # spin on a listener that stays readable.  Stop polling it for
                 # a while (10 ms doubling to 1 s) and report once per episode.
@@ -282,18 +299,12 @@ cdef class Loop:
                 return
             self.accept_backoff_ms = BACKOFF_MIN_MS
             self.accept_reported = False
-            if self.max_conns and <size_t>us_load_i64(&self.stats.s.open) >= self.max_conns:
+            if self.max_conns and _open_count(&self.stats.s) >= self.max_conns:
                 close(fd)          # over the limit: the client sees EOF at once
                 us_add_u64(&self.stats.s.rejected, 1)
                 continue
-            # Counted here, together, so that accepted == closed + open holds
-            # for any reader at any moment.
             us_add_u64(&self.stats.s.accepted, 1)
-            us_add_i64(&self.stats.s.open, 1)
-            if self._push(REC_NEW, fd, 0, named, 0) < 0:
-                close(fd)
-                self._count_closed()
-                us_add_u64(&self.stats.s.errors, 1)
+            self._push(REC_NEW, fd, 0, named, 0)
 
     cdef void _recv_one(self, conn_t *c) noexcept nogil:
         cdef ssize_t r
@@ -302,7 +313,9 @@ cdef class Loop:
         if self.rxcap - off < self.read_size:
             return     # shared buffer full: level-triggered, so it comes back
         while True:
-            r = recv(c.fd, self.rxbuf + off, self.read_size, 0)
+            # MSG_DONTWAIT: never block the loop, even if update_conn made
+            # the socket blocking.
+            r = recv(c.fd, self.rxbuf + off, self.read_size, MSG_DONTWAIT)
             if r >= 0 or errno != EINTR:
                 break
         if r > 0:
@@ -324,7 +337,7 @@ cdef class Loop:
         cdef ssize_t r
         cdef int err
         while c.olen > 0:
-            r = send(c.fd, c.obuf + c.ooff, c.olen, MSG_NOSIGNAL)
+            r = send(c.fd, c.obuf + c.ooff, c.olen, MSG_NOSIGNAL | MSG_DONTWAIT)
             if r > 0:
                 c.ooff += r
                 c.olen -= r
@@ -357,7 +370,7 @@ cdef class Loop:
         cdef int fd
         cdef conn_t *c
         cdef int64_t deadline, earliest = NEVER
-        cdef int64_t slack = min(max(self.idle_ns // 64, 1000000), 250000000)
+        cdef int room = RECS_CAP - self.nrecs
         self._lock()
         for fd in range(self.table_hi + 1):
             c = self.table[fd]
@@ -369,12 +382,16 @@ cdef class Loop:
             if deadline > self.now:
                 earliest = min(earliest, deadline)
                 continue
+            if room == 0:
+                earliest = self.now      # the rest on the next wakeup, at once
+                break
             # Closed in the dispatch, where conn.done is set before the
             # handler can see the socket shut down.
             us_or_u32(&c.state, ST_IDLE)
             self._push(REC_IDLE, fd, c.seq, 0, 0)
+            room -= 1
         self._unlock()
-        self.next_sweep_ns = NEVER if earliest == NEVER else earliest + slack
+        self.next_sweep_ns = NEVER if earliest == NEVER else earliest + _sweep_slack(self.idle_ns)
 
     # ---------------------------------------------------------------- phase 2
 
@@ -384,6 +401,7 @@ cdef class Loop:
         if self.batch_in:
             us_add_u64(&self.stats.s.bytes_in, self.batch_in)
             self.batch_in = 0
+        self.dispatching = True
         try:
             while i < self.nrecs:
                 r = &self.recs[i]
@@ -402,15 +420,16 @@ cdef class Loop:
                         (<_ConnBase>obj)._idle_expired()
             self._run_finalizing()
             self._run_pending()
+            self._run_finalizing()     # what the queued callbacks closed
         except BaseException:
             # Never leak the fds of connections accepted in this batch.
             while i < self.nrecs:
                 if self.recs[i].kind == REC_NEW:
-                    close(self.recs[i].fd)
-                    self._count_closed()
+                    self._drop_accepted(self.recs[i].fd)
                 i += 1
             raise
         finally:
+            self.dispatching = False
             self.nrecs = 0
             if self.batch_out:
                 us_add_u64(&self.stats.s.bytes_out, self.batch_out)
@@ -421,25 +440,34 @@ cdef class Loop:
             raise exc
         return 0
 
+    cdef void _drop_accepted(self, int fd) noexcept nogil:
+        """An accepted fd that never got its connection object."""
+        close(fd)
+        self._count_closed()
+
     cdef int _open_connection(self, int fd, bint named) except -1:
         cdef _ConnBase conn
         cdef int err
         self.next_seq = (self.next_seq + 1) & 0x7FFFFFFF
         if self.next_seq == 0:
             self.next_seq = 1
-        conn = _Stream.__new__(_Stream) if self.event_model else Connection.__new__(Connection)
-        conn.loop = self
-        conn.c.fd = fd
-        conn.c.seq = self.next_seq
-        conn.c.uses = 1
-        conn.c.high = self.high_water
-        conn.c.low = self.low_water
-        conn.c.last_active = self.now
-        # Who the peer is, recorded while the fd is certainly open, so it
-        # stays readable after a close (connection_lost, on_conn_state CLOSE).
-        if us_peercred(fd, &conn.c.peer_pid, &conn.c.peer_uid, &conn.c.peer_gid) < 0:
-            conn.c.peer_pid = conn.c.peer_uid = conn.c.peer_gid = -1
-        self._table_put(&conn.c)
+        try:
+            conn = _Stream.__new__(_Stream) if self.event_model else Connection.__new__(Connection)
+            conn.loop = self
+            conn.c.fd = fd
+            conn.c.seq = self.next_seq
+            conn.c.uses = 1
+            conn.c.high = self.high_water
+            conn.c.low = self.low_water
+            conn.c.last_active = self.now
+            # Who the peer is, recorded while the fd is certainly open, so it
+            # stays readable after a close (connection_lost, on_conn_state CLOSE).
+            if us_peercred(fd, &conn.c.peer_pid, &conn.c.peer_uid, &conn.c.peer_gid) < 0:
+                conn.c.peer_pid = conn.c.peer_uid = conn.c.peer_gid = -1
+            self._table_put(&conn.c)
+        except BaseException:
+            self._drop_accepted(fd)     # nothing else knows this fd yet
+            raise
         if not named:
             conn._remote = ""
         else:
@@ -448,7 +476,7 @@ cdef class Loop:
             except OSError:
                 conn._remote = ""
         if self.idle_ns and self.next_sweep_ns == NEVER:
-            self.next_sweep_ns = self.now + self.idle_ns + min(max(self.idle_ns // 64, 1000000), 250000000)
+            self.next_sweep_ns = self.now + self.idle_ns + _sweep_slack(self.idle_ns)
         if self.event_model:
             if us_poller_add(self.pfd, fd, _token(&conn.c), US_READ) < 0:
                 err = errno
@@ -469,9 +497,7 @@ cdef class Loop:
         cdef int cap = self.table_cap
         while c.fd >= cap:
             cap *= 2
-        if not self.event_model:
-            with nogil:
-                self._lock()
+        self._lock_with_gil()
         if cap != self.table_cap:
             grown = <conn_t **>realloc(self.table, sizeof(conn_t *) * cap)
             if grown != NULL:
@@ -493,9 +519,7 @@ cdef class Loop:
         so the caller must hold its own."""
         cdef bint removed = False
         cdef int fd = c.fd
-        if not self.event_model:
-            with nogil:
-                self._lock()
+        self._lock_with_gil()
         if 0 <= fd < self.table_cap and self.table[fd] == c:
             self.table[fd] = NULL
             removed = True
@@ -507,9 +531,7 @@ cdef class Loop:
     cdef object _lookup(self, int fd, uint32_t seq):
         cdef conn_t *c
         cdef object obj = None
-        if not self.event_model:
-            with nogil:
-                self._lock()
+        self._lock_with_gil()
         c = self._table_get(fd, seq)
         if c != NULL:
             obj = <object>c.owner      # a new reference, taken under the lock
@@ -524,9 +546,7 @@ cdef class Loop:
         cdef int k = 0
         if owners == NULL:
             raise MemoryError()
-        if not self.event_model:
-            with nogil:
-                self._lock()
+        self._lock_with_gil()
         for fd in range(self.table_hi + 1):
             if self.table[fd] != NULL:
                 owners[k] = self.table[fd].owner
@@ -578,11 +598,10 @@ cdef class Loop:
         return 0
 
     cdef void _count_closed(self) noexcept nogil:
-        us_add_u64(&self.stats.s.closed, 1)
-        us_add_i64(&self.stats.s.open, -1)
+        us_add_u64_release(&self.stats.s.closed, 1)
 
     cdef int _conn_closed(self) except -1:
-        if self.drain_waiting and us_load_i64(&self.stats.s.open) <= 0:
+        if self.drain_waiting and _open_count(&self.stats.s) == 0:
             self.server._notify_drained()
         return 0
 
@@ -595,15 +614,17 @@ cdef class Loop:
         if self.lfd < 0:
             return False
         forked = self.is_forked()
-        if self.unlink_path is not None and not forked:
-            # Unlink first: while our listener is open its inode number cannot
-            # be handed to a successor's socket file.
-            unlink_if_same(self.unlink_path, self.sock_dev, self.sock_ino)
-        if self.pfd >= 0 and not forked:
-            us_poller_remove(self.pfd, self.lfd, US_READ)
-        close(self.lfd)
-        self.lfd = -1
-        self.accepting = False
+        try:
+            if self.unlink_path is not None and not forked:
+                # Unlink first: while our listener is open its inode number
+                # cannot be handed to a successor's socket file.
+                unlink_if_same(self.unlink_path, self.sock_dev, self.sock_ino)
+        finally:
+            if self.pfd >= 0 and not forked:
+                us_poller_remove(self.pfd, self.lfd, 0 if self.accept_paused else US_READ)
+            close(self.lfd)
+            self.lfd = -1
+            self.accepting = False
         return True
 
     def begin_drain(self):
@@ -612,24 +633,42 @@ cdef class Loop:
         transport, which flushes first)."""
         for conn in self._snapshot():
             (<_ConnBase>conn)._begin_drain()
-        self._run_finalizing()
+        self._finalize_unless_dispatching()
 
     def abort_all(self):
         """Close every connection now (clients see EOF)."""
         for conn in self._snapshot():
             (<_ConnBase>conn)._force_close()
-        self._run_finalizing()
+        self._finalize_unless_dispatching()
+
+    cdef int _finalize_unless_dispatching(self) except -1:
+        # Called from a protocol callback (Server.close() in data_received),
+        # the dispatch finalizes after it: connection_lost() must never run
+        # inside another callback of the same loop.
+        if not self.dispatching:
+            self._run_finalizing()
+        return 0
 
     def teardown(self):
-        """After run(): close everything; run callbacks still queued."""
+        """After run(): close everything, run the callbacks still queued,
+        release the fds.  Then raises what a callback raised meanwhile
+        (KeyboardInterrupt, SystemExit), as run() would have."""
         self.closed = True
-        self.stop_accepting()
-        self.abort_all()
-        while self.pending:
-            self._run_pending()
-        self.thread_id = 0
-        self._close_fds()
-        _live_loops.discard(self)
+        try:
+            self.stop_accepting()
+        finally:
+            try:
+                self.abort_all()
+                while self.pending:
+                    self._run_pending()
+                    self._run_finalizing()
+            finally:
+                self.thread_id = 0
+                self._close_fds()
+                _live_loops.discard(self)
+        if self.stash_exc is not None:
+            exc, self.stash_exc = self.stash_exc, None
+            raise exc
 
     cdef void _close_fds(self) noexcept:
         if self.lfd >= 0:
@@ -648,6 +687,9 @@ cdef class Loop:
         cdef int fd
         self.closed = True
         self.exiting = True
+        # Only the forking thread exists here; the mutex may have been held
+        # by another thread at fork() time and would never be released.
+        pthread_mutex_init(&self.mu, NULL)
         self._close_fds()
         for fd in range(self.table_hi + 1):
             if self.table[fd] != NULL and self.table[fd].fd >= 0:

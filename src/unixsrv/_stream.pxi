@@ -27,20 +27,19 @@ cdef int _obuf_append(conn_t *c, const char *p, size_t n) noexcept nogil:
     cdef size_t cap
     cdef char *nb
     if c.ooff + need > c.ocap:
-        if need <= c.ocap:
+        if c.ooff:
+            # The unsent bytes to the front first (realloc copies less then).
             memmove(c.obuf, c.obuf + c.ooff, c.olen)
-        else:
+            c.ooff = 0
+        if need > c.ocap:
             cap = c.ocap * 2 if c.ocap else 4096
             while cap < need:
                 cap *= 2
-            if c.ooff:
-                memmove(c.obuf, c.obuf + c.ooff, c.olen)
             nb = <char *>realloc(c.obuf, cap)
             if nb == NULL:
                 return ENOMEM
             c.obuf = nb
             c.ocap = cap
-        c.ooff = 0
     memcpy(c.obuf + c.ooff + c.olen, p, n)
     c.olen = need
     return 0
@@ -85,6 +84,7 @@ cdef class _Stream(_ConnBase):
         server = loop.server
         try:
             if callbacks.on_conn_state is not None:
+                us_or_u32(&self.c.state, ST_ANNOUNCED)    # CLOSE will follow
                 server._fire_state(self, _NEW)
             if callbacks.update_conn is not None and not server._call_update_conn(self):
                 return self._abort(None)
@@ -126,7 +126,7 @@ cdef class _Stream(_ConnBase):
             return 0
         if c.olen == 0:
             while True:
-                r = send(c.fd, p, n, MSG_NOSIGNAL)
+                r = send(c.fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT)
                 if r >= 0:
                     break
                 err = errno
@@ -135,8 +135,7 @@ cdef class _Stream(_ConnBase):
                 if us_would_block(err):
                     r = 0
                     break
-                us_or_u32(&c.state, ST_PEER_ERROR)
-                return self._abort(_oserror(err))
+                return self._fail(err)
             if r > 0:
                 loop.batch_out += r
                 c.last_active = loop.now
@@ -152,10 +151,13 @@ cdef class _Stream(_ConnBase):
             return self._abort(MemoryError())
         err = _set_interest(loop.pfd, c, c.interest | US_WRITE)
         if err:
-            us_or_u32(&c.state, ST_PEER_ERROR)
-            return self._abort(_oserror(err))
-        if c.olen > c.high and not (c.state & ST_PAUSED):
-            us_or_u32(&c.state, ST_PAUSED)
+            return self._fail(err)
+        return self._check_high_water()
+
+    cdef int _check_high_water(self) except -1:
+        """pause_writing() once the unsent output exceeds the high mark."""
+        if self.c.olen > self.c.high and not (self.c.state & (ST_PAUSED | ST_LOST)):
+            us_or_u32(&self.c.state, ST_PAUSED)
             self._pause_protocol()
         return 0
 
@@ -182,7 +184,7 @@ cdef class _Stream(_ConnBase):
             return 0
         us_or_u32(&c.state, ST_CLOSING)
         if c.olen == 0:
-            self.loop.finalizing.append(self)   # the fd closes this dispatch
+            self._queue_finalize()               # the fd closes this dispatch
         else:
             # Stop reading while the output drains (closing the fd without
             # this would cost nothing, but draining can take long).
@@ -190,13 +192,26 @@ cdef class _Stream(_ConnBase):
         return 0
 
     cdef int _abort(self, object exc) except -1:
+        """Close now, dropping unsent output; connection_lost(exc) follows
+        (the first reason given wins: later ones are consequences)."""
         cdef conn_t *c = &self.c
         if c.state & ST_LOST:
             return 0
         us_or_u32(&c.state, ST_CLOSING)
         _obuf_free(c)
-        self._lost_exc = exc
-        self.loop.finalizing.append(self)
+        if self._lost_exc is None:
+            self._lost_exc = exc
+        return self._queue_finalize()
+
+    cdef int _fail(self, int err) except -1:
+        """The connection failed (reset, broken pipe, poller error)."""
+        us_or_u32(&self.c.state, ST_PEER_ERROR)
+        return self._abort(_oserror(err))
+
+    cdef int _queue_finalize(self) except -1:
+        if not (self.c.state & ST_QUEUED):
+            us_or_u32(&self.c.state, ST_QUEUED)
+            self.loop.finalizing.append(self)
         return 0
 
     cdef int _finalize(self) except -1:
@@ -224,7 +239,7 @@ cdef class _Stream(_ConnBase):
         _obuf_free(c)
         loop._count_closed()
         proto, exc = self.protocol, self._lost_exc
-        self.protocol = self._lost_exc = None
+        self.protocol = self._lost_exc = self._held = None
         if proto is not None:
             try:
                 connection_lost = proto.connection_lost
@@ -232,7 +247,7 @@ cdef class _Stream(_ConnBase):
                     connection_lost(exc)
             except BaseException as err:
                 loop._callback_error(err)
-        if loop.callbacks.on_conn_state is not None:
+        if c.state & ST_ANNOUNCED and loop.callbacks.on_conn_state is not None:
             try:
                 loop.server._fire_state(self, _CLOSE)
             except BaseException as err:  # KeyboardInterrupt/SystemExit from a callback
@@ -253,37 +268,70 @@ cdef class _Stream(_ConnBase):
             if c.state & ST_CLOSING:
                 return 0
             data = PyBytes_FromStringAndSize(self.loop.rxbuf + r.off, r.n)
-            try:
-                self.protocol.data_received(data)
-            except BaseException as exc:
-                self._callback_failed(exc)
+            if c.state & ST_READ_PAUSED or self._held is not None:
+                return self._hold(data)
+            self._deliver(data)
         elif kind == REC_EOF:
             if c.state & ST_CLOSING:
                 return 0
-            try:
-                eof_received = self.protocol.eof_received
-                keep_open = None if _is_base(eof_received, _BASE_EOF_RECEIVED) else eof_received()
-            except BaseException as exc:
-                return self._callback_failed(exc)
-            if not keep_open:
-                self._close()
-            elif not (c.state & ST_LOST):
-                err = _set_interest(self.loop.pfd, c, c.interest & ~US_READ)
-                if err:
-                    us_or_u32(&c.state, ST_PEER_ERROR)
-                    self._abort(_oserror(err))
+            if c.state & ST_READ_PAUSED or self._held is not None:
+                return self._hold(None)
+            self._deliver_eof()
         elif kind == REC_ERROR:
-            us_or_u32(&c.state, ST_PEER_ERROR)
-            self._abort(_oserror(<int>r.n))
+            self._fail(<int>r.n)
         elif kind == REC_RESUME:
             if c.state & ST_PAUSED:
                 self._resume_protocol()
         elif kind == REC_FLUSHED:
             if c.state & ST_CLOSING:
-                self.loop.finalizing.append(self)
+                self._queue_finalize()
         elif kind == REC_IDLE:
             self._idle_expired()
         return 0
+
+    cdef int _deliver(self, bytes data) except -1:
+        try:
+            self.protocol.data_received(data)
+        except BaseException as exc:
+            self._callback_failed(exc)
+        return 0
+
+    cdef int _deliver_eof(self) except -1:
+        cdef conn_t *c = &self.c
+        try:
+            eof_received = self.protocol.eof_received
+            keep_open = None if _is_base(eof_received, _BASE_EOF_RECEIVED) else eof_received()
+        except BaseException as exc:
+            return self._callback_failed(exc)
+        if not keep_open:
+            return self._close()
+        if not (c.state & ST_LOST):
+            err = _set_interest(self.loop.pfd, c, c.interest & ~US_READ)
+            if err:
+                self._fail(err)
+        return 0
+
+    # Data (bytes) or EOF (None) received in the same wakeup as a
+    # pause_reading() call - or after it, until all held records were
+    # replayed - is held back: pause_reading() means no data_received() until
+    # resume_reading(), and the order of what arrived is kept.
+    cdef int _hold(self, object item) except -1:
+        if self._held is None:
+            self._held = []
+        self._held.append(item)
+        return 0
+
+    def _replay_held(self):
+        """After resume_reading(): deliver what was held, in order, until
+        the protocol pauses again or the transport closes."""
+        while self._held is not None and not (self.c.state & (ST_READ_PAUSED | ST_CLOSING)):
+            item = self._held.pop(0)
+            if not self._held:
+                self._held = None
+            if item is None:
+                self._deliver_eof()
+            else:
+                self._deliver(item)
 
     cdef int _idle_expired(self) except -1:
         return self._abort(IdleTimeoutError(
@@ -408,6 +456,8 @@ class Transport(_asyncio.Transport):
         if not (s.c.state & ST_READ_PAUSED) or s.c.state & ST_CLOSING:
             return
         s.c.state &= ~(<uint32_t>ST_READ_PAUSED)
+        if s._held is not None:
+            s.loop.pending.append(s._replay_held)   # this thread runs it after this dispatch
         if not (s.c.state & ST_EOF):
             err = _set_interest(s.loop.pfd, &s.c, s.c.interest | US_READ)
             if err:
@@ -428,11 +478,10 @@ class Transport(_asyncio.Transport):
             raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
         s.c.high = high
         s.c.low = low
-        if s.c.olen > s.c.high and not (s.c.state & ST_PAUSED) and not (s.c.state & ST_LOST):
-            us_or_u32(&s.c.state, ST_PAUSED)
-            s._pause_protocol()
-        elif s.c.olen <= s.c.low and s.c.state & ST_PAUSED:
+        if s.c.olen <= s.c.low and s.c.state & ST_PAUSED:
             s._resume_protocol()
+        else:
+            s._check_high_water()
 
     def get_write_buffer_limits(self):
         cdef _Stream s = _stream_of(self)

@@ -19,16 +19,25 @@ static inline uint64_t us_load_u64(const uint64_t *p) {
     return __atomic_load_n(p, __ATOMIC_RELAXED);
 }
 
-static inline void us_add_i64(int64_t *p, int64_t v) {
-    __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
-}
-
 static inline int64_t us_load_i64(const int64_t *p) {
     return __atomic_load_n(p, __ATOMIC_RELAXED);
 }
 
 static inline void us_store_i64(int64_t *p, int64_t v) {
     __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+
+/* The closed counter publishes "this connection was accepted and is done":
+ * a reader that loads it with acquire ordering and then loads the accepted
+ * counter sees at least as many accepts as closes (every close follows its
+ * accept through the hand-over of the connection), so accepted - closed is
+ * never negative. */
+static inline void us_add_u64_release(uint64_t *p, uint64_t v) {
+    __atomic_fetch_add(p, v, __ATOMIC_RELEASE);
+}
+
+static inline uint64_t us_load_u64_acquire(const uint64_t *p) {
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
 }
 
 /* Connection state bits are set by one thread and tested by others. */

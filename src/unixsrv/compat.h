@@ -150,6 +150,15 @@ static inline int us_bind(int fd, const char *path, size_t len) {
     return bind(fd, (struct sockaddr *)&sa, sl);
 }
 
+/* Linux answers a non-blocking connect() to a full backlog with EAGAIN
+ * (unix(7)); the BSDs and macOS refuse it (ECONNREFUSED), like a dead
+ * socket, so there a refusal may only mean "busy". */
+#if defined(__linux__)
+#define US_REFUSED_MAY_BE_FULL 0
+#else
+#define US_REFUSED_MAY_BE_FULL 1
+#endif
+
 static inline int us__probe_once(const struct sockaddr_un *sa, socklen_t sl) {
     int fd = us_socket(1);
     if (fd < 0) return -1;
@@ -173,7 +182,7 @@ static inline int us_probe(const char *path, size_t len) {
     socklen_t sl = us_make_addr(&sa, path, len);
     if (sl == (socklen_t)-1) return -1;
     int r = us__probe_once(&sa, sl);
-#if !defined(__linux__)
+#if US_REFUSED_MAY_BE_FULL
     for (int i = 0; i < 5 && r < 0 && errno == ECONNREFUSED; i++) {
         struct timespec ts = {0, 20000000};
         nanosleep(&ts, NULL);
@@ -201,18 +210,48 @@ static inline int us_rename_noreplace(int dirfd, const char *from, const char *t
     return 0;
 }
 
-/* chmod/chown that never follow a symlink (the name is ours and random, but
- * the directory may be writable by others). */
-static inline int us_chmod_nofollow(int dirfd, const char *name, mode_t mode) {
-    if (fchmodat(dirfd, name, mode, AT_SYMLINK_NOFOLLOW) == 0) return 0;
-    if (errno != ENOTSUP && errno != EOPNOTSUPP) return -1;
-    /* Old C libraries cannot chmod without following; the caller has just
-     * checked with lstat that the name is a socket, not a link. */
-    return fchmodat(dirfd, name, mode, 0);
-}
-
-static inline int us_chgrp_nofollow(int dirfd, const char *name, long gid) {
-    return fchownat(dirfd, name, (uid_t)-1, (gid_t)gid, AT_SYMLINK_NOFOLLOW);
+/* chmod and chgrp the socket file `name` (in dirfd) that we have just bound,
+ * and nothing else: the directory may be writable by others, who could swap
+ * the name for a symlink or another file between our checks and the call.
+ *
+ * Linux: open the name itself with O_PATH|O_NOFOLLOW (a symlink is opened as
+ * the link, not followed: open(2)), check that it is a socket with the
+ * inode we bound (dev, ino), then change exactly that inode: chown through
+ * the O_PATH fd with AT_EMPTY_PATH (fchownat(2)), chmod through
+ * /proc/self/fd/N, which resolves to the opened inode (proc(5)) - Linux has
+ * no fchmod on O_PATH fds before fchmodat2 (6.6).
+ * Elsewhere: fchmodat/fchownat with AT_SYMLINK_NOFOLLOW, which the BSDs and
+ * macOS implement natively (lchmod/lchown semantics); the name was checked
+ * to be our socket just before.
+ * Returns 0, or -1 with errno (ELOOP: the name is no longer our socket). */
+static inline int us_set_mode_group(int dirfd, const char *name, dev_t dev, ino_t ino,
+                                    mode_t mode, long gid) {
+#if defined(__linux__) && defined(O_PATH)
+    int fd = openat(dirfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return -1;
+    struct stat st;
+    int r = fstat(fd, &st);
+    if (r == 0 && (!S_ISSOCK(st.st_mode) || st.st_dev != dev || st.st_ino != ino)) {
+        errno = ELOOP;
+        r = -1;
+    }
+    if (r == 0) {
+        char proc[48];
+        snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+        r = chmod(proc, mode);
+    }
+    if (r == 0 && gid >= 0)
+        r = fchownat(fd, "", (uid_t)-1, (gid_t)gid, AT_EMPTY_PATH);
+    us__close_keep_errno(fd);
+    return r;
+#else
+    (void)dev;
+    (void)ino;
+    if (fchmodat(dirfd, name, mode, AT_SYMLINK_NOFOLLOW) < 0) return -1;
+    if (gid >= 0 && fchownat(dirfd, name, (uid_t)-1, (gid_t)gid, AT_SYMLINK_NOFOLLOW) < 0)
+        return -1;
+    return 0;
+#endif
 }
 
 /* Serialise unixsrv processes that create or remove sockets in one
@@ -273,6 +312,15 @@ static inline int us_peercred(int fd, long *pid, long *uid, long *gid) {
     errno = ENOSYS;
     return -1;
 #endif
+}
+
+/* Bytes of sun_path that an address of length sl returned by accept(2) or
+ * getpeername(2) holds (0 for an unnamed client). */
+static inline size_t us_sun_path_len(socklen_t sl) {
+    size_t head = offsetof(struct sockaddr_un, sun_path);
+    if (sl <= head) return 0;
+    if (sl > sizeof(struct sockaddr_un)) sl = sizeof(struct sockaddr_un);
+    return (size_t)sl - head;
 }
 
 /* EAGAIN and EWOULDBLOCK may or may not be the same number. */

@@ -22,6 +22,13 @@
  * uses it, on sockets it reads until a short read. */
 #define US_EDGE 4
 
+/* An fd with no interest is not registered at all, rather than kept with
+ * an empty mask: epoll_ctl(2) "will always wait for" EPOLLHUP and EPOLLERR,
+ * so a hung-up socket registered for nothing would wake every epoll_wait
+ * forever (a paused or half-closed connection whose peer went away).  So
+ * us_poller_modify() adds and deletes as interest appears and goes. */
+#define US__ANY(interest) ((interest) & (US_READ | US_WRITE))
+
 #if defined(__linux__)
 #include <sys/epoll.h>
 
@@ -51,17 +58,24 @@ static inline int us__epoll_ctl(int pfd, int op, int fd, uint64_t token,
 }
 
 static inline int us_poller_add(int pfd, int fd, uint64_t token, int interest) {
+    if (!US__ANY(interest)) return 0;
     return us__epoll_ctl(pfd, EPOLL_CTL_ADD, fd, token, interest);
 }
 
 static inline int us_poller_modify(int pfd, int fd, uint64_t token,
                                    int old_interest, int new_interest) {
-    (void)old_interest;
-    return us__epoll_ctl(pfd, EPOLL_CTL_MOD, fd, token, new_interest);
+    int op;
+    if (!US__ANY(new_interest)) {
+        if (!US__ANY(old_interest)) return 0;
+        op = EPOLL_CTL_DEL;
+    } else {
+        op = US__ANY(old_interest) ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+    }
+    return us__epoll_ctl(pfd, op, fd, token, new_interest);
 }
 
 static inline int us_poller_remove(int pfd, int fd, int old_interest) {
-    (void)old_interest;
+    if (!US__ANY(old_interest)) return 0;
     return us__epoll_ctl(pfd, EPOLL_CTL_DEL, fd, 0, 0);
 }
 

@@ -242,11 +242,12 @@ class Server:
     def _run_in_background(self, loop: _core.Loop, ready: threading.Event) -> None:
         ready.set()
         try:
-            loop.run()
-        except BaseException as exc:  # the loop itself failed: report, then stop cleanly
+            try:
+                loop.run()
+            finally:
+                self._finish_run(loop)
+        except BaseException as exc:  # the loop failed, or a callback raised SystemExit & co
             self._report(exc)
-        finally:
-            self._finish_run(loop)
 
     def _run_here(self, loop: _core.Loop, cancel: threading.Event | None) -> None:
         previous = None
@@ -454,8 +455,9 @@ class Server:
         workers = self._workers
         workers.active = True
         callbacks = self._callbacks
+        announced = callbacks.on_conn_state is not None  # CLOSE only after a NEW
         try:
-            if callbacks.on_conn_state is not None:
+            if announced:
                 self._fire_state(conn, ConnState.NEW)
             if callbacks.update_conn is None or self._call_update_conn(conn):
                 self._handler(conn)  # type: ignore[misc]
@@ -463,15 +465,25 @@ class Server:
             self._report(exc)
         finally:
             conn._finish()
-            if callbacks.on_conn_state is not None:
+            if announced:
                 self._fire_state(conn, ConnState.CLOSE)
             workers.active = False
 
     def _call_update_conn(self, conn: Any) -> bool:
-        """Run update_conn with a socket.socket view of the connection; False
-        (after reporting) if it raised."""
-        conn._expose()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, conn.fileno())
+        """Run update_conn with a socket.socket for the connection; False
+        (after reporting) if it raised.
+
+        The socket holds a duplicate of the connection's fd, closed after the
+        call: whatever update_conn does with it (close it, keep it), our fd
+        stays ours.  It shares the open socket, so options set on it apply.
+        The fd is open here: until the handler or protocol runs, only this
+        thread closes it.
+        """
+        fd = conn.fileno()
+        if fd < 0:  # already closed by the server (idle timeout, shutdown)
+            return True
+        conn._expose()  # the user may keep a dup of it (epoll registration)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, os.dup(fd))
         try:
             self._callbacks.update_conn(sock)
             return True
@@ -479,11 +491,7 @@ class Server:
             self._user_error(exc)
             return False
         finally:
-            if sock.fileno() == -1:
-                conn._forget_fd()
-                self._report(RuntimeError("update_conn closed the connection's socket; never close it there"))
-            else:
-                sock.detach()
+            sock.close()
 
     def _fire_state(self, conn: Any, state: ConnState) -> None:
         fn = self._callbacks.on_conn_state
