@@ -18,17 +18,9 @@ cdef extern from "<sys/types.h>" nogil:
 cdef extern from "<errno.h>" nogil:
     int errno
     enum:
-        EAGAIN
-        EWOULDBLOCK
         EINTR
-        EINVAL
         ENOENT
         EEXIST
-        EACCES
-        EPERM
-        EMFILE
-        ENFILE
-        ENOBUFS
         ENOMEM
         ECONNABORTED
         ECONNREFUSED
@@ -37,7 +29,6 @@ cdef extern from "<errno.h>" nogil:
         EPROTO
         ENOTCONN
         EADDRINUSE
-        EBADF
 
 
 cdef extern from "<string.h>" nogil:
@@ -65,13 +56,7 @@ cdef extern from "<unistd.h>" nogil:
 
 cdef extern from "<fcntl.h>" nogil:
     enum:
-        AT_FDCWD
         AT_SYMLINK_NOFOLLOW
-    int fcntl(int fd, int cmd, ...)
-    enum:
-        F_GETFL
-        F_SETFL
-        O_NONBLOCK
 
 
 cdef extern from "<sys/stat.h>" nogil:
@@ -97,20 +82,8 @@ cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
     struct sockaddr:
         pass
-    struct iovec:
-        void *iov_base
-        size_t iov_len
-    struct msghdr:
-        void *msg_name
-        socklen_t msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
-    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     int shutdown(int fd, int how)
     int listen(int fd, int backlog)
     int getpeername(int fd, sockaddr *addr, socklen_t *len)
