@@ -86,7 +86,7 @@ cdef class _Stream(_ConnBase):
             if callbacks.on_conn_state is not None:
                 us_or_u32(&self.c.state, ST_ANNOUNCED)    # CLOSE will follow
                 server._fire_state(self, _NEW)
-            if callbacks.update_conn is not None and not server._call_update_conn(self):
+            if callbacks.update_conn is not None and not server._call_update_conn(self, callbacks.update_conn):
                 return self._abort(None)
         except BaseException as exc:      # KeyboardInterrupt/SystemExit from a callback
             loop._callback_error(exc)

@@ -459,7 +459,7 @@ class Server:
         try:
             if announced:
                 self._fire_state(conn, ConnState.NEW)
-            if callbacks.update_conn is None or self._call_update_conn(conn):
+            if callbacks.update_conn is None or self._call_update_conn(conn, callbacks.update_conn):
                 self._handler(conn)  # type: ignore[misc]
         except BaseException as exc:  # even SystemExit: a handler never ends a worker
             self._report(exc)
@@ -469,7 +469,7 @@ class Server:
                 self._fire_state(conn, ConnState.CLOSE)
             workers.active = False
 
-    def _call_update_conn(self, conn: Any) -> bool:
+    def _call_update_conn(self, conn: Any, update_conn: Callable[[socket.socket], Any]) -> bool:
         """Run update_conn with a socket.socket for the connection; False
         (after reporting) if it raised.
 
@@ -485,7 +485,7 @@ class Server:
         conn._expose()  # the user may keep a dup of it (epoll registration)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, os.dup(fd))
         try:
-            self._callbacks.update_conn(sock)
+            update_conn(sock)
             return True
         except BaseException as exc:
             self._user_error(exc)
