@@ -55,7 +55,8 @@ class Server:
     a worker thread per connection) or ``protocol`` (event model: a factory of
     ``asyncio.Protocol`` objects).  ``update_conn(sock)`` runs once per
     accepted connection before the handler, with a ``socket.socket`` for
-    getsockopt/setsockopt (valid only during the call; do not close it).
+    getsockopt/setsockopt: a duplicate of the connection's fd, closed after
+    the call.
     """
 
     def __init__(
