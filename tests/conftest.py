@@ -19,7 +19,8 @@ are not the subject of a test (``fd_count``, ``connect``, ``make_room``,
 Helpers used by more than one test module live here, once (the project rule:
 no copy-paste twins): servers and clients (``serve_model``, ``start_echo``,
 ``connected``, ``listening_socket``, ``echo``, ``echo_once``,
-``run_threads``, ``shutdown_times_out``), child processes (``read_line``,
+``run_threads``, ``shutdown_times_out``), idle timeouts (``keep_talking``,
+``idle_eof_after``), child processes (``read_line``,
 ``finish``, ``end_processes``, ``fork_quietly``, ``reap``, ``child_pids``,
 ``proc_stat``, the ``run_traced`` fixture), fds (``open_fds``,
 ``fd_identity``, ``is_listening``) and event-model protocols (``Recorder``,
@@ -281,6 +282,44 @@ def echo_once(path: str | bytes, msg: bytes) -> None:
     """One round trip on a fresh connection (golib's sendAndReceive)."""
     with connect(path) as s:
         echo(s, msg)
+
+
+#: How late an idle close may come and still pass: the timeout says "not
+#: before", the loop thread may then wait for a CPU on a loaded 2-core machine
+#: (the checklist's +-0.2 s would flake there).  Lower bounds stay exact.
+IDLE_LATE = 1.0
+
+
+def keep_talking(s: socket.socket, seconds: float, every: float) -> tuple[float, float]:
+    """Keep the connected echo client ``s`` active: one echoed byte, then
+    ``every`` s of think time (time passing is the behaviour, the sleep
+    synchronises nothing), until ``seconds`` have passed; every echo must
+    come back.  Returns ``(last_sent, longest_gap)``: the monotonic time
+    just before the last byte was sent (the server cannot date the
+    connection's last activity earlier) and the longest silence between an
+    echo received and the next byte sent (for failure messages: a stall of
+    the test process, not the server, is what could exceed the timeout)."""
+    began = time.monotonic()
+    longest = 0.0
+    while True:
+        last_sent = time.monotonic()
+        echo(s, b"k")
+        answered = time.monotonic()
+        if answered - began >= seconds:
+            return last_sent, longest
+        time.sleep(every)
+        longest = max(longest, time.monotonic() - answered)
+
+
+def idle_eof_after(s: socket.socket, last_active: float, idle: float) -> float:
+    """Read the silent client ``s`` to EOF (the server sends nothing more)
+    and return the seconds from ``last_active`` (a monotonic time no later
+    than the connection's last byte) to the EOF: never less than ``idle``
+    (the timeout counts from the last byte), at most ``idle + IDLE_LATE``."""
+    assert recv_until_eof(s) == b""
+    elapsed = time.monotonic() - last_active
+    assert idle <= elapsed <= idle + IDLE_LATE, f"idle close {elapsed:.3f} s after the last byte (timeout {idle} s)"
+    return elapsed
 
 
 def run_threads(target: Callable[[int], Any], n: int, timeout: float = DEADLINE) -> list[Any]:
