@@ -19,7 +19,7 @@ are not the subject of a test (``fd_count``, ``connect``, ``make_room``,
 Helpers used by more than one test module live here, once (the project rule:
 no copy-paste twins): servers and clients (``serve_model``, ``start_echo``,
 ``connected``, ``listening_socket``, ``echo``, ``echo_once``,
-``run_threads``, ``shutdown_times_out``), idle timeouts (``keep_talking``,
+``run_threads``, ``Timed``, ``shutdown_times_out``), idle timeouts (``keep_talking``,
 ``idle_eof_after``), child processes (``read_line``,
 ``finish``, ``end_processes``, ``fork_quietly``, ``reap``, ``child_pids``,
 ``proc_stat``, the ``run_traced`` fixture), fds (``open_fds``,
@@ -343,6 +343,29 @@ def run_threads(target: Callable[[int], Any], n: int, timeout: float = DEADLINE)
         t.join(timeout)
         assert not t.is_alive()
     return results
+
+
+class Timed(threading.Thread):
+    """Run fn on a thread (a daemon, so a hung call cannot hang the run);
+    remember its exception, how long it took (``elapsed``) and the
+    monotonic time it ended (``ended``)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.fn = fn
+        self.exc: BaseException | None = None
+        self.elapsed = -1.0
+        self.ended = -1.0
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        try:
+            self.fn()
+        except BaseException as exc:
+            self.exc = exc
+        finally:
+            self.ended = time.monotonic()
+            self.elapsed = self.ended - t0
 
 
 def shutdown_times_out(srv: Server, timeout: float) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import (DEADLINE, connect, connect_socket, connected, echo, echo_handler, echo_once,
+from conftest import (DEADLINE, Timed, connect, connect_socket, connected, echo, echo_handler, echo_once,
                       fd_identity, fork_quietly, is_listening, make_room, open_fds, reap, recv_exactly,
                       recv_until_eof, serve_model, shutdown_times_out, start_echo, wait_until)
 from unixsrv import ConnState, Server, ServerClosedError
@@ -50,25 +50,6 @@ def listener_target(before: set[int]) -> tuple[int, int, int]:
             found.append(ident)
     assert len(found) == 1, found
     return found[0]
-
-
-class Timed(threading.Thread):
-    """Run fn on a thread; remember its result or exception and how long it took."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        super().__init__(daemon=True)
-        self.fn = fn
-        self.exc: BaseException | None = None
-        self.elapsed = -1.0
-
-    def run(self) -> None:
-        t0 = time.monotonic()
-        try:
-            self.fn()
-        except BaseException as exc:
-            self.exc = exc
-        finally:
-            self.elapsed = time.monotonic() - t0
 
 
 def start_shutdown(srv: Server, idle: socket.socket) -> Timed:
