@@ -159,28 +159,32 @@ def test_transient_accept_errors_are_skipped(
     assert stderr == ""
 
 
-#: Resource errors: 20 failures, every other accept4 call (when=2..40+2).
-#: Twenty in a row would cost 14 s of the server's own back-off (10 ms
-#: doubling to 1 s) before the first client is accepted; spread out, each
-#: failure starts (and a success ends) one back-off episode.
-RESOURCE_WHEN, RESOURCE_FAILURES = "2..40+2", 20
+#: Resource errors (when, failures, back-off episodes): 5 accept4 calls in
+#: a row fail (one episode: reported once); 20 fail, every other call
+#: (when=2..40+2: each failure starts an episode, the success after it
+#: ends it).  Twenty in a row would cost 14 s of the server's own back-off
+#: (10 ms doubling to 1 s) before the next client is accepted.
+RESOURCE_PATTERNS = [("1..5", 5, 1), ("2..40+2", 20, 20)]
 
 
+@pytest.mark.parametrize(("when", "failures", "episodes"), RESOURCE_PATTERNS)
 @pytest.mark.parametrize("err", ["ENOBUFS", "ENOMEM", "EMFILE"])
 @pytest.mark.linux(STRACE)
 def test_resource_accept_errors_back_off_and_recover(
-    err: str, model: str, sock_path: str, run_traced: Callable[..., Any]
+    err: str, when: str, failures: int, episodes: int, model: str, sock_path: str, run_traced: Callable[..., Any]
 ) -> None:
     """Checklist 24 (DESIGN: accept errors such as EMFILE back off instead of
-    spinning): 20 accept4 calls failing with a resource error (see
-    RESOURCE_WHEN) delay the clients but every one of the 24 is served; the
+    spinning): accept4 failing with a resource error (see
+    RESOURCE_PATTERNS: 5 calls in a row, or 20 calls, every other one)
+    delays the clients but every one (failures + 4 of them) is served; the
     error reaches on_error (server.py: "accept errors") as an OSError with
-    that errno and the path, at most once per failed call, and nothing else
-    is logged at WARNING or above."""
-    stderr = _serve_through_failing_accepts(run_traced, err, RESOURCE_WHEN, RESOURCE_FAILURES + 4, sock_path, model,
+    that errno and the path, without flooding: at most once per back-off
+    episode, so once for the 5 failures in a row; nothing else is logged
+    at WARNING or above."""
+    stderr = _serve_through_failing_accepts(run_traced, err, when, failures + 4, sock_path, model,
                                             json.dumps({"on_error": True}))
     reports = [json.loads(line.split(" ", 1)[1]) for line in stderr.splitlines() if line.startswith("on_error ")]
-    assert 1 <= len(reports) <= RESOURCE_FAILURES, stderr
+    assert 1 <= len(reports) <= episodes, stderr
     for info in reports:
         assert info["errno"] == getattr(errno, err) and info["filename"] == sock_path, info
     assert [line for line in stderr.splitlines() if not line.startswith("on_error ")] == []
