@@ -19,13 +19,13 @@ are not the subject of a test (``fd_count``, ``connect``, ``make_room``,
 Helpers used by more than one test module live here, once (the project rule:
 no copy-paste twins): servers and clients (``serve_model``, ``start_echo``,
 ``connected``, ``listening_socket``, ``echo``, ``echo_once``,
-``run_threads``, ``Timed``, ``shutdown_times_out``), idle timeouts (``keep_talking``,
-``idle_eof_after``), child processes (``read_line``,
-``finish``, ``end_processes``, ``fork_quietly``, ``reap``, ``child_pids``,
-``proc_stat``, the ``run_traced`` fixture), fds (``open_fds``,
-``fd_identity``, ``is_listening``) and event-model protocols (``Recorder``,
-``Collect``, ``Echo``, ``BigWriter``, ``on_loop``, ``payload``, ``sha``,
-``squash``).
+``run_threads``, ``Timed``, ``shutdown_times_out``), idle timeouts
+(``keep_talking``, ``idle_eof_after``), child processes (``read_line``,
+``finish``, ``CHILD_LOG_LINES``, ``end_processes``, ``fork_quietly``,
+``reap``, ``child_pids``, ``proc_stat``, the ``run_traced`` fixture), fds
+(``open_fds``, ``fd_identity``, ``is_listening``) and event-model protocols
+(``Recorder``, ``Collect``, ``Echo``, ``BigWriter``, ``on_loop``,
+``payload``, ``sha``, ``squash``).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import warnings
@@ -378,6 +379,21 @@ def shutdown_times_out(srv: Server, timeout: float) -> float:
 
 
 # ---------------------------------------------------------------------------- child processes
+
+
+#: Put first in a child's code: every record of the library's loggers
+#: ("unixsrv", "unixsrv.*", DEBUG and up) becomes one stdout line
+#: "LOG <LEVEL> <message>" (no traceback), in order with the child's prints.
+CHILD_LOG_LINES = textwrap.dedent(
+    """
+    import logging as _logging
+    class _Lines(_logging.Handler):
+        def emit(self, record):
+            print("LOG", record.levelname, record.getMessage(), flush=True)
+    _logging.getLogger("unixsrv").setLevel(_logging.DEBUG)
+    _logging.getLogger("unixsrv").addHandler(_Lines())
+    """
+)
 
 
 def _text(data: str | bytes | None) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from conftest import (DEADLINE, MiB, connect, connected, echo, echo_once, finish, idle_eof_after, keep_talking,
+from conftest import (CHILD_LOG_LINES, DEADLINE, MiB, connect, connected, echo, echo_once, finish, idle_eof_after, keep_talking,
                       make_room, proc_stat, read_line, recv_exactly, sha, start_echo, wait_until)
 from unixsrv import Server
 
@@ -224,18 +224,10 @@ def test_idle_timeout_counts_from_the_last_byte(
 
 # ---------------------------------------------------------------------------- 30: SIGPIPE
 
-_SIGPIPE_SERVER = textwrap.dedent(
+_SIGPIPE_SERVER = CHILD_LOG_LINES + textwrap.dedent(
     """
-    import asyncio, logging, os, signal, sys
+    import asyncio, os, signal, sys
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # the default: SIGPIPE kills
-    # Every record of the library's loggers, one line "LOG <level> <message>"
-    # on stdout (no traceback), in order with the child's other lines.
-    class Lines(logging.Handler):
-        def emit(self, record):
-            print("LOG", record.levelname, record.getMessage(), flush=True)
-    log = logging.getLogger("unixsrv")
-    log.setLevel(logging.DEBUG)
-    log.addHandler(Lines())
     from unixsrv import Server, ServerConfig
     path, model = sys.argv[1], sys.argv[2]
     BIG = b"x" * (1 << 20)
