@@ -709,13 +709,13 @@ _CTRL_C = textwrap.dedent(
         if how == "helper thread":   # the signal lands on this thread, not the loop's
             sent = time.monotonic()
             signal.pthread_kill(threading.get_ident(), signal.SIGINT)
-            print("sent", sent, flush=True)
+            os.write(1, b"sent %r\\n" % sent)   # one write: the main thread prints too
 
     threading.Thread(target=helper, daemon=True).start()
     try:
         srv.serve_forever()
     except KeyboardInterrupt:        # after serve_forever's cleanup
-        print("interrupted", time.monotonic(), flush=True)
+        os.write(1, b"interrupted %r\\n" % time.monotonic())
         raise
     print("serve_forever returned", flush=True)
     """
