@@ -386,10 +386,11 @@ def shutdown_times_out(srv: Server, timeout: float) -> float:
 #: "LOG <LEVEL> <message>" (no traceback), in order with the child's prints.
 CHILD_LOG_LINES = textwrap.dedent(
     """
-    import logging as _logging
+    import logging as _logging, os as _os, sys as _sys
     class _Lines(_logging.Handler):
-        def emit(self, record):
-            print("LOG", record.levelname, record.getMessage(), flush=True)
+        def emit(self, record):  # one write(2) a line: records may come from several threads
+            _sys.stdout.flush()
+            _os.write(1, ("LOG %s %s\\n" % (record.levelname, record.getMessage())).encode())
     _logging.getLogger("unixsrv").setLevel(_logging.DEBUG)
     _logging.getLogger("unixsrv").addHandler(_Lines())
     """
