@@ -19,13 +19,14 @@ are not the subject of a test (``fd_count``, ``connect``, ``make_room``,
 Helpers used by more than one test module live here, once (the project rule:
 no copy-paste twins): servers and clients (``serve_model``, ``start_echo``,
 ``connected``, ``listening_socket``, ``echo``, ``echo_once``,
-``run_threads``, ``shutdown_times_out``), child processes (``read_line``,
-``finish``, ``end_processes``, ``fork_quietly``, ``reap``, ``child_pids``,
-``proc_stat``, the ``run_traced`` fixture), fds (``open_fds``,
-``fd_identity``, ``is_listening``), CPU use (``process_cpu_over``) and
-event-model protocols (``Recorder``,
-``Collect``, ``Echo``, ``BigWriter``, ``on_loop``, ``payload``, ``sha``,
-``squash``).
+``run_threads``, ``Timed``, ``shutdown_times_out``), idle timeouts
+(``keep_talking``, ``idle_eof_after``), child processes (``read_line``,
+``finish``, ``CHILD_LOG_LINES``, ``end_processes``, ``fork_quietly``,
+``reap``, ``child_pids``, ``proc_stat``, the ``run_traced`` fixture), fds
+(``open_fds``, ``fd_identity``, ``is_listening``), CPU use
+(``process_cpu_over``) and event-model protocols
+(``Recorder``, ``Collect``, ``Echo``, ``BigWriter``, ``on_loop``,
+``payload``, ``sha``, ``squash``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import warnings
@@ -299,6 +301,44 @@ def echo_once(path: str | bytes, msg: bytes) -> None:
         echo(s, msg)
 
 
+#: How late an idle close may come and still pass: the timeout says "not
+#: before", the loop thread may then wait for a CPU on a loaded 2-core machine
+#: (the checklist's +-0.2 s would flake there).  Lower bounds stay exact.
+IDLE_LATE = 1.0
+
+
+def keep_talking(s: socket.socket, seconds: float, every: float) -> tuple[float, float]:
+    """Keep the connected echo client ``s`` active: one echoed byte, then
+    ``every`` s of think time (time passing is the behaviour, the sleep
+    synchronises nothing), until ``seconds`` have passed; every echo must
+    come back.  Returns ``(last_sent, longest_gap)``: the monotonic time
+    just before the last byte was sent (the server cannot date the
+    connection's last activity earlier) and the longest silence between an
+    echo received and the next byte sent (for failure messages: a stall of
+    the test process, not the server, is what could exceed the timeout)."""
+    began = time.monotonic()
+    longest = 0.0
+    while True:
+        last_sent = time.monotonic()
+        echo(s, b"k")
+        answered = time.monotonic()
+        if answered - began >= seconds:
+            return last_sent, longest
+        time.sleep(every)
+        longest = max(longest, time.monotonic() - answered)
+
+
+def idle_eof_after(s: socket.socket, last_active: float, idle: float) -> float:
+    """Read the silent client ``s`` to EOF (the server sends nothing more)
+    and return the seconds from ``last_active`` (a monotonic time no later
+    than the connection's last byte) to the EOF: never less than ``idle``
+    (the timeout counts from the last byte), at most ``idle + IDLE_LATE``."""
+    assert recv_until_eof(s) == b""
+    elapsed = time.monotonic() - last_active
+    assert idle <= elapsed <= idle + IDLE_LATE, f"idle close {elapsed:.3f} s after the last byte (timeout {idle} s)"
+    return elapsed
+
+
 def run_threads(target: Callable[[int], Any], n: int, timeout: float = DEADLINE) -> list[Any]:
     """Run target(i) on n threads released at once by a barrier; return the
     results in order (an exception a call raised is its result).  Fails if a
@@ -322,6 +362,29 @@ def run_threads(target: Callable[[int], Any], n: int, timeout: float = DEADLINE)
     return results
 
 
+class Timed(threading.Thread):
+    """Run fn on a thread (a daemon, so a hung call cannot hang the run);
+    remember its exception, how long it took (``elapsed``) and the
+    monotonic time it ended (``ended``)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.fn = fn
+        self.exc: BaseException | None = None
+        self.elapsed = -1.0
+        self.ended = -1.0
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        try:
+            self.fn()
+        except BaseException as exc:
+            self.exc = exc
+        finally:
+            self.ended = time.monotonic()
+            self.elapsed = self.ended - t0
+
+
 def shutdown_times_out(srv: Server, timeout: float) -> float:
     """``srv.shutdown(timeout)``, which must raise ShutdownTimeoutError; the
     seconds it took (each test bounds them as its source requires)."""
@@ -332,6 +395,22 @@ def shutdown_times_out(srv: Server, timeout: float) -> float:
 
 
 # ---------------------------------------------------------------------------- child processes
+
+
+#: Put first in a child's code: every record of the library's loggers
+#: ("unixsrv", "unixsrv.*", DEBUG and up) becomes one stdout line
+#: "LOG <LEVEL> <message>" (no traceback), in order with the child's prints.
+CHILD_LOG_LINES = textwrap.dedent(
+    """
+    import logging as _logging, os as _os, sys as _sys
+    class _Lines(_logging.Handler):
+        def emit(self, record):  # one write(2) a line: records may come from several threads
+            _sys.stdout.flush()
+            _os.write(1, ("LOG %s %s\\n" % (record.levelname, record.getMessage())).encode())
+    _logging.getLogger("unixsrv").setLevel(_logging.DEBUG)
+    _logging.getLogger("unixsrv").addHandler(_Lines())
+    """
+)
 
 
 def _text(data: str | bytes | None) -> str:

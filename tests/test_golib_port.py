@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import (DEADLINE, connect, connected, default_gid, echo, echo_handler, echo_once,
+from conftest import (DEADLINE, connect, connected, default_gid, echo, echo_handler, echo_once, keep_talking,
                       recv_until_eof, run_threads, serve_model, start_echo, wait_until)
 
 from unixsrv import (
@@ -827,12 +827,14 @@ class TestRobustness:
 
     def test_active_connection_kept(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib robustness: should not timeout active connections (golib:
-        1 s timeout, five echoes 400 ms apart; scaled to 0.6 s and 200 ms)."""
+        1 s timeout, five echoes 400 ms apart, 2 s in all; here 0.6 s and
+        pings every 0.05 s, so a stalled test process cannot pass for an
+        early close, for 1.4 s): every echo comes back and the connection
+        is still open."""
         srv = start_echo(make_server, sock_path, model, idle_timeout=0.6)
         with connect(sock_path) as s:
-            for i in range(7):
-                time.sleep(0.2)  # the client's think time, within the timeout
-                echo(s, b"ping %d" % i)
+            _last, longest = keep_talking(s, 1.4, 0.05)
+            assert longest < 0.6, f"the test client itself was silent for {longest:.3f} s"
             assert srv.open_connections == 1
 
     def test_handler_panic(self, sock_path: str, make_server: Callable[..., Server]) -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import platform
 import select
 import signal
 import socket
 import stat
 import subprocess
 import textwrap
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -398,55 +400,100 @@ def test_close_keeps_a_foreign_socket_at_the_path(
             pass  # the foreign server still listens there
 
 
-def _held_by_strace(pid: int) -> bool:
-    """True if some thread of pid is stopped by its tracer ('t')."""
+#: System call numbers of lstat(2) and newfstatat(2) (what lstat() becomes
+#: in glibc >= 2.33), the calls strace holds in the test below.
+_STAT_SYSCALLS = {"x86_64": {"6", "262"}, "aarch64": {"79"}}.get(platform.machine(), set())
+
+
+def _stat_stops(pid: int) -> set[tuple[str, str]]:
+    """(tid, /proc/<pid>/task/<tid>/syscall line) of each thread of ``pid``
+    stopped by its tracer ('t') inside an lstat/newfstatat call."""
+    stops = set()
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            if proc_stat(pid, int(tid))[0] == "t":
-                return True
+            if proc_stat(pid, int(tid))[0] != "t":
+                continue
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                line = f.read().strip()
         except OSError:
             continue
-    return False
+        if line.split()[0] in _STAT_SYSCALLS:
+            stops.add((tid, line))
+    return stops
 
 
-@pytest.mark.linux(STRACE)
-def test_close_keeps_a_successor_that_reuses_the_inode_number(sock_path: str, run_traced: Callable[..., Any]) -> None:
+def _held_at_stat(pid: int) -> bool:
+    """True if a thread of ``pid`` is held by strace in an lstat call: the
+    same stop (thread, call and arguments) seen twice 50 ms apart.  strace
+    -f stops every thread briefly at every system call it sees; only the
+    injected delay lasts that long."""
+    first = _stat_stops(pid)
+    if not first:
+        return False
+    time.sleep(0.05)  # tells a held call from a passing stop; synchronises nothing
+    return bool(first & _stat_stops(pid))
+
+
+def _listeners_of(pid: int) -> set[int]:
+    """The sockfs inodes of the listening AF_UNIX sockets that process
+    ``pid`` has open (/proc/net/unix: flags __SO_ACCEPTCON).  Not matched by
+    path: /proc lists the name bind() used, unixsrv's temporary name."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            held.add(int(target[len("socket:["):-1]))
+    listening = set()
+    with open(f"/proc/{pid}/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 7 and int(fields[3], 16) & 0x10000:
+                listening.add(int(fields[6]))
+    return held & listening
+
+
+@pytest.mark.linux(STRACE + "; /proc/<pid>/net/unix")
+def test_close_keeps_a_successor_bound_during_the_check(sock_path: str, run_traced: Callable[..., Any]) -> None:
     """Checklist 6b (libuv unlinks *before* close() because "the other way
     around introduces a race where our process unlinks a socket ... just
     created by another process"): our file was deleted behind our back, and
-    while we close, a successor binds the path.  Once our listener is closed
-    the old inode is free, and the successor's new socket can get the very
-    same inode number (ext4 reuses it at once), so the (dev, ino) check is
-    only sound while our listener still holds the inode.  strace holds the
-    closing server for 0.5 s at its lstat of the path (a delay, not an
-    error); the successor binds in that moment.  Its socket must survive our
-    close.  Up to three rounds, until the inode number is actually reused."""
-    hold = ["-P", sock_path, "-e", "trace=newfstatat,lstat", "-e", "inject=newfstatat,lstat:delay_enter=500000:when=1"]
-    for _round in range(3):
-        srv = run_traced(hold, _CLOSE_ON_REQUEST, sock_path, stdin=subprocess.PIPE)
-        pid = int(read_line(srv).split()[1])
-        ours = os.lstat(sock_path).st_ino
-        os.unlink(sock_path)  # someone removes our file; we keep listening
-        assert srv.stdin is not None
-        srv.stdin.write(b"close\n")
-        srv.stdin.flush()
-
-        def held_or_done() -> bool:
-            return _held_by_strace(pid) or bool(select.select([srv.stdout], [], [], 0)[0])
-
-        wait_until(held_or_done)
-        with listening_socket(sock_path, 4):  # the successor
-            theirs = os.lstat(sock_path).st_ino
-            assert read_line(srv) == "closed"
-            assert os.path.lexists(sock_path), f"our close() removed the successor's socket (inode {theirs}, ours was {ours})"
-            assert os.lstat(sock_path).st_ino == theirs
-            with connect(sock_path):
-                pass
-        srv.stdin.close()
-        assert srv.wait(DEADLINE) == 0
-        os.unlink(sock_path)
-        if theirs == ours:
-            break
+    while we close, a successor binds the path.  strace holds the closing
+    server for 1.5 s at its lstat of the path (a delay, not an error); the
+    test asserts that the server is held there when the successor binds,
+    so the scenario is reached every time.  At that moment the server's
+    listener is still open, which is what makes the (dev, ino) check sound:
+    the open listener pins our inode, so the successor's socket has another
+    inode number (asserted; once our listener were closed, ext4 could hand
+    the successor our number and the check would remove it).  The
+    successor's socket survives our close and still accepts."""
+    hold = ["-P", sock_path, "-e", "trace=newfstatat,lstat", "-e", "inject=newfstatat,lstat:delay_enter=1500000:when=1"]
+    srv = run_traced(hold, _CLOSE_ON_REQUEST, sock_path, stdin=subprocess.PIPE)
+    pid = int(read_line(srv).split()[1])
+    ours = os.lstat(sock_path).st_ino
+    listener = _listeners_of(pid)
+    assert len(listener) == 1
+    os.unlink(sock_path)  # someone removes our file; we keep listening
+    assert srv.stdin is not None
+    srv.stdin.write(b"close\n")
+    srv.stdin.flush()
+    wait_until(lambda: _held_at_stat(pid))
+    with listening_socket(sock_path, 4):  # the successor
+        theirs = os.lstat(sock_path).st_ino
+        assert _held_at_stat(pid), "the server was not held at its check while the successor bound"
+        assert _listeners_of(pid) == listener  # our listener is open during the check
+        assert theirs != ours
+        assert read_line(srv) == "closed"
+        assert _listeners_of(pid) == set()
+        assert os.path.lexists(sock_path), f"our close() removed the successor's socket (inode {theirs})"
+        assert os.lstat(sock_path).st_ino == theirs
+        with connect(sock_path):
+            pass
+    srv.stdin.close()
+    assert srv.wait(DEADLINE) == 0
 
 
 def test_close_when_the_file_is_already_gone(sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
@@ -701,7 +748,7 @@ _NEVER_LOOSE = textwrap.dedent(
     modes = set()
     srv = None
     try:
-        for _ in range(100):
+        for _ in range(200):
             srv = Server(ServerConfig(path=path, mode=0o600), echo_handler)
             srv.start()
             modes.add(stat.S_IMODE(os.lstat(path).st_mode))
@@ -730,7 +777,7 @@ _NEVER_LOOSE = textwrap.dedent(
 def test_never_connectable_with_a_looser_mode(sock_dir: str, run_traced: Callable[..., Any]) -> None:
     """Checklist 11 (golang/go#11822; bind -> chmod -> listen): with umask 0
     and mode 0o600, a uid-1000 process that keeps connecting to every name in
-    the directory (the socket and any temporary) during 100 start/close
+    the directory (the socket and any temporary) during 200 start/close
     cycles never gets in; it is denied (EACCES), never let through.
 
     strace delays every chmod by 10 ms (a delay, not an error), so if the
@@ -830,8 +877,8 @@ _FAILING_START = textwrap.dedent(
     import json, os, sys
     from unixsrv import Server, ServerConfig
     from unixsrv.echo import echo_handler
-    path = sys.argv[1]
-    srv = Server(ServerConfig(path=path, mode=0o660, group=4242), echo_handler)
+    path, group = sys.argv[1], int(sys.argv[2])
+    srv = Server(ServerConfig(path=path, mode=0o660, group=group), echo_handler)
     base = len(os.listdir("/proc/self/fd"))
     out = {}
     for attempt in range(3):
@@ -855,12 +902,20 @@ _FAILING_START = textwrap.dedent(
 )
 @pytest.mark.linux(STRACE)
 def test_chmod_or_chown_failure_cleans_up(
-    syscalls: str, what: str, sock_dir: str, sock_path: str, run_traced: Callable[..., Any]
+    syscalls: str, what: str, sock_dir: str, sock_path: str, run_traced: Callable[..., Any],
+    spawn: Callable[..., Any]
 ) -> None:
     """Checklist 15: when chmod or chown of the new socket fails (strace
     injects EPERM), start() raises PermissionError naming the path, leaves
-    no socket file or temporary, and closes every fd it opened."""
-    proc = run_traced(["-e", f"inject={syscalls}:error=EPERM"], _FAILING_START, sock_path)
+    no socket file or temporary, and closes every fd it opened.  The group
+    asked for is the process's own, which any user may chown to: the same
+    child without the injection starts (and closes) three times, so the
+    failure is the injected one, as root and not."""
+    gid = str(os.getgid())
+    control = child_json(spawn(_FAILING_START, sock_path, gid, text=False), timeout=30)
+    assert control["errors"] == [None] * 3, control
+    assert control["listing"] == [] and control["fds_after"] == control["fds_before"]
+    proc = run_traced(["-e", f"inject={syscalls}:error=EPERM"], _FAILING_START, sock_path, gid)
     result = child_json(proc, timeout=30)
     assert result["errors"] == [["PermissionError", errno.EPERM, result["errors"][0][2]]] * 3, (what, result)
     assert sock_path in result["errors"][0][2]

@@ -190,21 +190,63 @@ def test_abort_discards_pending_output(sock_path, make_server):
     assert proto.names == ["made", "lost"]
 
 
+class FlowRecorder(BigWriter):
+    """BigWriter that sets the high-water mark first and records
+    pause_writing/resume_writing."""
+
+    def __init__(self, data: bytes, high: int, then: str | None = None) -> None:
+        super().__init__(data, then)
+        self.high = high
+        self.flow: list[str] = []
+        self.paused = threading.Event()
+        self.resumed = threading.Event()
+
+    def on_made(self, transport: Any) -> None:
+        transport.set_write_buffer_limits(high=self.high)
+        super().on_made(transport)
+
+    def pause_writing(self) -> None:
+        self.flow.append("pause")
+        self.paused.set()
+
+    def resume_writing(self) -> None:
+        self.flow.append("resume")
+        self.resumed.set()
+
+
 def test_slow_reader_gets_8_mib_written_at_once(sock_path, make_server):
     """Checklist 32 (partial writes): 8 MiB handed to one write() reach a
-    client that reads in 4 KiB pieces intact (sha256 equal)."""
+    slow client intact (sha256 equal).  The client reads nothing until the
+    server has called pause_writing() (the 8 MiB are buffered over the
+    64 KiB high mark), then reads 4 KiB at a time and stops after each MiB
+    to ask the loop for get_write_buffer_size(): while more than 2 MiB are
+    still to come (far more than the socket buffers hold), output is
+    buffered on the server and the buffer only shrinks.  Once all is read,
+    resume_writing() has followed pause_writing() (once each) and the
+    buffer is empty; the client's close ends it with connection_lost(None)."""
     data = payload(8 * MiB, seed=8)
-    factory = Collect(BigWriter, data, "close")
+    factory = Collect(FlowRecorder, data, 64 * KiB)
     srv = make_server(sock_path, protocol=factory)
     with connect(srv.path) as s:
+        proto = factory.one()
+        assert proto.paused.wait(DEADLINE)
+        assert proto.buffered > 64 * KiB
         h = hashlib.sha256()
         n = 0
-        while chunk := s.recv(4096):
+        sizes = []
+        while n < len(data):
+            chunk = s.recv(min(4096, len(data) - n))
+            assert chunk, f"EOF after {n} bytes"
             h.update(chunk)
-            n += len(chunk)
-    assert n == len(data)
-    assert h.hexdigest() == sha(data)
-    proto = factory.one()
+            before, n = n, n + len(chunk)
+            if n // MiB != before // MiB and len(data) - n > 2 * MiB:
+                sizes.append(on_loop(srv, proto.transport.get_write_buffer_size))
+        assert h.hexdigest() == sha(data)
+        assert len(sizes) == 5 and all(size > 0 for size in sizes), sizes
+        assert sizes == sorted(sizes, reverse=True), sizes
+        assert proto.resumed.wait(DEADLINE)
+        assert proto.flow == ["pause", "resume"]
+        assert on_loop(srv, proto.transport.get_write_buffer_size) == 0
     assert proto.lost.wait(DEADLINE)
     assert proto.lost_calls() == [None]
     wait_until(lambda: srv.stats()["bytes_out"] >= len(data))
@@ -246,29 +288,6 @@ def test_write_buffer_limits_default_from_config(sock_path, make_server):
     with connect(srv.path):
         t = factory.one().transport
         assert on_loop(srv, t.get_write_buffer_limits) == (16 * KiB, 64 * KiB)
-
-
-class FlowRecorder(BigWriter):
-    """BigWriter that also records pause_writing/resume_writing."""
-
-    def __init__(self, data: bytes, high: int) -> None:
-        super().__init__(data)
-        self.high = high
-        self.flow: list[str] = []
-        self.paused = threading.Event()
-        self.resumed = threading.Event()
-
-    def on_made(self, transport: Any) -> None:
-        transport.set_write_buffer_limits(high=self.high)
-        super().on_made(transport)
-
-    def pause_writing(self) -> None:
-        self.flow.append("pause")
-        self.paused.set()
-
-    def resume_writing(self) -> None:
-        self.flow.append("resume")
-        self.resumed.set()
 
 
 def test_lowering_the_high_mark_pauses_and_draining_resumes(sock_path, make_server):

@@ -41,9 +41,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import (DEADLINE, connect, connected, default_gid, echo, echo_handler, echo_once, fd_count,
-                      listening_socket, read_line, recv_until_eof, run_threads, serve_model,
-                      shutdown_times_out, start_echo, wait_until)
+from conftest import (DEADLINE, LINUX, Timed, connect, connected, default_gid, echo, echo_handler, echo_once, fd_count,
+                      idle_eof_after, keep_talking, listening_socket, read_line, recv_until_eof, run_threads,
+                      serve_model, shutdown_times_out, start_echo, wait_until)
 
 import unixsrv
 from unixsrv import (
@@ -413,28 +413,37 @@ def test_w6_path_length_checked_first(sock_dir: str, make_server: Callable[..., 
 
 
 def test_w7_shutdown_waits_past_one_second(sock_path: str, make_server: Callable[..., Server]) -> None:
-    """W7 (shutdown not graceful, capped at 1 s): a handler that needs 1.5 s
-    finishes under shutdown(5); its answer reaches the client."""
-    got_request = threading.Event()
+    """W7 (shutdown not graceful, capped at 1 s): shutdown(5) is still
+    waiting for a busy handler 1.5 s after it was called (golib gives up
+    after 1 s); once the handler finishes its work, its answer reaches the
+    client, and only then does shutdown return, with None."""
+    got_request, release = threading.Event(), threading.Event()
     outcome: list[Any] = []
 
     def slow(conn: Connection) -> None:
         request = conn.read()
         got_request.set()
-        began = time.monotonic()
-        time.sleep(1.5)  # the handler's slow work
+        release.wait(DEADLINE)  # the handler's slow work, as long as the test says
         try:
             conn.write(b"answer to " + request)
-            outcome.append(time.monotonic() - began)
+            outcome.append(("wrote", time.monotonic()))
         except Exception as exc:
-            outcome.append(exc)
+            outcome.append((exc, time.monotonic()))
 
     srv = make_server(sock_path, slow)
+    result: list[Any] = []
     with connect(sock_path) as s:
         s.sendall(b"q")
         assert got_request.wait(DEADLINE)
-        assert srv.shutdown(5.0) is None
-        assert len(outcome) == 1 and isinstance(outcome[0], float) and outcome[0] >= 1.5, outcome
+        stopper = Timed(lambda: result.append(srv.shutdown(5.0)))
+        stopper.start()
+        stopper.join(1.5)
+        assert stopper.is_alive() and outcome == [], "shutdown() did not wait 1.5 s for the handler"
+        release.set()
+        stopper.join(DEADLINE)
+        assert not stopper.is_alive() and stopper.exc is None and result == [None]
+        assert len(outcome) == 1 and outcome[0][0] == "wrote", outcome
+        assert outcome[0][1] <= stopper.ended  # the handler finished before shutdown returned
         assert recv_until_eof(s) == b"answer to q"
     assert srv.open_connections == 0
     assert not os.path.lexists(sock_path)
@@ -553,33 +562,32 @@ def test_w8_concurrent_shutdowns_both_wait(sock_path: str, make_server: Callable
 def test_w10_idle_is_per_connection(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
     """W10 (idle registry keyed by the peer address "@"): with several
     unnamed clients, closing one does not touch the others, and each idle
-    client is closed on its own clock."""
-    srv = start_echo(make_server, sock_path, model, idle_timeout=0.6)
+    client is closed on its own clock: c, silent, gets EOF no sooner than
+    0.6 s after its own last byte while b, talking every 0.05 s, stays
+    open (its echoes keep coming back after c was closed); once b goes
+    quiet it gets EOF no sooner than 0.6 s after its own last byte."""
+    idle = 0.6
+    srv = start_echo(make_server, sock_path, model, idle_timeout=idle)
     a, b, c = (connect(sock_path) for _ in range(3))
     try:
         wait_until(lambda: srv.open_connections == 3)
         a.close()
         wait_until(lambda: srv.open_connections == 2)
-        for s in (b, c):
-            echo(s, b"alive")
+        echo(b, b"alive")
+        c_last = time.monotonic()
+        echo(c, b"alive")
         # c stays silent and is closed; b keeps talking and is kept.
-        c_closed = threading.Event()
-
-        def watch_c() -> None:
-            if recv_until_eof(c) == b"":
-                c_closed.set()
-
-        t = threading.Thread(target=watch_c)
-        t.start()
-        began = time.monotonic()
-        while time.monotonic() - began < 1.5:
-            time.sleep(0.15)  # b's think time, well within the timeout
-            echo(b, b"ping")
-        t.join(DEADLINE)
-        assert c_closed.is_set()
+        c_closed: list[float] = []
+        watcher = Timed(lambda: c_closed.append(idle_eof_after(c, c_last, idle)))
+        watcher.start()
+        _last, longest = keep_talking(b, 1.5, 0.05)
+        assert longest < idle, f"the test client itself was silent for {longest:.3f} s"
+        watcher.join(DEADLINE)
+        assert watcher.exc is None and len(c_closed) == 1
+        b_last, _longest = keep_talking(b, 0.2, 0.05)  # b is still served after c's close
         assert srv.open_connections == 1
         # Now b goes quiet too and is closed.
-        assert recv_until_eof(b) == b""
+        idle_eof_after(b, b_last, idle)
         wait_until(lambda: srv.open_connections == 0)
     finally:
         for s in (a, b, c):
@@ -590,10 +598,12 @@ def test_w11_stale_connection_cannot_touch_another(sock_path: str, make_server: 
     """W11 (pooled context reused while its old handler still holds it): a
     Connection kept after its handler returned only raises
     ServerClosedError; it never reads, writes or closes the next client's
-    connection, even when that one reuses the same fd number."""
+    connection, which here has the same fd number (asserted) on the server."""
     kept: list[Connection] = []
+    fds: list[int] = []
 
     def handler(conn: Connection) -> None:
+        fds.append(conn.fileno())
         if not kept:
             kept.append(conn)
             return
@@ -606,6 +616,7 @@ def test_w11_stale_connection_cannot_touch_another(sock_path: str, make_server: 
     stale = kept[0]
     with connect(sock_path) as second:
         echo(second, b"mine")
+        assert len(fds) == 2 and fds[0] == fds[1] >= 0, f"fd numbers {fds}: the scenario needs one reused"
         for op in (stale.read, lambda: stale.write(b"intruder")):
             with pytest.raises(ServerClosedError):
                 op()
@@ -735,34 +746,43 @@ def test_w13_accept_errors_back_off(sock_path: str, spawn: Callable[..., subproc
 
 def test_w14_serve_forever_returns_after_handlers(sock_path: str, make_server: Callable[..., Server]) -> None:
     """W14 (Listen returns before its connection goroutines finish):
-    serve_forever returns only after shutdown drained every handler."""
-    finished = threading.Event()
-    entered = threading.Event()
+    serve_forever returns only after shutdown drained every handler.  The
+    handler, once shutdown closed its read side, holds on to its cleanup
+    until the test opens a gate; serve_forever has not returned by then
+    (checked 0.5 s after the file is gone, when shutdown is well under way),
+    and when it returns the handler has finished."""
+    finished, entered, in_cleanup, gate = (threading.Event() for _ in range(4))
 
     def handler(conn: Connection) -> None:
         entered.set()
         while conn.read():
             pass
-        time.sleep(0.2)  # cleanup work after the read side closed
+        in_cleanup.set()
+        gate.wait(DEADLINE)  # cleanup work after the read side closed, as long as the test says
         finished.set()
 
     srv = make_server(sock_path, handler, start=False)
     outcome: list[Any] = []
 
     def serve() -> None:
-        try:
-            outcome.append(srv.serve_forever())
-            outcome.append(finished.is_set())
-        except BaseException as exc:
-            outcome.append(exc)
+        outcome.append(srv.serve_forever())
+        outcome.append(finished.is_set())
 
-    t = threading.Thread(target=serve)
-    t.start()
+    runner = Timed(serve)
+    runner.start()
     wait_until(lambda: srv.is_running)
     with connect(sock_path):
         assert entered.wait(DEADLINE)
-        srv.shutdown(DEADLINE)
-        t.join(DEADLINE)
+        stopper = Timed(lambda: srv.shutdown(DEADLINE))
+        stopper.start()
+        assert in_cleanup.wait(DEADLINE)
+        wait_until(lambda: not os.path.lexists(sock_path))
+        runner.join(0.5)
+        assert runner.is_alive() and outcome == [], "serve_forever returned while a handler was still running"
+        gate.set()
+        runner.join(DEADLINE)
+        stopper.join(DEADLINE)
+    assert runner.exc is None and stopper.exc is None
     assert outcome == [None, True]
 
 
@@ -894,10 +914,16 @@ def test_w15_event_model_eof_once(sock_path: str, make_server: Callable[..., Ser
 
 
 def test_w16_client_reset_is_reported(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
-    """W16 (I/O errors merged or swallowed): a client that closes with unread
-    data resets the connection; the handler sees ConnectionResetError (or
-    b"") and then a plain OSError on write, not a swallowed error and not
-    ServerClosedError (our side did not close)."""
+    """W16 (I/O errors merged or swallowed): a client that closes with
+    unread data resets the connection (Linux: ECONNRESET on the server's
+    next receive).  DESIGN "Errors": other OS failures are the matching
+    OSError subclass, so the handler's read raises ConnectionResetError
+    (not b"", not ServerClosedError: our side did not close), a read after
+    that returns b"", and a write raises BrokenPipeError or
+    ConnectionResetError; the event model's connection_lost gets a
+    ConnectionResetError.  That is checked strictly on Linux, whose kernel
+    reports the reset; elsewhere (macOS CI) the kernel may report the close
+    as a plain EOF, so b"" / None is accepted there too."""
     written = threading.Event()
     gone = threading.Event()
     results: list[Any] = []
@@ -928,21 +954,27 @@ def test_w16_client_reset_is_reported(model: str, sock_path: str, make_server: C
     wait_until(lambda: srv.open_connections == 0)
     if model == "blocking":
         first, second, write = results
-        assert isinstance(first, ConnectionResetError) or first == b"", results
+        if LINUX:
+            assert type(first) is ConnectionResetError, results
+        else:
+            assert type(first) is ConnectionResetError or first == b"", results
         assert second == b""
         assert isinstance(write, (BrokenPipeError, ConnectionResetError)), results
         assert not isinstance(write, ServerClosedError)
     else:
         assert len(results) == 1
-        assert results[0] is None or isinstance(results[0], ConnectionResetError), results
+        if LINUX:
+            assert type(results[0]) is ConnectionResetError, results
+        else:
+            assert results[0] is None or type(results[0]) is ConnectionResetError, results
 
 
-def test_w17_io_after_our_close_raises(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w17_io_after_our_close_raises(sock_dir: str, make_server: Callable[..., Server]) -> None:
     """W17 (Err()/ErrClosedPipe contract): I/O after our side closed the
     connection raises ServerClosedError, a ConnectionError: after close(),
-    after the idle timeout, and after a shutdown that ran out of time."""
+    after the idle timeout, and after a shutdown that ran out of time
+    (shutdown(0.2) raised ShutdownTimeoutError and force-closed it)."""
     results: dict[str, list[Any]] = {}
-    done = threading.Event()
 
     def attempt(tag: str, conn: Connection) -> None:
         out = results.setdefault(tag, [])
@@ -952,29 +984,39 @@ def test_w17_io_after_our_close_raises(sock_path: str, make_server: Callable[...
             except Exception as exc:
                 out.append(exc)
 
-    def handler(conn: Connection) -> None:
+    def closing(conn: Connection) -> None:
         conn.close()
-        attempt("close", conn)
-        done.set()
 
-    make_server(sock_path, handler)
-    with connect(sock_path):
-        assert done.wait(DEADLINE)
-
-    idle_path = os.path.join(os.path.dirname(sock_path), "i.sock")
-    idle_done = threading.Event()
-
-    def idle_handler(conn: Connection) -> None:
+    def idle(conn: Connection) -> None:
         conn.done.wait(DEADLINE)
-        attempt("idle", conn)
-        idle_done.set()
 
-    make_server(idle_path, idle_handler, idle_timeout=0.2)
-    with connect(idle_path) as s:
-        assert idle_done.wait(DEADLINE)
-        assert recv_until_eof(s) == b""
+    released = threading.Event()
 
-    for tag in ("close", "idle"):
+    def outlasting(conn: Connection) -> None:
+        released.wait(DEADLINE)  # ignores the shutdown on purpose
+
+    cases: list[tuple[str, Callable[[Connection], None], dict[str, Any]]] = [
+        ("close", closing, {}), ("idle", idle, {"idle_timeout": 0.2}), ("timeout", outlasting, {})]
+    for tag, before, fields in cases:
+        entered, attempted = threading.Event(), threading.Event()
+
+        def handler(conn: Connection, tag: str = tag, before: Any = before, entered: Any = entered,
+                    attempted: Any = attempted) -> None:
+            entered.set()
+            before(conn)
+            attempt(tag, conn)
+            attempted.set()
+
+        srv = make_server(os.path.join(sock_dir, f"{tag}.sock"), handler, **fields)
+        with connect(srv.path) as s:
+            assert entered.wait(DEADLINE)
+            if tag == "timeout":
+                shutdown_times_out(srv, 0.2)
+                released.set()
+            assert attempted.wait(DEADLINE)
+            assert recv_until_eof(s) == b""
+
+    for tag, _before, _fields in cases:
         assert len(results[tag]) == 3
         assert all(type(r) is ServerClosedError for r in results[tag]), (tag, results[tag])
         assert all(isinstance(r, ConnectionError) and isinstance(r, UnixSrvError) for r in results[tag])
@@ -982,7 +1024,7 @@ def test_w17_io_after_our_close_raises(sock_path: str, make_server: Callable[...
 
 def test_w18_sub_second_idle(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
     """W18 (sub-second idle timeouts silently disabled, 1 s granularity): a
-    0.3 s timeout closes a silent client after about 0.3 s (event model:
+    0.3 s timeout closes a silent client after 0.3 s and before 1 s (event model:
     connection_lost(IdleTimeoutError); blocking: conn.done is set)."""
     lost: list[tuple[BaseException | None, float]] = []
     done_seen: list[bool] = []
@@ -997,7 +1039,10 @@ def test_w18_sub_second_idle(model: str, sock_path: str, make_server: Callable[.
     with connect(sock_path) as s:
         assert recv_until_eof(s) == b""
         elapsed = time.monotonic() - began
-    assert 0.28 <= elapsed < 1.0, elapsed
+    # Never before 0.3 s (counted from the start of the connect, before the
+    # server could see it); under 1 s, which whole-second rounding could not
+    # give: 0.7 s of slack for a loaded machine.
+    assert 0.3 <= elapsed < 1.0, elapsed
     wait_until(lambda: srv.open_connections == 0)
     if model == "blocking":
         assert done_seen == [True]
@@ -1031,44 +1076,44 @@ def test_w18_done_set_when_idle_close_wakes_read(sock_path: str, make_server: Ca
 
 
 def test_w18_active_client_kept(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
-    """W18: with a 0.3 s idle timeout, a client talking every 0.1 s is kept
-    past 1 s (traffic resets the clock)."""
+    """W18: with a 0.3 s idle timeout, a client talking every 0.03 s is kept
+    for 1.2 s (traffic resets the clock: every echo comes back), then
+    silence closes it, no sooner than 0.3 s after its last byte."""
     srv = start_echo(make_server, sock_path, model, idle_timeout=0.3)
     with connect(sock_path) as s:
-        began = time.monotonic()
-        while time.monotonic() - began < 1.2:
-            time.sleep(0.1)  # the client's think time
-            echo(s, b"p")
+        last_sent, longest = keep_talking(s, 1.2, 0.03)
+        assert longest < 0.3, f"the test client itself was silent for {longest:.3f} s"
         assert srv.open_connections == 1
-        assert recv_until_eof(s) == b""  # then silence closes it
+        idle_eof_after(s, last_sent, 0.3)
 
 
 def test_w18_busy_handler_writing_is_not_idle(sock_path: str, make_server: Callable[..., Server]) -> None:
     """W18 ("idle" = time since the handler's last completed Read/Write): a
-    handler that only writes, every 0.1 s, with a 0.3 s timeout and a client
-    that never sends, is not closed while it writes."""
-    stop = threading.Event()
+    handler that only writes, every 0.03 s for 1.2 s (four times the 0.3 s
+    timeout), to a client that never sends, is not closed while it writes:
+    every write succeeds and the client receives every byte; the
+    connection ends when the handler returns."""
     wrote: list[Any] = []
 
     def writer(conn: Connection) -> None:
+        began = time.monotonic()
         try:
-            while not stop.wait(0.1):
+            while time.monotonic() - began < 1.2:
                 conn.write(b".")
+                wrote.append(time.monotonic())
+                time.sleep(0.03)  # the handler's pace: time passing is the behaviour
             wrote.append("stopped")
         except Exception as exc:
             wrote.append(exc)
 
     make_server(sock_path, writer, idle_timeout=0.3)
     with connect(sock_path) as s:
-        got = b""
-        began = time.monotonic()
-        while time.monotonic() - began < 1.0:
-            got += s.recv(64)
-        assert len(got) >= 3
-        stop.set()
-        recv_until_eof(s)
-    wait_until(lambda: wrote)
-    assert wrote == ["stopped"]
+        got = recv_until_eof(s)
+    wait_until(lambda: wrote and not isinstance(wrote[-1], float))
+    assert wrote[-1] == "stopped", wrote[-1]
+    times = wrote[:-1]
+    assert len(got) == len(times) >= 2 and set(got) == {ord(".")}
+    assert times[-1] - times[0] >= 1.0  # writing went on for over three timeouts
 
 
 def test_w19_new_and_close_fire(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
