@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import connect, recv_exactly
+from conftest import DEADLINE, connect, recv_exactly
 from unixsrv import Server
 
 SIZES = [1, 100, 2047, 2048, 2049, 5000, 65536, 70000, 3, 16384, 16384, 10, 2048, 1]
@@ -47,7 +47,7 @@ def test_read_returns_exactly_what_arrived_across_size_changes(
         for msg in messages:
             s.sendall(msg)
             assert recv_exactly(s, len(msg)) == msg
-    assert done.wait(10)
+    assert done.wait(DEADLINE)
     assert got == messages
 
 
@@ -69,7 +69,7 @@ def test_read_never_returns_more_than_asked(n: int, sock_path: str, make_server:
     make_server(sock_path, handler)
     with connect(sock_path) as s:
         s.sendall(os.urandom(200_000))
-        assert done.wait(10)
+        assert done.wait(DEADLINE)
     assert max(sizes) <= n
     assert sum(sizes) == 200_000
 
@@ -89,7 +89,7 @@ def test_read_zero_and_negative(sock_path: str, make_server: Callable[..., Serve
 
     make_server(sock_path, handler)
     with connect(sock_path):
-        assert done.wait(10)
+        assert done.wait(DEADLINE)
     assert results[0] == b""
     assert isinstance(results[1], ValueError)
 
@@ -118,7 +118,7 @@ def test_readinto_and_write_of_buffers(sock_path: str, make_server: Callable[...
         assert recv_exactly(s, len(payload)) == payload
         sender.join()
         s.shutdown(2)
-        assert done.wait(10)
+        assert done.wait(DEADLINE)
     assert counts[-1] == 0
     assert sum(counts) == len(payload)
     assert written == counts[:-1]
@@ -139,7 +139,7 @@ def test_reset_right_after_a_full_small_read_is_raised_by_the_next_read(
     def handler(conn: Any) -> None:
         try:
             conn.write(b"never read")
-            assert gone.wait(10)
+            assert gone.wait(DEADLINE)
             results.append(len(conn.read(65536)))
             try:
                 results.append(conn.read(65536))
@@ -153,5 +153,5 @@ def test_reset_right_after_a_full_small_read_is_raised_by_the_next_read(
         assert s.recv(1, socket.MSG_PEEK) == b"n"  # arrived, and stays unread
         s.sendall(os.urandom(2048))
     gone.set()
-    assert done.wait(10)
+    assert done.wait(DEADLINE)
     assert results == [2048, "reset"]

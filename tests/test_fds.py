@@ -112,6 +112,20 @@ sys.stdin.read()
 """
 
 
+@pytest.mark.linux("/proc/self/fdinfo, epoll")
+def test_poller_fd_is_nonblocking(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    """Checklist 33 ("create every fd with CLOEXEC and O_NONBLOCK ... the
+    listener, connections, epoll and wakeup fds"): the epoll fd is
+    O_NONBLOCK too (epoll_create1 takes only EPOLL_CLOEXEC: poller.h sets
+    it with fcntl)."""
+    before = open_fds()
+    start_echo(make_server, sock_path, model)
+    pollers = [fd for fd in sorted(open_fds() - before) if fd_kind(fd) == "poller"]
+    assert pollers, "no epoll fd found"
+    for fd in pollers:
+        assert fd_flags(fd) & O_NONBLOCK_FLAG, f"epoll fd {fd}: flags {fd_flags(fd):o} lack O_NONBLOCK"
+
+
 def test_every_server_fd_is_close_on_exec(model: str, served: tuple[Server, dict[str, list[int]], list[socket.socket]]) -> None:
     """Checklist 33: the listener, every accepted connection, the poller
     and the wakeup pipe are created with FD_CLOEXEC (O_CLOEXEC in fdinfo)."""

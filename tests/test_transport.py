@@ -831,3 +831,41 @@ def test_pause_reading_holds_data_already_received_in_the_same_wakeup(sock_path,
         on_loop(srv, watched.transport.resume_reading)
         wait_until(lambda: watched.received == b"first, second")
     assert watched.reading_at_delivery and all(watched.reading_at_delivery)
+
+
+# ---------------------------------------------------------------- flow control while closing
+
+
+class _FlowCloser(BigWriter):
+    """Writes ``data``, then close(); records pause/resume_writing."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data, "close")
+        self.flow: list[str] = []
+        self.resumed = threading.Event()
+
+    def pause_writing(self) -> None:
+        self.flow.append("pause")
+
+    def resume_writing(self) -> None:
+        self.flow.append("resume")
+        self.resumed.set()
+
+
+def test_resume_writing_is_called_while_a_closing_transport_drains(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
+    """DESIGN "Transport follows asyncio.Transport" / "pause_writing() /
+    resume_writing() are called at the high/low-water marks": like
+    asyncio's selector transport (_write_send -> _maybe_resume_protocol
+    before connection_lost), a transport closed with a full buffer calls
+    resume_writing() once that buffer drained, then connection_lost()."""
+    data = payload(8 * MiB, seed=9)
+    factory = Collect(_FlowCloser, data)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path) as s:
+        assert sha(recv_until_eof(s)) == sha(data)
+    proto = factory.one()
+    assert proto.lost.wait(DEADLINE)
+    assert proto.buffered > 64 * KiB
+    assert proto.flow == ["pause", "resume"]

@@ -241,12 +241,16 @@ cdef class Connection(_ConnBase):
         return 0
 
     cdef ssize_t _recv_now(self, char *buf, size_t n, int *err) except? -2:
-        """recv(): for small messages first without waiting and without
-        giving up the GIL (under load the data is often there already, and
-        handing the GIL to another thread and back costs more than this
-        syscall); else, and for big messages, wait without the GIL."""
+        """recv(), waiting without the GIL; for small messages first tried
+        without waiting and without giving up the GIL: under load the data
+        is often there already, and handing the GIL to another thread and
+        back costs more than this syscall.  Not right after a write, though:
+        in request/response traffic the next request only comes once the
+        peer has read our answer, so that try would be a wasted syscall."""
         cdef ssize_t r
-        if not self._big_reads:
+        cdef bint try_first = not self._big_reads and not self._wrote_last
+        self._wrote_last = False
+        if try_first:
             r = recv(self.c.fd, buf, n, MSG_DONTWAIT)
             if r >= 0:
                 return r
@@ -314,6 +318,7 @@ cdef class Connection(_ConnBase):
                                                view.len - done, &err)
             finally:
                 self._unuse()
+            self._wrote_last = True
             if done:
                 us_add_u64(&self.loop.stats.s.bytes_out, done)
                 if self.loop.idle_ns:

@@ -334,6 +334,7 @@ cdef class Connection(_ConnBase):
     cdef object _done
     cdef bint _done_set
     cdef bint _big_reads
+    cdef bint _wrote_last       # the last I/O was a write (see _recv_now)
     cdef int _deferred_err
     cdef object _read_big(self, Py_ssize_t n, const char *head, ssize_t have)
     cdef int _raise_deferred(self) except -1
@@ -445,5 +446,5 @@ cdef class Loop:
     cdef void _count_closed(self) noexcept nogil
     cdef void _close_fds(self) noexcept
     cdef list _snapshot(self)
-    cdef int _callback_error(self, object exc) except -1
+    cdef int _callback_error(self, object exc, object level=*) except -1
     cdef void _wake(self) noexcept

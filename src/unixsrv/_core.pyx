@@ -19,6 +19,7 @@ from cpython.ref cimport Py_DECREF, Py_INCREF
 
 import asyncio as _asyncio
 import asyncio.trsock as _trsock
+import logging as _logging
 import os as _os
 import socket as _socket_module
 import threading as _threading
@@ -40,6 +41,10 @@ _AF_UNIX = _socket_module.AF_UNIX
 _SOCK_STREAM = _socket_module.SOCK_STREAM
 _NEW = _ConnState.NEW
 _CLOSE = _ConnState.CLOSE
+_DEBUG = _logging.DEBUG
+_WARNING = _logging.WARNING
+_ERROR = _logging.ERROR
+_transport_log = _logging.getLogger("unixsrv.transport")
 
 # Loops that may need retiring in a forked child.
 _live_loops = _weakref.WeakSet()

@@ -409,7 +409,9 @@ cdef class Loop:
                 if r.kind == REC_NEW:
                     self._open_connection(r.fd, r.off)
                 elif r.kind == REC_ACCEPT_ERROR:
-                    self._callback_error(_oserror(<int>r.n, self.display_path))
+                    # Resource exhaustion the server rides out (it backs off
+                    # and recovers): a warning, not an error.
+                    self._callback_error(_oserror(<int>r.n, self.display_path), _WARNING)
                 else:
                     obj = self._lookup(r.fd, r.seq)
                     if obj is None:
@@ -584,12 +586,14 @@ cdef class Loop:
                 self._callback_error(exc)
         return 0
 
-    cdef int _callback_error(self, object exc) except -1:
-        """A user callback raised on the loop thread: KeyboardInterrupt and
-        SystemExit stop the loop (after this dispatch), the rest is reported."""
+    cdef int _callback_error(self, object exc, object level=_ERROR) except -1:
+        """A user callback raised on the loop thread (or the loop met an
+        error to report, logged at `level` without on_error):
+        KeyboardInterrupt and SystemExit stop the loop (after this dispatch),
+        the rest is reported."""
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             try:
-                self.server._report(exc)
+                self.server._report(exc, level)
                 return 0
             except BaseException as err:   # on_error itself raised KeyboardInterrupt
                 exc = err

@@ -204,9 +204,13 @@ cdef class _Stream(_ConnBase):
         return self._queue_finalize()
 
     cdef int _fail(self, int err) except -1:
-        """The connection failed (reset, broken pipe, poller error)."""
+        """The connection failed (reset, broken pipe, poller error): a normal
+        way for a client to go, logged at DEBUG; connection_lost() gets it."""
+        exc = _oserror(err)
+        if _transport_log.isEnabledFor(_DEBUG):
+            _transport_log.debug("unixsrv %s: connection %d: %s", self.loop.display_path, self.c.seq, exc)
         us_or_u32(&self.c.state, ST_PEER_ERROR)
-        return self._abort(_oserror(err))
+        return self._abort(exc)
 
     cdef int _queue_finalize(self) except -1:
         if not (self.c.state & ST_QUEUED):
@@ -283,6 +287,10 @@ cdef class _Stream(_ConnBase):
             if c.state & ST_PAUSED:
                 self._resume_protocol()
         elif kind == REC_FLUSHED:
+            # As asyncio: a closing transport that drains below the low mark
+            # resumes the protocol before connection_lost().
+            if c.state & ST_PAUSED:
+                self._resume_protocol()
             if c.state & ST_CLOSING:
                 self._queue_finalize()
         elif kind == REC_IDLE:

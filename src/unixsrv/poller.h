@@ -30,12 +30,23 @@
 #define US__ANY(interest) ((interest) & (US_READ | US_WRITE))
 
 #if defined(__linux__)
+#include <fcntl.h>
 #include <sys/epoll.h>
 
 typedef struct epoll_event us_poll_event;
 
+/* Non-blocking as well as close-on-exec, like every fd of the core: no call
+ * of ours blocks on it but epoll_wait (which ignores O_NONBLOCK), and an
+ * inherited or leaked copy can never block a read(2) either. */
 static inline int us_poller_create(void) {
-    return epoll_create1(EPOLL_CLOEXEC);
+    int fd = epoll_create1(EPOLL_CLOEXEC);
+    if (fd >= 0 && fcntl(fd, F_SETFL, O_NONBLOCK) < 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    return fd;
 }
 
 static inline uint32_t us__epoll_mask(int interest) {
@@ -110,8 +121,9 @@ typedef struct kevent us_poll_event;
 static inline int us_poller_create(void) {
     int fd = kqueue();
     /* kqueue(2) has no CLOEXEC flag on macOS; a kqueue is not inherited by
-     * fork anyway, but exec must not see it either. */
-    if (fd >= 0 && fcntl(fd, F_SETFD, FD_CLOEXEC) < 0) {
+     * fork anyway, but exec must not see it either.  Non-blocking too, like
+     * every fd of the core. */
+    if (fd >= 0 && (fcntl(fd, F_SETFD, FD_CLOEXEC) < 0 || fcntl(fd, F_SETFL, O_NONBLOCK) < 0)) {
         int e = errno;
         close(fd);
         errno = e;

@@ -525,13 +525,16 @@ class Server:
             raise exc
         self._report(exc)
 
-    def _report(self, exc: BaseException) -> None:
-        """One error: to on_error if registered, else to the log."""
+    def _report(self, exc: BaseException, level: int = logging.ERROR) -> None:
+        """One error: to on_error if registered, else to the log, at `level`
+        (peer resets and broken pipes, a normal way for a client to go, at
+        DEBUG)."""
         self._stats.count_error()
         fn = self._callbacks.on_error
         if fn is None:
-            level = logging.DEBUG if isinstance(exc, (ConnectionResetError, BrokenPipeError)) else logging.ERROR
-            logger.log(level, "unixsrv %s: %s", self.path, exc, exc_info=exc)
+            if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+                level = logging.DEBUG
+            logger.log(level, "unixsrv %s: %s", self.path, exc, exc_info=exc if level >= logging.ERROR else None)
             return
         try:
             fn(exc)

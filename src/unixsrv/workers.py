@@ -64,8 +64,10 @@ class WorkerPool:
                 worker.wake.release()
                 return
             self._threads += 1
+        worker = _Worker()
+        worker.job = job  # not a thread argument: those live as long as the thread
         try:
-            _thread.start_new_thread(self._main, (job,))
+            _thread.start_new_thread(self._main, (worker,))
         except BaseException:
             with self._lock:
                 self._threads -= 1
@@ -79,8 +81,8 @@ class WorkerPool:
             worker.job = None
             worker.wake.release()
 
-    def _main(self, job: Any) -> None:
-        me = _Worker()
+    def _main(self, me: _Worker) -> None:
+        job, me.job = me.job, None
         try:
             while job is not None:
                 self._run(job)
