@@ -787,8 +787,11 @@ def test_w14_serve_forever_returns_after_handlers(sock_path: str, make_server: C
 
 
 _W14_SIGINT = r"""
-import sys
+import signal, sys
 from unixsrv import Server, ServerConfig
+# A runner started in the background (or by nohup) leaves SIGINT ignored, and
+# then Python installs no KeyboardInterrupt handler: install it explicitly.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 def echo(conn):
     while data := conn.read():
         conn.write(data)
