@@ -873,16 +873,23 @@ def test_close_is_announced_only_after_new(model: str, sock_path: str, make_serv
     """NEW and CLOSE come in pairs: an on_conn_state registered while a
     connection is open sees neither for that connection, but both for the
     next one."""
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
     def handler(conn: Any) -> None:
+        started.set()
         release.wait(DEADLINE)
         echo_handler(conn)
 
-    srv = serve_model(make_server, sock_path, model, handler, EchoProtocol)
+    class Started(EchoProtocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            started.set()
+
+    srv = serve_model(make_server, sock_path, model, handler, Started)
     events: list[tuple[int, ConnState]] = []
     with connect(sock_path) as first:
-        wait_until(lambda: srv.open_connections == 1)
+        # Past NEW's moment: the handler (protocol) of this connection runs.
+        assert started.wait(DEADLINE)
         srv.on_conn_state(lambda local, remote, st: events.append((1, st)))
         release.set()
         echo(first, b"one")
