@@ -1,10 +1,16 @@
 # _stats.pxi - server counters kept as C atomics, readable from any thread.
 
 
-cdef inline uint64_t _open_count(us_stats *s) noexcept nogil:
-    """accepted - closed, read in the order that keeps it >= 0 (atomics.h)."""
-    cdef uint64_t closed = us_load_u64_acquire(&s.closed)
-    return us_load_u64(&s.accepted) - closed
+cdef inline uint64_t _open_count(us_stats *s, uint64_t *accepted=NULL, uint64_t *closed=NULL) noexcept nogil:
+    """accepted - closed, read in the order that keeps it >= 0 (atomics.h);
+    also hands out the two counts it read."""
+    cdef uint64_t c = us_load_u64_acquire(&s.closed)
+    cdef uint64_t a = us_load_u64(&s.accepted)
+    if accepted != NULL:
+        accepted[0] = a
+    if closed != NULL:
+        closed[0] = c
+    return a - c
 
 
 cdef class Stats:
@@ -18,13 +24,13 @@ cdef class Stats:
 
     def snapshot(self):
         """A dict: accepted, rejected, closed, open, bytes_in, bytes_out, errors."""
-        cdef uint64_t closed = us_load_u64_acquire(&self.s.closed)
-        cdef uint64_t accepted = us_load_u64(&self.s.accepted)
+        cdef uint64_t accepted, closed
+        cdef uint64_t open_ = _open_count(&self.s, &accepted, &closed)
         return {
             "accepted": accepted,
             "rejected": us_load_u64(&self.s.rejected),
             "closed": closed,
-            "open": accepted - closed,
+            "open": open_,
             "bytes_in": us_load_u64(&self.s.bytes_in),
             "bytes_out": us_load_u64(&self.s.bytes_out),
             "errors": us_load_u64(&self.s.errors),
