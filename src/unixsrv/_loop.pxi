@@ -256,6 +256,11 @@ cdef class Loop:
         """The poller's fd (hosted mode watches it for readability)."""
         return self.pfd
 
+    @property
+    def listen_fileno(self):
+        """The listening socket's fd, -1 once it is closed."""
+        return self.lfd
+
     def run_once(self, bint timer=False):
         """Hosted mode: one non-blocking pass (I/O without the GIL, then one
         dispatch).  ``timer`` says the host's timer fired (it is used up).
