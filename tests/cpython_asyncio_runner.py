@@ -44,8 +44,14 @@ GROUPS = {
         "test.test_asyncio.test_server",
         r"SelectorStartServerTests\.test_start_unix_server.*|UnixServerCleanupTests\..*|TestServer2\..*",
     ),
-    "streams": ("test.test_asyncio.test_streams", r"StreamTests\.test_start_unix_server.*"),
-    "events": ("test.test_asyncio.test_events", r"\w*EventLoopTests\.test_create_unix_server.*"),
+    "streams": (
+        "test.test_asyncio.test_streams",
+        r"StreamTests\.test_start_unix_server.*",
+    ),
+    "events": (
+        "test.test_asyncio.test_events",
+        r"\w*EventLoopTests\.test_create_unix_server.*",
+    ),
     "unix_events": (
         "test.test_asyncio.test_unix_events",
         r"SelectorEventLoopUnixSocketTests\.test_create_unix_server_.*",
@@ -88,7 +94,10 @@ def _install_tcp_redirect() -> None:
         count += 1
         path = os.path.join(_tmpdir, f"s{count}")
         server = await hosted.start_unix_server(client_connected_cb, path, **kwds)
-        server._sockets[0]._name = (path, 0)  # the test unpacks (host, port) from getsockname()
+        server._sockets[0]._name = (
+            path,
+            0,
+        )  # the test unpacks (host, port) from getsockname()
         return server
 
     async def redirected_open_connection(host: Any = None, port: Any = None, **kwds: Any) -> Any:

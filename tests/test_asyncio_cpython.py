@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from conftest import finish
 
 import unixsrv
-from conftest import finish
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SRC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(unixsrv.__file__)))
@@ -36,7 +36,8 @@ MINIMUM = {
 CONNECTING = {"server", "streams", "events"}
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("test.test_asyncio") is None, reason="CPython's test package (test.test_asyncio) is not installed"
+    importlib.util.find_spec("test.test_asyncio") is None,
+    reason="CPython's test package (test.test_asyncio) is not installed",
 )
 
 RUNNER = f"""
@@ -48,10 +49,11 @@ sys.exit(cpython_asyncio_runner.main(sys.argv[1]))
 
 
 @pytest.mark.parametrize("group", sorted(MINIMUM))
-def test_cpython_unix_server_tests_pass_on_unixsrv(
-    group: str, sock_dir: str, spawn: Callable[..., Any]
-) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC_DIR, os.environ.get("PYTHONPATH", "")]))
+def test_cpython_unix_server_tests_pass_on_unixsrv(group: str, sock_dir: str, spawn: Callable[..., Any]) -> None:
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([SRC_DIR, os.environ.get("PYTHONPATH", "")]),
+    )
     # cwd: CPython's unix_socket_path() makes relative paths in the working directory.
     proc = spawn(RUNNER, group, cwd=sock_dir, env=env)
     code, out, err = finish(proc, timeout=240)
