@@ -187,7 +187,7 @@ class UnixServer(CallbackHost, base_events.Server):
         self._sockets = [sock]
 
     def _host(self, core: _core.Loop) -> None:
-        core.host(self._kick)
+        core.host(self._kick, self._set_timer)
         core.on_attach = self._attach_transport
         core.on_detach = self._detach_transport
 
@@ -212,7 +212,8 @@ class UnixServer(CallbackHost, base_events.Server):
             self._adopted.listen(self._backlog)  # as asyncio: an adopted socket listens once serving starts
         core = self._live_core()
         if not self._polling:
-            self._loop.add_reader(core.fileno, self._on_ready)
+            # The C method itself is the reader callback: no Python frame per pass.
+            self._loop.add_reader(core.fileno, core.run_once)
             self._polling = True
         self._info(f"starting listening socket 'unix {self._path}'")
 
@@ -266,26 +267,21 @@ class UnixServer(CallbackHost, base_events.Server):
 
     # ------------------------------------------------------------------ the hosted C loop
 
-    def _on_ready(self) -> None:
-        core = self._core
-        if core is not None:
-            self._set_timer(core.run_once(False))
-
     def _on_timer(self) -> None:
         self._timer = None
         core = self._core
         if core is not None:
-            self._set_timer(core.run_once(True))
+            core.run_once(True)
 
     def _set_timer(self, delay: float) -> None:
-        if delay < 0:
-            return  # none needed, or the one set fires early enough
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._loop.call_at(self._loop.time() + delay, self._on_timer)
 
     def _kick(self) -> None:
-        self._loop.call_soon(self._on_ready)
+        core = self._core
+        if core is not None:
+            self._loop.call_soon(core.run_once)
 
     def _attach_transport(self, transport: asyncio.Transport) -> bool:
         if self._sockets is None:
