@@ -706,3 +706,17 @@ def test_write_after_close_follows_asyncio(sock_path: str) -> None:
             await until(lambda: late == [None])
 
     arun(main)
+
+
+def test_close_after_the_loop_closed(sock_path: str) -> None:
+    """As with asyncio's servers, close() still works once the loop is closed
+    (a cleanup that runs late): the socket file and the fds go."""
+    before = open_fds()
+
+    async def main() -> ua.UnixServer:
+        return await ua.create_unix_server(Echo, sock_path)
+
+    server = arun(main)
+    server.close()
+    assert not os.path.exists(sock_path) and server.sockets == ()
+    assert open_fds() == before

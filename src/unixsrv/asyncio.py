@@ -323,7 +323,10 @@ class UnixServer(CallbackHost, base_events.Server):
         """Once closed with no connection left, the C loop's fds go (not in
         the middle of its own dispatch: on the next turn of the host loop)."""
         if self._sockets is None and self.open_connections == 0 and self._core is not None:
-            self._loop.call_soon(self._release)
+            if self._loop.is_closed():
+                self._release()  # nothing runs any more (asyncio's close() works then too)
+            else:
+                self._loop.call_soon(self._release)
 
     def _release(self) -> None:
         core = self._core
