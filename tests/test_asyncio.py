@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -12,12 +14,13 @@ import ssl
 import stat
 import subprocess
 import sys
+import textwrap
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, Echo, open_fds, payload, sha
+from conftest import DEADLINE, Echo, echo_once, finish, open_fds, payload, read_line, sha
 
 import unixsrv.asyncio as ua
 from unixsrv import AddressInUseError, ConnState, IdleTimeoutError, ServerConfig, ShutdownTimeoutError
@@ -720,3 +723,46 @@ def test_close_after_the_loop_closed(sock_path: str) -> None:
     server.close()
     assert not os.path.exists(sock_path) and server.sockets == ()
     assert open_fds() == before
+
+
+# A hosted server in a child process (argv: path): records what reaches the
+# loop's exception handler, prints "ready", serves until stdin closes, then
+# prints those exceptions as JSON (type and errno).
+_HOSTED_CHILD = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    import unixsrv.asyncio as ua
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+        def data_received(self, data):
+            self.transport.write(data)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        seen = []
+        loop.set_exception_handler(lambda loop, ctx: seen.append(ctx.get("exception")))
+        server = await ua.create_unix_server(Echo, sys.argv[1])
+        print("ready", flush=True)
+        await loop.run_in_executor(None, sys.stdin.read)
+        server.close()
+        print(json.dumps([[type(e).__name__, getattr(e, "errno", None)] for e in seen]), flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.linux("strace (system-call error injection)")
+def test_accept_back_off_runs_on_the_loops_timers(sock_path: str, run_traced: Callable[..., Any]) -> None:
+    """accept4 failing with EMFILE five times in a row: the hosted server
+    reports it once to the loop's exception handler, stops polling the
+    listener and resumes from a loop timer (call_at) - every client is served."""
+    proc = run_traced(["-e", "inject=accept4:error=EMFILE:when=1..5"], _HOSTED_CHILD, sock_path)
+    assert read_line(proc) == "ready"
+    for i in range(4):
+        echo_once(sock_path, b"client %d" % i)
+    code, out, err = finish(proc)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1]) == [["OSError", errno.EMFILE]]
