@@ -410,12 +410,20 @@ def test_socket_file_rules_apply(sock_path: str) -> None:
 def test_abstract_name(sock_path: str) -> None:
     name = "@us-" + os.path.basename(os.path.dirname(sock_path))
 
+    socknames: list[Any] = []
+
+    class Peek(Echo):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            socknames.append(transport.get_extra_info("sockname"))
+
     async def main() -> None:
-        server = await ua.create_unix_server(Echo, name)
+        server = await ua.create_unix_server(Peek, name)
         async with server:
             assert server.path == name
             assert server.sockets[0].getsockname() == b"\0" + name[1:].encode()
             assert await roundtrip("\0" + name[1:], b"abstract") == b"abstract"
+        assert socknames == [b"\0" + name[1:].encode()]  # as asyncio's transports report it
 
     arun(main)
 

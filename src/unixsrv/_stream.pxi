@@ -628,7 +628,9 @@ class Transport(_asyncio.Transport):
             if name == "peername":
                 return s.remote_address
             if name == "sockname":
-                return s.loop.display_path
+                # Hosted (unixsrv.asyncio), what asyncio's transports give:
+                # getsockname() (bytes for an abstract name).
+                return s.loop.sockname if s.loop.hosted else s.loop.display_path
             if name == "peercred":
                 return s.peer
             if name == "socket":
