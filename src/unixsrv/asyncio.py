@@ -348,7 +348,7 @@ class UnixServer(CallbackHost, base_events.Server):
         """No on_error: to the event loop's exception handler, as asyncio
         reports a protocol's errors (peer resets stay DEBUG log records)."""
         if level < logging.WARNING:
-            super()._unreported(exc, level)
+            logger.log(level, "unixsrv %s: %s", self._path, exc)
             return
         self._loop.call_exception_handler(
             {
