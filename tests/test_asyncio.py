@@ -169,7 +169,7 @@ def test_stdlib_start_unix_server_on_new_event_loop_and_run(sock_path: str) -> N
     assert server.stats()["accepted"] == 1 and not os.path.exists(sock_path)
     loop = ua.new_event_loop()
     loop.close()
-    assert type(loop).__mro__[1] is asyncio.SelectorEventLoop
+    assert isinstance(loop, asyncio.SelectorEventLoop) and loop.create_unix_server.__func__ is not None
     assert arun(main, ua.new_event_loop).stats()["closed"] == 1
 
 
@@ -314,6 +314,65 @@ def test_ssl_handshake_failure_reaches_no_app_protocol(sock_path: str, cert: tup
         assert made == []
 
     arun(main)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="StreamWriter.start_tls() is new in Python 3.11")
+def test_start_tls_upgrades_a_hosted_connection(sock_path: str, cert: tuple[str, str]) -> None:
+    """STARTTLS: plain text first, then loop.start_tls() on unixsrv's transport."""
+    certfile, keyfile = cert
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(certfile, keyfile)
+    client_ctx = ssl.create_default_context(cafile=certfile)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await reader.readline() == b"STARTTLS\n"
+        writer.write(b"GO\n")
+        await writer.drain()
+        await writer.start_tls(server_ctx)  # type: ignore[attr-defined]
+        await stream_echo(reader, writer)
+
+    async def main() -> None:
+        server = await ua.start_unix_server(handle, sock_path)
+        async with server:
+            reader, writer = await asyncio.open_unix_connection(sock_path)
+            writer.write(b"STARTTLS\n")
+            assert await reader.readline() == b"GO\n"
+            await writer.start_tls(client_ctx, server_hostname="localhost")  # type: ignore[attr-defined]
+            writer.write(b"over tls")
+            assert await reader.readexactly(8) == b"over tls"
+            assert writer.get_extra_info("peercert")["subject"] == ((("commonName", "localhost"),),)
+            writer.close()
+            await writer.wait_closed()
+            await until(lambda: server.open_connections == 0)
+
+    arun(main)
+
+
+def test_sendfile_answers_not_implemented_on_unixsrv_loops(sock_path: str, sock_dir: str) -> None:
+    """loop.sendfile() on a unixsrv transport raises NotImplementedError (as on
+    uvloop), the answer aiohttp's FileResponse falls back from."""
+    outcome: list[str] = []
+
+    class Send(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            asyncio.get_running_loop().create_task(self.send(transport))
+
+        async def send(self, transport: Any) -> None:
+            with open(os.path.join(sock_dir, "f"), "wb+") as f:
+                f.write(b"file")
+                try:
+                    await asyncio.get_running_loop().sendfile(transport, f)
+                except NotImplementedError:
+                    outcome.append("NotImplementedError")
+            transport.close()
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_unix_server(Send, sock_path)
+        async with server:
+            assert await roundtrip(sock_path, b"") == b""
+            await until(lambda: outcome == ["NotImplementedError"])
+
+    arun(main, ua.new_event_loop)
 
 
 # ---------------------------------------------------------------- sockets

@@ -508,6 +508,10 @@ class Transport(_asyncio.Transport):
     # __weakref__: asyncio.Server (3.13+) keeps its clients in a WeakSet.
     __slots__ = ("_s", "__weakref__")
 
+    # loop.start_tls() (StreamWriter.start_tls) upgrades it: what it needs -
+    # set_protocol, pause/resume_reading, a BufferedProtocol - is here.
+    _start_tls_compatible = True
+
     def __init__(self, _Stream stream):
         self._s = stream
 

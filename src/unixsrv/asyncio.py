@@ -576,6 +576,25 @@ async def _loop_create_unix_server(
     )
 
 
+class _HostingLoop:
+    """What the loop classes of :func:`new_event_loop` add to their base."""
+
+    create_unix_server = _loop_create_unix_server
+
+    async def sendfile(
+        self, transport: asyncio.WriteTransport, file: Any, offset: int = 0, count: int | None = None, *,
+        fallback: bool = True,
+    ) -> int:  # fmt: skip
+        """A unixsrv transport has no sendfile: NotImplementedError, as uvloop's
+        loops (and asyncio.AbstractEventLoop) answer, which callers such as
+        aiohttp's FileResponse take as "write the data instead"; other
+        transports get the base loop's sendfile."""
+        if isinstance(transport, _core.Transport):
+            raise NotImplementedError("unixsrv transports have no sendfile(); write the file's data")
+        base_sendfile = cast(Any, super()).sendfile
+        return cast(int, await base_sendfile(transport, file, offset, count, fallback=fallback))
+
+
 _loop_classes: dict[type[asyncio.AbstractEventLoop], type[asyncio.AbstractEventLoop]] = {}
 
 
@@ -588,15 +607,8 @@ def loop_class(
         base = asyncio.SelectorEventLoop
     cls = _loop_classes.get(base)
     if cls is None:
-        cls = type(
-            f"UnixSrv{base.__name__}",
-            (base,),
-            {
-                "__module__": __name__,
-                "__doc__": f"{base.__qualname__} serving Unix sockets with unixsrv.",
-                "create_unix_server": _loop_create_unix_server,
-            },
-        )
+        doc = f"{base.__qualname__} serving Unix sockets with unixsrv."
+        cls = type(f"UnixSrv{base.__name__}", (_HostingLoop, base), {"__module__": __name__, "__doc__": doc})
         _loop_classes[base] = cls
     return cls
 
