@@ -358,12 +358,10 @@ def test_sendfile_answers_not_implemented_on_unixsrv_loops(sock_path: str, sock_
             asyncio.get_running_loop().create_task(self.send(transport))
 
         async def send(self, transport: Any) -> None:
-            with open(os.path.join(sock_dir, "f"), "wb+") as f:
-                f.write(b"file")
-                try:
-                    await asyncio.get_running_loop().sendfile(transport, f)
-                except NotImplementedError:
-                    outcome.append("NotImplementedError")
+            try:
+                await asyncio.get_running_loop().sendfile(transport, file)
+            except NotImplementedError:
+                outcome.append("NotImplementedError")
             transport.close()
 
     async def main() -> None:
@@ -372,7 +370,9 @@ def test_sendfile_answers_not_implemented_on_unixsrv_loops(sock_path: str, sock_
             assert await roundtrip(sock_path, b"") == b""
             await until(lambda: outcome == ["NotImplementedError"])
 
-    arun(main, ua.new_event_loop)
+    with open(os.path.join(sock_dir, "f"), "wb+") as file:
+        file.write(b"file")
+        arun(main, ua.new_event_loop)
 
 
 # ---------------------------------------------------------------- sockets
