@@ -54,9 +54,15 @@ cdef class Loop:
         self.accept_backoff_ms = BACKOFF_MIN_MS
         pthread_mutex_init(&self.mu, NULL)
 
-    def __init__(self, server, Stats stats, Callbacks callbacks, bint event_model, factory,
+    def __init__(self, server, Stats stats not None, Callbacks callbacks not None, bint event_model, factory,
                  double idle_timeout, size_t max_connections, size_t read_size,
                  size_t high_water, size_t low_water, size_t max_write_buffer):
+        if self.table != NULL:
+            # A second call would swap the table and buffers under live
+            # connections (and leak the first ones).
+            raise RuntimeError("Loop.__init__ called twice")
+        if read_size > <size_t>PY_SSIZE_T_MAX // 4:
+            raise OverflowError("read_size is too large")
         self.server = server
         self.stats = stats
         self.callbacks = callbacks
@@ -96,6 +102,9 @@ cdef class Loop:
         """Create the wakeup pipe, the poller and the listener.  On failure
         nothing is left open or on disk."""
         cdef int fds[2]
+        self._check_init()
+        if self.pfd >= 0 or self.closed:
+            raise RuntimeError("this Loop was already opened")
         self.display_path = display
         try:
             if us_pipe(fds) < 0:
@@ -156,8 +165,14 @@ cdef class Loop:
     def run(self):
         """Serve until request_exit(); may raise (KeyboardInterrupt, ...)."""
         cdef int n, err, timeout
+        self._check_init()
         if self.closed:
             raise RuntimeError("this loop is closed")
+        # One thread at a time: two would share the record array and the
+        # receive buffer (a callback calling run() would reuse them under
+        # the dispatch walking them).
+        if self.dispatching or (self.thread_id != 0 and self.thread_id != PyThread_get_thread_ident()):
+            raise RuntimeError("this loop is already running in another thread or callback")
         # A loop serves one run; an exit requested before run() (a signal
         # handler during set-up) must not be forgotten here.
         self.thread_id = PyThread_get_thread_ident()
@@ -180,6 +195,7 @@ cdef class Loop:
 
     def call_soon_threadsafe(self, callback):
         """Queue callback() to run on the loop thread; False if closed."""
+        self._check_init()
         if self.closed:
             return False
         self.pending.append(callback)
@@ -190,6 +206,13 @@ cdef class Loop:
         cdef char b = 0
         if self.wake_w >= 0:
             write(self.wake_w, &b, 1)   # EAGAIN: the pipe is full, a wakeup is pending
+
+    cdef int _check_init(self) except -1:
+        # Loop.__new__(Loop) skips __init__: no table, buffers or stats,
+        # which every method below the guard dereferences.
+        if self.table == NULL:
+            raise RuntimeError("this Loop was not initialised (Loop.__init__ did not run)")
+        return 0
 
     cdef int _timeout_ms(self) noexcept:
         cdef int64_t deadline = NEVER, now
@@ -635,12 +658,14 @@ cdef class Loop:
         """Graceful shutdown: stop reading everywhere and let work finish
         (blocking: set conn.done, shut the read side; event: close each
         transport, which flushes first)."""
+        self._check_init()
         for conn in self._snapshot():
             (<_ConnBase>conn)._begin_drain()
         self._finalize_unless_dispatching()
 
     def abort_all(self):
         """Close every connection now (clients see EOF)."""
+        self._check_init()
         for conn in self._snapshot():
             (<_ConnBase>conn)._force_close()
         self._finalize_unless_dispatching()
@@ -657,6 +682,7 @@ cdef class Loop:
         """After run(): close everything, run the callbacks still queued,
         release the fds.  Then raises what a callback raised meanwhile
         (KeyboardInterrupt, SystemExit), as run() would have."""
+        self._check_init()
         self.closed = True
         try:
             self.stop_accepting()
@@ -695,6 +721,8 @@ cdef class Loop:
         # by another thread at fork() time and would never be released.
         pthread_mutex_init(&self.mu, NULL)
         self._close_fds()
+        if self.table == NULL:
+            return
         for fd in range(self.table_hi + 1):
             if self.table[fd] != NULL and self.table[fd].fd >= 0:
                 close(self.table[fd].fd)

@@ -370,6 +370,7 @@ cdef class _Stream(_ConnBase):
 # through it, so read and write the slot at its fixed offset instead (both set
 # right after the class below).
 cdef PyTypeObject *_TRANSPORT_TYPE = NULL
+cdef PyTypeObject *_STREAM_TYPE = <PyTypeObject *>_Stream
 cdef Py_ssize_t _TRANSPORT_SLOT = 0
 
 
@@ -378,12 +379,16 @@ cdef inline PyObject **_transport_slot(object transport) noexcept:
 
 
 cdef _Stream _stream_of(object transport):
-    """The _Stream behind a Transport (or a subclass of it)."""
+    """The _Stream behind a Transport (or a subclass of it).  The slot is
+    writable from Python (``t._s = x``) and empty in ``Transport.__new__``,
+    so what it holds is checked before the cast: the type (an exact match
+    costs one compare) and that the loop attached it."""
     cdef PyObject *s
     if not PyObject_TypeCheck(transport, _TRANSPORT_TYPE):
         raise TypeError(f"expected a unixsrv Transport, not {type(transport).__name__}")
     s = _transport_slot(transport)[0]
-    if s == NULL:
+    if (s == NULL or not PyObject_TypeCheck(<object>s, _STREAM_TYPE)
+            or (<_Stream>s).loop is None):
         raise RuntimeError("this Transport is not attached to a connection")
     return <_Stream>s
 
@@ -405,8 +410,10 @@ class Transport(_asyncio.Transport):
 
     __slots__ = ("_s",)
 
-    def __init__(self, _Stream stream):
-        self._s = stream
+    def __init__(self, *args, **kwargs):
+        # The loop makes transports with _new_transport(), never through
+        # here: a Transport is only valid bound to a live connection.
+        raise TypeError("Transport objects are created by the server, not from Python")
 
     def __repr__(self):
         s = _stream_of(self)

@@ -1,0 +1,223 @@
+"""The surface of the C extension ``unixsrv._core`` as plain Python can reach it.
+
+The loop makes its objects through ``__new__`` (or ``PyType_GenericAlloc``)
+and fills in their C fields itself; Python code can also make them, through
+the constructor or through ``__new__``, with nothing filled in (no loop, fd -1,
+a NULL table).  Whatever Python does with such an object must end in a Python
+exception, never in a crash.  Each test runs its calls in a child process, so
+a segfault fails the test (a negative return code) instead of killing pytest.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+
+import pytest
+from conftest import DEADLINE, finish
+
+#: Each finding of the hardening issue (issue 8, finding 1) that crashed the
+#: interpreter, or its nearest form now that the constructors refuse: the code
+#: and the exception it must end in.
+REPRODUCTIONS = {
+    "Connection()": ("unixsrv.Connection().local_address", "TypeError"),
+    "Connection() _finish": ("unixsrv.Connection()._finish()", "TypeError"),
+    "Connection.__new__ local_address": ("C.__new__(C).local_address", "RuntimeError"),
+    "Connection.__new__ _finish": ("C.__new__(C)._finish()", "RuntimeError"),
+    "Connection.__new__ read()": ("C.__new__(C).read()", "RuntimeError"),
+    "Connection.__new__ read(n)": ("C.__new__(C).read(10)", "ServerClosedError"),
+    "Connection.__new__ write": ("C.__new__(C).write(b'x')", "ServerClosedError"),
+    "Transport(None) write": ("unixsrv.Transport(None).write(b'x')", "TypeError"),
+    "Transport(None) set_protocol": (
+        "unixsrv.Transport(None).set_protocol(object())",
+        "TypeError",
+    ),
+    "Transport(_Stream())": (
+        "unixsrv.Transport(_core._Stream()).get_extra_info('sockname')",
+        "TypeError",
+    ),
+    "_Stream()": ("_core._Stream()", "TypeError"),
+    "_ConnBase()": ("_core._ConnBase()", "TypeError"),
+    "Transport.__new__ write": ("T.__new__(T).write(b'x')", "RuntimeError"),
+    "Transport._s = None": (
+        "t = T.__new__(T); t._s = None; t.set_protocol(object())",
+        "RuntimeError",
+    ),
+    "Transport._s = a str": (
+        "t = T.__new__(T); t._s = 'x'; t.write(b'x')",
+        "RuntimeError",
+    ),
+    "Transport._s = _Stream.__new__": (
+        "t = T.__new__(T); t._s = S.__new__(S); t.get_extra_info('sockname')",
+        "RuntimeError",
+    ),
+    "_Stream.__new__ local_address": ("S.__new__(S).local_address", "RuntimeError"),
+    "Loop.__new__ abort_all": ("L.__new__(L).abort_all()", "RuntimeError"),
+    "Loop.__new__ begin_drain": ("L.__new__(L).begin_drain()", "RuntimeError"),
+    "Loop.__new__ teardown": ("L.__new__(L).teardown()", "RuntimeError"),
+    "Loop.__new__ run": ("L.__new__(L).run()", "RuntimeError"),
+    "Loop.__new__ after fork": (
+        "L.__new__(L)._after_fork_in_child(); raise LookupError",
+        "LookupError",
+    ),
+    "Loop(stats=None)": (
+        "L(None, None, None, False, None, 0, 0, 256, 0, 0, 0)",
+        "TypeError",
+    ),
+    "Loop.__init__ twice": (
+        "a = (None, _core.Stats(), _core.Callbacks(), False, None, 0, 0, 256, 0, 0, 0); L(*a).__init__(*a)",
+        "RuntimeError",
+    ),
+    "LoadGen.__new__ result": (
+        "_core.LoadGen.__new__(_core.LoadGen).result()",
+        "RuntimeError",
+    ),
+    "LoadGen.__new__ run": (
+        "_core.LoadGen.__new__(_core.LoadGen).run(0.1)",
+        "RuntimeError",
+    ),
+}
+
+_PRELUDE = """\
+import unixsrv
+from unixsrv import _core
+C, S, T, L = _core.Connection, _core._Stream, _core.Transport, _core.Loop
+"""
+
+
+def _run_child(
+    spawn: Callable[..., subprocess.Popen[str]], code: str, cwd: str | None = None
+) -> tuple[int, str, str]:
+    proc = spawn(_PRELUDE + code, cwd=cwd)
+    code_, out, err = finish(proc, timeout=6 * DEADLINE)
+    assert code_ >= 0, f"the child died of signal {-code_}; stderr:\n{err}"
+    return code_, out, err
+
+
+@pytest.mark.parametrize("name", list(REPRODUCTIONS))
+def test_misuse_raises_instead_of_crashing(
+    name: str, spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """Each reproduction ends in the expected Python exception (a traceback
+    and exit status 1), not in a signal."""
+    code, expected = REPRODUCTIONS[name]
+    returncode, _, err = _run_child(spawn, code)
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert returncode == 1, f"exit {returncode}; stderr:\n{err}"
+    assert last.split(":")[0].rsplit(".", 1)[-1] == expected, (
+        f"expected {expected}; stderr:\n{err}"
+    )
+
+
+#: The fuzzer, run in a child: every type defined by unixsrv._core (and its
+#: module-level functions), made with (), (None,) and __new__; every method
+#: called and every property read with each argument shape; every settable
+#: attribute set to each shape, after which every method is called again
+#: (a Transport whose slot holds something odd, a Loop with drain_waiting
+#: set, ...).  It prints how many calls it made and which types it made.
+_FUZZ = """\
+import types
+
+SKIP = {"__init_subclass__", "__subclasshook__", "__class__", "__new__", "__getattribute__",
+        "__setattr__", "__delattr__", "__dir__"}
+shapes_base = [None, 0, -1, b"x", 2**100, "s"]
+core_types = sorted((v for v in vars(_core).values()
+                     if isinstance(v, type) and v.__module__ == "unixsrv._core"), key=lambda t: t.__name__)
+calls = 0
+made = set()
+
+def attempt(fn, *args):
+    global calls
+    calls += 1
+    try:
+        return fn(*args)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        return None
+
+def instances(t):
+    out = []
+    for make in (lambda: t(), lambda: t(None), lambda: t.__new__(t)):
+        obj = attempt(make)
+        if isinstance(obj, t):
+            out.append(obj)
+            made.add(t.__name__)
+    return out
+
+def names(t):
+    return sorted(n for n in dir(t) if n not in SKIP)
+
+def poke(obj, shapes):
+    t = type(obj)
+    for name in names(t):
+        attr = attempt(getattr, obj, name)
+        if callable(attr):
+            attempt(attr)
+            for s in shapes:
+                attempt(attr, s)
+            attempt(attr, None, None)
+
+def settable(t, name):
+    d = None
+    for k in t.__mro__:
+        if name in vars(k):
+            d = vars(k)[name]
+            break
+    return d is not None and hasattr(type(d), "__set__")
+
+# A foreign core object of every kind as one more argument shape.
+extras = [t.__new__(t) for t in core_types if t.__name__ != "Transport"]
+shapes = shapes_base + extras
+for t in core_types:
+    for obj in instances(t):
+        poke(obj, shapes)
+        for name in names(t):
+            if settable(t, name):
+                for s in shapes:
+                    if attempt(setattr, obj, name, s) is None:
+                        poke(obj, shapes_base)
+                    attempt(delattr, obj, name)
+for name, fn in sorted(vars(_core).items()):
+    if isinstance(fn, types.BuiltinFunctionType) and fn.__module__ == "unixsrv._core":
+        attempt(fn)
+        for s in shapes_base:
+            attempt(fn, s)
+print("calls", calls)
+print("made", " ".join(sorted(made)))
+"""
+
+
+def test_fuzz_every_core_type_never_dies_of_a_signal(
+    spawn: Callable[..., subprocess.Popen[str]], tmp_path: str
+) -> None:
+    """The whole surface, with odd arguments, in a child (cwd: an empty
+    temporary directory, in case a call touches files): it must finish
+    normally, having made every type through __new__ and made enough calls
+    that the run cannot pass by doing nothing."""
+    returncode, out, err = _run_child(spawn, _FUZZ, cwd=str(tmp_path))
+    assert returncode == 0, f"exit {returncode}; stderr:\n{err}"
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    assert int(lines["calls"]) > 5000, out
+    assert set(lines["made"].split()) >= {
+        "Callbacks",
+        "Connection",
+        "LoadGen",
+        "Loop",
+        "Stats",
+        "Transport",
+        "_ConnBase",
+        "_Stream",
+    }, out
+
+
+@pytest.mark.parametrize("name", ["Connection", "_Stream", "_ConnBase", "Transport"])
+def test_connection_types_refuse_construction(name: str) -> None:
+    """The per-connection types exist only bound to a live connection: their
+    constructors raise TypeError (as uvloop's handles do)."""
+    from unixsrv import _core
+
+    cls = getattr(_core, name)
+    for args in ((), (None,)):
+        with pytest.raises(TypeError, match="created by the server"):
+            cls(*args)
