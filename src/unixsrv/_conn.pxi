@@ -145,12 +145,16 @@ cdef ssize_t _send_blocking(int fd, const char *buf, size_t n, int *err,
     Each partial send is activity for the idle timeout: a big write to a
     slow but steady reader must not look idle while bytes flow, so the time
     is stored in *last_active (if given) after each one; the loop thread's
-    sweep reads it, hence the atomic store."""
+    sweep reads it, hence the atomic store.  On a blocking socket a stream
+    send() returns only once all of it was sent (send(2)), so with
+    last_active each send takes only what fits (MSG_DONTWAIT) and poll()
+    does the waiting between them."""
     cdef size_t done = 0
     cdef ssize_t r
     cdef pollfd p
+    cdef int flags = MSG_NOSIGNAL | (MSG_DONTWAIT if last_active != NULL else 0)
     while done < n:
-        r = send(fd, buf + done, n - done, MSG_NOSIGNAL)
+        r = send(fd, buf + done, n - done, flags)
         if r >= 0:
             done += r
             if last_active != NULL and r > 0:
