@@ -72,6 +72,15 @@ REPRODUCTIONS = {
         "_core.LoadGen.__new__(_core.LoadGen).result()",
         "RuntimeError",
     ),
+    "LoadGen.__init__ out of memory keeps fd 0": (
+        (
+            "import gc, os\n"
+            "try: _core.LoadGen(b'/tmp/x', 'pingpong', 2**20, 1, pipeline=2**31 - 1)\n"
+            "except MemoryError: pass\n"
+            "gc.collect(); os.fstat(0); raise LookupError"
+        ),
+        "LookupError",
+    ),
     "LoadGen.__new__ run": (
         "_core.LoadGen.__new__(_core.LoadGen).run(0.1)",
         "RuntimeError",

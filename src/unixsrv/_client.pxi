@@ -404,7 +404,9 @@ cdef class LoadGen:
 
     cdef void _close_all(self) noexcept nogil:
         cdef int i
-        if self.conns != NULL:
+        # Not before __init__ completed: a calloc()ed slot says fd 0 until
+        # __init__ marks it -1, and no connection was opened before that.
+        if self.conns != NULL and self.ready:
             for i in range(self.nconn):
                 if self.conns[i].fd >= 0:
                     close(self.conns[i].fd)
