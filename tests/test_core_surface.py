@@ -163,15 +163,22 @@ def instances(t):
 def names(t):
     return sorted(n for n in dir(t) if n not in SKIP)
 
+def call_shapes(fn, shapes):
+    attempt(fn)
+    for s in shapes:
+        attempt(fn, s)
+    # Every arity up to the longest signature (Loop.__init__: 11), all None
+    # or all 0, to get past the argument count into the body.
+    for n in range(2, 12):
+        attempt(fn, *[None] * n)
+        attempt(fn, *[0] * n)
+
 def poke(obj, shapes):
     t = type(obj)
     for name in names(t):
         attr = attempt(getattr, obj, name)
         if callable(attr):
-            attempt(attr)
-            for s in shapes:
-                attempt(attr, s)
-            attempt(attr, None, None)
+            call_shapes(attr, shapes)
 
 def settable(t, name):
     d = None
@@ -195,9 +202,7 @@ for t in core_types:
                     attempt(delattr, obj, name)
 for name, fn in sorted(vars(_core).items()):
     if isinstance(fn, types.BuiltinFunctionType) and fn.__module__ == "unixsrv._core":
-        attempt(fn)
-        for s in shapes_base:
-            attempt(fn, s)
+        call_shapes(fn, shapes_base)
 print("calls", calls)
 print("made", " ".join(sorted(made)))
 """
