@@ -69,6 +69,16 @@ REPRODUCTIONS = {
         "a = (None, _core.Stats(), _core.Callbacks(), False, None, 0, 0, 256, 0, 0, 0); L(*a).__init__(*a)",
         "RuntimeError",
     ),
+    "Loop.__init__ out of memory": (
+        (
+            "a = (None, _core.Stats(), _core.Callbacks(), True, None, 0, 0, 2**60, 0, 0, 0)\n"
+            "loop = L.__new__(L)\n"
+            "try: loop.__init__(*a)\n"
+            "except MemoryError: pass\n"
+            "loop.run()"
+        ),
+        "RuntimeError",
+    ),
     "LoadGen.__new__ result": (
         "_core.LoadGen.__new__(_core.LoadGen).result()",
         "RuntimeError",

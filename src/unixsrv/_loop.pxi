@@ -85,6 +85,14 @@ cdef class Loop:
         self.table = <conn_t **>calloc(self.table_cap, sizeof(conn_t *))
         if (self.events == NULL or self.recs == NULL or self.table == NULL
                 or (event_model and self.rxbuf == NULL)):
+            # All or nothing: _check_init() trusts a non-NULL table to mean
+            # every buffer is there.
+            free(self.events)
+            free(self.recs)
+            free(self.rxbuf)
+            free(self.table)
+            self.events = self.recs = self.table = NULL
+            self.rxbuf = NULL
             raise MemoryError()
 
     def __dealloc__(self):
