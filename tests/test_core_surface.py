@@ -241,6 +241,20 @@ def test_fuzz_every_core_type_never_dies_of_a_signal(
     }, out
 
 
+def test_repr_of_unattached_objects() -> None:
+    """repr() works on anything Python can make (debuggers and logs call it)."""
+    from unixsrv import _core
+
+    assert (
+        repr(_core.Transport.__new__(_core.Transport))
+        == "<unixsrv.Transport not attached>"
+    )
+    assert (
+        repr(_core.Connection.__new__(_core.Connection))
+        == "<unixsrv.Connection id=0 fd=-1 closed=False>"
+    )
+
+
 @pytest.mark.parametrize("name", ["Connection", "_Stream", "_ConnBase", "Transport"])
 def test_connection_types_refuse_construction(name: str) -> None:
     """The per-connection types exist only bound to a live connection: their

@@ -416,7 +416,10 @@ class Transport(_asyncio.Transport):
         raise TypeError("Transport objects are created by the server, not from Python")
 
     def __repr__(self):
-        s = _stream_of(self)
+        try:
+            s = _stream_of(self)
+        except RuntimeError:      # repr() must work on any object (debuggers, logs)
+            return "<unixsrv.Transport not attached>"
         return f"<unixsrv.Transport id={s.c.seq} fd={s.c.fd} closing={self.is_closing()}>"
 
     def write(self, data):
