@@ -15,7 +15,9 @@ import subprocess
 from collections.abc import Callable
 
 import pytest
-from conftest import DEADLINE, finish
+from conftest import DEADLINE, Collect, Recorder, connect, finish, on_loop, wait_until
+
+from unixsrv import Server
 
 #: Each finding of the hardening issue (issue 8, finding 1) that crashed the
 #: interpreter, or its nearest form now that the constructors refuse: the code
@@ -265,3 +267,27 @@ def test_connection_types_refuse_construction(name: str) -> None:
     for args in ((), (None,)):
         with pytest.raises(TypeError, match="created by the server"):
             cls(*args)
+
+
+def test_event_loop_closes_transports_only_on_its_thread(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
+    """In the event model the loop thread reads the transports' output
+    buffers and the table without the GIL: abort_all(), begin_drain() and
+    teardown() from another thread while it runs raise RuntimeError instead
+    of freeing them under it, and change nothing; on the loop thread they
+    work (Server.close() posts them there)."""
+    factory = Collect(Recorder)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path) as s:
+        proto = factory.one()
+        loop = srv._loop
+        assert loop is not None
+        for name in ("abort_all", "begin_drain", "teardown"):
+            with pytest.raises(RuntimeError, match="loop thread"):
+                getattr(loop, name)()
+        assert on_loop(srv, proto.transport.is_closing) is False
+        s.sendall(b"still served")
+        wait_until(lambda: proto.received == b"still served")
+        on_loop(srv, loop.abort_all)
+        assert s.recv(1) == b""

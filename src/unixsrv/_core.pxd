@@ -452,3 +452,4 @@ cdef class Loop:
     cdef int _callback_error(self, object exc, object level=*) except -1
     cdef void _wake(self) noexcept
     cdef int _check_init(self) except -1
+    cdef int _check_owner(self) except -1

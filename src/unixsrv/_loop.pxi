@@ -222,6 +222,15 @@ cdef class Loop:
             raise RuntimeError("this Loop was not initialised (Loop.__init__ did not run)")
         return 0
 
+    cdef int _check_owner(self) except -1:
+        """Event model: the transports (their output buffers, the table) belong
+        to the loop thread, which reads them without the GIL; closing them from
+        another thread while it runs would free memory under it."""
+        self._check_init()
+        if self.event_model and self.thread_id != 0 and self.thread_id != PyThread_get_thread_ident():
+            raise RuntimeError("must be called on the loop thread (use call_soon_threadsafe)")
+        return 0
+
     cdef int _timeout_ms(self) noexcept:
         cdef int64_t deadline = NEVER, now
         if self.pending or self.finalizing:
@@ -666,14 +675,14 @@ cdef class Loop:
         """Graceful shutdown: stop reading everywhere and let work finish
         (blocking: set conn.done, shut the read side; event: close each
         transport, which flushes first)."""
-        self._check_init()
+        self._check_owner()
         for conn in self._snapshot():
             (<_ConnBase>conn)._begin_drain()
         self._finalize_unless_dispatching()
 
     def abort_all(self):
         """Close every connection now (clients see EOF)."""
-        self._check_init()
+        self._check_owner()
         for conn in self._snapshot():
             (<_ConnBase>conn)._force_close()
         self._finalize_unless_dispatching()
@@ -690,7 +699,7 @@ cdef class Loop:
         """After run(): close everything, run the callbacks still queued,
         release the fds.  Then raises what a callback raised meanwhile
         (KeyboardInterrupt, SystemExit), as run() would have."""
-        self._check_init()
+        self._check_owner()
         self.closed = True
         try:
             self.stop_accepting()
