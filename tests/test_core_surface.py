@@ -274,9 +274,9 @@ def test_event_loop_closes_transports_only_on_its_thread(
 ) -> None:
     """In the event model the loop thread reads the transports' output
     buffers and the table without the GIL: abort_all(), begin_drain() and
-    teardown() from another thread while it runs raise RuntimeError instead
-    of freeing them under it, and change nothing; on the loop thread they
-    work (Server.close() posts them there)."""
+    teardown() (and the stream's _replay_held()) from another thread while it
+    runs raise RuntimeError instead of freeing them under it, and change
+    nothing; on the loop thread they work (Server.close() posts them there)."""
     factory = Collect(Recorder)
     srv = make_server(sock_path, protocol=factory)
     with connect(srv.path) as s:
@@ -286,6 +286,8 @@ def test_event_loop_closes_transports_only_on_its_thread(
         for name in ("abort_all", "begin_drain", "teardown"):
             with pytest.raises(RuntimeError, match="loop thread"):
                 getattr(loop, name)()
+        with pytest.raises(RuntimeError, match="loop thread"):
+            proto.transport._s._replay_held()  # the stream is reachable from Python
         assert on_loop(srv, proto.transport.is_closing) is False
         s.sendall(b"still served")
         wait_until(lambda: proto.received == b"still served")

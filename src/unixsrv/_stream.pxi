@@ -71,7 +71,7 @@ cdef class _Stream(_ConnBase):
         _obuf_free(&self.c)
 
     cdef int _check_thread(self) except -1:
-        if PyThread_get_thread_ident() != self.loop.thread_id:
+        if PyThread_get_thread_ident() != self._loop().thread_id:
             raise RuntimeError(
                 "Transport methods must be called on the server's loop thread; "
                 "use Server.call_soon_threadsafe() from other threads")
@@ -332,6 +332,7 @@ cdef class _Stream(_ConnBase):
     def _replay_held(self):
         """After resume_reading(): deliver what was held, in order, until
         the protocol pauses again or the transport closes."""
+        self._check_thread()      # reachable from Python as transport._s
         while self._held is not None and not (self.c.state & (ST_READ_PAUSED | ST_CLOSING)):
             item = self._held.pop(0)
             if not self._held:
