@@ -191,6 +191,7 @@ cdef class Connection(_ConnBase):
     ``b""`` at EOF, also when the server's graceful shutdown closed the read
     side; I/O after our side closed the connection (the handler, the idle
     timeout, ``close()``, the shutdown deadline) raises ServerClosedError.
+    Only the server makes them: ``Connection()`` raises TypeError.
     """
 
     def __repr__(self):

@@ -407,6 +407,7 @@ class Transport(_asyncio.Transport):
 
     It is a real ``asyncio.Transport`` subclass; all methods must be called
     on the server's loop thread (the thread running protocol callbacks).
+    Only the server makes them: ``Transport()`` raises TypeError.
     """
 
     __slots__ = ("_s",)
