@@ -144,7 +144,7 @@ class TestAbstract:
         assert cfg.is_abstract is True
         assert cfg.address == b"\0x"
         assert cfg.display_path == "@x"
-        assert cfg.mode is None
+        assert cfg.mode == 0  # no file, no permission bits (typed int: see TestTyping)
         assert cfg.group is None
 
     @pytest.mark.parametrize("name", ["@", b"@", "\0", b"\0"])
@@ -622,4 +622,4 @@ class TestFromMapping:
     def test_abstract_address(self):
         """golib W6: an '@name' address works and keeps mode/group unset."""
         cfg = ServerConfig.from_mapping({"network": "unix", "address": "@golib", "perm-file": 0, "group-perm": -1})
-        assert cfg.is_abstract and cfg.mode is None and cfg.group is None
+        assert cfg.is_abstract and cfg.mode == 0 and cfg.group is None
