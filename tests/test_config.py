@@ -17,10 +17,13 @@ import grp
 import os
 import pathlib
 import stat
+import subprocess
+import sys
 
 import pytest
 from conftest import connect, echo_handler, echo_once, recv_exactly
 
+import unixsrv
 from unixsrv import ConfigError, InvalidGroupError, InvalidPathError, ServerConfig
 from unixsrv._core import HAVE_ABSTRACT, SUN_PATH_MAX  # 107 on Linux (sun_path 108), 103 on macOS (104)
 from unixsrv.config import DEFAULT_MODE, MAX_GID, parse_duration, parse_mode
@@ -576,6 +579,14 @@ class TestFromMapping:
         """A disabled tls section is accepted and ignored."""
         assert ServerConfig.from_mapping({"address": sock_path, "tls": tls}).path == sock_path
 
+    @pytest.mark.parametrize("key", ["enable", "Enabled", "certs", "unknown"])
+    def test_unknown_key_in_tls_section_rejected(self, sock_path, key):
+        """Issue 8 finding 8: an unknown key inside the tls section (``enable``
+        for ``enabled``: TLS silently stayed off) is a ConfigError naming the
+        key and the section, like an unknown top-level key."""
+        with pytest.raises(ConfigError, match=f"'{key}'.*'tls'"):
+            ServerConfig.from_mapping({"address": sock_path, "tls": {key: True}})
+
     @pytest.mark.parametrize("key", ["perm_file", "listen", "Address", "idle-timeout", "unknown"])
     def test_unknown_key_rejected(self, sock_path, key):
         """Unknown keys -> ConfigError naming the key (a typo never passes silently)."""
@@ -623,3 +634,48 @@ class TestFromMapping:
         """golib W6: an '@name' address works and keeps mode/group unset."""
         cfg = ServerConfig.from_mapping({"network": "unix", "address": "@golib", "perm-file": 0, "group-perm": -1})
         assert cfg.is_abstract and cfg.mode == 0 and cfg.group is None
+
+
+# ---------------------------------------------------------------------- static types
+
+
+_TYPED_USE = """
+import datetime
+from unixsrv import ServerConfig
+
+cfg = ServerConfig(path="x", idle_timeout="1m30s", mode="0660", group="wheel")
+ServerConfig(path=b"@x", idle_timeout=datetime.timedelta(seconds=2), mode=None, group=0)
+ServerConfig(path="x", idle_timeout=1.5, mode=0o660, write_buffer_low=None)
+mode: int = cfg.mode + 1
+gid: int | None = cfg.group
+idle: float | None = cfg.idle_timeout
+low: int = cfg.write_buffer_low
+path: str | bytes = cfg.path
+"""
+
+
+class TestTyping:
+    def test_mypy_strict_accepts_inputs_and_normalised_fields(self, tmp_path):
+        """Issue 8 finding 9: the constructor takes the documented input types
+        ("1m30s", "0660", a group name) and the fields are typed as the
+        normalised values (``cfg.mode + 1``), under mypy --strict."""
+        try:
+            import mypy  # noqa: F401
+        except ImportError:
+            pytest.skip("mypy is not installed in this interpreter")
+        snippet = tmp_path / "typed_use.py"
+        snippet.write_text(_TYPED_USE, encoding="utf-8")
+        src = os.path.dirname(os.path.dirname(os.path.abspath(unixsrv.__file__)))  # the tree under test
+        result = subprocess.run(
+            [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", os.devnull, str(snippet)],
+            capture_output=True, text=True, env={**os.environ, "MYPYPATH": src}, cwd=tmp_path, timeout=300,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    @pytest.mark.linux("abstract socket names")
+    def test_abstract_mode_reads_0(self):
+        """The field is an int for every config: 0 for an abstract name, which
+        has no file (its mode must still be given as None)."""
+        cfg = ServerConfig(path="@typed")
+        assert cfg.mode == 0
+        assert dataclasses.replace(cfg, path="@other", mode=None).mode == 0
