@@ -322,7 +322,7 @@ def _import(spec: str) -> Any:
         if exc.name == module_name or module_name.startswith(f"{exc.name}."):  # the module (or a parent) is missing
             raise ConfigError(f"cannot load {spec!r}: {exc}") from None
         raise ConfigError(_import_failure(module_name, exc)) from None
-    except Exception as exc:  # SyntaxError, or whatever the module raised while it ran
+    except Exception as exc:  # noqa: BLE001 - SyntaxError, or whatever the module raised while it ran
         raise ConfigError(_import_failure(module_name, exc)) from None
     try:
         for part in attr.split("."):
@@ -340,7 +340,7 @@ def _import_failure(module_name: str, exc: Exception) -> str:
     else:
         try:
             spec = importlib.util.find_spec(module_name)
-        except Exception:  # a parent package that fails too: name the module only
+        except Exception:  # noqa: BLE001 - a parent package that fails too: name the module only
             spec = None
         where = spec.origin if spec is not None and spec.origin else "?"
         problem = f"{type(exc).__name__}: {exc}"

@@ -475,7 +475,8 @@ class Server:
                 self._report(exc)
         finally:
             if self._forked():
-                from .workers import exit_forked_child  # here, not at the top: the rare path
+                # Imported here, not at the top: the rare path.
+                from .workers import exit_forked_child
 
                 exit_forked_child(ended)
             ended = None  # no reference cycle through the traceback's frame

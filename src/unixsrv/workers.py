@@ -13,6 +13,7 @@ thread, and a server with 10,000 parked handlers pays that 10,000 times.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import logging
 import os
 import sys
@@ -131,9 +132,7 @@ def exit_forked_child(ended: BaseException | None) -> NoReturn:
     elif ended is not None:
         status = 1
     for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):  # broken or closed: it must not keep the child alive
                 stream.flush()
-        except BaseException:  # a closed or broken stream must not keep the child alive
-            pass
     os._exit(status)
