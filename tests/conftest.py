@@ -8,6 +8,11 @@ Rules every test follows (see the README's "Testing" section):
 - every server a test builds is closed when the test ends (``make_server``),
   every process it starts is ended by its PID (``spawn``).
 
+Citations in test docstrings point at the repository's own docs:
+"docs/design.md" (or "design") is the contract, "checklist N" is item N of
+the final list in docs/reliability-checklist.md, "golib spec a.N / b.N / c /
+d" and "W<n>" are sections and weaknesses in docs/golib-spec.md.
+
 Platforms: the suite runs on Linux and macOS (CI).  A test (or one
 parametrisation) that exercises a Linux-only facility carries
 ``@pytest.mark.linux("<the facility>")``; on any other platform

@@ -1,6 +1,6 @@
 """The ``unixsrv`` command (src/unixsrv/cli.py, src/unixsrv/__main__.py), run as a real process.
 
-DESIGN.md: "the CLI maps SIGTERM to a graceful shutdown"; layout "cli.py,
+docs/design.md: "the CLI maps SIGTERM to a graceful shutdown"; layout "cli.py,
 __main__.py: the `unixsrv` command".  Each test starts
 ``python -m unixsrv ...`` and ends it by its PID.  Readiness is a successful
 connect polled with a deadline, never a sleep.  Checklist items 2 (a second
@@ -115,7 +115,7 @@ def test_serve_echo(cli, sock_path, model):
 
 
 def test_default_mode_is_0770(cli, sock_path):
-    """Without --mode the socket file gets golib's default 0770 (DESIGN)."""
+    """Without --mode the socket file gets golib's default 0770 (docs/design.md)."""
     proc = cli("serve", "--socket", sock_path, "--echo")
     wait_serving(proc, sock_path)
     st = os.lstat(sock_path)
@@ -140,7 +140,7 @@ def test_mode_flag(cli, sock_path, mode):
 @pytest.mark.parametrize("model", ["event", "blocking"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_gracefully(cli, sock_path, model, signum):
-    """DESIGN: the CLI maps SIGTERM (and SIGINT) to a graceful shutdown: a connected
+    """docs/design.md: the CLI maps SIGTERM (and SIGINT) to a graceful shutdown: a connected
     client gets EOF, the process exits 0, the socket file is removed, the log says so
     (checklist 42)."""
     proc = cli("serve", "--socket", sock_path, "--echo", "--model", model)

@@ -1,6 +1,6 @@
 """ServerConfig, parse_mode, parse_duration and from_mapping (src/unixsrv/config.py).
 
-DESIGN.md "ServerConfig" and "Precise semantics / Validation, from_mapping":
+docs/design.md "ServerConfig" and "Precise semantics / Validation, from_mapping":
 every value is validated when the config is built, a rejected config leaves
 nothing on disk, and each rejection is the specific ConfigError subclass
 (which is also a ValueError).  golib sources: spec a.2 (socket/config.Server,
@@ -67,7 +67,7 @@ class TestPath:
         assert cfg.display_path == sock_path
 
     def test_pathlike_is_accepted(self, sock_path):
-        """os.PathLike paths are accepted (DESIGN: str | bytes | os.PathLike)."""
+        """os.PathLike paths are accepted (docs/design.md: str | bytes | os.PathLike)."""
         cfg = ServerConfig(path=pathlib.Path(sock_path))
         assert os.fspath(cfg.path) == sock_path
         assert cfg.address == os.fsencode(sock_path)
@@ -133,7 +133,7 @@ class TestPath:
         rejects(InvalidPathError, path=os.fsencode(sock_dir + suffix))
 
     def test_building_a_config_touches_nothing(self, sock_path, sock_dir):
-        """DESIGN: ServerConfig only validates; start() checks the filesystem."""
+        """docs/design.md: ServerConfig only validates; start() checks the filesystem."""
         ServerConfig(path=sock_path, mode="0600", group=0)
         assert os.listdir(sock_dir) == []
 
@@ -198,7 +198,7 @@ class TestAbstract:
 
 class TestMode:
     def test_default_mode_is_golib_0770(self, sock_path):
-        """golib spec b.3: perm 0 / unset -> 0770; DESIGN keeps that default."""
+        """golib spec b.3: perm 0 / unset -> 0770; docs/design.md keeps that default."""
         assert DEFAULT_MODE == 0o770
         assert ServerConfig(path=sock_path).mode == 0o770
 
@@ -207,7 +207,7 @@ class TestMode:
         [0o660, "0660", "660", "0o660", "rw-rw----", "srw-rw----", "-rw-rw----", " 0660 ", '"0660"', "'rw-rw----'"],
     )
     def test_mode_forms(self, sock_path, value):
-        """DESIGN: int or "0660"/"660"/"rw-rw----"; golib a.3 also strips quotes and
+        """docs/design.md: int or "0660"/"660"/"rw-rw----"; golib a.3 also strips quotes and
         accepts a 10-character form with a file-type letter."""
         cfg = ServerConfig(path=sock_path, mode=value)
         assert cfg.mode == 0o660
@@ -268,7 +268,7 @@ class TestGroup:
         rejects(InvalidGroupError, path=sock_path, group=gid)
 
     def test_group_name_root_resolved_at_build(self, sock_path):
-        """DESIGN: a group name is resolved when the config is built (gid 0's
+        """docs/design.md: a group name is resolved when the config is built (gid 0's
         name: "root" on Linux, "wheel" on macOS)."""
         cfg = ServerConfig(path=sock_path, group=grp.getgrgid(0).gr_name)
         assert cfg.group == 0
@@ -310,7 +310,7 @@ class TestGroup:
 class TestIdleTimeout:
     @pytest.mark.parametrize("off", [None, 0, 0.0, "0", "0s", datetime.timedelta(0)])
     def test_zero_or_none_means_off(self, sock_path, off):
-        """DESIGN: None/0 = off (stored as None)."""
+        """docs/design.md: None/0 = off (stored as None)."""
         assert ServerConfig(path=sock_path, idle_timeout=off).idle_timeout is None
 
     @pytest.mark.parametrize(
@@ -387,7 +387,7 @@ class TestLimits:
 
 class TestShape:
     def test_frozen(self, sock_path):
-        """DESIGN: a frozen dataclass."""
+        """docs/design.md: a frozen dataclass."""
         cfg = ServerConfig(path=sock_path)
         with pytest.raises(dataclasses.FrozenInstanceError):
             cfg.path = "/tmp/other"  # type: ignore[misc]
@@ -396,7 +396,7 @@ class TestShape:
         assert cfg.path == sock_path and cfg.mode == 0o770
 
     def test_keyword_only(self, sock_path):
-        """DESIGN: keyword-only; path is required."""
+        """docs/design.md: keyword-only; path is required."""
         with pytest.raises(TypeError):
             ServerConfig(sock_path)  # type: ignore[misc]
         with pytest.raises(TypeError):
@@ -570,7 +570,7 @@ class TestFromMapping:
 
     @pytest.mark.parametrize("tls", [{"enabled": True}, {"enabled": True, "config": {}}, True])
     def test_tls_enabled_rejected(self, sock_path, tls):
-        """DESIGN: an enabled tls is a ConfigError (never silently run without TLS)."""
+        """docs/design.md: an enabled tls is a ConfigError (never silently run without TLS)."""
         with pytest.raises(ConfigError, match="(?i)tls"):
             ServerConfig.from_mapping({"network": "unix", "address": sock_path, "tls": tls})
 

@@ -1,6 +1,6 @@
 """WorkerPool (src/unixsrv/workers.py): the threads of the blocking handler model.
 
-DESIGN.md "Precise semantics / Blocking model threads": every accepted
+docs/design.md "Precise semantics / Blocking model threads": every accepted
 connection gets a worker at once (the pool grows on demand and reuses idle
 threads); a handler never waits for a free worker.  golib runs one goroutine
 per connection (spec b.5), so no golib handler ever queues either.
@@ -80,7 +80,7 @@ def test_new_pool_is_empty():
 
 
 def test_all_jobs_run_concurrently_when_every_worker_is_busy():
-    """DESIGN: a job runs at once even when all existing workers are busy.
+    """docs/design.md: a job runs at once even when all existing workers are busy.
     N jobs that each block until all N are running meet at a barrier; with
     any queueing the barrier would time out."""
     n = 12
