@@ -187,8 +187,9 @@ class _StopRequests:
             logger.error("the server stopped without a stop request (see the errors above)")
             return 1
         graceful.join()
-        if graceful.timed_out is not None:
-            logger.error("graceful shutdown timed out: %s", graceful.timed_out)
+        if isinstance(graceful.failure, ShutdownTimeoutError):
+            logger.error("graceful shutdown timed out: %s", graceful.failure)
+        if graceful.failure is not None:
             return 1
         if cut:
             logger.error("a second signal closed the server with %d connection(s) open", cut)
@@ -209,20 +210,26 @@ class _StopRequests:
 
 
 class _GracefulStop(threading.Thread):
-    """server.shutdown(timeout) on a thread of its own; remembers a timeout."""
+    """server.shutdown(timeout) on a thread of its own; remembers a timeout.
+    If the shutdown itself fails, the server is closed at once instead, so
+    the process still stops (with status 1)."""
 
     def __init__(self, server: Server, timeout: float) -> None:
         super().__init__(name="unixsrv graceful stop", daemon=True)
         self._server = server
         self._timeout = timeout
-        self.timed_out: ShutdownTimeoutError | None = None
+        self.failure: Exception | None = None  # why connections may have been cut
         self.start()
 
     def run(self) -> None:
         try:
             self._server.shutdown(self._timeout)
         except ShutdownTimeoutError as exc:
-            self.timed_out = exc
+            self.failure = exc
+        except Exception as exc:  # noqa: BLE001 - a stop that fails must still stop: close() at once
+            logger.error("graceful shutdown failed (%s: %s); closing now", type(exc).__name__, exc)
+            self.failure = exc
+            self._server.close()
 
 
 def _pause_for_test(point: str) -> None:
