@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from . import _core
 from .config import ServerConfig
@@ -221,11 +221,11 @@ class Server:
             self._callbacks,
             self._protocol is not None,
             self._protocol,
-            cast(float, cfg.idle_timeout or 0.0),  # normalised to float | None
+            cfg.idle_timeout or 0.0,
             cfg.max_connections or 0,
             cfg.read_buffer_size,
             cfg.write_buffer_high,
-            cast(int, cfg.write_buffer_low),  # normalised to int
+            cfg.write_buffer_low,
             cfg.max_write_buffer,
         )
         self._setup_thread = threading.get_ident()
@@ -452,19 +452,34 @@ class Server:
         self._pool.submit(conn)  # type: ignore[union-attr]
 
     def _serve_connection(self, conn: _core.Connection) -> None:
-        """Worker thread: NEW, update_conn, the handler, close, CLOSE."""
+        """Worker thread: NEW, update_conn, the handler, close, CLOSE.
+
+        In a process the handler forked, the child exits as soon as the
+        handler ends there, with the status it asked for (sys.exit(8) -> 8,
+        returned -> 0, raised -> 1): see workers.exit_forked_child.  The
+        connection's close and CLOSE belong to the parent.
+        """
         workers = self._workers
         workers.active = True
         callbacks = self._callbacks
         announced = callbacks.on_conn_state is not None  # CLOSE only after a NEW
+        ended: BaseException | None = None
         try:
             if announced:
                 self._fire_state(conn, ConnState.NEW)
             if callbacks.update_conn is None or self._call_update_conn(conn, callbacks.update_conn):
                 self._handler(conn)  # type: ignore[misc]
         except BaseException as exc:  # even SystemExit: a handler never ends a worker
-            self._report(exc)
+            ended = exc
+            if not (isinstance(exc, SystemExit) and self._forked()):  # a child's sys.exit() is its status
+                self._report(exc)
         finally:
+            if self._forked():
+                # Imported here, not at the top: the rare path.
+                from .workers import exit_forked_child
+
+                exit_forked_child(ended)
+            ended = None  # no reference cycle through the traceback's frame
             conn._finish()
             if announced:
                 self._fire_state(conn, ConnState.CLOSE)
