@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
+import numbers
 import os
 import signal
 import socket
@@ -40,6 +42,15 @@ Handler = Callable[["_core.Connection"], Any]
 ErrorCallback = Callable[[BaseException], Any]
 StateCallback = Callable[[str, str, ConnState], Any]
 InfoCallback = Callable[[str], Any]
+
+# How long a stop waits for the loop thread past its own deadline (close():
+# past the moment it was called) to finish: force-close what is left, remove
+# the socket file, tear down.  The loop does that in milliseconds unless a
+# protocol callback blocks it; no stop waits for that callback: the loop
+# thread completes the stop when it returns.  Longer than the stop path's
+# wait for the directory lock (250 ms, see _listener.pxi), so a lock held by
+# another process alone never makes a stop miss its deadline.
+_STOP_GRACE = 1.0
 
 
 class _State(enum.Enum):
@@ -91,6 +102,7 @@ class Server:
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._stopped.set()
+        self._stoppers = 0  # threads inside _stop() (under _lock)
         self._setup_thread: int | None = None
         self._drained = threading.Condition(threading.Lock())
         self._owner_pid = os.getpid()
@@ -166,6 +178,7 @@ class Server:
             with self._lock:
                 if self._state is _State.RUNNING:
                     return
+                abandoned = self._state is _State.STOPPING and self._stoppers == 0
                 if self._state is _State.STOPPED:
                     loop = self._open(foreground=False)
                     ready = threading.Event()
@@ -174,6 +187,8 @@ class Server:
                     )
                     self._thread.start()
                     break
+            if abandoned:  # its shutdown() was interrupted (Ctrl-C): finish it
+                self._stop(graceful=False, timeout=0.0)
             self._stopped.wait()  # a stop is in progress: start after it
         try:
             self._info(f"starting listening socket 'unix {self.path}'")
@@ -203,6 +218,9 @@ class Server:
         watcher = _CancelWatcher(cancel, self.close) if cancel is not None else None
         try:
             self._stopped.wait()
+        except BaseException:  # Ctrl-C: stop the server, as when it runs here
+            self.close()
+            raise
         finally:
             if watcher is not None:
                 watcher.stop()
@@ -302,9 +320,16 @@ class Server:
         ShutdownTimeoutError is raised.  Called from a handler or a protocol
         callback, it starts the shutdown and returns at once (a timeout is
         then reported through on_error).
+
+        ``timeout`` is a number of seconds >= 0, or ``math.inf`` for no limit;
+        anything else raises ValueError (NaN, negative) or TypeError (not a
+        number, or a bool) before anything changes.  The call returns or
+        raises within ``timeout`` plus a small margin even while a protocol
+        callback blocks the loop thread (the loop completes the stop when it
+        returns).  If it is interrupted (KeyboardInterrupt), calling
+        shutdown() or close() again finishes the stop.
         """
-        if timeout is None or timeout < 0:
-            raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        timeout = _check_timeout(timeout)
         if self._forked():
             return
         if self._on_server_thread():
@@ -315,8 +340,9 @@ class Server:
     def close(self) -> None:
         """Stop now: no grace, every connection closed (clients see EOF).
 
-        Returns promptly even with handlers blocked in read().  Idempotent,
-        safe from any thread.
+        Returns promptly even with handlers blocked in read() or a protocol
+        callback blocking the loop thread (the loop then completes the stop
+        when the callback returns).  Idempotent, safe from any thread.
         """
         if self._forked():
             return
@@ -329,8 +355,9 @@ class Server:
             self._stop(graceful=False, timeout=0.0)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the server is stopped; True if it is."""
-        return self._stopped.wait(timeout)
+        """Wait until the server is stopped, at most ``timeout`` seconds
+        (None or math.inf: no limit); True if it is."""
+        return _wait_event(self._stopped, math.inf if timeout is None else _check_timeout(timeout))
 
     def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
         """Run ``callback(*args)`` on the loop thread (where transports may be
@@ -353,63 +380,80 @@ class Server:
             self._report(exc)
 
     def _stop(self, *, graceful: bool, timeout: float) -> None:
+        """Stop the server and wait for it, within ``timeout`` plus _STOP_GRACE.
+
+        Every call drives the stop itself: each step it posts to the loop is
+        idempotent, so a stop whose caller was interrupted is finished by the
+        next shutdown() or close(), and two concurrent stops each keep their
+        own deadline.  Steps are posted, never waited for one by one: a
+        callback blocking the loop thread delays them, not this caller.
+        """
+        deadline = time.monotonic() + timeout
         with self._lock:
             loop = self._loop
             if loop is None:
                 return
-            first = self._state is _State.RUNNING
             self._state = _State.STOPPING
-        if graceful and not first:
-            self._stopped.wait()  # another shutdown is draining; its deadline bounds this wait
+            self._stoppers += 1
+        try:
+            left = 0
+            if graceful:
+                self._post(loop, lambda: self._begin_shutdown(loop))
+                if not self._wait_drained(loop, deadline):
+                    left = self._stats.open
+            if not graceful or left:
+                self._post(loop, lambda: self._close_now(loop))
+            else:
+                self._post(loop, loop.request_exit)
+            stopped = _wait_event(self._stopped, max(deadline - time.monotonic(), 0.0) + _STOP_GRACE)
+        finally:
+            with self._lock:
+                self._stoppers -= 1
+        if stopped and not left:
             return
-        left = 0
-        if graceful and first:
-            deadline = time.monotonic() + timeout
-            self._on_loop(loop, lambda: self._begin_shutdown(loop))
-            if not self._wait_drained(loop, deadline):
-                left = self._stats.open
-        if not graceful or left:
-            self._on_loop(loop, lambda: self._close_now(loop))
-        else:
-            self._on_loop(loop, loop.request_exit)
-        self._stopped.wait()
-        if left:
+        if stopped:
             raise ShutdownTimeoutError(
                 f"{left} connection(s) still open after {timeout:g} s of graceful shutdown were force-closed"
             )
+        busy = "the loop thread is busy in a callback; it completes the stop when the callback returns"
+        if graceful:
+            raise ShutdownTimeoutError(f"the server did not stop within {timeout:g} s: {busy}")
+        logger.warning("unixsrv %s: close(): %s", self.path, busy)
 
     def _begin_shutdown(self, loop: _core.Loop) -> None:
-        self._stop_accepting(loop)
-        loop.begin_drain()
+        try:
+            self._stop_accepting(loop)
+        finally:
+            loop.begin_drain()
 
     def _close_now(self, loop: _core.Loop) -> None:
         # No lock here: this may run in a signal handler on a thread that holds it.
         if self._loop is loop:
             self._state = _State.STOPPING
-        self._stop_accepting(loop)
-        loop.abort_all()
-        loop.request_exit()
+        # Whatever stopping the listener raises (a callback's KeyboardInterrupt
+        # through _info), the connections are closed and the loop exits:
+        # every stop waits for that.
+        try:
+            self._stop_accepting(loop)
+        finally:
+            try:
+                loop.abort_all()
+            finally:
+                loop.request_exit()
 
     def _stop_accepting(self, loop: _core.Loop) -> None:
         if loop.stop_accepting():
             self._info(f"closing listen socket 'unix {self.path}'")
 
-    def _on_loop(self, loop: _core.Loop, fn: Callable[[], None]) -> None:
-        """Run fn on the loop thread and wait for it (the loop runs queued
-        callbacks even while it tears down, so this cannot hang)."""
+    def _post(self, loop: _core.Loop, fn: Callable[[], None]) -> None:
+        """Run fn on the loop thread: now if this is it, else queued (the loop
+        runs queued callbacks even while it tears down; once it is closed,
+        the teardown does what fn would).  Never waits: the caller waits for
+        the outcome with its own deadline."""
         if loop.on_loop_thread():
             fn()
-            return
-        done = threading.Event()
-
-        def task() -> None:
-            try:
-                fn()
-            finally:
-                done.set()
-
-        if loop.call_soon_threadsafe(task):
-            done.wait()
+        else:
+            loop.call_soon_threadsafe(fn)
 
     def _wait_drained(self, loop: _core.Loop, deadline: float) -> bool:
         with self._drained:
@@ -419,7 +463,7 @@ class Server:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return False
-                    self._drained.wait(remaining)
+                    self._drained.wait(_finite(remaining))
                 return True
             finally:
                 loop.drain_waiting = False
@@ -569,6 +613,27 @@ class _CancelWatcher:
         self._done.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
+
+
+def _check_timeout(timeout: object) -> float:
+    """A stop's timeout: seconds >= 0, or math.inf for no limit.  A bool is
+    refused too: ``shutdown(True)`` reads as a flag, not as one second."""
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds or math.inf, not {type(timeout).__name__}")
+    seconds = float(timeout)
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0 or math.inf, got {timeout!r}")
+    return seconds
+
+
+def _finite(seconds: float) -> float | None:
+    """A timeout for threading's waits, which refuse more than TIMEOUT_MAX
+    (OverflowError): None, no limit, beyond it."""
+    return None if seconds > threading.TIMEOUT_MAX else seconds
+
+
+def _wait_event(event: threading.Event, seconds: float) -> bool:
+    return event.wait(_finite(seconds))
 
 
 def _callable_or_none(fn: Any, name: str) -> Any:
