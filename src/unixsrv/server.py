@@ -55,6 +55,7 @@ _STOP_GRACE = 1.0
 
 class _State(enum.Enum):
     STOPPED = "stopped"
+    STARTING = "starting"  # creating the listener (see Server._open)
     RUNNING = "running"
     STOPPING = "stopping"
 
@@ -96,7 +97,9 @@ class Server:
         self._stats = _core.Stats()
         self._pool = WorkerPool(self._serve_connection) if handler is not None else None
         self._workers = threading.local()  # .active is True on a thread running our handler
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # state changes; never held across a wait
+        self._start_lock = threading.Lock()  # one start at a time
+        self._stop_requested = False  # a stop called while STARTING
         self._state = _State.STOPPED
         self._loop: _core.Loop | None = None
         self._thread: threading.Thread | None = None
@@ -171,25 +174,31 @@ class Server:
         """Bind and serve on a background thread; return once it accepts.
 
         Setup errors (address in use, permissions, ...) raise here and leave
-        nothing behind.  A no-op if the server is already running.
+        nothing behind.  A no-op if the server is already running.  A stop
+        called while start() sets up wins: start() undoes its work and
+        returns with the server stopped.
         """
         self._check_not_forked()
-        while True:
-            with self._lock:
-                if self._state is _State.RUNNING:
-                    return
-                abandoned = self._state is _State.STOPPING and self._stoppers == 0
-                if self._state is _State.STOPPED:
-                    loop = self._open(foreground=False)
-                    ready = threading.Event()
-                    self._thread = threading.Thread(
-                        target=self._run_in_background, args=(loop, ready), name=f"unixsrv {self.path}", daemon=True
-                    )
-                    self._thread.start()
+        with self._start_lock:
+            while True:
+                with self._lock:
+                    if self._state is _State.RUNNING:
+                        return
+                    stopped = self._state is _State.STOPPED
+                    abandoned = self._state is _State.STOPPING and self._stoppers == 0
+                if stopped:
                     break
-            if abandoned:  # its shutdown() was interrupted (Ctrl-C): finish it
-                self._stop(graceful=False, timeout=0.0)
-            self._stopped.wait()  # a stop is in progress: start after it
+                if abandoned:  # its shutdown() was interrupted (Ctrl-C): finish it
+                    self._stop(graceful=False, timeout=0.0)
+                self._stopped.wait()  # a stop is in progress: start after it
+            loop = self._open(foreground=False)
+            if loop is None:
+                return
+            ready = threading.Event()
+            self._thread = threading.Thread(
+                target=self._run_in_background, args=(loop, ready), name=f"unixsrv {self.path}", daemon=True
+            )
+            self._thread.start()
         try:
             self._info(f"starting listening socket 'unix {self.path}'")
             ready.wait()
@@ -208,11 +217,9 @@ class Server:
         self._check_not_forked()
         if cancel is not None and cancel.is_set():
             return
-        with self._lock:
-            own = self._state is _State.STOPPED
-            if own:
-                loop = self._open(foreground=True)
-        if own:
+        with self._start_lock:
+            loop = self._open(foreground=True)
+        if loop is not None:
             self._run_here(loop, cancel)
             return
         watcher = _CancelWatcher(cancel, self.close) if cancel is not None else None
@@ -225,38 +232,61 @@ class Server:
             if watcher is not None:
                 watcher.stop()
 
-    def _open(self, *, foreground: bool) -> _core.Loop:
-        """Create the loop and its listener (called with the lock held).
+    def _open(self, *, foreground: bool) -> _core.Loop | None:
+        """Create the loop and its listener if the server is stopped (called
+        with _start_lock held); None if it is not, or if a stop was called
+        meanwhile (then nothing is left open or on disk).
+
+        _lock is not held while the listener is created: that may wait 10 s
+        for a directory lock another process holds, and no stop may wait
+        that long for _lock.  A stop meanwhile (state STARTING) only sets
+        _stop_requested; this undoes the start when it sees it.
 
         A signal handler may run on this thread at any bytecode from here on;
         if it stops the server, _on_server_thread() must be true so the stop
         is handed to another thread instead of waiting for this one.
         """
+        with self._lock:
+            if self._state is not _State.STOPPED:
+                return None
+            self._state = _State.STARTING
+            self._stop_requested = False
         cfg = self._config
-        loop = _core.Loop(
-            self,
-            self._stats,
-            self._callbacks,
-            self._protocol is not None,
-            self._protocol,
-            cast(float, cfg.idle_timeout or 0.0),  # normalised to float | None
-            cfg.max_connections or 0,
-            cfg.read_buffer_size,
-            cfg.write_buffer_high,
-            cast(int, cfg.write_buffer_low),  # normalised to int
-            cfg.max_write_buffer,
-        )
         self._setup_thread = threading.get_ident()
         try:
-            if foreground:
-                loop.claim_thread()
-            loop.open(backlog=cfg.backlog, **_listener_args(cfg))
-            self._loop = loop
-            self._state = _State.RUNNING
-            self._stopped.clear()
+            loop = _core.Loop(
+                self,
+                self._stats,
+                self._callbacks,
+                self._protocol is not None,
+                self._protocol,
+                cast(float, cfg.idle_timeout or 0.0),  # normalised to float | None
+                cfg.max_connections or 0,
+                cfg.read_buffer_size,
+                cfg.write_buffer_high,
+                cast(int, cfg.write_buffer_low),  # normalised to int
+                cfg.max_write_buffer,
+            )
+            try:
+                if foreground:
+                    loop.claim_thread()
+                loop.open(backlog=cfg.backlog, **_listener_args(cfg))
+                with self._lock:
+                    if not self._stop_requested:
+                        self._loop = loop
+                        self._state = _State.RUNNING
+                        self._stopped.clear()
+                        return loop
+            except BaseException:
+                loop.teardown()  # after a failed open() too: nothing is left open
+                raise
+            loop.teardown()  # a stop was called while the listener was created
+            return None
         finally:
+            with self._lock:
+                if self._state is _State.STARTING:
+                    self._state = _State.STOPPED
             self._setup_thread = None
-        return loop
 
     def _run_in_background(self, loop: _core.Loop, ready: threading.Event) -> None:
         ready.set()
@@ -390,6 +420,9 @@ class Server:
         """
         deadline = time.monotonic() + timeout
         with self._lock:
+            if self._state is _State.STARTING:
+                self._stop_requested = True  # _open() undoes the start
+                return
             loop = self._loop
             if loop is None:
                 return
