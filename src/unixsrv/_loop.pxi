@@ -63,9 +63,15 @@ cdef class Loop:
         self.accept_backoff_ms = BACKOFF_MIN_MS
         pthread_mutex_init(&self.mu, NULL)
 
-    def __init__(self, server, Stats stats, Callbacks callbacks, bint event_model, factory,
+    def __init__(self, server, Stats stats not None, Callbacks callbacks not None, bint event_model, factory,
                  double idle_timeout, size_t max_connections, size_t read_size,
                  size_t high_water, size_t low_water, size_t max_write_buffer):
+        if self.table != NULL:
+            # A second call would swap the table and buffers under live
+            # connections (and leak the first ones).
+            raise RuntimeError("Loop.__init__ called twice")
+        if read_size > <size_t>PY_SSIZE_T_MAX // 4:
+            raise OverflowError("read_size is too large")
         self.server = server
         self.stats = stats
         self.callbacks = callbacks
@@ -88,6 +94,14 @@ cdef class Loop:
         self.table = <conn_t **>calloc(self.table_cap, sizeof(conn_t *))
         if (self.events == NULL or self.recs == NULL or self.table == NULL
                 or (event_model and self.rxbuf == NULL)):
+            # All or nothing: _check_init() trusts a non-NULL table to mean
+            # every buffer is there.
+            free(self.events)
+            free(self.recs)
+            free(self.rxbuf)
+            free(self.table)
+            self.events = self.recs = self.table = NULL
+            self.rxbuf = NULL
             raise MemoryError()
 
     def __dealloc__(self):
@@ -115,12 +129,20 @@ cdef class Loop:
         loop now owns and closes).  Its file is removed at stop only if
         ``unlink_path`` is given and still names the inode (dev, ino); it is
         never chmod-ed.  On failure fd is closed."""
+        self._check_init()
+        if fd < 0:
+            raise ValueError(f"not a file descriptor: {fd}")
+        if self.pfd >= 0 or self.lfd >= 0 or self.closed:
+            raise RuntimeError("this Loop was already opened")
         self.lfd = fd        # owned from here: _close_fds closes it on failure
         self._open_with(display, unlink_path, _adopted, (fd, dev, ino))
         self.sockname = sockname
 
     cdef int _open_with(self, display, unlink_path, make_listener, tuple args) except -1:
         cdef int fds[2]
+        self._check_init()
+        if self.pfd >= 0 or self.closed:
+            raise RuntimeError("this Loop was already opened")
         self.display_path = display
         try:
             if us_pipe(fds) < 0:
@@ -181,8 +203,14 @@ cdef class Loop:
     def run(self):
         """Serve until request_exit(); may raise (KeyboardInterrupt, ...)."""
         cdef int n, err, timeout
+        self._check_init()
         if self.closed:
             raise RuntimeError("this loop is closed")
+        # One thread at a time: two would share the record array and the
+        # receive buffer (a callback calling run() would reuse them under
+        # the dispatch walking them).
+        if self.dispatching or (self.thread_id != 0 and self.thread_id != PyThread_get_thread_ident()):
+            raise RuntimeError("this loop is already running in another thread or callback")
         # A loop serves one run; an exit requested before run() (a signal
         # handler during set-up) must not be forgotten here.
         self.thread_id = PyThread_get_thread_ident()
@@ -205,6 +233,7 @@ cdef class Loop:
 
     def call_soon_threadsafe(self, callback):
         """Queue callback() to run on the loop thread; False if closed."""
+        self._check_init()
         if self.closed:
             return False
         self.pending.append(callback)
@@ -215,6 +244,22 @@ cdef class Loop:
         cdef char b = 0
         if self.wake_w >= 0:
             write(self.wake_w, &b, 1)   # EAGAIN: the pipe is full, a wakeup is pending
+
+    cdef int _check_init(self) except -1:
+        # Loop.__new__(Loop) skips __init__: no table, buffers or stats,
+        # which every method below the guard dereferences.
+        if self.table == NULL:
+            raise RuntimeError("this Loop was not initialised (Loop.__init__ did not run)")
+        return 0
+
+    cdef int _check_owner(self) except -1:
+        """Event model: the transports (their output buffers, the table) belong
+        to the loop thread, which reads them without the GIL; closing them from
+        another thread while it runs would free memory under it."""
+        self._check_init()
+        if self.event_model and self.thread_id != 0 and self.thread_id != PyThread_get_thread_ident():
+            raise RuntimeError("must be called on the loop thread (use call_soon_threadsafe)")
+        return 0
 
     cdef int64_t _next_deadline(self) noexcept:
         """When the loop must run again without an event: 0 = at once,
@@ -248,6 +293,7 @@ cdef class Loop:
         after kick() (nothing to wait for), and run_once(True) when the timer
         asked for by set_timer(delay_seconds) fires (a new request replaces
         the previous timer)."""
+        self._check_init()
         self.hosted = True
         self.kick = kick
         self.set_timer = set_timer
@@ -273,6 +319,7 @@ cdef class Loop:
         cdef int64_t deadline
         if self.closed:
             return
+        self._check_owner()
         self.kicked = False
         if timer:
             self.timer_deadline = NEVER
@@ -734,12 +781,14 @@ cdef class Loop:
         """Graceful shutdown: stop reading everywhere and let work finish
         (blocking: set conn.done, shut the read side; event: close each
         transport, which flushes first)."""
+        self._check_owner()
         for conn in self._snapshot():
             (<_ConnBase>conn)._begin_drain()
         self._finalize_unless_dispatching()
 
     def abort_all(self):
         """Close every connection now (clients see EOF)."""
+        self._check_owner()
         for conn in self._snapshot():
             (<_ConnBase>conn)._force_close()
         self._finalize_unless_dispatching()
@@ -761,6 +810,7 @@ cdef class Loop:
         """After run(): close everything, run the callbacks still queued,
         release the fds.  Then raises what a callback raised meanwhile
         (KeyboardInterrupt, SystemExit), as run() would have."""
+        self._check_owner()
         self.closed = True
         try:
             self.stop_accepting()
@@ -801,6 +851,8 @@ cdef class Loop:
         # by another thread at fork() time and would never be released.
         pthread_mutex_init(&self.mu, NULL)
         self._close_fds()
+        if self.table == NULL:
+            return
         for fd in range(self.table_hi + 1):
             if self.table[fd] != NULL and self.table[fd].fd >= 0:
                 close(self.table[fd].fd)
