@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = [
     "UnixServer",
     "create_unix_server",
+    "loop_class",
     "new_event_loop",
     "run",
     "start_unix_server",
