@@ -8,6 +8,7 @@ import importlib.metadata
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -32,7 +33,9 @@ PLATFORMS = [
 
 
 def _pyproject() -> dict:
-    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs tomllib (Python 3.11+)")
+    tomllib = pytest.importorskip(
+        "tomllib", reason="reading pyproject.toml needs tomllib (Python 3.11+)"
+    )
     return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
 
@@ -43,14 +46,22 @@ def _selected(selectors: str, identifier: str) -> bool:
 def test_cibuildwheel_selects_every_wheel_of_the_matrix() -> None:
     cibw = _pyproject()["tool"]["cibuildwheel"]
     wanted = [f"{py}-{plat}" for py in PYTHONS for plat in PLATFORMS]
-    missing = [i for i in wanted if not _selected(cibw["build"], i) or _selected(cibw.get("skip", ""), i)]
+    missing = [
+        i
+        for i in wanted
+        if not _selected(cibw["build"], i) or _selected(cibw.get("skip", ""), i)
+    ]
     assert missing == []
     assert "{project}/tests" in cibw["test-command"]  # each wheel runs the suite
 
 
 def test_free_threaded_wheels_are_tested_with_the_gil_kept_off() -> None:
     cibw = _pyproject()["tool"]["cibuildwheel"]
-    overrides = [o for o in cibw.get("overrides", []) if all(_selected(o["select"], f"{py}-x") for py in FREE_THREADED)]
+    overrides = [
+        o
+        for o in cibw.get("overrides", [])
+        if all(_selected(o["select"], f"{py}-x") for py in FREE_THREADED)
+    ]
     assert overrides, "no [[tool.cibuildwheel.overrides]] for the free-threaded wheels"
     command = " && ".join(overrides[-1]["test-command"])
     assert "sys._is_gil_enabled()" in command
@@ -62,7 +73,10 @@ def test_classifiers_and_project_urls() -> None:
     classifiers = set(project["classifiers"])
     for minor in range(11, 16):
         assert f"Programming Language :: Python :: 3.{minor}" in classifiers
-    assert any(c.startswith("Programming Language :: Python :: Free Threading :: ") for c in classifiers)
+    assert any(
+        c.startswith("Programming Language :: Python :: Free Threading :: ")
+        for c in classifiers
+    )
     urls = project["urls"]
     for key in ("Source", "Documentation", "Changelog", "Issues"):
         assert urls[key].startswith("https://"), key
@@ -73,17 +87,31 @@ def test_readme_links_are_absolute() -> None:
     """The package index renders the README away from the repository: a
     relative link to a file breaks there (in-page #anchors still work)."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    targets = re.findall(r"\]\(([^)\s]+)", text) + re.findall(r"(?:src|href)=\"([^\"]+)\"", text)
+    targets = re.findall(r"\]\(([^)\s]+)", text) + re.findall(
+        r"(?:src|href)=\"([^\"]+)\"", text
+    )
     assert targets, "no links found: the pattern is broken"
     relative = [t for t in targets if not re.match(r"(https://|http://|mailto:|#)", t)]
     assert relative == []
+
+
+# Build output, caches, environments: never an input of the sdist.
+_NOT_SOURCES = (".git", "build", "dist", "*.egg-info", "__pycache__", "*.so", "*.o")
+_NOT_SOURCES += (".*_cache", ".venv*", "wheelhouse")
 
 
 def _sources() -> set[str]:
     """What the build of the extension and the package reads."""
     names = {"setup.py", "pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md"}
     for path in (ROOT / "src" / "unixsrv").iterdir():
-        if path.name == "py.typed" or path.suffix in {".py", ".pyi", ".pyx", ".pxd", ".pxi", ".h"}:
+        if path.name == "py.typed" or path.suffix in {
+            ".py",
+            ".pyi",
+            ".pyx",
+            ".pxd",
+            ".pxi",
+            ".h",
+        }:
             names.add(path.relative_to(ROOT).as_posix())
     names.update(p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").glob("*.py"))
     return names
@@ -95,9 +123,25 @@ def test_sdist_contains_every_source_the_build_needs(tmp_path: pathlib.Path) -> 
         try:  # installed distributions: a build/ directory in the cwd is not `build`
             importlib.metadata.distribution(dist)
         except importlib.metadata.PackageNotFoundError:
-            pytest.skip(f"building an sdist without isolation needs the {dist!r} package")
+            pytest.skip(
+                f"building an sdist without isolation needs the {dist!r} package"
+            )
+    # Built from a copy: setuptools writes egg-info into the tree it builds,
+    # and ships whatever an old egg-info's SOURCES.txt lists on the next run.
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(*_NOT_SOURCES))
     out = subprocess.run(
-        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--sdist",
+            "--no-isolation",
+            "--outdir",
+            str(tmp_path),
+            str(tree),
+        ],
+        check=False,
         capture_output=True,
         text=True,
         timeout=300,
@@ -108,7 +152,9 @@ def test_sdist_contains_every_source_the_build_needs(tmp_path: pathlib.Path) -> 
         members = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     assert sorted(_sources() - members) == []
     # Generated or built files never ship: the sdist must build from its sources.
-    assert [m for m in members if m.endswith((".so", ".o")) or m == "src/unixsrv/_core.c"] == []
+    assert [
+        m for m in members if m.endswith((".so", ".o")) or m == "src/unixsrv/_core.c"
+    ] == []
 
 
 @pytest.mark.skipif(
@@ -121,7 +167,12 @@ def test_importing_keeps_the_gil_off_on_a_free_threaded_build() -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHON_GIL"}
     code = "import sys, unixsrv, unixsrv._core; print(sys._is_gil_enabled())"
     out = subprocess.run(
-        [sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-W", "error", "-c", code],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
