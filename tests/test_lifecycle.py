@@ -1011,3 +1011,25 @@ def test_stats_snapshot_is_consistent_while_connections_churn(
         t.join(DEADLINE)
     assert reads[0] > 100
     assert bad == []
+
+
+def test_conn_done_first_read_by_many_threads_while_the_server_closes(sock_path, make_server):
+    """Connection.done is made on first use; several threads asking for it
+    while the loop thread closes the connection all get the same Event, and
+    it is set: the "store it / was it set" step is one (under the GIL, or a
+    critical section without it, docs/free-threading.md)."""
+    started, finished = threading.Event(), threading.Event()
+    seen: list[Any] = []
+
+    def handler(conn: Any) -> None:
+        started.set()
+        seen.extend(run_threads(lambda i: conn.done if conn.done.wait(DEADLINE) else None, 6))
+        finished.set()
+
+    srv = make_server(sock_path, handler)
+    with connect(srv.path):
+        assert started.wait(DEADLINE)
+        srv.close()
+        assert finished.wait(DEADLINE)
+    assert len(seen) == 6 and seen[0] is not None
+    assert all(ev is seen[0] for ev in seen)

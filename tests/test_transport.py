@@ -28,8 +28,8 @@ from typing import Any
 
 import pytest
 from conftest import (DEADLINE, BigWriter, Collect, Echo, KiB, MiB, Recorder, connect, echo, make_room,
-                      on_loop, outcome, payload, process_cpu_over, recv_exactly, recv_until_eof, sha, squash,
-                      wait_until)
+                      on_loop, outcome, payload, process_cpu_over, recv_exactly, recv_until_eof, run_threads, sha,
+                      squash, wait_until)
 
 from unixsrv import PeerCredentials, ServerClosedError, Transport
 
@@ -869,3 +869,33 @@ def test_resume_writing_is_called_while_a_closing_transport_drains(
     assert proto.lost.wait(DEADLINE)
     assert proto.buffered > 64 * KiB
     assert proto.flow == ["pause", "resume"]
+
+
+def test_call_soon_threadsafe_racing_close_runs_or_refuses_each_callback(sock_path, make_server):
+    """Callbacks queued from many threads while another thread closes the
+    server: each call either raises ServerClosedError or its callback runs
+    (teardown's last drain sees it), never neither.  Without the GIL this
+    needs the loop mutex (docs/free-threading.md); the free-threaded CI jobs
+    run it with PYTHON_GIL=0."""
+    srv = make_server(sock_path, protocol=Echo)
+    ran: list[int] = []
+    per_thread = 20_000  # a bound: the close() normally stops them far sooner
+
+    def call(i: int) -> int:
+        if i == 0:
+            on_loop(srv, lambda: None)  # the others are queueing by now
+            srv.close()
+            return 0
+        queued = 0
+        for k in range(per_thread):
+            try:
+                srv.call_soon_threadsafe(ran.append, i * per_thread + k)
+            except ServerClosedError:
+                break
+            queued += 1
+        return queued
+
+    results = run_threads(call, 6)
+    assert not [r for r in results if isinstance(r, BaseException)]
+    assert srv.wait(DEADLINE)
+    assert len(ran) == sum(results) == len(set(ran))
