@@ -734,13 +734,23 @@ def test_transport_methods_refuse_other_threads(sock_path: str) -> None:
             errors: list[BaseException] = []
 
             def other() -> None:
-                try:
-                    transports[0].write(b"no")
-                except RuntimeError as exc:
-                    errors.append(exc)
+                t = transports[0]
+                for call in (
+                    lambda: t.write(b"no"),
+                    t.get_protocol,
+                    lambda: t.set_protocol(Echo()),
+                    lambda: t.get_extra_info("socket"),
+                ):
+                    try:
+                        call()
+                    except RuntimeError as exc:
+                        errors.append(exc)
+                names.append(t.get_extra_info("sockname"))  # fixed at accept: any thread
 
+            names: list[Any] = []
             await asyncio.get_running_loop().run_in_executor(None, other)
-            assert len(errors) == 1 and "loop thread" in str(errors[0])
+            assert len(errors) == 4 and all("loop thread" in str(e) for e in errors)
+            assert names == [sock_path] and isinstance(transports[0].get_protocol(), Keep)
             transports[0].write(b"b")  # this thread is the loop's
             assert await reader.readexactly(1) == b"b"
             writer.close()
