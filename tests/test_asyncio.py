@@ -869,3 +869,25 @@ def test_close_clients_and_abort_clients(sock_path: str) -> None:
         writer.close()
 
     arun(main)
+
+
+def test_hosted_on_a_loop_in_another_thread(sock_path: str) -> None:
+    """The loop thread is whichever thread runs the host loop (not the main one)."""
+    results: list[Any] = []
+
+    def run_in_thread() -> None:
+        async def main() -> None:
+            server = await ua.start_unix_server(stream_echo, sock_path)
+            async with server:
+                results.append(await roundtrip(sock_path, b"thread"))
+                results.append(server.stats()["accepted"])
+
+        try:
+            arun(main)
+        except BaseException as exc:  # handed to the test thread
+            results.append(exc)
+
+    worker = threading.Thread(target=run_in_thread)
+    worker.start()
+    worker.join(3 * DEADLINE)
+    assert not worker.is_alive() and results == [b"thread", 1]
