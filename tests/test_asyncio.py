@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import importlib.util
 import json
@@ -873,21 +874,13 @@ def test_close_clients_and_abort_clients(sock_path: str) -> None:
 
 def test_hosted_on_a_loop_in_another_thread(sock_path: str) -> None:
     """The loop thread is whichever thread runs the host loop (not the main one)."""
-    results: list[Any] = []
 
-    def run_in_thread() -> None:
-        async def main() -> None:
-            server = await ua.start_unix_server(stream_echo, sock_path)
-            async with server:
-                results.append(await roundtrip(sock_path, b"thread"))
-                results.append(server.stats()["accepted"])
+    async def main() -> tuple[bytes, int, int]:
+        server = await ua.start_unix_server(stream_echo, sock_path)
+        async with server:
+            answer = await roundtrip(sock_path, b"thread")
+            return answer, server.stats()["accepted"], threading.get_ident()
 
-        try:
-            arun(main)
-        except BaseException as exc:  # handed to the test thread
-            results.append(exc)
-
-    worker = threading.Thread(target=run_in_thread)
-    worker.start()
-    worker.join(3 * DEADLINE)
-    assert not worker.is_alive() and results == [b"thread", 1]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer, accepted, ident = pool.submit(arun, main).result(3 * DEADLINE)
+    assert (answer, accepted) == (b"thread", 1) and ident != threading.get_ident()
