@@ -21,10 +21,25 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, Echo, echo_once, finish, open_fds, payload, read_line, sha
+from conftest import (
+    DEADLINE,
+    Echo,
+    echo_once,
+    finish,
+    open_fds,
+    payload,
+    read_line,
+    sha,
+)
 
 import unixsrv.asyncio as ua
-from unixsrv import AddressInUseError, ConnState, IdleTimeoutError, ServerConfig, ShutdownTimeoutError
+from unixsrv import (
+    AddressInUseError,
+    ConnState,
+    IdleTimeoutError,
+    ServerConfig,
+    ShutdownTimeoutError,
+)
 
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
