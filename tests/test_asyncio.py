@@ -607,9 +607,9 @@ def test_idle_timeout_on_a_hosted_server(sock_path: str) -> None:
             for n in range(3):  # activity keeps it open past the timeout
                 if n:
                     await asyncio.sleep(0.1)  # the client's pace: time passing is the behaviour
+                last = loop.time()  # the server's last activity (its echo) comes after this
                 writer.write(b"k")
                 assert await reader.readexactly(1) == b"k"
-                last = loop.time()
             assert await asyncio.wait_for(reader.read(), DEADLINE) == b""  # the idle timer fired
             assert 0.2 <= loop.time() - last < 0.2 + DEADLINE
             assert len(lost) == 1 and isinstance(lost[0], IdleTimeoutError)
