@@ -1,7 +1,7 @@
 """Type stubs for the C extension unixsrv._core."""
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .peer import PeerCredentials
@@ -109,6 +109,19 @@ class Loop:
         tmp_name: bytes,
         use_proc: bool,
     ) -> None: ...
+    def adopt(
+        self, fd: int, sockname: str | bytes, display: str, unlink_path: bytes | None, dev: int, ino: int
+    ) -> None: ...
+    @property
+    def sockname(self) -> str | bytes | None: ...
+    def set_access(
+        self,
+        allowed_uids: Sequence[int] | None,
+        allowed_gids: Sequence[int] | None,
+        max_per_uid: int,
+        authorize: Callable[[PeerCredentials], bool] | None,
+    ) -> None: ...
+    def set_tick(self, interval: float, callback: Callable[[], Any] | None) -> None: ...
     @property
     def wakeup_fileno(self) -> int: ...
     @property
