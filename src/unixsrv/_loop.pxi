@@ -445,17 +445,18 @@ cdef class Loop:
             if us_peercred(fd, &pid, &uid, &gid) < 0:
                 pid = uid = gid = -1
             if self.lists_on and not self._listed(fd, uid, gid):
-                close(fd)          # before any Python code sees it
+                # Counted before the close, so a client that sees EOF sees the count.
                 if self._note_denied(&quiet):
                     self._push_peer(REC_DENIED, -1, 0, <ssize_t>quiet, pid, uid, gid)
+                close(fd)          # before any Python code sees it
                 continue
             if self.max_per_uid and uid >= 0:
                 pthread_mutex_lock(&self.uid_mu)
                 taken = us_uid_take(&self.uid_counts, <uint32_t>uid, self.max_per_uid)
                 pthread_mutex_unlock(&self.uid_mu)
                 if taken != 1:       # over this uid's limit (or no memory to count it)
-                    close(fd)
                     us_add_u64(&self.stats.s.rejected, 1)
+                    close(fd)
                     continue
             if self.has_authorize:
                 waiting += 1
@@ -658,7 +659,7 @@ cdef class Loop:
         """authorize(peer) on the loop thread, after the lists and before
         anything else sees the connection: only ``True`` admits; False,
         anything else, or an exception (reported) denies and closes."""
-        cdef bint ok = False
+        cdef bint ok = False, log
         cdef uint64_t quiet
         if r.uid >= 0:
             try:
@@ -668,9 +669,10 @@ cdef class Loop:
         if ok:
             us_add_u64(&self.stats.s.accepted, 1)
             return True
-        close(r.fd)
         self._uid_put(r.uid)
-        if self._note_denied(&quiet):
+        log = self._note_denied(&quiet)
+        close(r.fd)
+        if log:
             self._log_denied(r.pid, r.uid, r.gid, quiet)
         return False
 
