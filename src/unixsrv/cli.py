@@ -1,7 +1,10 @@
 """The ``unixsrv`` command (also ``python -m unixsrv``).
 
 ``unixsrv serve`` runs a server until SIGINT or SIGTERM, then shuts down
-gracefully (a second signal closes at once).
+gracefully (a second signal closes at once).  Under systemd it serves the
+socket passed by socket activation when no --socket is given, and always
+reports readiness, watchdog pings, status and stopping through
+``$NOTIFY_SOCKET`` (see unixsrv.systemd).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -62,6 +66,16 @@ def _build_parser() -> argparse.ArgumentParser:
     what.add_argument("--echo", action="store_true", help="serve the built-in echo")
     what.add_argument("--handler", metavar="MODULE:FUNCTION", help="blocking-model handler(conn)")
     what.add_argument("--protocol", metavar="MODULE:FACTORY", help="event-model asyncio.Protocol factory")
+    serve.add_argument("--allow-uid", action="append", metavar="USER",
+                       help="admit this user (name or uid; repeat or comma-separate); default: anyone")
+    serve.add_argument("--allow-gid", action="append", metavar="GROUP",
+                       help="admit members of this group (name or gid, supplementary groups count; repeatable)")
+    serve.add_argument("--max-connections-per-uid", type=int, metavar="N", help="open connections one user may have")
+    serve.add_argument("--authorize", metavar="MODULE:FUNCTION", help="authorize(peer) -> bool, after the lists")
+    serve.add_argument("--socket-name", metavar="NAME",
+                       help="socket activation: the passed socket with this FileDescriptorName=")
+    serve.add_argument("--metrics", metavar="HOST:PORT|PATH",
+                       help="serve Prometheus metrics over HTTP on HOST:PORT or on a Unix socket PATH")
     serve.set_defaults(func=_serve)
 
     from .bench import add_bench_parser
@@ -72,18 +86,25 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
+    authorize = _import(args.authorize) if args.authorize else None
     if args.echo:
-        server = Server(config, echo_handler) if args.model == "blocking" else Server(config, protocol=EchoProtocol)
+        handler, factory = (echo_handler, None) if args.model == "blocking" else (None, EchoProtocol)
         what = f"echo ({args.model} model)"
     elif args.handler:
-        server = Server(config, _import(args.handler))
+        handler, factory = _import(args.handler), None
         what = args.handler
     else:
-        server = Server(config, protocol=_import(args.protocol))
+        handler, factory = None, _import(args.protocol)
         what = args.protocol
+    server = Server(config, handler, protocol=factory, authorize=authorize)
     _install_signal_handlers(server, args.shutdown_timeout)
+    stop_metrics = _serve_metrics(args.metrics, server) if args.metrics else None
     logger.info("serving %s on %s; SIGINT or SIGTERM stops it", what, server.path)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
     stats = server.stats()
     logger.info("stopped: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
     return 0
@@ -103,11 +124,30 @@ def _config_from_args(args: argparse.Namespace) -> ServerConfig:
         "idle_timeout": args.idle_timeout,
         "max_connections": args.max_connections,
         "backlog": args.backlog,
+        "allowed_uids": ",".join(args.allow_uid) if args.allow_uid else None,
+        "allowed_gids": ",".join(args.allow_gid) if args.allow_gid else None,
+        "max_connections_per_uid": args.max_connections_per_uid,
     }
     data.update({k: v for k, v in overrides.items() if v is not None})
+    data["sd_notify"] = True  # a no-op unless systemd (or a test) set $NOTIFY_SOCKET
+    if "path" not in data and os.environ.get("LISTEN_FDS"):
+        # Socket activation: the socket's mode is the .socket unit's (SocketMode=).
+        for key in ("mode", "group"):
+            if overrides[key] is None:
+                data.pop(key, None)
+        return ServerConfig.from_systemd(args.socket_name, **data)
     if "path" not in data:
         raise ConfigError("give --socket PATH or a --config file with an address")
     return ServerConfig(**data)
+
+
+def _serve_metrics(address: str, server: Server) -> Any:
+    """Start the --metrics endpoint for ``server``; returns its stop function."""
+    try:
+        from .metrics import collect_servers, serve_metrics
+    except ImportError as exc:
+        raise ConfigError(f"--metrics needs prometheus_client (pip install 'unixsrv[metrics]'): {exc}") from None
+    return serve_metrics(address, collect_servers([server]))
 
 
 def _import(spec: str) -> Any:
