@@ -10,6 +10,7 @@ Python code, so every callback a server has is counted.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import socket
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, Echo, connect, echo, echo_handler, fork_quietly, reap, wait_until
+from conftest import DEADLINE, Echo, connect, echo, echo_handler, finish, fork_quietly, reap, wait_until
 
 from unixsrv import ConfigError, InvalidGroupError, PeerCredentials, Server, ServerConfig
 
@@ -408,3 +409,28 @@ def test_per_uid_limit_is_per_uid(serve: Callable[..., tuple[Server, Seen]], ope
         assert srv.stats()["rejected"] == 1
     finally:
         mine.close()
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("how", ["flags", "config file"])
+def test_cli_allow_lists(sock_dir: str, sock_path: str, spawn: Callable[..., Any], how: str) -> None:
+    """unixsrv serve --allow-uid/--allow-gid/--max-connections-per-uid, or the
+    same keys in a --config file: an unlisted peer is denied."""
+    if how == "flags":
+        args = ["--socket", sock_path, "--allow-uid", str(U1), "--allow-gid", f"{G1},{G2}", "--max-connections-per-uid", "3"]
+    else:
+        conf = os.path.join(sock_dir, "conf.json")
+        with open(conf, "w") as f:
+            json.dump({"address": sock_path, "allowed_uids": [U1], "allowed_gids": [G1, G2], "max_connections_per_uid": 3}, f)
+        args = ["--config", conf]
+    code = "import sys; from unixsrv.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = spawn(code, "serve", "--echo", *args)
+    wait_until(lambda: os.path.exists(sock_path) or proc.poll() is not None)
+    assert own_outcome(sock_path) == "denied"
+    proc.terminate()
+    rc, _out, err = finish(proc)
+    assert rc == 0, err
+    assert "denied=1" in err and "accepted=0" in err
+    assert f"denied a connection from pid {os.getpid()} uid {os.getuid()}" in err

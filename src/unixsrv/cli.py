@@ -98,13 +98,13 @@ def _serve(args: argparse.Namespace) -> int:
         what = args.protocol
     server = Server(config, handler, protocol=factory, authorize=authorize)
     _install_signal_handlers(server, args.shutdown_timeout)
-    stop_metrics = _serve_metrics(args.metrics, server) if args.metrics else None
+    endpoint = _serve_metrics(args.metrics, server) if args.metrics else None
     logger.info("serving %s on %s; SIGINT or SIGTERM stops it", what, server.path)
     try:
         server.serve_forever()
     finally:
-        if stop_metrics is not None:
-            stop_metrics()
+        if endpoint is not None:
+            endpoint.close()
     stats = server.stats()
     logger.info("stopped: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
     return 0

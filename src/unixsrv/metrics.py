@@ -38,7 +38,7 @@ from .config import ServerConfig
 from .errors import ConfigError
 from .server import Server
 
-__all__ = ["ServerCollector", "collect_servers", "serve_metrics"]
+__all__ = ["MetricsEndpoint", "ServerCollector", "collect_servers", "serve_metrics"]
 
 logger = logging.getLogger("unixsrv.metrics")
 
@@ -91,28 +91,37 @@ class ServerCollector(Collector):
         yield gauge
 
 
-def serve_metrics(address: str, registry: CollectorRegistry) -> Callable[[], None]:
+class MetricsEndpoint:
+    """A running metrics endpoint: ``url`` says where, ``close()`` stops it."""
+
+    def __init__(self, url: str, close: Callable[[], None]) -> None:
+        self.url = url
+        self.close = close
+
+
+def serve_metrics(address: str, registry: CollectorRegistry) -> MetricsEndpoint:
     """Serve ``registry`` over HTTP on ``address``: ``HOST:PORT`` (``[::1]:9100``
-    for IPv6) or a Unix socket path (anything else).  Returns a function that
-    stops it."""
+    for IPv6; port 0 picks a free one) or a Unix socket path (anything else)."""
     tcp = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d+)", address)
     if tcp and "/" not in address:
         host, port = tcp.group(1) or "0.0.0.0", int(tcp.group(2))
         if not 0 <= port <= 65535:
             raise ConfigError(f"--metrics: port {port} is out of range")
         httpd, thread = start_http_server(port, addr=host, registry=registry)
-        logger.info("metrics on http://%s:%d/metrics", host, httpd.server_port)
 
         def stop_tcp() -> None:
             httpd.shutdown()
             httpd.server_close()
             thread.join()
 
-        return stop_tcp
-    server = Server(ServerConfig(path=address), _http_handler(registry))
-    server.start()
-    logger.info("metrics on unix %s (http://localhost/metrics)", server.path)
-    return server.close
+        shown = f"[{host}]" if ":" in host else host
+        endpoint = MetricsEndpoint(f"http://{shown}:{httpd.server_port}/metrics", stop_tcp)
+    else:
+        server = Server(ServerConfig(path=address), _http_handler(registry))
+        server.start()
+        endpoint = MetricsEndpoint(f"unix:{server.path} http://localhost/metrics", server.close)
+    logger.info("metrics on %s", endpoint.url)
+    return endpoint
 
 
 def _http_handler(registry: CollectorRegistry) -> Callable[[Any], None]:
