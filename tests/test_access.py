@@ -20,9 +20,25 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, Echo, connect, echo, echo_handler, finish, fork_quietly, reap, wait_until
+from conftest import (
+    DEADLINE,
+    Echo,
+    connect,
+    echo,
+    echo_handler,
+    finish,
+    fork_quietly,
+    reap,
+    wait_until,
+)
 
-from unixsrv import ConfigError, InvalidGroupError, PeerCredentials, Server, ServerConfig
+from unixsrv import (
+    ConfigError,
+    InvalidGroupError,
+    PeerCredentials,
+    Server,
+    ServerConfig,
+)
 
 # Ids no account on the machine uses (the tests need nobody's files).
 U1, U2 = 52001, 52002
@@ -128,7 +144,7 @@ def connect_as(path: str, uid: int, gid: int, groups: list[int]) -> str:
             s.settimeout(DEADLINE)
             s.connect(path)
             result = outcome(s)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the child reports whatever ended it
             result = f"error {exc!r}"
         finally:
             os.write(w, result.encode())
@@ -253,7 +269,9 @@ def test_denials_are_logged_rate_limited(
 
     def logged() -> tuple[list[str], int]:
         one_by_one = [r.getMessage() for r in caplog.records if "denied a connection" in r.getMessage()]
-        more = sum(int(r.getMessage().split(": ")[1].split()[0]) for r in caplog.records if "more connection" in r.getMessage())
+        more = sum(
+            int(r.getMessage().split(": ")[1].split()[0]) for r in caplog.records if "more connection" in r.getMessage()
+        )
         return one_by_one, more
 
     wait_until(lambda: sum(len(x) if isinstance(x, list) else x for x in logged()) == 40)
@@ -359,9 +377,7 @@ def test_per_uid_limit(serve: Callable[..., tuple[Server, Seen]], sock_path: str
         b.close()
 
 
-def test_per_uid_slot_returned_when_authorize_denies(
-    serve: Callable[..., tuple[Server, Seen]], sock_path: str
-) -> None:
+def test_per_uid_slot_returned_when_authorize_denies(serve: Callable[..., tuple[Server, Seen]], sock_path: str) -> None:
     verdicts = iter([False, False, False, True])
     srv, _seen = serve(authorize=lambda peer: next(verdicts), max_connections_per_uid=1)
     for _ in range(3):
@@ -419,11 +435,22 @@ def test_cli_allow_lists(sock_dir: str, sock_path: str, spawn: Callable[..., Any
     """unixsrv serve --allow-uid/--allow-gid/--max-connections-per-uid, or the
     same keys in a --config file: an unlisted peer is denied."""
     if how == "flags":
-        args = ["--socket", sock_path, "--allow-uid", str(U1), "--allow-gid", f"{G1},{G2}", "--max-connections-per-uid", "3"]
+        args = [
+            "--socket",
+            sock_path,
+            "--allow-uid",
+            str(U1),
+            "--allow-gid",
+            f"{G1},{G2}",
+            "--max-connections-per-uid",
+            "3",
+        ]
     else:
         conf = os.path.join(sock_dir, "conf.json")
         with open(conf, "w") as f:
-            json.dump({"address": sock_path, "allowed_uids": [U1], "allowed_gids": [G1, G2], "max_connections_per_uid": 3}, f)
+            json.dump(
+                {"address": sock_path, "allowed_uids": [U1], "allowed_gids": [G1, G2], "max_connections_per_uid": 3}, f
+            )
         args = ["--config", conf]
     code = "import sys; from unixsrv.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = spawn(code, "serve", "--echo", *args)

@@ -15,14 +15,25 @@ import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import CHILD_LOG_LINES, DEADLINE, Echo, connect, echo, finish, read_line, wait_until
+from conftest import (
+    CHILD_LOG_LINES,
+    DEADLINE,
+    Echo,
+    connect,
+    echo,
+    finish,
+    read_line,
+    wait_until,
+)
 
 from unixsrv import PeerCredentials, Server, ServerConfig
 
-prometheus_client = pytest.importorskip("prometheus_client", reason="prometheus_client (unixsrv[metrics]) is not installed")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+prometheus_client = pytest.importorskip(
+    "prometheus_client", reason="prometheus_client (unixsrv[metrics]) is not installed"
+)
+from prometheus_client.parser import text_string_to_metric_families
 
-from unixsrv.metrics import ServerCollector, collect_servers, serve_metrics  # noqa: E402
+from unixsrv.metrics import ServerCollector, collect_servers, serve_metrics
 
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed")
@@ -51,7 +62,11 @@ def parse(text: str) -> dict[str, dict[str, float]]:
 def curl(*args: str) -> str:
     assert CURL is not None
     done = subprocess.run(
-        [CURL, "-sS", "--max-time", str(DEADLINE), *args], capture_output=True, text=True, timeout=DEADLINE + 5
+        [CURL, "-sS", "--max-time", str(DEADLINE), *args],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE + 5,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -109,9 +124,7 @@ def test_collector_reports_every_server(make_server: Callable[..., Server], sock
 
 @needs_curl
 @pytest.mark.parametrize("where", ["tcp", "unix"])
-def test_endpoint_scraped_with_curl_equals_stats(
-    busy: tuple[Server, socket.socket], sock_dir: str, where: str
-) -> None:
+def test_endpoint_scraped_with_curl_equals_stats(busy: tuple[Server, socket.socket], sock_dir: str, where: str) -> None:
     srv, _open_client = busy
     address = "127.0.0.1:0" if where == "tcp" else os.path.join(sock_dir, "m.sock")
     endpoint = serve_metrics(address, collect_servers([srv]))
@@ -122,7 +135,13 @@ def test_endpoint_scraped_with_curl_equals_stats(
         for name, key in KEYS.items():
             assert got[name][srv.path] == stats[key], name
         assert got["unixsrv_open_connections"][srv.path] == stats["open"]
-        assert (stats["denied"], stats["accepted"], stats["open"], stats["rejected"], stats["bytes_in"]) == (1, 2, 1, 1, 11)
+        assert (stats["denied"], stats["accepted"], stats["open"], stats["rejected"], stats["bytes_in"]) == (
+            1,
+            2,
+            1,
+            1,
+            11,
+        )
     finally:
         endpoint.close()
     if where == "unix":

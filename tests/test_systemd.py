@@ -21,7 +21,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, LINUX, Echo, connect, echo, echo_handler, finish, is_listening, wait_until
+from conftest import (
+    DEADLINE,
+    LINUX,
+    Echo,
+    connect,
+    echo,
+    echo_handler,
+    finish,
+    is_listening,
+    wait_until,
+)
 
 import unixsrv
 from unixsrv import ConfigError, InvalidPathError, Server, ServerConfig
@@ -260,8 +270,8 @@ def test_watchdog_pings_at_half_the_timeout_and_stop_while_blocked(
         quiet_from = blocked_at
         while time.monotonic() - blocked_at < 10 * period:
             try:
-                at, fields = notify.next(max(blocked_at + 10 * period - time.monotonic(), 0.001))
-            except socket.timeout:
+                at, _fields = notify.next(max(blocked_at + 10 * period - time.monotonic(), 0.001))
+            except TimeoutError:
                 break
             assert at - blocked_at < period, f"a ping {at - blocked_at:.3f} s into the block"
             quiet_from = at
@@ -289,7 +299,17 @@ def test_cli_under_systemd_socket_activate(sock_dir: str, sock_path: str, notify
     argv = ["systemd-socket-activate", "-l", sock_path]
     for key, value in env.items():
         argv += ["-E", f"{key}={value}"]
-    argv += [sys.executable, "-m", "unixsrv", "--log-level", "DEBUG", "serve", "--echo", "--allow-uid", str(os.getuid())]
+    argv += [
+        sys.executable,
+        "-m",
+        "unixsrv",
+        "--log-level",
+        "DEBUG",
+        "serve",
+        "--echo",
+        "--allow-uid",
+        str(os.getuid()),
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # It binds the path, then starts (execs) the service at the first connection.

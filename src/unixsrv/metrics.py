@@ -81,7 +81,9 @@ class ServerCollector(Collector):
         with self._lock:
             servers = list(self._servers)
         counters = [CounterMetricFamily(name, text, labels=["socket"]) for name, _key, text in _COUNTERS]
-        gauge = GaugeMetricFamily("unixsrv_open_connections", "Connections accepted and not yet closed.", labels=["socket"])
+        gauge = GaugeMetricFamily(
+            "unixsrv_open_connections", "Connections accepted and not yet closed.", labels=["socket"]
+        )
         for server in servers:
             stats = server.stats()
             for family, (_name, key, _text) in zip(counters, _COUNTERS):

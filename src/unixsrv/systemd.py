@@ -24,7 +24,7 @@ import os
 import socket
 import stat
 
-__all__ = ["LISTEN_FDS_START", "listen_fd", "listening_address", "notify", "Notifier"]
+__all__ = ["LISTEN_FDS_START", "Notifier", "listen_fd", "listening_address", "notify"]
 
 logger = logging.getLogger("unixsrv.systemd")
 
