@@ -254,7 +254,12 @@ class Server:
         """Access control, the listener (created, or the inherited fd=), and
         the systemd notifications of this run."""
         cfg = self._config
-        loop.set_access(cfg.allowed_uids, cfg.allowed_gids, cfg.max_connections_per_uid or 0, self._authorize)
+        loop.set_access(
+            cast("tuple[int, ...] | None", cfg.allowed_uids),  # normalised to sorted ids
+            cast("tuple[int, ...] | None", cfg.allowed_gids),
+            cfg.max_connections_per_uid or 0,
+            self._authorize,
+        )
         if cfg.fd is None:
             loop.open(backlog=cfg.backlog, **_listener_args(cfg))
         else:
