@@ -21,6 +21,7 @@ from conftest import (
     Echo,
     connect,
     echo,
+    echo_once,
     finish,
     read_line,
     wait_until,
@@ -172,12 +173,7 @@ def test_cli_metrics_flag(sock_path: str, spawn: Callable[..., subprocess.Popen[
         match = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", read_line(proc))
         url = match.group(1) if match else ""
     wait_until(lambda: os.path.exists(sock_path))
-    s = connect(sock_path)
-    try:
-        s.sendall(b"ping\n")
-        assert s.recv(16) == b"ping\n"
-    finally:
-        s.close()
+    echo_once(sock_path, b"ping\n")
     got = parse(curl(url))
     assert got["unixsrv_connections_accepted"][sock_path] == 1 and got["unixsrv_received_bytes"][sock_path] == 5
     proc.terminate()

@@ -28,6 +28,7 @@ from conftest import (
     connect,
     echo,
     echo_handler,
+    echo_once,
     finish,
     is_listening,
     wait_until,
@@ -316,12 +317,7 @@ def test_cli_under_systemd_socket_activate(sock_dir: str, sock_path: str, notify
         wait_until(lambda: os.path.exists(sock_path) or proc.poll() is not None)
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         before = os.stat(sock_path)
-        s = connect(sock_path)
-        try:
-            s.sendall(b"hi\n")
-            assert s.recv(16) == b"hi\n"
-        finally:
-            s.close()
+        echo_once(sock_path, b"hi\n")
         _at, fields = notify.wait_for("READY")
         assert fields["READY"] == "1"
         assert notify.wait_for("WATCHDOG")[1]["WATCHDOG"] == "1"
