@@ -131,11 +131,12 @@ cdef class Loop:
         """Serve a socket the caller bound (``fd`` is a duplicate that this
         loop now owns and closes).  Its file is removed at stop only if
         ``unlink_path`` is given and still names the inode (dev, ino); it is
-        never chmod-ed.  On failure fd is closed."""
-        if self.table == NULL or self.pfd >= 0 or self.closed or self.lfd >= 0:
-            close(fd)            # owned from the call on; _open_with raises below
-        else:
-            self.lfd = fd        # owned from here: _close_fds closes it on failure
+        never chmod-ed.  On failure fd is closed, unless the loop refused it
+        at once (not initialised, or already opened)."""
+        self._check_init()
+        if self.pfd >= 0 or self.closed or self.lfd >= 0:
+            raise RuntimeError("this Loop was already opened")
+        self.lfd = fd        # owned from here: _close_fds closes it on failure
         self._open_with(display, unlink_path, _adopted, (fd, dev, ino))
         self.sockname = sockname
 
