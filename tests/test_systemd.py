@@ -297,6 +297,8 @@ def test_cli_under_systemd_socket_activate(sock_dir: str, sock_path: str, notify
     watchdog pings, connections served, STOPPING=1 on SIGTERM, the socket
     file left where it was."""
     env = {"PYTHONPATH": SRC, "NOTIFY_SOCKET": os.environ["NOTIFY_SOCKET"], "WATCHDOG_USEC": "400000"}
+    # The sanitiser run's settings reach the Python service, not systemd-socket-activate.
+    env.update({k: os.environ[k] for k in ("LD_PRELOAD", "PYTHONMALLOC", "ASAN_OPTIONS") if k in os.environ})
     argv = ["systemd-socket-activate", "-l", sock_path]
     for key, value in env.items():
         argv += ["-E", f"{key}={value}"]
@@ -311,13 +313,23 @@ def test_cli_under_systemd_socket_activate(sock_dir: str, sock_path: str, notify
         "--allow-uid",
         str(os.getuid()),
     ]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    own_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=own_env)
     try:
         # It binds the path, then starts (execs) the service at the first connection.
         wait_until(lambda: os.path.exists(sock_path) or proc.poll() is not None)
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         before = os.stat(sock_path)
-        echo_once(sock_path, b"hi\n")
+
+        def served() -> bool:
+            # The file appears at bind(2), a moment before listen(2): refused until then.
+            try:
+                echo_once(sock_path, b"hi\n")
+            except ConnectionRefusedError:
+                return False
+            return True
+
+        wait_until(served)
         _at, fields = notify.wait_for("READY")
         assert fields["READY"] == "1"
         assert notify.wait_for("WATCHDOG")[1]["WATCHDOG"] == "1"
