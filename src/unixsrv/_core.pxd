@@ -255,7 +255,7 @@ cdef extern from * nogil:
 cdef struct us_stats:
     uint64_t accepted     # connections handed to a handler / protocol
     uint64_t closed       # accepted connections closed since (open = accepted - closed)
-    uint64_t rejected     # refused by max_connections
+    uint64_t rejected     # refused by max_connections or max_connections_per_uid
     uint64_t bytes_in
     uint64_t bytes_out
     uint64_t errors       # errors reported through on_error
