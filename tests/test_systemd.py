@@ -110,9 +110,9 @@ def test_fd_serves_and_never_touches_the_file(listener: socket.socket, sock_path
     assert srv.stats()["accepted"] == 2
 
 
-def test_fd_config_keeps_mode_and_group_none(listener: socket.socket, sock_path: str) -> None:
+def test_fd_config_has_no_mode_or_group(listener: socket.socket, sock_path: str) -> None:
     cfg = ServerConfig(path=sock_path, fd=listener.fileno())
-    assert cfg.mode is None and cfg.group is None and cfg.fd == listener.fileno()
+    assert cfg.mode == 0 and cfg.group is None and cfg.fd == listener.fileno()  # as for an abstract name
     with pytest.raises(ConfigError, match="never chmod-ed"):
         ServerConfig(path=sock_path, fd=listener.fileno(), mode=0o600)
     with pytest.raises(ConfigError, match="never chmod-ed"):
@@ -183,7 +183,7 @@ def test_from_systemd_parses_listen_fds(sock_dir: str, spawn: Callable[..., subp
     rc, out, err = finish(spawn(FROM_SYSTEMD, sock_dir))
     assert rc == 0, err
     got = json.loads(out)
-    assert got["by name"] == [4, "b.sock", True, 5.0, None]
+    assert got["by name"] == [4, "b.sock", True, 5.0, 0]  # mode 0: no file of ours
     assert "choose one by name" in got["no name"]
     assert "third" in got["unknown name"]
     assert "not this process" in got["other pid"]

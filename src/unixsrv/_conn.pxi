@@ -103,10 +103,16 @@ cdef class _ConnBase:
         """PeerCredentials(pid, uid, gid) of the client at connect time
         (SO_PEERCRED on Linux, getpeereid on macOS, where pid may be 0);
         read once when the connection was accepted."""
+        if self.c.peer_uid < 0:
+            raise _oserror(ENOTCONN)
         if self._peer is None:
-            if self.c.peer_uid < 0:
-                raise _oserror(ENOTCONN)
-            self._peer = PeerCredentials(self.c.peer_pid, self.c.peer_uid, self.c.peer_gid)
+            peer = PeerCredentials(self.c.peer_pid, self.c.peer_uid, self.c.peer_gid)
+            # Any thread may ask first: the critical section keeps two first
+            # readers of a free-threaded build from both storing (the second
+            # store would free the object the first is returning).
+            with cython.critical_section(self):
+                if self._peer is None:
+                    self._peer = peer
         return self._peer
 
 
@@ -401,17 +407,25 @@ cdef class Connection(_ConnBase):
     def done(self):
         """A threading.Event set when the server stops or the idle timeout
         fires; a handler that loops without reading can poll or wait on it."""
+        cdef bint set_now = False
         if self._done is None:
             ev = _Event()
-            if self._done is None:       # no Python code runs from here on
-                self._done = ev
-                if self._done_set:
-                    ev.set()
+            # The handler's thread asks, the loop thread (idle timeout,
+            # shutdown) sets: the critical section (the GIL's job on a
+            # default build) makes "store the event / see _done_set" one
+            # step, so one of the two threads always sets it.
+            with cython.critical_section(self):
+                if self._done is None:
+                    self._done = ev
+                    set_now = self._done_set
+            if set_now:
+                ev.set()
         return self._done
 
     cdef int _set_done(self) except -1:
-        self._done_set = True
-        ev = self._done
+        with cython.critical_section(self):
+            self._done_set = True
+            ev = self._done
         if ev is not None:
             ev.set()
         return 0

@@ -12,8 +12,10 @@
 # The connection table maps fd -> conn_t.  In the blocking model worker
 # threads remove their own connection from it, so it is guarded by a mutex;
 # in the event model only the loop thread touches it and the mutex is
-# skipped.  Lock order: the mutex is only ever waited for without the GIL,
-# and no Python code runs while it is held.
+# skipped.  The same mutex makes call_soon_threadsafe's "not closed? queue
+# it and wake the loop" one step against teardown (both models).  Lock
+# order: the mutex is only ever waited for without the GIL, and no Python
+# code runs while it is held.
 
 
 cdef uint64_t TOKEN_WAKE = 0xFFFFFFFFFFFFFFFFULL
@@ -47,6 +49,14 @@ cdef inline int64_t _sweep_slack(int64_t idle_ns) noexcept nogil:
     """How late an idle sweep may run: 1/64 of the timeout, 1..250 ms, so
     that connections expiring close together share one sweep."""
     return min(max(idle_ns // 64, 1000000), 250000000)
+
+
+cdef inline void _mutex_lock_with_gil(pthread_mutex_t *mu) noexcept:
+    """Lock mu from a thread holding the GIL: try first; if it is busy, wait
+    without the GIL (see Loop._lock_with_gil)."""
+    if pthread_mutex_trylock(mu) != 0:
+        with nogil:
+            pthread_mutex_lock(mu)
 
 
 cdef class Loop:
@@ -232,7 +242,9 @@ cdef class Loop:
 
     @drain_waiting.setter
     def drain_waiting(self, bint value):
-        self.drain_waiting = value
+        # Paired with _conn_closed (see there).
+        with cython.critical_section(self):
+            self.drain_waiting = value
 
     def claim_thread(self):
         """Make the calling thread this loop's thread before run() starts, so a
@@ -283,10 +295,20 @@ cdef class Loop:
     def call_soon_threadsafe(self, callback):
         """Queue callback() to run on the loop thread; False if closed."""
         self._check_init()
-        if self.closed:
-            return False
-        self.pending.append(callback)
-        self._wake()
+        # Any thread.  teardown() sets `closed` under the same mutex before
+        # its last run of `pending` and before it closes the wakeup pipe, so
+        # a callback is either queued in time to run or refused, and never
+        # written to a closed (maybe reused) fd.  The GIL made this one step;
+        # a free-threaded build needs the mutex (a critical section would be
+        # suspended while deque.append waits for the deque's own lock).
+        _mutex_lock_with_gil(&self.mu)
+        try:
+            if self.closed:
+                return False
+            self.pending.append(callback)
+            self._wake()
+        finally:
+            pthread_mutex_unlock(&self.mu)
         return True
 
     cdef void _wake(self) noexcept:
@@ -346,9 +368,8 @@ cdef class Loop:
             pthread_mutex_unlock(&self.mu)
 
     cdef void _lock_with_gil(self) noexcept:
-        if not self.event_model and pthread_mutex_trylock(&self.mu) != 0:
-            with nogil:
-                pthread_mutex_lock(&self.mu)
+        if not self.event_model:
+            _mutex_lock_with_gil(&self.mu)
 
     cdef void _push(self, int kind, int fd, uint32_t seq, size_t off, ssize_t n) noexcept nogil:
         # Never more than RECS_CAP per wakeup (see there).
@@ -852,7 +873,15 @@ cdef class Loop:
         us_add_u64_release(&self.stats.s.closed, 1)
 
     cdef int _conn_closed(self) except -1:
-        if self.drain_waiting and _open_count(&self.stats.s) == 0:
+        # Called after the `closed` counter went up, on the loop or a worker
+        # thread; the shutdown thread sets drain_waiting, then reads the
+        # count.  Both flag accesses share the loop's critical section, so
+        # either this sees the flag or the waiter sees the new count: a
+        # free-threaded build cannot lose the last wakeup.
+        cdef bint waiting
+        with cython.critical_section(self):
+            waiting = self.drain_waiting
+        if waiting and _open_count(&self.stats.s) == 0:
             self.server._notify_drained()
         return 0
 
@@ -907,7 +936,9 @@ cdef class Loop:
         release the fds.  Then raises what a callback raised meanwhile
         (KeyboardInterrupt, SystemExit), as run() would have."""
         self._check_owner()
+        _mutex_lock_with_gil(&self.mu)      # see call_soon_threadsafe
         self.closed = True
+        pthread_mutex_unlock(&self.mu)
         try:
             self.stop_accepting()
         finally:

@@ -18,7 +18,7 @@ import re
 import sys
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, Union, cast
+from typing import Any, Union
 
 from . import systemd
 from ._core import HAVE_ABSTRACT, SUN_PATH_MAX
@@ -36,7 +36,7 @@ MAX_GID = 4294967294
 _MAX_BUFFER = 1 << 30
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False)
 class ServerConfig:
     """Settings of one Unix socket server.
 
@@ -44,11 +44,14 @@ class ServerConfig:
     ``"@"`` or NUL selects the abstract namespace (no file, so no mode/group).
     ``mode``: permission bits of the socket file: an int (``0o660``) or a
     string (``"0660"``, ``"660"``, ``"0o660"``, ``"rw-rw----"``); ``None``
-    means ``0o770``.
+    means ``0o770``.  An abstract name has no file: its mode must be
+    ``None`` and the field then holds 0 (so ``dataclasses.replace()`` of an
+    abstract config passes ``mode=None``).
     ``group``: gid (0..4294967294) or group name given to the socket file;
     ``None`` leaves the process's group.
     ``idle_timeout``: seconds without a byte received or sent after which a
-    connection is closed; ``None`` or 0 disables it.
+    connection is closed (a number, a ``timedelta`` or a Go duration string
+    such as ``"1m30s"``); ``None`` or 0 disables it.
     ``backlog``: listen(2) queue length (the kernel caps it at somaxconn).
     ``max_connections``: connections served at once; a client over the limit is
     accepted and closed at once.  ``None`` means only the fd limit applies.
@@ -70,64 +73,106 @@ class ServerConfig:
     ``fd``: serve this inherited, already listening ``AF_UNIX`` stream socket
     (systemd socket activation, see :meth:`from_systemd`) instead of creating
     one; ``path`` must be its address.  It is never chmod-ed or unlinked, so
-    ``mode`` and ``group`` must stay ``None``.
+    ``mode`` and ``group`` must stay ``None`` (the fields then hold 0 and
+    ``None``, as for an abstract name).
     ``sd_notify``: tell systemd READY=1, WATCHDOG=1, STATUS= and STOPPING=1
     through ``$NOTIFY_SOCKET`` (nothing happens where it is unset).
+
+    The fields hold the normalised values, and are typed so: ``path`` is
+    ``str | bytes``, ``mode`` an int, ``group`` a gid or ``None``,
+    ``idle_timeout`` seconds or ``None``, ``write_buffer_low`` an int,
+    ``allowed_uids``/``allowed_gids`` sorted tuples of ids or ``None``.  The
+    constructor (written out below rather than generated, so that it can
+    take the wider input types) accepts everything documented above.
     """
 
-    path: PathArg
-    mode: int | str | None = None
-    group: int | str | None = None
-    idle_timeout: float | datetime.timedelta | None = None
-    backlog: int = 1024
-    max_connections: int | None = None
-    read_buffer_size: int = 65536
-    write_buffer_high: int = 65536
-    write_buffer_low: int | None = None
-    max_write_buffer: int = 16 * 1024 * 1024
-    allowed_uids: Collection[int | str] | str | int | None = None
-    allowed_gids: Collection[int | str] | str | int | None = None
-    max_connections_per_uid: int | None = None
-    fd: int | None = None
-    sd_notify: bool = False
+    path: str | bytes
+    mode: int
+    group: int | None
+    idle_timeout: float | None
+    backlog: int
+    max_connections: int | None
+    read_buffer_size: int
+    write_buffer_high: int
+    write_buffer_low: int
+    max_write_buffer: int
+    allowed_uids: tuple[int, ...] | None
+    allowed_gids: tuple[int, ...] | None
+    max_connections_per_uid: int | None
+    fd: int | None
+    sd_notify: bool
 
-    def __post_init__(self) -> None:
-        if self.fd is not None and (self.mode is not None or self.group is not None):
+    def __init__(
+        self,
+        *,
+        path: PathArg,
+        mode: int | str | None = None,
+        group: int | str | None = None,
+        idle_timeout: float | str | datetime.timedelta | None = None,
+        backlog: int = 1024,
+        max_connections: int | None = None,
+        read_buffer_size: int = 65536,
+        write_buffer_high: int = 65536,
+        write_buffer_low: int | None = None,
+        max_write_buffer: int = 16 * 1024 * 1024,
+        allowed_uids: Collection[int | str] | str | int | None = None,
+        allowed_gids: Collection[int | str] | str | int | None = None,
+        max_connections_per_uid: int | None = None,
+        fd: int | None = None,
+        sd_notify: bool = False,
+    ) -> None:
+        if fd is not None and (mode is not None or group is not None):
             raise ConfigError("an inherited socket (fd=) is never chmod-ed: mode and group must be None")
-        path, abstract = _normalise_path(self.path)
-        _set(self, "path", path)
+        normalised_path, abstract = _normalise_path(path)
+        _set(self, "path", normalised_path)
         if abstract:
-            if self.mode is not None:
+            if mode is not None:
                 raise InvalidModeError("an abstract socket has no file: mode must be None")
-            if self.group is not None:
+            if group is not None:
                 raise InvalidGroupError("an abstract socket has no file: group must be None")
-        elif self.fd is None:
-            _set(self, "mode", DEFAULT_MODE if self.mode is None else parse_mode(self.mode))
-            _set(self, "group", _parse_group(self.group))
-        _set(self, "idle_timeout", _parse_timeout(self.idle_timeout))
-        _check_int("backlog", self.backlog, 1, 1 << 20)
-        if self.max_connections is not None:
-            _check_int("max_connections", self.max_connections, 1, 1 << 30)
-        _check_int("read_buffer_size", self.read_buffer_size, 256, 16 * 1024 * 1024)
-        _check_int("write_buffer_high", self.write_buffer_high, 0, _MAX_BUFFER)
-        low = self.write_buffer_high // 4 if self.write_buffer_low is None else self.write_buffer_low
-        _check_int("write_buffer_low", low, 0, self.write_buffer_high)
-        _set(self, "write_buffer_low", low)
-        _check_int("max_write_buffer", self.max_write_buffer, max(self.write_buffer_high, 1), _MAX_BUFFER)
-        _set(self, "allowed_uids", _parse_ids(self.allowed_uids, "allowed_uids", _uid_by_name))
-        _set(self, "allowed_gids", _parse_ids(self.allowed_gids, "allowed_gids", _gid_by_name))
-        if self.max_connections_per_uid is not None:
-            _check_int("max_connections_per_uid", self.max_connections_per_uid, 1, 1 << 30)
-        if not isinstance(self.sd_notify, bool):
-            raise ConfigError(f"sd_notify must be a bool, not {self.sd_notify!r}")
-        if self.fd is not None:
-            _check_int("fd", self.fd, 0, (1 << 31) - 1)
+            _set(self, "mode", 0)
+            _set(self, "group", None)
+        elif fd is not None:  # systemd's socket: its file is the .socket unit's
+            _set(self, "mode", 0)
+            _set(self, "group", None)
+        else:
+            _set(self, "mode", DEFAULT_MODE if mode is None else parse_mode(mode))
+            _set(self, "group", _parse_group(group))
+        _set(self, "idle_timeout", _parse_timeout(idle_timeout))
+        _check_int("backlog", backlog, 1, 1 << 20)
+        if max_connections is not None:
+            _check_int("max_connections", max_connections, 1, 1 << 30)
+        _check_int("read_buffer_size", read_buffer_size, 256, 16 * 1024 * 1024)
+        _check_int("write_buffer_high", write_buffer_high, 0, _MAX_BUFFER)
+        low = write_buffer_high // 4 if write_buffer_low is None else write_buffer_low
+        _check_int("write_buffer_low", low, 0, write_buffer_high)
+        _check_int("max_write_buffer", max_write_buffer, max(write_buffer_high, 1), _MAX_BUFFER)
+        for name, value in (
+            ("backlog", backlog),
+            ("max_connections", max_connections),
+            ("read_buffer_size", read_buffer_size),
+            ("write_buffer_high", write_buffer_high),
+            ("write_buffer_low", low),
+            ("max_write_buffer", max_write_buffer),
+        ):
+            _set(self, name, value)
+        _set(self, "allowed_uids", _parse_ids(allowed_uids, "allowed_uids", _uid_by_name))
+        _set(self, "allowed_gids", _parse_ids(allowed_gids, "allowed_gids", _gid_by_name))
+        if max_connections_per_uid is not None:
+            _check_int("max_connections_per_uid", max_connections_per_uid, 1, 1 << 30)
+        _set(self, "max_connections_per_uid", max_connections_per_uid)
+        if not isinstance(sd_notify, bool):
+            raise ConfigError(f"sd_notify must be a bool, not {sd_notify!r}")
+        _set(self, "sd_notify", sd_notify)
+        _set(self, "fd", fd)
+        if fd is not None:
+            _check_int("fd", fd, 0, (1 << 31) - 1)
             try:
-                bound = systemd.listening_address(self.fd)
+                bound = systemd.listening_address(fd)
             except (OSError, ValueError) as exc:
-                raise ConfigError(f"fd {self.fd}: {exc}") from None
+                raise ConfigError(f"fd {fd}: {exc}") from None
             if bound != self.address:
-                raise InvalidPathError(f"fd {self.fd} is bound to {bound!r}, not to the path {self.display_path!r}")
+                raise InvalidPathError(f"fd {fd} is bound to {bound!r}, not to the path {self.display_path!r}")
 
     @classmethod
     def from_systemd(cls, name: str | None = None, **fields: Any) -> ServerConfig:
@@ -153,7 +198,7 @@ class ServerConfig:
     @property
     def is_abstract(self) -> bool:
         """True for a Linux abstract-namespace name (no file on disk)."""
-        return _is_abstract(cast("str | bytes", self.path))
+        return _is_abstract(self.path)
 
     @property
     def address(self) -> bytes:
@@ -179,7 +224,8 @@ class ServerConfig:
         ``group-perm`` (-1 = the process's group), ``con-idle-timeout`` (a Go
         duration such as ``"1m30s"`` or a number of seconds) and ``tls`` (must
         not be enabled: a Unix socket server never silently drops TLS that was
-        asked for).  Unknown keys are an error.
+        asked for; its section holds golib's ``enabled`` and ``config``).
+        Unknown keys are an error, in the ``tls`` section as at the top.
         """
         if not isinstance(data, Mapping):
             raise ConfigError(f"expected a mapping, got {type(data).__name__}")
@@ -212,7 +258,11 @@ class ServerConfig:
             elif key == "con-idle-timeout":
                 put("idle_timeout", parse_duration(value), key)
             elif key == "tls":
-                enabled = value.get("enabled", False) if isinstance(value, Mapping) else value
+                if isinstance(value, Mapping):
+                    _check_keys("tls", value, _TLS_KEYS)
+                    enabled = value.get("enabled", False)
+                else:
+                    enabled = value
                 if enabled:
                     raise ConfigError("TLS is enabled in the configuration but unixsrv serves plain Unix sockets")
             elif key in fields:
@@ -222,6 +272,18 @@ class ServerConfig:
         if "path" not in kwargs:
             raise InvalidPathError("the configuration has no 'address' (socket path)")
         return cls(**kwargs)
+
+
+#: The keys of golib's ``tls`` section (socket/config TLSServer).
+_TLS_KEYS = frozenset({"enabled", "config"})
+
+
+def _check_keys(section: str, data: Mapping[Any, Any], known: frozenset[str]) -> None:
+    """A key of a nested section that golib does not define is a typo, as at
+    the top level: a ConfigError naming it."""
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown configuration key {key!r} in the {section!r} section")
 
 
 # ------------------------------------------------------------------ parsing
