@@ -8,6 +8,7 @@ activation test runs the real systemd-socket-activate where it is installed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,11 +50,18 @@ class NotifySocket:
         self.sock.bind(address)
 
     def next(self, timeout: float = DEADLINE) -> tuple[float, dict[str, str]]:
-        """The next message as {KEY: value}; socket.timeout if none comes."""
+        """The next message as {KEY: value}; TimeoutError if none comes."""
         self.sock.settimeout(timeout)
         data = self.sock.recv(4096)
         fields = dict(line.split("=", 1) for line in data.decode().split("\n") if line)
         return time.monotonic(), fields
+
+    def drain(self) -> None:
+        """Drop the messages already queued."""
+        self.sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self.sock.recv(4096)
 
     def wait_for(self, key: str, timeout: float = DEADLINE) -> tuple[float, dict[str, str]]:
         end = time.monotonic() + timeout
@@ -260,23 +268,20 @@ def test_watchdog_pings_at_half_the_timeout_and_stop_while_blocked(
         ready_at, _ = notify.wait_for("READY")
         pings = [notify.wait_for("WATCHDOG")[0] for _ in range(5)]
         gaps = [b - a for a, b in zip([ready_at, *pings], pings)]
-        # Never early (the loop's timer rounds up); late only by scheduling.
-        assert min(gaps) >= period * 0.9, gaps
-        assert sum(gaps) / len(gaps) <= period * 3, gaps
+        # The loop's timer never fires early (it rounds up) and is late only
+        # by scheduling; the receive times add jitter to single gaps, not to
+        # their mean.
+        assert period * 0.9 <= sum(gaps) / len(gaps) <= period * 3, gaps
+        assert min(gaps) >= period * 0.5, gaps
         s.sendall(b"block")
         assert Blocker.entered.wait(DEADLINE)
         blocked_at = time.monotonic()
-        # A loop stuck in a callback sends nothing: ten periods of silence
-        # (a ping already sent just before the block may still be queued).
-        quiet_from = blocked_at
-        while time.monotonic() - blocked_at < 10 * period:
-            try:
-                at, _fields = notify.next(max(blocked_at + 10 * period - time.monotonic(), 0.001))
-            except TimeoutError:
-                break
-            assert at - blocked_at < period, f"a ping {at - blocked_at:.3f} s into the block"
-            quiet_from = at
-        assert time.monotonic() - quiet_from >= 9 * period
+        # sendto(2) on a Unix datagram socket queues at the receiver before it
+        # returns: whatever the loop sent before the block is here already.
+        notify.drain()
+        # A loop stuck in a callback sends nothing: ten periods of silence.
+        with pytest.raises(TimeoutError):
+            notify.next(10 * period)
         Blocker.release.set()
         assert s.recv(16) == b"block"
         resumed_at, _ = notify.wait_for("WATCHDOG")
