@@ -533,7 +533,10 @@ def test_second_signal_cutting_connections_exits_1(cli, sock_path, tmp_path):
     write_module(tmp_path, "clistubborn2_mod", _STUBBORN)
     proc = cli("serve", "--socket", sock_path, "--handler", "clistubborn2_mod:handle", "--shutdown-timeout", "1h",
                stderr=subprocess.STDOUT)
-    wait_serving(proc, sock_path)
+    # Ready once it says it serves: wait_serving's probe connection would be
+    # served by the stubborn handler too and count as a second open one.
+    while "SIGINT or SIGTERM stops it" not in read_line(proc):
+        pass
     with connect(sock_path) as s:
         assert recv_exactly(s, 1) == b"r"
         os.kill(proc.pid, signal.SIGTERM)
