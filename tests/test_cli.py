@@ -528,16 +528,20 @@ def test_graceful_stop_that_times_out_exits_1(cli, sock_path, tmp_path):
     assert "force-closed" in err
 
 
-def test_second_signal_cutting_connections_exits_1(cli, sock_path, tmp_path):
-    """A second signal closes at once; connections it cut make the status 1."""
-    write_module(tmp_path, "clistubborn2_mod", _STUBBORN)
-    proc = cli("serve", "--socket", sock_path, "--handler", "clistubborn2_mod:handle", "--shutdown-timeout", "1h",
+@pytest.mark.parametrize(("timeout", "said"), [("1h", "up to 3600 s"), ("inf", "no time limit")])
+def test_second_signal_cutting_connections_exits_1(cli, sock_path, tmp_path, timeout, said):
+    """A second signal closes at once; connections it cut make the status 1.
+    With `--shutdown-timeout inf` too: the graceful stop that has no limit
+    still gives way to the second signal."""
+    module = f"clistubborn2_{timeout}_mod"
+    write_module(tmp_path, module, _STUBBORN)
+    proc = cli("serve", "--socket", sock_path, "--handler", f"{module}:handle", "--shutdown-timeout", timeout,
                stderr=subprocess.STDOUT)
     wait_serving(proc, sock_path)
     with connect(sock_path) as s:
         assert recv_exactly(s, 1) == b"r"
         os.kill(proc.pid, signal.SIGTERM)
-        while "shutting down gracefully (up to 3600 s" not in read_line(proc):
+        while f"shutting down gracefully ({said}" not in read_line(proc):
             pass
         os.kill(proc.pid, signal.SIGTERM)
         status, out, _ = finish(proc)
