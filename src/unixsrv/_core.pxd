@@ -487,6 +487,9 @@ cdef class Loop:
     cdef int _callback_error(self, object exc, object level=*) except -1
     cdef void _wake(self) noexcept
     cdef int _check_init(self) except -1
+    cdef int _setup(self, server, Stats stats, Callbacks callbacks, bint event_model, factory,
+                    double idle_timeout, size_t max_connections, size_t read_size,
+                    size_t high_water, size_t low_water, size_t max_write_buffer) except -1
     cdef int _check_owner(self) except -1
     cdef int _open_with(self, display, unlink_path, make_listener, tuple args) except -1
     cdef void _push_peer(self, int kind, int fd, size_t off, ssize_t n, long pid, long uid, long gid) noexcept nogil

@@ -82,20 +82,6 @@ class Loop:
 
     display_path: str
     drain_waiting: bool
-    def __init__(
-        self,
-        server: Any,
-        stats: Stats,
-        callbacks: Callbacks,
-        event_model: bool,
-        factory: Callable[[], asyncio.BaseProtocol] | None,
-        idle_timeout: float,
-        max_connections: int,
-        read_size: int,
-        high_water: int,
-        low_water: int,
-        max_write_buffer: int,
-    ) -> None: ...
     def open(
         self,
         address: bytes,
@@ -136,6 +122,20 @@ class Loop:
     def begin_drain(self) -> None: ...
     def abort_all(self) -> None: ...
     def teardown(self) -> None: ...
+
+def new_loop(
+    server: Any,
+    stats: Stats,
+    callbacks: Callbacks,
+    event_model: bool,
+    factory: Callable[[], asyncio.BaseProtocol] | None,
+    idle_timeout: float,
+    max_connections: int,
+    read_size: int,
+    high_water: int,
+    low_water: int,
+    max_write_buffer: int,
+) -> Loop: ...
 
 def open_listener(
     address: bytes,

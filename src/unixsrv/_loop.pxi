@@ -72,13 +72,15 @@ cdef class Loop:
         pthread_mutex_init(&self.mu, NULL)
         pthread_mutex_init(&self.uid_mu, NULL)
 
-    def __init__(self, server, Stats stats not None, Callbacks callbacks not None, bint event_model, factory,
-                 double idle_timeout, size_t max_connections, size_t read_size,
-                 size_t high_water, size_t low_water, size_t max_write_buffer):
-        if self.table != NULL:
-            # A second call would swap the table and buffers under live
-            # connections (and leak the first ones).
-            raise RuntimeError("Loop.__init__ called twice")
+    def __init__(self, *args, **kwargs):
+        # new_loop() makes loops with __new__ (which skips __init__) and
+        # fills them in once; a second fill would swap the table and buffers
+        # under live connections, so Python gets no way to run it.
+        raise TypeError("Loop objects are created by the server (unixsrv._core.new_loop), not from Python")
+
+    cdef int _setup(self, server, Stats stats, Callbacks callbacks, bint event_model, factory,
+                    double idle_timeout, size_t max_connections, size_t read_size,
+                    size_t high_water, size_t low_water, size_t max_write_buffer) except -1:
         if read_size > <size_t>PY_SSIZE_T_MAX // 4:
             raise OverflowError("read_size is too large")
         self.server = server
@@ -112,6 +114,7 @@ cdef class Loop:
             self.events = self.recs = self.table = NULL
             self.rxbuf = NULL
             raise MemoryError()
+        return 0
 
     def __dealloc__(self):
         self._close_fds()
@@ -267,6 +270,8 @@ cdef class Loop:
         self._check_init()
         if self.closed:
             raise RuntimeError("this loop is closed")
+        if self.pfd < 0:
+            raise RuntimeError("this loop was not opened")
         # One thread at a time: two would share the record array and the
         # receive buffer (a callback calling run() would reuse them under
         # the dispatch walking them).
@@ -317,10 +322,10 @@ cdef class Loop:
             write(self.wake_w, &b, 1)   # EAGAIN: the pipe is full, a wakeup is pending
 
     cdef int _check_init(self) except -1:
-        # Loop.__new__(Loop) skips __init__: no table, buffers or stats,
+        # Loop.__new__(Loop) skips _setup(): no table, buffers or stats,
         # which every method below the guard dereferences.
         if self.table == NULL:
-            raise RuntimeError("this Loop was not initialised (Loop.__init__ did not run)")
+            raise RuntimeError("this Loop was not initialised (made through Loop.__new__, not new_loop())")
         return 0
 
     cdef int _check_owner(self) except -1:
@@ -983,3 +988,14 @@ cdef class Loop:
             if self.table[fd] != NULL and self.table[fd].fd >= 0:
                 close(self.table[fd].fd)
                 self.table[fd].fd = -1
+
+
+def new_loop(server, Stats stats not None, Callbacks callbacks not None, bint event_model, factory,
+             double idle_timeout, size_t max_connections, size_t read_size,
+             size_t high_water, size_t low_water, size_t max_write_buffer):
+    """The loop of one server run, not yet opened (unixsrv.Server's only way
+    to make one: Loop() itself raises TypeError)."""
+    cdef Loop loop = Loop.__new__(Loop)
+    loop._setup(server, stats, callbacks, event_model, factory, idle_timeout, max_connections,
+                read_size, high_water, low_water, max_write_buffer)
+    return loop

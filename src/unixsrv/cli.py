@@ -10,10 +10,10 @@ graceful stop timed out, or a second signal closed them) or the server
 stopped by itself, 2 for a usage, configuration or start-up error (one
 line on stderr naming the file or option and the problem).
 
-Signals are race-free: the handlers, installed before anything else, only
-record the signal in a queue (``queue.SimpleQueue.put`` is safe in a signal
-handler); the main thread applies the requests once the server runs, so a
-signal at any moment of start-up stops the server.  From the first signal
+Signals are race-free: installed before anything else, they are recorded
+in a pipe (``signal.set_wakeup_fd``) whichever thread receives them, and the
+main thread applies the requests once the server runs, so a signal at any
+moment of start-up stops the server.  From the first signal
 on the process never dies of SIGINT or SIGTERM: every later one is handled
 or, once the server has stopped, ignored; the exit status is the stop's.
 
@@ -36,8 +36,8 @@ import json
 import logging
 import math
 import os
-import queue
 import re
+import select
 import signal
 import sys
 import threading
@@ -167,31 +167,45 @@ def _make_server(args: argparse.Namespace) -> tuple[Server, str]:
 
 
 class _StopRequests:
-    """SIGINT/SIGTERM, recorded by the signal handler, applied by the main thread.
+    """SIGINT/SIGTERM, recorded in a pipe, applied by the main thread.
 
-    The handler only puts the signal number in a SimpleQueue: no lock, no
-    server method, nothing a signal landing in the middle of the server's
-    own code could deadlock on or find half set up.
+    ``signal.set_wakeup_fd`` makes CPython's C-level handler write each
+    signal's number to the pipe on whichever thread the kernel delivers it
+    to: a process-directed signal goes to any thread that does not block it
+    (signal(7)), often the loop or a worker thread.  Python runs the
+    Python-level handler later, on the main thread, and only a signal
+    delivered to the main thread itself interrupts a wait there: the main
+    thread used to wait in a queue that only that handler filled, so such a
+    signal was lost and the server kept serving.  A read of the pipe always
+    wakes.  The Python-level handlers do nothing (installing them only
+    replaces the default actions: death, KeyboardInterrupt); no lock, no
+    server method runs in them.  The watcher that sees the server stop
+    writes 0, which no signal number is.
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)  # set_wakeup_fd requires it; a full pipe drops a byte, never blocks
+        # The pipe before the handlers: a signal between the two would run a
+        # handler that records nothing.
+        self._previous_wakeup = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        self._watching = False  # a watcher thread may still write to the pipe
         for signum in _STOP_SIGNALS:
-            signal.signal(signum, self._record)
-
-    def _record(self, signum: int, frame: object) -> None:
-        self._queue.put(signum)
+            signal.signal(signum, _recorded_in_the_pipe)
 
     def serve_until_stopped(self, server: Server, timeout: float) -> int:
         """Apply the stop requests to the running ``server`` until it has
         stopped; return the exit status.  The first request shuts down
         gracefully (on a thread, so this one stays free for the next), the
         second closes at once, later ones are only logged."""
+        self._watching = True
         threading.Thread(target=self._put_when_stopped, args=(server,), name="unixsrv stop watcher",
                          daemon=True).start()
         graceful: _GracefulStop | None = None
         cut: int | None = None  # connections open when a second signal closed the server
-        while (signum := self._queue.get()) is not None:
+        while (signum := os.read(self._r, 1)[0]) != 0:
+            if signum not in _STOP_SIGNALS:
+                continue  # a signal some other Python handler (the user's module) receives
             name = signal.Signals(signum).name
             if graceful is None:
                 limit = "no time limit" if math.isinf(timeout) else f"up to {timeout:g} s"
@@ -203,6 +217,7 @@ class _StopRequests:
                 server.close()
             else:
                 logger.info("%s: already closing", name)
+        self._watching = False  # its 0 was read: it has returned or is returning
         if graceful is None:
             logger.error("the server stopped without a stop request (see the errors above)")
             return 1
@@ -218,7 +233,12 @@ class _StopRequests:
 
     def _put_when_stopped(self, server: Server) -> None:
         server.wait()
-        self._queue.put(None)
+        while True:
+            try:
+                os.write(self._w, b"\0")
+                return
+            except BlockingIOError:  # a flood of signals filled the pipe: the main thread drains it
+                select.select([], [self._w], [])
 
     def ignore_further(self) -> None:
         """The server is stopped (or never ran): from now on SIGINT/SIGTERM
@@ -227,6 +247,15 @@ class _StopRequests:
         handlers, not SIG_IGN)."""
         for signum in _STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+        signal.set_wakeup_fd(self._previous_wakeup)
+        if not self._watching:  # else (an error ended serve early) the process exits with the pipe open
+            os.close(self._r)
+            os.close(self._w)
+
+
+def _recorded_in_the_pipe(signum: int, frame: object) -> None:
+    """The Python-level handler of SIGINT/SIGTERM under ``serve``: nothing to
+    do, the C-level handler has written the signal to the pipe."""
 
 
 class _GracefulStop(threading.Thread):

@@ -264,7 +264,7 @@ class Server:
         cfg = self._config
         self._setup_thread = threading.get_ident()
         try:
-            loop = _core.Loop(
+            loop = _core.new_loop(
                 self,
                 self._stats,
                 self._callbacks,
