@@ -352,3 +352,10 @@ def test_cli_under_systemd_socket_activate(sock_dir: str, sock_path: str, notify
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_cli_socket_name_needs_activation(sock_path: str, spawn: Callable[..., subprocess.Popen[str]]) -> None:
+    code = "import sys; from unixsrv.cli import main; sys.exit(main(sys.argv[1:]))"
+    rc, _out, err = finish(spawn(code, "serve", "--socket", sock_path, "--echo", "--socket-name", "echo"))
+    assert rc == 2 and "--socket-name" in err and "LISTEN_FDS" in err
+    assert not os.path.exists(sock_path)

@@ -311,7 +311,10 @@ def _config_from_args(args: argparse.Namespace) -> ServerConfig:
     }
     data.update({k: v for k, v in overrides.items() if v is not None})
     data["sd_notify"] = True  # a no-op unless systemd (or a test) set $NOTIFY_SOCKET
-    if "path" not in data and os.environ.get("LISTEN_FDS"):
+    activated = "path" not in data and os.environ.get("LISTEN_FDS")
+    if args.socket_name is not None and not activated:
+        raise ConfigError("--socket-name picks a socket passed by socket activation: no $LISTEN_FDS, or --socket given")
+    if activated:
         # Socket activation: the socket's mode is the .socket unit's (SocketMode=).
         for key in ("mode", "group"):
             if overrides[key] is None:
