@@ -676,7 +676,7 @@ def test_stats_conn_state_and_server_info(sock_path: str) -> None:
 
     server = arun(main)
     assert server.stats() == {
-        "accepted": 3, "rejected": 0, "closed": 3, "open": 0, "bytes_in": 6, "bytes_out": 6, "errors": 0,
+        "accepted": 3, "rejected": 0, "closed": 3, "open": 0, "bytes_in": 6, "bytes_out": 6, "errors": 0, "denied": 0,
     }  # fmt: skip
     assert states == [(sock_path, ConnState.NEW), (sock_path, ConnState.CLOSE)] * 3
     assert info == [f"starting listening socket 'unix {sock_path}'", f"closing listen socket 'unix {sock_path}'"]

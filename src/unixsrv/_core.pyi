@@ -2,7 +2,7 @@
 
 import asyncio
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .peer import PeerCredentials
@@ -93,25 +93,10 @@ class Loop:
 
     display_path: str
     drain_waiting: bool
-    sockname: Any
     kick: Callable[[], Any] | None
     set_timer: Callable[[float], Any] | None
     on_attach: Callable[[Transport], bool] | None
     on_detach: Callable[[Transport], Any] | None
-    def __init__(
-        self,
-        server: Any,
-        stats: Stats,
-        callbacks: Callbacks,
-        event_model: bool,
-        factory: Callable[[], asyncio.BaseProtocol] | None,
-        idle_timeout: float,
-        max_connections: int,
-        read_size: int,
-        high_water: int,
-        low_water: int,
-        max_write_buffer: int,
-    ) -> None: ...
     def open(
         self,
         address: bytes,
@@ -126,8 +111,18 @@ class Loop:
         use_proc: bool,
     ) -> None: ...
     def adopt(
-        self, fd: int, sockname: Any, display: str, unlink_path: bytes | None, dev: int, ino: int
+        self, fd: int, sockname: str | bytes, display: str, unlink_path: bytes | None, dev: int, ino: int
     ) -> None: ...
+    @property
+    def sockname(self) -> str | bytes | None: ...
+    def set_access(
+        self,
+        allowed_uids: Sequence[int] | None,
+        allowed_gids: Sequence[int] | None,
+        max_per_uid: int,
+        authorize: Callable[[PeerCredentials], bool] | None,
+    ) -> None: ...
+    def set_tick(self, interval: float, callback: Callable[[], Any] | None) -> None: ...
     @property
     def wakeup_fileno(self) -> int: ...
     def host(self, kick: Callable[[], Any], set_timer: Callable[[float], Any]) -> None: ...
@@ -148,6 +143,20 @@ class Loop:
     def begin_drain(self) -> None: ...
     def abort_all(self) -> None: ...
     def teardown(self) -> None: ...
+
+def new_loop(
+    server: Any,
+    stats: Stats,
+    callbacks: Callbacks,
+    event_model: bool,
+    factory: Callable[[], asyncio.BaseProtocol] | None,
+    idle_timeout: float,
+    max_connections: int,
+    read_size: int,
+    high_water: int,
+    low_water: int,
+    max_write_buffer: int,
+) -> Loop: ...
 
 def open_listener(
     address: bytes,

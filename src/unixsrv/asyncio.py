@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from . import _core
 from .config import ServerConfig
 from .errors import AddressInUseError, ShutdownTimeoutError
-from .server import CallbackHost, _check_timeout, _listener_args
+from .server import CallbackHost, _adopt_inherited, _check_timeout, _listener_args
 
 if TYPE_CHECKING:
     import ssl as _ssl
@@ -151,17 +151,23 @@ class UnixServer(CallbackHost, base_events.Server):
     # ------------------------------------------------------------------ set-up
 
     def _open(self, cleanup_socket: bool) -> None:
-        """Create the listener the unixsrv way (see unixsrv.Server)."""
+        """Create the listener the unixsrv way (see unixsrv.Server), or serve
+        the inherited one of ``config.fd`` (systemd; never unlinked)."""
+        cfg = self._config
         core = self._live_core()
-        args = _listener_args(self._config)
-        if not cleanup_socket:
-            args["unlink_path"] = None
-        try:
-            core.open(backlog=self._config.backlog, **args)
-        except AddressInUseError as exc:
-            # asyncio's wording, which callers match on.
-            exc.strerror = f"Address {exc.filename!r} is already in use ({exc.reason})"
-            raise
+        self._set_access(core)
+        if cfg.fd is not None:
+            _adopt_inherited(core, cfg)
+        else:
+            args = _listener_args(cfg)
+            if not cleanup_socket:
+                args["unlink_path"] = None
+            try:
+                core.open(backlog=cfg.backlog, **args)
+            except AddressInUseError as exc:
+                # asyncio's wording, which callers match on.
+                exc.strerror = f"Address {exc.filename!r} is already in use ({exc.reason})"
+                raise
         self._host(core)
         self._sockets = [_core.named_socket(os.dup(core.listen_fileno), core.sockname)]
 
@@ -182,6 +188,7 @@ class UnixServer(CallbackHost, base_events.Server):
                     st.st_ino,
                 )
         sock.setblocking(False)
+        self._set_access(core)
         core.adopt(os.dup(sock.fileno()), name, self._path, unlink_path, dev, ino)
         self._host(core)
         self._adopted = sock
@@ -191,6 +198,11 @@ class UnixServer(CallbackHost, base_events.Server):
         core.host(self._kick, self._set_timer)
         core.on_attach = self._attach_transport
         core.on_detach = self._detach_transport
+
+    def _set_access(self, core: _core.Loop) -> None:
+        """The config's allow-lists and per-uid limit, checked in C at accept (as Server)."""
+        cfg = self._config
+        core.set_access(cfg.allowed_uids, cfg.allowed_gids, cfg.max_connections_per_uid or 0, None)
 
     def _live_core(self) -> _core.Loop:
         core = self._core
