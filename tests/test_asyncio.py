@@ -899,3 +899,35 @@ def test_hosted_on_a_loop_in_another_thread(sock_path: str) -> None:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         answer, accepted, ident = pool.submit(arun, main).result(3 * DEADLINE)
     assert (answer, accepted) == (b"thread", 1) and ident != threading.get_ident()
+
+
+def test_access_control_and_inherited_fd_apply_when_hosted(sock_path: str) -> None:
+    """The config's allow-lists are checked in C at accept (a denied peer
+    never reaches the protocol, counted in 'denied'); config.fd (an inherited
+    listening socket, systemd) is served and its file left alone."""
+    built: list[Any] = []
+
+    def factory() -> Echo:
+        built.append(1)
+        return Echo()
+
+    async def main() -> None:
+        denying = await ua.create_unix_server(factory, sock_path, allowed_uids=[os.getuid() + 1])
+        async with denying:
+            reader, writer = await asyncio.open_unix_connection(sock_path)
+            assert await asyncio.wait_for(reader.read(), DEADLINE) == b""  # closed at accept
+            writer.close()
+            await until(lambda: denying.stats()["denied"] == 1)
+        assert built == [] and denying.stats()["accepted"] == 0
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as inherited:
+            inherited.bind(sock_path)
+            inherited.listen()
+            before = os.stat(sock_path)
+            server = await ua.create_unix_server(factory, config=ServerConfig(path=sock_path, fd=inherited.fileno()))
+            async with server:
+                assert await roundtrip(sock_path, b"fd") == b"fd"
+            after = os.stat(sock_path)
+            assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode) and built == [1]
+
+    arun(main)
