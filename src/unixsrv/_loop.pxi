@@ -9,6 +9,14 @@
 #      data_received, eof_received, ...), finalize closed transports, run the
 #      callbacks queued by other threads, check for signals.
 #
+# Hosted mode (unixsrv.asyncio): the same loop is driven by the caller's
+# asyncio/uvloop event loop instead of run().  That loop watches the poller fd
+# (readable whenever one of our fds has an event, epoll(7) / kqueue(2) fds can
+# be polled themselves) and calls run_once() for each readiness: the same two
+# phases with a zero poller timeout.  Timers become the host's call_at(), and
+# work queued outside a dispatch (a transport closed from a task) asks the
+# host for a pass through the `kick` callable instead of waiting for an event.
+#
 # The connection table maps fd -> conn_t.  In the blocking model worker
 # threads remove their own connection from it, so it is guarded by a mutex;
 # in the event model only the loop thread touches it and the mutex is
@@ -51,6 +59,7 @@ cdef class Loop:
         self.owner_pid = getpid()
         self.next_seq = 0
         self.next_sweep_ns = NEVER
+        self.timer_deadline = NEVER
         self.accept_backoff_ms = BACKOFF_MIN_MS
         pthread_mutex_init(&self.mu, NULL)
 
@@ -95,6 +104,22 @@ cdef class Loop:
              bytes dir_path, bytes base, bytes tmp_name, bint use_proc):
         """Create the wakeup pipe, the poller and the listener.  On failure
         nothing is left open or on disk."""
+        self._open_with(display, unlink_path, open_listener,
+                        (address, display, backlog, mode, gid, dir_path, base, tmp_name, use_proc))
+        # What getsockname() reports for the listener: the final name, not
+        # the temporary one it was bound under (see _listener.pxi).
+        self.sockname = address if address[:1] == b"\0" else _os.fsdecode(address)
+
+    def adopt(self, int fd, object sockname, display, unlink_path, dev_t dev, ino_t ino):
+        """Serve a socket the caller bound (``fd`` is a duplicate that this
+        loop now owns and closes).  Its file is removed at stop only if
+        ``unlink_path`` is given and still names the inode (dev, ino); it is
+        never chmod-ed.  On failure fd is closed."""
+        self.lfd = fd        # owned from here: _close_fds closes it on failure
+        self._open_with(display, unlink_path, _adopted, (fd, dev, ino))
+        self.sockname = sockname
+
+    cdef int _open_with(self, display, unlink_path, make_listener, tuple args) except -1:
         cdef int fds[2]
         self.display_path = display
         try:
@@ -106,8 +131,7 @@ cdef class Loop:
                 raise _oserror(errno)
             if us_poller_add(self.pfd, self.wake_r, TOKEN_WAKE, US_READ) < 0:
                 raise _oserror(errno)
-            self.lfd, self.sock_dev, self.sock_ino = open_listener(
-                address, display, backlog, mode, gid, dir_path, base, tmp_name, use_proc)
+            self.lfd, self.sock_dev, self.sock_ino = make_listener(*args)
             self.unlink_path = unlink_path
             if us_poller_add(self.pfd, self.lfd, TOKEN_LISTEN, US_READ) < 0:
                 raise _oserror(errno)
@@ -120,6 +144,7 @@ cdef class Loop:
                 self._close_fds()
             raise
         _live_loops.add(self)
+        return 0
 
     @property
     def wakeup_fileno(self):
@@ -191,21 +216,89 @@ cdef class Loop:
         if self.wake_w >= 0:
             write(self.wake_w, &b, 1)   # EAGAIN: the pipe is full, a wakeup is pending
 
-    cdef int _timeout_ms(self) noexcept:
-        cdef int64_t deadline = NEVER, now
+    cdef int64_t _next_deadline(self) noexcept:
+        """When the loop must run again without an event: 0 = at once,
+        NEVER = only on an event."""
+        cdef int64_t deadline = NEVER
         if self.pending or self.finalizing:
             return 0
         if self.idle_ns:
             deadline = self.next_sweep_ns
         if self.accept_paused and self.accept_resume_ns < deadline:
             deadline = self.accept_resume_ns
+        return deadline
+
+    cdef int _timeout_ms(self) noexcept:
+        cdef int64_t deadline = self._next_deadline(), now
         if deadline == NEVER:
             return -1
+        if deadline == 0:
+            return 0
         now = us_now_ns()
         if deadline <= now:
             return 0
         # Round up: waking a little late is fine, spinning early is not.
         return <int>min((deadline - now + 999999) // 1000000, 86400000)
+
+    # ---------------------------------------------------------------- hosted
+
+    def host(self, kick):
+        """Switch to hosted mode on the calling thread, which runs the host
+        event loop: it calls run_once() whenever `fileno` is readable and
+        when asked to (kick() = "call run_once() soon"; the timer delay that
+        run_once() returns)."""
+        self.hosted = True
+        self.kick = kick
+        self.thread_id = PyThread_get_thread_ident()
+
+    @property
+    def fileno(self):
+        """The poller's fd (hosted mode watches it for readability)."""
+        return self.pfd
+
+    @property
+    def listen_fileno(self):
+        """The listening socket's fd, -1 once it is closed."""
+        return self.lfd
+
+    def run_once(self, bint timer=False):
+        """Hosted mode: one non-blocking pass (I/O without the GIL, then one
+        dispatch).  ``timer`` says the host's timer fired (it is used up).
+        Returns the delay in seconds after which the host must call again
+        without an event (a new timer, replacing an earlier one), or -1.0 when
+        no new timer is needed; "at once" goes through kick()."""
+        cdef int n, err
+        cdef int64_t deadline
+        if self.closed:
+            return -1.0
+        self.kicked = False
+        if timer:
+            self.timer_deadline = NEVER
+        with nogil:
+            n = us_poller_wait(self.pfd, self.events, MAX_EVENTS, 0)
+            err = errno
+            self.now = us_now_ns()
+            self._collect(n)
+        if n < 0 and err != EINTR:
+            self.nrecs = 0
+            raise _oserror(err)
+        self._dispatch()
+        deadline = self._next_deadline()
+        if deadline == 0:
+            self._request_pass()
+        elif deadline < self.timer_deadline:
+            # A timer set for a later moment fires anyway and finds nothing to do.
+            self.timer_deadline = deadline
+            return max(deadline - us_now_ns(), 0) / 1e9
+        return -1.0
+
+    cdef int _request_pass(self) except -1:
+        """Hosted mode, outside a dispatch: work is queued (a connection to
+        finalize, callbacks to run) that no event would make the host report."""
+        if self.hosted and not self.kicked and not self.dispatching and not self.closed:
+            self.kicked = True
+            self.kick()
+        return 0
 
     # ---------------------------------------------------------------- phase 1
 
@@ -267,7 +360,12 @@ cdef class Loop:
                 if us_event_writable(&self.events[i]) and c.olen > 0:
                     self._flush(c)
                 if us_event_readable(&self.events[i]) and (c.interest & US_READ):
-                    self._recv_one(c)
+                    if c.state & ST_BUFFERED:
+                        # Received in the dispatch, straight into the buffer the
+                        # protocol's get_buffer() returns (no copy).
+                        self._push(REC_READABLE, c.fd, c.seq, 0, 0)
+                    else:
+                        self._recv_one(c)
         if self.idle_ns and self.now >= self.next_sweep_ns:
             self._sweep()
         if self.accept_paused and self.now >= self.accept_resume_ns and self.lfd >= 0:
@@ -649,9 +747,14 @@ cdef class Loop:
         # Called from a protocol callback (Server.close() in data_received),
         # the dispatch finalizes after it: connection_lost() must never run
         # inside another callback of the same loop.
-        if not self.dispatching:
-            self._run_finalizing()
-        return 0
+        # Hosted, the caller is user code on the host loop (close_clients()
+        # in a task): the finalizing runs in a pass of its own, as asyncio
+        # runs connection_lost() from call_soon().
+        if self.dispatching:
+            return 0
+        if self.hosted and not self.closed:
+            return self._request_pass()
+        return self._run_finalizing()
 
     def teardown(self):
         """After run(): close everything, run the callbacks still queued,
@@ -668,6 +771,7 @@ cdef class Loop:
                     self._run_finalizing()
             finally:
                 self.thread_id = 0
+                self.kick = self.on_attach = self.on_detach = None   # they refer to the host
                 self._close_fds()
                 _live_loops.discard(self)
         if self.stash_exc is not None:
