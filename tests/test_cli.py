@@ -337,6 +337,97 @@ def test_protocol_module_class(cli, sock_path, tmp_path):
     terminate(proc)
 
 
+#: A protocol that needs a running event loop: a task greets, call_later
+#: timers answer and close, a large answer is written on request.
+LOOP_PROTOCOL = """
+import asyncio
+
+class Delayed(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        self.loop.create_task(self.greet())
+
+    async def greet(self):
+        await asyncio.sleep(0)
+        if not self.transport.is_closing():
+            self.transport.write(b"hi from a task\\n")
+
+    def data_received(self, data):
+        if data == b"flood":
+            self.transport.write(b"x" * (16 * 1024 * 1024))
+        else:
+            self.loop.call_later(0.01, self.transport.write, data.upper())
+
+    def eof_received(self):
+        self.loop.call_later(0.01, self.transport.close)
+        return True
+"""
+
+
+def stopped_stats(err: str) -> dict[str, int]:
+    """The counters of the "stopped: accepted=N, ..." log line."""
+    [line] = [line for line in err.splitlines() if "stopped: " in line]
+    return {k: int(v) for k, v in (item.split("=") for item in line.split("stopped: ", 1)[1].split(", "))}
+
+
+def test_protocol_using_the_loop(cli, sock_path, tmp_path):
+    """`--protocol` runs the factory through unixsrv.asyncio: a protocol that
+    uses the running loop (create_task, call_later) works from the command
+    line; SIGTERM stops it gracefully (an idle client gets EOF), exit 0, the
+    socket file is removed and the final stats are logged."""
+    write_module(tmp_path, "cliloop_mod", LOOP_PROTOCOL)
+    proc = cli("serve", "--socket", sock_path, "--protocol", "cliloop_mod:Delayed", "--shutdown-timeout", "5")
+    wait_serving(proc, sock_path)
+    with connect(sock_path) as s, connect(sock_path) as idle:
+        assert recv_exactly(s, 15) == b"hi from a task\n"
+        s.sendall(b"abc")
+        assert recv_exactly(s, 3) == b"ABC"  # written by a call_later timer
+        s.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(s) == b""  # closed by a call_later timer
+        assert recv_exactly(idle, 15) == b"hi from a task\n"
+        os.kill(proc.pid, signal.SIGTERM)
+        assert recv_until_eof(idle) == b""  # graceful: the idle client is released
+        status, _, err = finish(proc)
+    assert status == 0, err
+    assert not os.path.lexists(sock_path)
+    assert "SIGTERM: shutting down gracefully" in err
+    assert "Traceback" not in err and "exception" not in err.lower(), err
+    stats = stopped_stats(err)
+    assert stats["accepted"] >= 3 and stats["closed"] == stats["accepted"] and stats["open"] == 0, stats
+    assert stats["errors"] == 0, stats
+
+
+@pytest.mark.parametrize("stop", ["second-signal", "grace-expires"])
+def test_protocol_shutdown_that_cannot_drain(cli, sock_path, tmp_path, stop):
+    """A client that never reads a 16 MiB answer keeps the graceful
+    shutdown of `--protocol` waiting for the flush: a second signal closes
+    at once ("closing now"), or --shutdown-timeout expires and the rest is
+    aborted with a WARNING; either way the process exits 0 promptly and
+    removes the socket file."""
+    write_module(tmp_path, "cliflood_mod", LOOP_PROTOCOL)
+    grace = "60" if stop == "second-signal" else "0.5"
+    proc = cli("serve", "--socket", sock_path, "--protocol", "cliflood_mod:Delayed", "--shutdown-timeout", grace)
+    wait_serving(proc, sock_path)
+    with connect(sock_path) as s:
+        assert recv_exactly(s, 15) == b"hi from a task\n"
+        s.sendall(b"flood")
+        recv_exactly(s, 1)  # the answer is being written; the rest stays unread
+        os.kill(proc.pid, signal.SIGTERM)
+        if stop == "second-signal":
+            wait_until(lambda: not os.path.lexists(sock_path))  # the first signal was handled
+            os.kill(proc.pid, signal.SIGINT)
+        status, _, err = finish(proc)
+    assert status == 0, err
+    assert not os.path.lexists(sock_path)
+    assert "Traceback" not in err, err
+    if stop == "second-signal":
+        assert "SIGINT: closing now" in err
+    assert "aborted" in err  # the connection that could not drain, reported
+    stats = stopped_stats(err)
+    assert stats["open"] == 0 and stats["closed"] == stats["accepted"], stats
+
+
 def test_nested_attribute_spec(cli, sock_path, tmp_path):
     """`module:Obj.attr` resolves dotted attributes."""
     write_module(

@@ -1,12 +1,16 @@
 """The ``unixsrv`` command (also ``python -m unixsrv``).
 
 ``unixsrv serve`` runs a server until SIGINT or SIGTERM, then shuts down
-gracefully (a second signal closes at once).
+gracefully (a second signal closes at once).  ``--protocol MODULE:FACTORY``
+serves the factory through :mod:`unixsrv.asyncio` on an asyncio event loop,
+so a protocol that uses the loop (tasks, timers, futures) works as it does
+under asyncio.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import json
 import logging
@@ -16,9 +20,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from .asyncio import create_unix_server
+from .asyncio import run as run_hosted
 from .config import ServerConfig
 from .echo import EchoProtocol, echo_handler
-from .errors import ConfigError, UnixSrvError
+from .errors import ConfigError, InvalidHandlerError, ShutdownTimeoutError, UnixSrvError
 from .server import Server
 
 __all__ = ["main"]
@@ -79,8 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
         server = Server(config, _import(args.handler))
         what = args.handler
     else:
-        server = Server(config, protocol=_import(args.protocol))
-        what = args.protocol
+        return _serve_protocol(config, _import(args.protocol), args.protocol, args.shutdown_timeout)
     _install_signal_handlers(server, args.shutdown_timeout)
     logger.info("serving %s on %s; SIGINT or SIGTERM stops it", what, server.path)
     server.serve_forever()
@@ -139,3 +144,51 @@ def _install_signal_handlers(server: Server, timeout: float) -> None:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+
+
+def _serve_protocol(config: ServerConfig, factory: Any, what: str, timeout: float) -> int:
+    """``--protocol``: serve ``factory`` with unixsrv.asyncio on an event
+    loop of its own (``unixsrv.asyncio.run``), so protocol callbacks run on
+    that loop's thread with a running loop, and a server the protocol
+    creates with ``loop.create_unix_server`` is unixsrv's too."""
+    if not callable(factory):
+        raise InvalidHandlerError(f"{what} is not a protocol factory (not callable): {factory!r}")
+    stats = run_hosted(_serve_on_loop(config, factory, what, timeout))
+    logger.info("stopped: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
+    return 0
+
+
+async def _serve_on_loop(config: ServerConfig, factory: Any, what: str, timeout: float) -> dict[str, int]:
+    """Serve until SIGINT/SIGTERM, then ``shutdown(timeout)``; a second
+    signal aborts what is left (``shutdown(0)``).  The signal handlers go in
+    before the socket file appears, so a service manager's early SIGTERM is
+    a graceful stop too, never the default action (which would leave the
+    file behind).  Returns the server's final stats."""
+    loop = asyncio.get_running_loop()
+    signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+    handled = (signal.SIGINT, signal.SIGTERM)
+    for signum in handled:
+        loop.add_signal_handler(signum, signals.put_nowait, signum)
+    try:
+        server = await create_unix_server(factory, config=config)
+        logger.info("serving %s on %s; SIGINT or SIGTERM stops it", what, server.path)
+        signum = await signals.get()
+        logger.info("%s: shutting down gracefully (up to %g s; repeat to stop at once)", signum.name, timeout)
+        graceful = loop.create_task(server.shutdown(timeout))
+        second = loop.create_task(signals.get())
+        await asyncio.wait((graceful, second), return_when=asyncio.FIRST_COMPLETED)
+        stops = [graceful]
+        if second.done():
+            logger.info("%s: closing now", second.result().name)
+            stops.append(loop.create_task(server.shutdown(0)))
+        second.cancel()
+        for outcome in await asyncio.gather(*stops, return_exceptions=True):
+            if isinstance(outcome, ShutdownTimeoutError):
+                logger.warning("%s", outcome)
+            elif outcome is not None:
+                raise outcome
+        stats: dict[str, int] = server.stats()
+        return stats
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
