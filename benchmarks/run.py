@@ -209,6 +209,11 @@ def machine_facts() -> dict[str, Any]:
         uv = uvloop.__version__
     except ImportError:
         uv = "not installed"
+    try:
+        import uvicorn
+        uvicorn_version = uvicorn.__version__
+    except ImportError:
+        uvicorn_version = "not installed"
     import unixsrv
     with open("/proc/meminfo", encoding="ascii") as f:
         memtotal = next(line.split()[1] for line in f if line.startswith("MemTotal"))
@@ -220,6 +225,7 @@ def machine_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "python_impl": platform.python_implementation(),
         "uvloop": uv,
+        "uvicorn": uvicorn_version,
         "unixsrv": getattr(unixsrv, "__version__", "?"),
         "git": run(["git", "describe", "--always", "--dirty"]),
         "cc": run(["cc", "--version"]).splitlines()[0] if run(["cc", "--version"]) else "",
@@ -443,7 +449,8 @@ def render_markdown(data: dict[str, Any], summ: dict[tuple[str, str], dict[str, 
              f"{o['rounds']} round(s), each pingpong/connect measurement {o['duration']:g} s "
              f"after {o['warmup']:g} s of warm-up; values are medians over the rounds.")
     L.append(f"- **Machine**: {m['nproc']} CPUs ({m['cpu']}), {m['mem_gib']} GiB, Linux {m['kernel']}, "
-             f"{m['python_impl']} {m['python']}, uvloop {m['uvloop']}, unixsrv {m['unixsrv']} "
+             f"{m['python_impl']} {m['python']}, uvloop {m['uvloop']}, uvicorn {m.get('uvicorn', '?')}, "
+             f"unixsrv {m['unixsrv']} "
              f"(git {m['git']}), {m['cc']}; RLIMIT_NOFILE {m['nofile_limit']}, somaxconn {m['somaxconn']}.")
     L.append(f"- **Load average** (1/5/15 min) before the run {'/'.join(map(str, data['load_before']))}, "
              f"after {'/'.join(map(str, data.get('load_after', ('?',))))} "
@@ -697,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="rounds (default 3; --quick 1)")
     p.add_argument("--duration", type=float, help="seconds measured per pingpong/connect run (default 3; --quick 1)")
     p.add_argument("--warmup", type=float, help="seconds of traffic before measuring (default 0.5; --quick 0.2)")
-    p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset of: " + ", ".join(SERVERS))
+    p.add_argument("--servers", help="comma-separated subset of: " + ", ".join(SERVERS))
     p.add_argument("--scenarios", default=",".join(SCENARIO_KEYS),
                    help="comma-separated subset of: " + ", ".join(SCENARIO_KEYS))
     p.add_argument("--out-dir", help="where benchmarks.md/.png/.json go (default docs/; --quick benchmarks/.build/quick/)")
@@ -725,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
                          if q or args.out_dir else os.path.join(harness.HERE, "results", "benchmarks.json"))
     if not args.out_dir:
         args.out_dir = os.path.join(harness.BUILD, "quick") if q else os.path.join(harness.ROOT, "docs")
-    args.servers = [s for s in args.servers.split(",") if s]
+    args.servers_given = args.servers is not None
+    args.servers = [s for s in (args.servers or ",".join(SERVERS)).split(",") if s]
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     bad = [s for s in args.servers if s not in SERVERS] + [s for s in args.scenarios if s not in SCENARIO_KEYS]
     if bad:
@@ -745,7 +753,10 @@ def main(argv: list[str] | None = None) -> int:
                 import httptools  # noqa: F401
                 import uvicorn  # noqa: F401
             except ImportError as exc:
-                p.error(f"{exc}: the HTTP rows need the compat extra (pip install -e '.[bench,compat]')")
+                if args.servers_given:
+                    p.error(f"{exc}: the HTTP rows need the compat extra (pip install -e '.[bench,compat]')")
+                log(f"{exc}: leaving out the HTTP servers (pip install -e '.[bench,compat]' adds them)")
+                args.servers = [s for s in args.servers if s not in harness.HTTP_SERVERS]
         est = args.rounds * sum(
             (args.duration + args.warmup + 2.0) if s.mode != "hold" else (4.0 + s.connections / 2500)
             for s in SCENARIOS if s.key in args.scenarios for srv in args.servers if s.fits(srv))
