@@ -140,7 +140,14 @@ cdef class _Stream(_ConnBase):
         if c.state & ST_PEER_ERROR:
             return 0          # connection_lost() carries the error
         if c.state & (ST_CLOSING | ST_LOST):
-            raise ServerClosedError("write() on a transport that is closed")
+            if not loop.hosted:
+                raise ServerClosedError("write() on a transport that is closed")
+            # Hosted, asyncio's rule (selector_events): a transport takes writes
+            # after close(), queued behind the output it is still flushing, and
+            # drops them once nothing is left to flush (asyncio's own
+            # SSLProtocol writes its close_notify that way).
+            if c.state & ST_LOST or c.olen == 0:
+                return 0
         if n == 0:
             return 0
         if c.olen == 0:

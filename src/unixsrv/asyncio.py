@@ -45,9 +45,10 @@ import math
 import os
 import socket
 import sys
+import weakref
 from asyncio import base_events, sslproto
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import _core
 from .config import ServerConfig
@@ -57,16 +58,19 @@ from .server import CallbackHost, _listener_args
 if TYPE_CHECKING:
     import ssl as _ssl
 
-__all__ = ["UnixServer", "create_unix_server", "start_unix_server", "new_event_loop", "run"]
+__all__ = [
+    "UnixServer",
+    "create_unix_server",
+    "new_event_loop",
+    "run",
+    "start_unix_server",
+]
 
 logger = logging.getLogger("unixsrv.asyncio")
 
 _T = TypeVar("_T")
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], "Awaitable[None] | None"]
-
-#: asyncio.Server tracks its transports (``_clients``) from 3.13 on, a count before.
-_TRACKS_CLIENTS = sys.version_info >= (3, 13)
 
 
 class UnixServer(CallbackHost, base_events.Server):
@@ -79,7 +83,32 @@ class UnixServer(CallbackHost, base_events.Server):
     difference; plus unixsrv's ``await shutdown(timeout)``, ``stats()``,
     ``path``, ``open_connections`` and the ``on_error`` / ``on_conn_state`` /
     ``on_server_info`` callbacks.  Create it with :func:`create_unix_server`.
+    (``close_clients()`` / ``abort_clients()`` are asyncio's, from 3.13 on.)
     """
+
+    # asyncio.base_events.Server's private state, set by its __init__ and
+    # kept with the same meaning here (typeshed leaves it out).
+    _loop: asyncio.AbstractEventLoop
+    _sockets: list[socket.socket] | None
+    _backlog: int
+    _serving: bool
+    _serving_forever_fut: asyncio.Future[None] | None
+    _active_count: int  # Python < 3.13
+    _clients: weakref.WeakSet[asyncio.BaseTransport]  # Python 3.13+
+
+    if TYPE_CHECKING:
+
+        def _wakeup(self) -> None: ...
+
+        if sys.version_info >= (3, 13):
+
+            def _attach(self, transport: asyncio.BaseTransport) -> None: ...
+            def _detach(self, transport: asyncio.BaseTransport) -> None: ...
+
+        else:
+
+            def _attach(self) -> None: ...
+            def _detach(self) -> None: ...
 
     def __init__(
         self,
@@ -92,7 +121,13 @@ class UnixServer(CallbackHost, base_events.Server):
     ) -> None:
         if sys.version_info >= (3, 11):
             super().__init__(
-                loop, [], protocol_factory, ssl, config.backlog, ssl_handshake_timeout, ssl_shutdown_timeout
+                loop,
+                [],
+                protocol_factory,
+                ssl,
+                config.backlog,
+                ssl_handshake_timeout,
+                ssl_shutdown_timeout,
             )
         else:
             super().__init__(loop, [], protocol_factory, ssl, config.backlog, ssl_handshake_timeout)
@@ -140,7 +175,11 @@ class UnixServer(CallbackHost, base_events.Server):
         if sys.version_info >= (3, 13) and cleanup_socket and isinstance(name, str) and name:
             with contextlib.suppress(FileNotFoundError):
                 st = os.stat(name)
-                unlink_path, dev, ino = os.fsencode(os.path.abspath(name)), st.st_dev, st.st_ino
+                unlink_path, dev, ino = (
+                    os.fsencode(os.path.abspath(name)),
+                    st.st_dev,
+                    st.st_ino,
+                )
         sock.setblocking(False)
         core.adopt(os.dup(sock.fileno()), name, self._path, unlink_path, dev, ino)
         self._host(core)
@@ -224,16 +263,6 @@ class UnixServer(CallbackHost, base_events.Server):
         raise ShutdownTimeoutError(
             f"{left} connection(s) still open after {timeout:g} s of graceful shutdown were aborted"
         )
-
-    if _TRACKS_CLIENTS:
-
-        def close_clients(self) -> None:
-            """Close every connection (flushing its output first)."""
-            super().close_clients()
-
-        def abort_clients(self) -> None:
-            """Close every connection at once, dropping unsent output."""
-            super().abort_clients()
 
     # ------------------------------------------------------------------ the hosted C loop
 
@@ -323,7 +352,11 @@ class UnixServer(CallbackHost, base_events.Server):
             super()._unreported(exc, level)
             return
         self._loop.call_exception_handler(
-            {"message": f"unixsrv {self._path}: unhandled error while serving", "exception": exc, "server": self}
+            {
+                "message": f"unixsrv {self._path}: unhandled error while serving",
+                "exception": exc,
+                "server": self,
+            }
         )
 
 
@@ -350,7 +383,10 @@ def _ssl_protocol_factory(
         exc = None if waiter.cancelled() else waiter.exception()
         if exc is not None and loop.get_debug():
             loop.call_exception_handler(
-                {"message": "Error on transport creation for incoming connection", "exception": exc}
+                {
+                    "message": "Error on transport creation for incoming connection",
+                    "exception": exc,
+                }
             )
 
     def factory() -> asyncio.BaseProtocol:
@@ -364,10 +400,17 @@ def _ssl_protocol_factory(
                 context,
                 waiter,
                 server_side=True,
-                ssl_handshake_timeout=handshake_timeout,
-                ssl_shutdown_timeout=shutdown_timeout,
+                ssl_handshake_timeout=cast(Any, handshake_timeout),  # typeshed says int; asyncio takes seconds
+                ssl_shutdown_timeout=cast(Any, shutdown_timeout),
             )
-        return sslproto.SSLProtocol(loop, app, context, waiter, server_side=True, ssl_handshake_timeout=handshake_timeout)
+        return sslproto.SSLProtocol(
+            loop,
+            app,
+            context,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=cast(Any, handshake_timeout),
+        )
 
     return factory
 
@@ -428,7 +471,11 @@ async def _create_unix_server(
 
 
 def _config_for(
-    path: Any, backlog: int, adopted: bool, config: ServerConfig | None, fields: dict[str, Any]
+    path: Any,
+    backlog: int,
+    adopted: bool,
+    config: ServerConfig | None,
+    fields: dict[str, Any],
 ) -> ServerConfig:
     if config is None:
         return ServerConfig(path=path, backlog=backlog, **fields)
@@ -533,7 +580,9 @@ async def _loop_create_unix_server(
 _loop_classes: dict[type[asyncio.AbstractEventLoop], type[asyncio.AbstractEventLoop]] = {}
 
 
-def loop_class(base: type[asyncio.AbstractEventLoop] | None = None) -> type[asyncio.AbstractEventLoop]:
+def loop_class(
+    base: type[asyncio.AbstractEventLoop] | None = None,
+) -> type[asyncio.AbstractEventLoop]:
     """The subclass of ``base`` (default: asyncio's event loop class) whose
     ``create_unix_server`` is unixsrv's (one class per base)."""
     if base is None:
@@ -543,14 +592,19 @@ def loop_class(base: type[asyncio.AbstractEventLoop] | None = None) -> type[asyn
         cls = type(
             f"UnixSrv{base.__name__}",
             (base,),
-            {"__module__": __name__, "__doc__": f"{base.__qualname__} serving Unix sockets with unixsrv.",
-             "create_unix_server": _loop_create_unix_server},
+            {
+                "__module__": __name__,
+                "__doc__": f"{base.__qualname__} serving Unix sockets with unixsrv.",
+                "create_unix_server": _loop_create_unix_server,
+            },
         )
         _loop_classes[base] = cls
     return cls
 
 
-def new_event_loop(base: type[asyncio.AbstractEventLoop] | None = None) -> asyncio.AbstractEventLoop:
+def new_event_loop(
+    base: type[asyncio.AbstractEventLoop] | None = None,
+) -> asyncio.AbstractEventLoop:
     """A new event loop of class ``base`` (asyncio's default loop class when
     None; ``uvloop.Loop`` works) whose ``create_unix_server`` - and so
     ``asyncio.start_unix_server``, aiohttp's ``UnixSite``, uvicorn's
@@ -575,4 +629,3 @@ def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None) -> _T:
 class _Policy(asyncio.DefaultEventLoopPolicy):
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
         return new_event_loop()
-

@@ -578,6 +578,7 @@ class Server(CallbackHost):
                 self._fire_state(conn, ConnState.CLOSE)
             workers.active = False
 
+
 class _CancelWatcher:
     """Calls close() when a threading.Event is set (serve_forever's cancel)."""
 
