@@ -55,6 +55,7 @@ from conftest import (
     MiB,
     child_pids,
     connect,
+    end_processes,
     finish,
     payload,
     sha,
@@ -382,35 +383,32 @@ def uvicorn_app(tmp_path: Any) -> Iterator[Callable[..., subprocess.Popen[str]]]
         return proc
 
     yield start
-    for proc in procs:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=DEADLINE)
+    end_processes(procs)
+
+
+def get_facts(path: str) -> dict[str, Any]:
+    """GET /facts on a connection of its own."""
+    conn = UnixHTTPConnection(path)
+    try:
+        facts: dict[str, Any] = json.loads(conn.fetch("GET", "/facts"))
+    finally:
+        conn.close()
+    return facts
 
 
 def facts_when_serving(proc: subprocess.Popen[str], path: str) -> dict[str, Any]:
-    """Poll GET /facts (a fresh connection each try) until the child answers;
-    fail at once if it exited first."""
-    found: dict[str, Any] = {}
+    """Poll GET /facts until the child answers (no file yet, or not
+    listening yet: try again); fail at once if the child exited."""
 
-    def ready() -> bool:
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"the server exited with {proc.returncode} before serving:\n{out}\n{err}")
-        if not os.path.exists(path):
-            return False
+    def answer() -> dict[str, Any] | None:
+        assert proc.poll() is None, f"the server exited before serving: {proc.communicate()}"
         try:
-            conn = UnixHTTPConnection(path)
-            try:
-                found.update(json.loads(conn.fetch("GET", "/facts")))
-            finally:
-                conn.close()
+            return get_facts(path)
         except (ConnectionRefusedError, FileNotFoundError):
-            return False
-        return True
+            return None
 
-    wait_until(ready)
-    return found
+    facts: dict[str, Any] = wait_until(answer)
+    return facts
 
 
 def stop_with_sigterm(proc: subprocess.Popen[str]) -> str:
@@ -444,11 +442,7 @@ def test_uvicorn_uds_in_unixsrv_run(
     check_keepalive(curl_keepalive(sock_path))
     curl_upload(sock_path, sock_dir)
     python_client_session(sock_path)
-    conn = UnixHTTPConnection(sock_path)
-    try:
-        now = json.loads(conn.fetch("GET", "/facts"))
-    finally:
-        conn.close()
+    now = get_facts(sock_path)
     # The /facts polls, curl's two runs, the client session, this request.
     polls = 1
     check_stats(now["stats"], connections=polls + 2 + 1 + 1)
