@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -12,12 +14,13 @@ import ssl
 import stat
 import subprocess
 import sys
+import textwrap
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, Echo, open_fds, payload, sha
+from conftest import DEADLINE, Echo, echo_once, finish, open_fds, payload, read_line, sha
 
 import unixsrv.asyncio as ua
 from unixsrv import AddressInUseError, ConnState, IdleTimeoutError, ServerConfig, ShutdownTimeoutError
@@ -166,7 +169,7 @@ def test_stdlib_start_unix_server_on_new_event_loop_and_run(sock_path: str) -> N
     assert server.stats()["accepted"] == 1 and not os.path.exists(sock_path)
     loop = ua.new_event_loop()
     loop.close()
-    assert type(loop).__mro__[1] is asyncio.SelectorEventLoop
+    assert isinstance(loop, asyncio.SelectorEventLoop) and loop.create_unix_server.__func__ is not None
     assert arun(main, ua.new_event_loop).stats()["closed"] == 1
 
 
@@ -313,6 +316,65 @@ def test_ssl_handshake_failure_reaches_no_app_protocol(sock_path: str, cert: tup
     arun(main)
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="StreamWriter.start_tls() is new in Python 3.11")
+def test_start_tls_upgrades_a_hosted_connection(sock_path: str, cert: tuple[str, str]) -> None:
+    """STARTTLS: plain text first, then loop.start_tls() on unixsrv's transport."""
+    certfile, keyfile = cert
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(certfile, keyfile)
+    client_ctx = ssl.create_default_context(cafile=certfile)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await reader.readline() == b"STARTTLS\n"
+        writer.write(b"GO\n")
+        await writer.drain()
+        await writer.start_tls(server_ctx)  # type: ignore[attr-defined]
+        await stream_echo(reader, writer)
+
+    async def main() -> None:
+        server = await ua.start_unix_server(handle, sock_path)
+        async with server:
+            reader, writer = await asyncio.open_unix_connection(sock_path)
+            writer.write(b"STARTTLS\n")
+            assert await reader.readline() == b"GO\n"
+            await writer.start_tls(client_ctx, server_hostname="localhost")  # type: ignore[attr-defined]
+            writer.write(b"over tls")
+            assert await reader.readexactly(8) == b"over tls"
+            assert writer.get_extra_info("peercert")["subject"] == ((("commonName", "localhost"),),)
+            writer.close()
+            await writer.wait_closed()
+            await until(lambda: server.open_connections == 0)
+
+    arun(main)
+
+
+def test_sendfile_answers_not_implemented_on_unixsrv_loops(sock_path: str, sock_dir: str) -> None:
+    """loop.sendfile() on a unixsrv transport raises NotImplementedError (as on
+    uvloop), the answer aiohttp's FileResponse falls back from."""
+    outcome: list[str] = []
+
+    class Send(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            asyncio.get_running_loop().create_task(self.send(transport))
+
+        async def send(self, transport: Any) -> None:
+            try:
+                await asyncio.get_running_loop().sendfile(transport, file)
+            except NotImplementedError:
+                outcome.append("NotImplementedError")
+            transport.close()
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_unix_server(Send, sock_path)
+        async with server:
+            assert await roundtrip(sock_path, b"") == b""
+            await until(lambda: outcome == ["NotImplementedError"])
+
+    with open(os.path.join(sock_dir, "f"), "wb+") as file:
+        file.write(b"file")
+        arun(main, ua.new_event_loop)
+
+
 # ---------------------------------------------------------------- sockets
 
 
@@ -407,12 +469,20 @@ def test_socket_file_rules_apply(sock_path: str) -> None:
 def test_abstract_name(sock_path: str) -> None:
     name = "@us-" + os.path.basename(os.path.dirname(sock_path))
 
+    socknames: list[Any] = []
+
+    class Peek(Echo):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            socknames.append(transport.get_extra_info("sockname"))
+
     async def main() -> None:
-        server = await ua.create_unix_server(Echo, name)
+        server = await ua.create_unix_server(Peek, name)
         async with server:
             assert server.path == name
             assert server.sockets[0].getsockname() == b"\0" + name[1:].encode()
             assert await roundtrip("\0" + name[1:], b"abstract") == b"abstract"
+        assert socknames == [b"\0" + name[1:].encode()]  # as asyncio's transports report it
 
     arun(main)
 
@@ -706,3 +776,60 @@ def test_write_after_close_follows_asyncio(sock_path: str) -> None:
             await until(lambda: late == [None])
 
     arun(main)
+
+
+def test_close_after_the_loop_closed(sock_path: str) -> None:
+    """As with asyncio's servers, close() still works once the loop is closed
+    (a cleanup that runs late): the socket file and the fds go."""
+    before = open_fds()
+
+    async def main() -> ua.UnixServer:
+        return await ua.create_unix_server(Echo, sock_path)
+
+    server = arun(main)
+    server.close()
+    assert not os.path.exists(sock_path) and server.sockets == ()
+    assert open_fds() == before
+
+
+# A hosted server in a child process (argv: path): records what reaches the
+# loop's exception handler, prints "ready", serves until stdin closes, then
+# prints those exceptions as JSON (type and errno).
+_HOSTED_CHILD = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    import unixsrv.asyncio as ua
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+        def data_received(self, data):
+            self.transport.write(data)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        seen = []
+        loop.set_exception_handler(lambda loop, ctx: seen.append(ctx.get("exception")))
+        server = await ua.create_unix_server(Echo, sys.argv[1])
+        print("ready", flush=True)
+        await loop.run_in_executor(None, sys.stdin.read)
+        server.close()
+        print(json.dumps([[type(e).__name__, getattr(e, "errno", None)] for e in seen]), flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.linux("strace (system-call error injection)")
+def test_accept_back_off_runs_on_the_loops_timers(sock_path: str, run_traced: Callable[..., Any]) -> None:
+    """accept4 failing with EMFILE five times in a row: the hosted server
+    reports it once to the loop's exception handler, stops polling the
+    listener and resumes from a loop timer (call_at) - every client is served."""
+    proc = run_traced(["-e", "inject=accept4:error=EMFILE:when=1..5"], _HOSTED_CHILD, sock_path)
+    assert read_line(proc) == "ready"
+    for i in range(4):
+        echo_once(sock_path, b"client %d" % i)
+    code, out, err = finish(proc)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1]) == [["OSError", errno.EMFILE]]

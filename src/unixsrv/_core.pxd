@@ -395,6 +395,7 @@ cdef class Loop:
     cdef bint kicked
     cdef int64_t timer_deadline
     cdef public object kick
+    cdef public object set_timer
     cdef public object on_attach
     cdef public object on_detach
     cdef readonly object sockname

@@ -242,13 +242,15 @@ cdef class Loop:
 
     # ---------------------------------------------------------------- hosted
 
-    def host(self, kick):
+    def host(self, kick, set_timer):
         """Switch to hosted mode on the calling thread, which runs the host
-        event loop: it calls run_once() whenever `fileno` is readable and
-        when asked to (kick() = "call run_once() soon"; the timer delay that
-        run_once() returns)."""
+        event loop: it calls run_once() whenever `fileno` is readable, soon
+        after kick() (nothing to wait for), and run_once(True) when the timer
+        asked for by set_timer(delay_seconds) fires (a new request replaces
+        the previous timer)."""
         self.hosted = True
         self.kick = kick
+        self.set_timer = set_timer
         self.thread_id = PyThread_get_thread_ident()
 
     @property
@@ -264,13 +266,13 @@ cdef class Loop:
     def run_once(self, bint timer=False):
         """Hosted mode: one non-blocking pass (I/O without the GIL, then one
         dispatch).  ``timer`` says the host's timer fired (it is used up).
-        Returns the delay in seconds after which the host must call again
-        without an event (a new timer, replacing an earlier one), or -1.0 when
-        no new timer is needed; "at once" goes through kick()."""
+        Then asks the host for what comes next without an event: kick() for
+        "at once", set_timer(delay) for an idle sweep or the end of an accept
+        back-off earlier than the timer already set."""
         cdef int n, err
         cdef int64_t deadline
         if self.closed:
-            return -1.0
+            return
         self.kicked = False
         if timer:
             self.timer_deadline = NEVER
@@ -289,8 +291,7 @@ cdef class Loop:
         elif deadline < self.timer_deadline:
             # A timer set for a later moment fires anyway and finds nothing to do.
             self.timer_deadline = deadline
-            return max(deadline - us_now_ns(), 0) / 1e9
-        return -1.0
+            self.set_timer(max(deadline - us_now_ns(), 0) / 1e9)
 
     cdef int _request_pass(self) except -1:
         """Hosted mode, outside a dispatch: work is queued (a connection to
@@ -771,7 +772,8 @@ cdef class Loop:
                     self._run_finalizing()
             finally:
                 self.thread_id = 0
-                self.kick = self.on_attach = self.on_detach = None   # they refer to the host
+                # They refer to the host.
+                self.kick = self.set_timer = self.on_attach = self.on_detach = None
                 self._close_fds()
                 _live_loops.discard(self)
         if self.stash_exc is not None:

@@ -508,6 +508,10 @@ class Transport(_asyncio.Transport):
     # __weakref__: asyncio.Server (3.13+) keeps its clients in a WeakSet.
     __slots__ = ("_s", "__weakref__")
 
+    # loop.start_tls() (StreamWriter.start_tls) upgrades it: what it needs -
+    # set_protocol, pause/resume_reading, a BufferedProtocol - is here.
+    _start_tls_compatible = True
+
     def __init__(self, _Stream stream):
         self._s = stream
 
@@ -628,7 +632,9 @@ class Transport(_asyncio.Transport):
             if name == "peername":
                 return s.remote_address
             if name == "sockname":
-                return s.loop.display_path
+                # Hosted (unixsrv.asyncio), what asyncio's transports give:
+                # getsockname() (bytes for an abstract name).
+                return s.loop.sockname if s.loop.hosted else s.loop.display_path
             if name == "peercred":
                 return s.peer
             if name == "socket":

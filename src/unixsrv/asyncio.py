@@ -187,7 +187,7 @@ class UnixServer(CallbackHost, base_events.Server):
         self._sockets = [sock]
 
     def _host(self, core: _core.Loop) -> None:
-        core.host(self._kick)
+        core.host(self._kick, self._set_timer)
         core.on_attach = self._attach_transport
         core.on_detach = self._detach_transport
 
@@ -212,7 +212,8 @@ class UnixServer(CallbackHost, base_events.Server):
             self._adopted.listen(self._backlog)  # as asyncio: an adopted socket listens once serving starts
         core = self._live_core()
         if not self._polling:
-            self._loop.add_reader(core.fileno, self._on_ready)
+            # The C method itself is the reader callback: no Python frame per pass.
+            self._loop.add_reader(core.fileno, core.run_once)
             self._polling = True
         self._info(f"starting listening socket 'unix {self._path}'")
 
@@ -266,26 +267,21 @@ class UnixServer(CallbackHost, base_events.Server):
 
     # ------------------------------------------------------------------ the hosted C loop
 
-    def _on_ready(self) -> None:
-        core = self._core
-        if core is not None:
-            self._set_timer(core.run_once(False))
-
     def _on_timer(self) -> None:
         self._timer = None
         core = self._core
         if core is not None:
-            self._set_timer(core.run_once(True))
+            core.run_once(True)
 
     def _set_timer(self, delay: float) -> None:
-        if delay < 0:
-            return  # none needed, or the one set fires early enough
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._loop.call_at(self._loop.time() + delay, self._on_timer)
 
     def _kick(self) -> None:
-        self._loop.call_soon(self._on_ready)
+        core = self._core
+        if core is not None:
+            self._loop.call_soon(core.run_once)
 
     def _attach_transport(self, transport: asyncio.Transport) -> bool:
         if self._sockets is None:
@@ -327,7 +323,10 @@ class UnixServer(CallbackHost, base_events.Server):
         """Once closed with no connection left, the C loop's fds go (not in
         the middle of its own dispatch: on the next turn of the host loop)."""
         if self._sockets is None and self.open_connections == 0 and self._core is not None:
-            self._loop.call_soon(self._release)
+            if self._loop.is_closed():
+                self._release()  # nothing runs any more (asyncio's close() works then too)
+            else:
+                self._loop.call_soon(self._release)
 
     def _release(self) -> None:
         core = self._core
@@ -349,7 +348,7 @@ class UnixServer(CallbackHost, base_events.Server):
         """No on_error: to the event loop's exception handler, as asyncio
         reports a protocol's errors (peer resets stay DEBUG log records)."""
         if level < logging.WARNING:
-            super()._unreported(exc, level)
+            logger.log(level, "unixsrv %s: %s", self._path, exc)
             return
         self._loop.call_exception_handler(
             {
@@ -577,6 +576,25 @@ async def _loop_create_unix_server(
     )
 
 
+class _HostingLoop:
+    """What the loop classes of :func:`new_event_loop` add to their base."""
+
+    create_unix_server = _loop_create_unix_server
+
+    async def sendfile(
+        self, transport: asyncio.WriteTransport, file: Any, offset: int = 0, count: int | None = None, *,
+        fallback: bool = True,
+    ) -> int:  # fmt: skip
+        """A unixsrv transport has no sendfile: NotImplementedError, as uvloop's
+        loops (and asyncio.AbstractEventLoop) answer, which callers such as
+        aiohttp's FileResponse take as "write the data instead"; other
+        transports get the base loop's sendfile."""
+        if isinstance(transport, _core.Transport):
+            raise NotImplementedError("unixsrv transports have no sendfile(); write the file's data")
+        base_sendfile = cast(Any, super()).sendfile
+        return cast(int, await base_sendfile(transport, file, offset, count, fallback=fallback))
+
+
 _loop_classes: dict[type[asyncio.AbstractEventLoop], type[asyncio.AbstractEventLoop]] = {}
 
 
@@ -589,15 +607,8 @@ def loop_class(
         base = asyncio.SelectorEventLoop
     cls = _loop_classes.get(base)
     if cls is None:
-        cls = type(
-            f"UnixSrv{base.__name__}",
-            (base,),
-            {
-                "__module__": __name__,
-                "__doc__": f"{base.__qualname__} serving Unix sockets with unixsrv.",
-                "create_unix_server": _loop_create_unix_server,
-            },
-        )
+        doc = f"{base.__qualname__} serving Unix sockets with unixsrv."
+        cls = type(f"UnixSrv{base.__name__}", (_HostingLoop, base), {"__module__": __name__, "__doc__": doc})
         _loop_classes[base] = cls
     return cls
 
