@@ -179,9 +179,11 @@ def check_stats(stats: dict[str, int], connections: int) -> None:
 # ------------------------------------------------------------------ aiohttp
 
 
-def aiohttp_app(web: Any) -> Any:
+def aiohttp_app(web: Any, static_file: str) -> Any:
     """A small aiohttp application: "/" answers after a loop timer,
-    "/upload" hashes a streamed request body, "/download/N" streams N bytes."""
+    "/upload" hashes a streamed request body, "/download/N" streams N bytes,
+    "/file" is ``static_file`` served by ``web.FileResponse`` (which tries
+    ``loop.sendfile`` first)."""
 
     async def hello(request: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -207,10 +209,14 @@ def aiohttp_app(web: Any) -> Any:
         await resp.write_eof()
         return resp
 
+    async def file(request: Any) -> Any:
+        return web.FileResponse(static_file)
+
     app = web.Application()
     app.router.add_get("/", hello)
     app.router.add_post("/upload", upload)
     app.router.add_get("/download/{n}", download)
+    app.router.add_get("/file", file)
     return app
 
 
@@ -238,7 +244,7 @@ def loop_thread(loop: asyncio.AbstractEventLoop) -> Iterator[Callable[[Coroutine
 def test_aiohttp_unix_site(sock_path: str, sock_dir: str) -> None:
     """aiohttp's ``web.UnixSite`` on ``unixsrv.asyncio.new_event_loop()``:
     unixsrv's server under it answers curl and http.client (keep-alive,
-    streamed bodies), counts their connections, and ``runner.cleanup()``
+    streamed bodies, a static file), counts their connections, and ``runner.cleanup()``
     stops it cleanly (file removed, every connection closed)."""
     web = pytest.importorskip("aiohttp.web", reason="aiohttp is not installed (pip install '.[compat]')")
     loop = unixsrv_asyncio().new_event_loop()
@@ -253,7 +259,10 @@ def test_aiohttp_unix_site(sock_path: str, sock_dir: str) -> None:
 
     loop.create_unix_server = recording  # type: ignore[method-assign]
     with loop_thread(loop) as run:
-        runner = web.AppRunner(aiohttp_app(web))
+        static = os.path.join(sock_dir, "static.bin")
+        with open(static, "wb") as f:
+            f.write(payload(MiB, seed=4))
+        runner = web.AppRunner(aiohttp_app(web, static))
         run(runner.setup())
         try:
             run(web.UnixSite(runner, sock_path).start())
@@ -265,14 +274,18 @@ def test_aiohttp_unix_site(sock_path: str, sock_dir: str) -> None:
 
             check_keepalive(curl_keepalive(sock_path))
             curl_upload(sock_path, sock_dir)
+            fetched = os.path.join(sock_dir, "fetched.bin")
+            curl(sock_path, "--output", fetched, "http://localhost/file")
+            with open(fetched, "rb") as f:
+                assert sha(f.read()) == sha(payload(MiB, seed=4))
             python_client_session(sock_path)
-            check_stats(srv.stats(), connections=3)
+            check_stats(srv.stats(), connections=4)
         finally:
             run(runner.cleanup())
         assert not os.path.lexists(sock_path), "the socket file outlived the server"
         wait_until(lambda: srv.stats()["open"] == 0)
         stats = srv.stats()
-        assert stats["closed"] == stats["accepted"] == 3, stats
+        assert stats["closed"] == stats["accepted"] == 4, stats
         assert not srv.is_serving()
 
 
