@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from . import _core
 from .config import ServerConfig
 from .errors import AddressInUseError, ShutdownTimeoutError
-from .server import CallbackHost, _listener_args
+from .server import CallbackHost, _check_timeout, _listener_args
 
 if TYPE_CHECKING:
     import ssl as _ssl
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = [
     "UnixServer",
     "create_unix_server",
+    "loop_class",
     "new_event_loop",
     "run",
     "start_unix_server",
@@ -246,7 +247,7 @@ class UnixServer(CallbackHost, base_events.Server):
         then every connection stops reading, flushes its output and closes.
         Connections still open after ``timeout`` seconds are aborted and
         ShutdownTimeoutError is raised.  Idempotent."""
-        _check_timeout(timeout)
+        seconds = _check_timeout(timeout)
         self.close()
         core = self._core
         if core is None or self.open_connections == 0:
@@ -254,7 +255,7 @@ class UnixServer(CallbackHost, base_events.Server):
         core.begin_drain()
         drained = self._drained_future()
         try:
-            await asyncio.wait_for(asyncio.shield(drained), None if math.isinf(timeout) else timeout)
+            await asyncio.wait_for(asyncio.shield(drained), None if math.isinf(seconds) else seconds)
             return
         except asyncio.TimeoutError:
             left = self.open_connections
@@ -357,13 +358,6 @@ class UnixServer(CallbackHost, base_events.Server):
                 "server": self,
             }
         )
-
-
-def _check_timeout(timeout: Any) -> None:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-    if math.isnan(timeout) or timeout < 0:
-        raise ValueError(f"timeout must be a number of seconds >= 0 (or math.inf), got {timeout!r}")
 
 
 def _ssl_protocol_factory(

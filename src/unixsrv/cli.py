@@ -1,28 +1,57 @@
 """The ``unixsrv`` command (also ``python -m unixsrv``).
 
 ``unixsrv serve`` runs a server until SIGINT or SIGTERM, then shuts down
-gracefully (a second signal closes at once).  ``--protocol MODULE:FACTORY``
-serves the factory through :mod:`unixsrv.asyncio` on an asyncio event loop,
-so a protocol that uses the loop (tasks, timers, futures) works as it does
-under asyncio.
+gracefully (a second signal closes at once).  Exit status: 0 after a stop
+that cut no connection, 1 when the stop had to force-close connections (the
+graceful stop timed out, or a second signal closed them) or the server
+stopped by itself, 2 for a usage, configuration or start-up error (one
+line on stderr naming the file or option and the problem).
+
+``--protocol MODULE:FACTORY`` serves the factory through
+:mod:`unixsrv.asyncio` on an asyncio event loop of its own thread, so a
+protocol that uses the loop (tasks, timers, futures) works as under asyncio;
+signals, the stop sequence and the exit statuses are the same as for the
+other models.
+
+Signals are race-free: the handlers, installed before anything else, only
+record the signal in a queue (``queue.SimpleQueue.put`` is safe in a signal
+handler); the main thread applies the requests once the server runs, so a
+signal at any moment of start-up stops the server.  From the first signal
+on the process never dies of SIGINT or SIGTERM: every later one is handled
+or, once the server has stopped, ignored; the exit status is the stop's.
+
+Test hook: with ``UNIXSRV_TEST_PAUSE_AT=<point>`` in the environment,
+``serve`` writes ``unixsrv-test: paused at <point>`` to stderr at that
+point of its start-up or stop and waits for a line on stdin, so that a test
+can send a signal exactly there.  The points, in order: ``handlers`` (signal
+handlers installed, nothing else done), ``built`` (the Server exists, not
+started), ``listening`` (inside start(): the socket accepts, start() has not
+returned), ``started`` (start() returned, no request applied yet),
+``stopped`` (the server has stopped, the process has not exited).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
+import importlib.util
 import json
 import logging
+import math
+import os
+import queue
+import re
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from . import __version__
-from .asyncio import create_unix_server
-from .asyncio import run as run_hosted
-from .config import ServerConfig
+from .asyncio import UnixServer, create_unix_server, new_event_loop
+from .config import ServerConfig, parse_duration
 from .echo import EchoProtocol, echo_handler
 from .errors import ConfigError, InvalidHandlerError, ShutdownTimeoutError, UnixSrvError
 from .server import Server
@@ -30,6 +59,10 @@ from .server import Server
 __all__ = ["main"]
 
 logger = logging.getLogger("unixsrv.cli")
+
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_PAUSE_ENV = "UNIXSRV_TEST_PAUSE_AT"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,14 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UnixSrvError, OSError) as exc:
-        logger.error("%s", exc)
+        logger.error("%s", _one_line(str(exc)))
         return 2
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unixsrv", description="A Unix domain socket server.")
     parser.add_argument("--version", action="version", version=f"unixsrv {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=_LOG_LEVELS, help="default INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a server until SIGINT/SIGTERM")
@@ -59,10 +92,11 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="JSON file with ServerConfig fields or golib keys; flags override it")
     serve.add_argument("--mode", help="socket file mode, e.g. 0660 or rw-rw---- (default 0770)")
     serve.add_argument("--group", help="group name or gid for the socket file")
-    serve.add_argument("--idle-timeout", type=float, help="close connections idle this many seconds")
+    serve.add_argument("--idle-timeout", metavar="DURATION", help="close connections idle this long (1m30s, 0.5)")
     serve.add_argument("--max-connections", type=int, help="refuse connections beyond this many")
     serve.add_argument("--backlog", type=int, help="listen(2) backlog (default 1024)")
-    serve.add_argument("--shutdown-timeout", type=float, default=10.0, help="grace period on SIGINT/SIGTERM")
+    serve.add_argument("--shutdown-timeout", metavar="DURATION", default="10",
+                       help="grace period on SIGINT/SIGTERM (default 10 s; inf = no limit)")
     serve.add_argument("--model", choices=["event", "blocking"], default="event", help="handler model for --echo")
     what = serve.add_mutually_exclusive_group(required=True)
     what.add_argument("--echo", action="store_true", help="serve the built-in echo")
@@ -73,11 +107,39 @@ def _build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
 
     add_bench_parser(sub)
+    # --log-level also after the sub-command; SUPPRESS keeps the top-level
+    # value when it is not repeated there.
+    for command in sub.choices.values():
+        command.add_argument("--log-level", default=argparse.SUPPRESS, choices=_LOG_LEVELS,
+                             help="as before the sub-command")
     return parser
 
 
+# ---------------------------------------------------------------------- serve
+
+
 def _serve(args: argparse.Namespace) -> int:
+    stops = _StopRequests()  # first of all: from here on a SIGINT/SIGTERM is recorded, never lost
+    try:
+        _pause_for_test("handlers")
+        timeout = _duration("--shutdown-timeout", args.shutdown_timeout, infinite=True)
+        server, what = _make_server(args)
+        _pause_for_test("built")
+        server.start()
+        _pause_for_test("started")
+        logger.info("serving %s on %s; SIGINT or SIGTERM stops it", what, server.path)
+        status = stops.serve_until_stopped(server, timeout)
+        logger.info("stopped: %s", ", ".join(f"{k}={v}" for k, v in server.stats().items()))
+        _pause_for_test("stopped")
+        return status
+    finally:
+        stops.ignore_further()
+
+
+def _make_server(args: argparse.Namespace) -> tuple[Server | _HostedServer, str]:
+    """The Server the arguments describe, and what it serves (for the log)."""
     config = _config_from_args(args)
+    server: Server | _HostedServer
     if args.echo:
         server = Server(config, echo_handler) if args.model == "blocking" else Server(config, protocol=EchoProtocol)
         what = f"echo ({args.model} model)"
@@ -85,27 +147,234 @@ def _serve(args: argparse.Namespace) -> int:
         server = Server(config, _import(args.handler))
         what = args.handler
     else:
-        return _serve_protocol(config, _import(args.protocol), args.protocol, args.shutdown_timeout)
-    _install_signal_handlers(server, args.shutdown_timeout)
-    logger.info("serving %s on %s; SIGINT or SIGTERM stops it", what, server.path)
-    server.serve_forever()
-    stats = server.stats()
-    logger.info("stopped: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
-    return 0
+        server = _HostedServer(config, _import(args.protocol), args.protocol)
+        what = args.protocol
+    if os.environ.get(_PAUSE_ENV) == "listening":
+        # start() reports "starting listening socket" on its caller's thread
+        # once the socket accepts and before it returns.
+        server.on_server_info(lambda message: _pause_for_test("listening"))
+    return server, what
+
+
+class _StopRequests:
+    """SIGINT/SIGTERM, recorded by the signal handler, applied by the main thread.
+
+    The handler only puts the signal number in a SimpleQueue: no lock, no
+    server method, nothing a signal landing in the middle of the server's
+    own code could deadlock on or find half set up.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, self._record)
+
+    def _record(self, signum: int, frame: object) -> None:
+        self._queue.put(signum)
+
+    def serve_until_stopped(self, server: Server | _HostedServer, timeout: float) -> int:
+        """Apply the stop requests to the running ``server`` until it has
+        stopped; return the exit status.  The first request shuts down
+        gracefully (on a thread, so this one stays free for the next), the
+        second closes at once, later ones are only logged."""
+        threading.Thread(target=self._put_when_stopped, args=(server,), name="unixsrv stop watcher",
+                         daemon=True).start()
+        graceful: _GracefulStop | None = None
+        cut: int | None = None  # connections open when a second signal closed the server
+        while (signum := self._queue.get()) is not None:
+            name = signal.Signals(signum).name
+            if graceful is None:
+                limit = "no time limit" if math.isinf(timeout) else f"up to {timeout:g} s"
+                logger.info("%s: shutting down gracefully (%s; repeat to stop at once)", name, limit)
+                graceful = _GracefulStop(server, timeout)
+            elif cut is None:
+                logger.info("%s: closing now", name)
+                cut = server.open_connections
+                server.close()
+            else:
+                logger.info("%s: already closing", name)
+        if graceful is None:
+            logger.error("the server stopped without a stop request (see the errors above)")
+            return 1
+        graceful.join()
+        if isinstance(graceful.failure, ShutdownTimeoutError):
+            logger.error("graceful shutdown timed out: %s", graceful.failure)
+        if graceful.failure is not None:
+            return 1
+        if cut:
+            logger.error("a second signal closed the server with %d connection(s) open", cut)
+            return 1
+        return 0
+
+    def _put_when_stopped(self, server: Server | _HostedServer) -> None:
+        server.wait()
+        self._queue.put(None)
+
+    def ignore_further(self) -> None:
+        """The server is stopped (or never ran): from now on SIGINT/SIGTERM
+        are ignored, so the process ends with the status it chose, even
+        while the interpreter shuts down (it resets only Python-level
+        handlers, not SIG_IGN)."""
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+class _GracefulStop(threading.Thread):
+    """server.shutdown(timeout) on a thread of its own; remembers a timeout.
+    If the shutdown itself fails, the server is closed at once instead, so
+    the process still stops (with status 1)."""
+
+    def __init__(self, server: Server | _HostedServer, timeout: float) -> None:
+        super().__init__(name="unixsrv graceful stop", daemon=True)
+        self._server = server
+        self._timeout = timeout
+        self.failure: Exception | None = None  # why connections may have been cut
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._server.shutdown(self._timeout)
+        except ShutdownTimeoutError as exc:
+            self.failure = exc
+        except Exception as exc:  # noqa: BLE001 - a stop that fails must still stop: close() at once
+            logger.error("graceful shutdown failed (%s: %s); closing now", type(exc).__name__, exc)
+            self.failure = exc
+            self._server.close()
+
+
+class _HostedServer:
+    """``--protocol``: the factory served by unixsrv.asyncio on an asyncio
+    event loop run by a thread of its own, behind the blocking calls that
+    _serve and _StopRequests make on a Server (start, shutdown, close, wait,
+    stats, path, open_connections, on_server_info).  Protocol callbacks run
+    on that loop's thread with the loop running, so a protocol may use
+    ``asyncio.get_running_loop()``, tasks, timers and futures.
+
+    Stops are ``UnixServer.shutdown(timeout)`` (``close()``: a timeout of 0,
+    what is left is aborted).  The loop stops when the last stop call in
+    progress has returned, never while one still waits for its result, and
+    takes no call after that.
+    """
+
+    def __init__(self, config: ServerConfig, factory: Any, what: str) -> None:
+        if not callable(factory):
+            raise InvalidHandlerError(f"{what} is not a protocol factory (not callable): {factory!r}")
+        self._config = config
+        self._factory = factory
+        self._info: Callable[[str], object] | None = None
+        self._server: UnixServer | None = None
+        self._loop = new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="unixsrv asyncio loop", daemon=True)
+        self._lock = threading.Lock()
+        self._stopping = 0     # stop calls waiting for their result
+        self._done = False     # the loop was told to stop
+
+    @property
+    def path(self) -> str:
+        return self._config.display_path
+
+    @property
+    def open_connections(self) -> int:
+        return 0 if self._server is None else self._server.open_connections
+
+    def on_server_info(self, fn: Callable[[str], object]) -> None:
+        self._info = fn
+
+    def stats(self) -> dict[str, int]:
+        return {} if self._server is None else self._server.stats()
+
+    def start(self) -> None:
+        """Create the server on the loop and start serving; a failure (the
+        address in use, ...) stops the loop and is raised here."""
+        self._thread.start()
+        try:
+            self._call(self._open())
+        except BaseException:
+            self._stop_loop()
+            self._thread.join()
+            raise
+
+    async def _open(self) -> None:
+        server = await create_unix_server(self._factory, config=self._config, start_serving=False)
+        if self._info is not None:
+            server.on_server_info(self._info)
+        self._server = server
+        await server.start_serving()
+
+    def shutdown(self, timeout: float) -> None:
+        """Graceful stop; ShutdownTimeoutError once what was left got aborted."""
+        with self._lock:
+            if self._done or self._server is None:
+                return
+            self._stopping += 1
+            server = self._server
+        try:
+            self._call(server.shutdown(timeout))
+        finally:
+            with self._lock:
+                self._stopping -= 1
+                if self._stopping == 0:
+                    self._stop_loop_locked()
+
+    def close(self) -> None:
+        """Stop now: every connection still open is aborted."""
+        with contextlib.suppress(ShutdownTimeoutError):
+            self.shutdown(0.0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the loop has ended; True if it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _call(self, coro: Coroutine[Any, Any, None]) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _stop_loop(self) -> None:
+        with self._lock:
+            self._stop_loop_locked()
+
+    def _stop_loop_locked(self) -> None:
+        if not self._done:
+            self._done = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def _run_loop(self) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            # What the protocols left running ends with the loop, as in asyncio.run().
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+def _pause_for_test(point: str) -> None:
+    """The test hook described in the module docstring."""
+    if os.environ.get(_PAUSE_ENV) == point:
+        print(f"unixsrv-test: paused at {point}", file=sys.stderr, flush=True)
+        sys.stdin.readline()
+
+
+# ---------------------------------------------------------------------- configuration
 
 
 def _config_from_args(args: argparse.Namespace) -> ServerConfig:
     data: dict[str, Any] = {}
     if args.config:
-        with open(args.config, encoding="utf-8") as f:
-            loaded = json.load(f)
-        base = ServerConfig.from_mapping(loaded)
+        base = _load_config_file(args.config)
         data.update({k: getattr(base, k) for k in base.__dataclass_fields__})
+        if base.is_abstract:  # an abstract name has no mode or group: the defaults apply to a --socket file
+            del data["mode"], data["group"]
     overrides = {
         "path": args.path,
         "mode": args.mode,
         "group": args.group,
-        "idle_timeout": args.idle_timeout,
+        "idle_timeout": None if args.idle_timeout is None else _duration("--idle-timeout", args.idle_timeout),
         "max_connections": args.max_connections,
         "backlog": args.backlog,
     }
@@ -115,80 +384,96 @@ def _config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(**data)
 
 
+def _load_config_file(path: str) -> ServerConfig:
+    """The ServerConfig a JSON file describes; any problem is a ConfigError
+    naming the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of settings, not {_json_type(data)}")
+    try:
+        return ServerConfig.from_mapping(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+
+
+def _duration(option: str, text: str, *, infinite: bool = False) -> float:
+    """Seconds from a command-line duration: what the config file takes (a Go
+    duration such as "1m30s", parsed by config.parse_duration) or a plain
+    number of seconds; "inf" too if ``infinite`` (no limit)."""
+    value: str | float = text
+    if _NUMBER.fullmatch(text.strip()):
+        value = float(text)
+        if infinite and value == math.inf:
+            return value
+    try:
+        return parse_duration(value)
+    except ConfigError as exc:
+        allowed = "a number of seconds >= 0, a Go duration such as 1m30s" + (", or inf" if infinite else "")
+        raise ConfigError(f"{option} {text!r}: {exc}; expected {allowed}") from None
+
+
+# ---------------------------------------------------------------------- --handler / --protocol
+
+
 def _import(spec: str) -> Any:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"expected MODULE:NAME, got {spec!r}")
+    # The current directory first, as `python -m` and uvicorn/gunicorn do: the
+    # `unixsrv` console script's sys.path starts with its own bin directory.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name or module_name.startswith(f"{exc.name}."):  # the module (or a parent) is missing
+            raise ConfigError(f"cannot load {spec!r}: {exc}") from None
+        raise ConfigError(_import_failure(module_name, exc)) from None
+    except Exception as exc:  # noqa: BLE001 - SyntaxError, or whatever the module raised while it ran
+        raise ConfigError(_import_failure(module_name, exc)) from None
+    try:
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot load {spec!r}: {exc}") from exc
+    except AttributeError as exc:
+        raise ConfigError(f"cannot load {spec!r}: {exc}") from None
     return obj
 
 
-def _install_signal_handlers(server: Server, timeout: float) -> None:
-    received = 0
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal received
-        received += 1
-        name = signal.Signals(signum).name
-        if received == 1:
-            logger.info("%s: shutting down gracefully (up to %g s; repeat to stop at once)", name, timeout)
-            server.shutdown(timeout)
-        else:
-            logger.info("%s: closing now", name)
-            server.close()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+def _import_failure(module_name: str, exc: Exception) -> str:
+    """One line naming the module's file and what went wrong importing it."""
+    if isinstance(exc, SyntaxError):
+        where = f"{exc.filename}, line {exc.lineno}"
+        problem = f"SyntaxError: {exc.msg}"
+    else:
+        try:
+            spec = importlib.util.find_spec(module_name)
+        except Exception:  # noqa: BLE001 - a parent package that fails too: name the module only
+            spec = None
+        where = spec.origin if spec is not None and spec.origin else "?"
+        problem = f"{type(exc).__name__}: {exc}"
+    return f"cannot import {module_name!r} ({where}): {problem}"
 
 
-def _serve_protocol(config: ServerConfig, factory: Any, what: str, timeout: float) -> int:
-    """``--protocol``: serve ``factory`` with unixsrv.asyncio on an event
-    loop of its own (``unixsrv.asyncio.run``), so protocol callbacks run on
-    that loop's thread with a running loop, and a server the protocol
-    creates with ``loop.create_unix_server`` is unixsrv's too."""
-    if not callable(factory):
-        raise InvalidHandlerError(f"{what} is not a protocol factory (not callable): {factory!r}")
-    stats = run_hosted(_serve_on_loop(config, factory, what, timeout))
-    logger.info("stopped: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
-    return 0
-
-
-async def _serve_on_loop(config: ServerConfig, factory: Any, what: str, timeout: float) -> dict[str, int]:
-    """Serve until SIGINT/SIGTERM, then ``shutdown(timeout)``; a second
-    signal aborts what is left (``shutdown(0)``).  The signal handlers go in
-    before the socket file appears, so a service manager's early SIGTERM is
-    a graceful stop too, never the default action (which would leave the
-    file behind).  Returns the server's final stats."""
-    loop = asyncio.get_running_loop()
-    signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
-    handled = (signal.SIGINT, signal.SIGTERM)
-    for signum in handled:
-        loop.add_signal_handler(signum, signals.put_nowait, signum)
-    try:
-        server = await create_unix_server(factory, config=config)
-        logger.info("serving %s on %s; SIGINT or SIGTERM stops it", what, server.path)
-        signum = await signals.get()
-        logger.info("%s: shutting down gracefully (up to %g s; repeat to stop at once)", signum.name, timeout)
-        graceful = loop.create_task(server.shutdown(timeout))
-        second = loop.create_task(signals.get())
-        await asyncio.wait((graceful, second), return_when=asyncio.FIRST_COMPLETED)
-        stops = [graceful]
-        if second.done():
-            logger.info("%s: closing now", second.result().name)
-            stops.append(loop.create_task(server.shutdown(0)))
-        second.cancel()
-        for outcome in await asyncio.gather(*stops, return_exceptions=True):
-            if isinstance(outcome, ShutdownTimeoutError):
-                logger.warning("%s", outcome)
-            elif outcome is not None:
-                raise outcome
-        stats: dict[str, int] = server.stats()
-        return stats
-    finally:
-        for signum in handled:
-            loop.remove_signal_handler(signum)
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
