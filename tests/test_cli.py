@@ -444,23 +444,6 @@ def test_protocol_stop_that_cannot_drain_exits_1(cli, sock_path, tmp_path, stop)
     assert stats["open"] == 0 and stats["closed"] == stats["accepted"], stats
 
 
-@pytest.mark.parametrize("point", ["handlers", "built", "listening", "started"])
-def test_protocol_sigterm_at_any_point_of_startup_stops(cli, sock_path, tmp_path, point):
-    """The start-up guarantee of the other models holds for `--protocol`
-    (its server starts on a loop thread): a SIGTERM held at each point of
-    start-up by the CLI's test hook stops it; exit 0, file gone."""
-    write_module(tmp_path, "clipoint_mod", LOOP_PROTOCOL)
-    proc = paused(cli, point, "serve", "--socket", sock_path, "--protocol", "clipoint_mod:Delayed")
-    os.kill(proc.pid, signal.SIGTERM)
-    resume(proc)
-    status, out, _ = finish(proc)
-    assert status == 0, out
-    assert "SIGTERM: shutting down gracefully" in out
-    assert "stopped:" in out
-    assert "Traceback" not in out
-    assert not os.path.lexists(sock_path)
-
-
 def test_nested_attribute_spec(cli, sock_path, tmp_path):
     """`module:Obj.attr` resolves dotted attributes."""
     write_module(
@@ -573,14 +556,20 @@ def resume(proc: subprocess.Popen) -> None:
     proc.stdin.flush()
 
 
-@pytest.mark.parametrize("model", ["event", "blocking"])
+@pytest.mark.parametrize("model", ["event", "blocking", "protocol"])
 @pytest.mark.parametrize("point", ["handlers", "built", "listening", "started"])
-def test_sigterm_at_any_point_of_startup_stops(cli, sock_path, point, model):
+def test_sigterm_at_any_point_of_startup_stops(cli, sock_path, tmp_path, point, model):
     """Issue 8 finding 6: a SIGTERM at any moment of start-up stops the server
     (it used to be lost when it landed before the loop existed: the log said
     "shutting down" and the server kept serving).  The CLI's test hook holds
-    start-up at each point while the signal is sent: exit 0, file gone."""
-    proc = paused(cli, point, "serve", "--socket", sock_path, "--echo", "--model", model)
+    start-up at each point while the signal is sent: exit 0, file gone.
+    "protocol": `--protocol` with a loop-using protocol, whose server starts
+    on a loop thread through unixsrv.asyncio."""
+    what = ["--echo", "--model", model]
+    if model == "protocol":
+        write_module(tmp_path, "clipoint_mod", LOOP_PROTOCOL)
+        what = ["--protocol", "clipoint_mod:Delayed"]
+    proc = paused(cli, point, "serve", "--socket", sock_path, *what)
     os.kill(proc.pid, signal.SIGTERM)
     resume(proc)
     status, out, _ = finish(proc)
