@@ -4,7 +4,8 @@ DESIGN.md, "unixsrv.asyncio": ``new_event_loop()`` returns a loop whose
 ``create_unix_server`` is unixsrv's, "and so ``asyncio.start_unix_server``,
 aiohttp's ``UnixSite``, uvicorn's ``--uds``"; ``run()`` is ``asyncio.run`` on
 such a loop.  Here an aiohttp application (``web.UnixSite`` on
-``unixsrv.asyncio.new_event_loop()``) and an ASGI application served by
+``unixsrv.asyncio.new_event_loop()``, with asyncio's and with uvloop's loop
+class as the base) and an ASGI application served by
 uvicorn with ``uds=`` inside ``unixsrv.asyncio.run()`` (and through uvicorn's
 own command line with ``--loop unixsrv.asyncio:new_event_loop``) answer
 ``curl --unix-socket`` and a Python HTTP client (``http.client``):
@@ -241,13 +242,20 @@ def loop_thread(loop: asyncio.AbstractEventLoop) -> Iterator[Callable[[Coroutine
         loop.close()
 
 
-def test_aiohttp_unix_site(sock_path: str, sock_dir: str) -> None:
-    """aiohttp's ``web.UnixSite`` on ``unixsrv.asyncio.new_event_loop()``:
-    unixsrv's server under it answers curl and http.client (keep-alive,
-    streamed bodies, a static file), counts their connections, and ``runner.cleanup()``
-    stops it cleanly (file removed, every connection closed)."""
+@pytest.mark.parametrize("base", ["asyncio", "uvloop"])
+def test_aiohttp_unix_site(sock_path: str, sock_dir: str, base: str) -> None:
+    """aiohttp's ``web.UnixSite`` on ``unixsrv.asyncio.new_event_loop()``
+    (asyncio's loop class, or ``uvloop.Loop`` as the base): unixsrv's server
+    under it answers curl and http.client (keep-alive, streamed bodies, a
+    static file), counts their connections, and ``runner.cleanup()`` stops
+    it cleanly (file removed, every connection closed)."""
     web = pytest.importorskip("aiohttp.web", reason="aiohttp is not installed (pip install '.[compat]')")
-    loop = unixsrv_asyncio().new_event_loop()
+    if base == "uvloop":
+        uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed (pip install '.[bench]')")
+        loop = unixsrv_asyncio().new_event_loop(uvloop.Loop)
+        assert isinstance(loop, uvloop.Loop)
+    else:
+        loop = unixsrv_asyncio().new_event_loop()
     # Keep what the loop's create_unix_server returns: the server under aiohttp.
     servers: list[Any] = []
     create = loop.create_unix_server
