@@ -473,6 +473,7 @@ def test_nested_attribute_spec(cli, sock_path, tmp_path):
         ("--handler", "clibad_mod:NOT_CALLABLE"),
         ("--protocol", "clibad_mod:MissingProtocol"),
         ("--protocol", "no_such_module_unixsrv_test:Proto"),
+        ("--protocol", "clibad_mod:NOT_CALLABLE"),
     ],
 )
 def test_bad_handler_spec(cli, sock_path, tmp_path, option, spec):
