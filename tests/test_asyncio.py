@@ -169,7 +169,7 @@ def test_stdlib_start_unix_server_on_new_event_loop_and_run(sock_path: str) -> N
     assert server.stats()["accepted"] == 1 and not os.path.exists(sock_path)
     loop = ua.new_event_loop()
     loop.close()
-    assert isinstance(loop, asyncio.SelectorEventLoop) and loop.create_unix_server.__func__ is not None
+    assert isinstance(loop, asyncio.SelectorEventLoop) and type(loop) is ua.loop_class(asyncio.SelectorEventLoop)
     assert arun(main, ua.new_event_loop).stats()["closed"] == 1
 
 
@@ -734,13 +734,23 @@ def test_transport_methods_refuse_other_threads(sock_path: str) -> None:
             errors: list[BaseException] = []
 
             def other() -> None:
-                try:
-                    transports[0].write(b"no")
-                except RuntimeError as exc:
-                    errors.append(exc)
+                t = transports[0]
+                for call in (
+                    lambda: t.write(b"no"),
+                    t.get_protocol,
+                    lambda: t.set_protocol(Echo()),
+                    lambda: t.get_extra_info("socket"),
+                ):
+                    try:
+                        call()
+                    except RuntimeError as exc:
+                        errors.append(exc)
+                names.append(t.get_extra_info("sockname"))  # fixed at accept: any thread
 
+            names: list[Any] = []
             await asyncio.get_running_loop().run_in_executor(None, other)
-            assert len(errors) == 1 and "loop thread" in str(errors[0])
+            assert len(errors) == 4 and all("loop thread" in str(e) for e in errors)
+            assert names == [sock_path] and isinstance(transports[0].get_protocol(), Keep)
             transports[0].write(b"b")  # this thread is the loop's
             assert await reader.readexactly(1) == b"b"
             writer.close()
@@ -833,3 +843,29 @@ def test_accept_back_off_runs_on_the_loops_timers(sock_path: str, run_traced: Ca
     code, out, err = finish(proc)
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1]) == [["OSError", errno.EMFILE]]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="Server.close_clients()/abort_clients() are new in Python 3.13")
+def test_close_clients_and_abort_clients(sock_path: str) -> None:
+    async def main() -> None:
+        server = await ua.create_unix_server(Hoarder, sock_path)
+        clients = [await asyncio.open_unix_connection(sock_path) for _ in range(2)]
+        await until(lambda: len(server._clients) == 2)
+        server.close()
+        server.abort_clients()  # output still queued (the clients do not read): dropped
+        await asyncio.wait_for(server.wait_closed(), DEADLINE)
+        assert server.open_connections == 0 and server.stats()["closed"] == 2
+        for _, writer in clients:
+            writer.close()
+
+        echo = await ua.create_unix_server(Echo, sock_path)
+        reader, writer = await asyncio.open_unix_connection(sock_path)
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        echo.close()
+        echo.close_clients()
+        assert await asyncio.wait_for(reader.read(), DEADLINE) == b""
+        await asyncio.wait_for(echo.wait_closed(), DEADLINE)
+        writer.close()
+
+    arun(main)

@@ -77,7 +77,8 @@ cdef class _Stream(_ConnBase):
         if PyThread_get_thread_ident() != self._loop().thread_id:
             raise RuntimeError(
                 "Transport methods must be called on the server's loop thread; "
-                "use Server.call_soon_threadsafe() from other threads")
+                "use Server.call_soon_threadsafe() (under unixsrv.asyncio: the event "
+                "loop's call_soon_threadsafe()) from other threads")
         return 0
 
     cdef int _start(self) except -1:
@@ -651,17 +652,25 @@ class Transport(_asyncio.Transport):
             if name == "peercred":
                 return s.peer
             if name == "socket":
+                s._check_thread()     # makes and drops `_sock` (see _finalize)
                 sock = s._socket()
                 return default if sock is None else sock
         except OSError:
             pass
         return default
 
+    # The protocol field is replaced here and dropped by _finalize on the loop
+    # thread; read or written from another thread (free-threaded build) the
+    # object could be freed under the reader.
     def set_protocol(self, protocol):
-        _stream_of(self)._set_protocol(protocol)
+        cdef _Stream s = _stream_of(self)
+        s._check_thread()
+        s._set_protocol(protocol)
 
     def get_protocol(self):
-        return _stream_of(self).protocol
+        cdef _Stream s = _stream_of(self)
+        s._check_thread()
+        return s.protocol
 
 
 _TRANSPORT_TYPE = <PyTypeObject *>Transport
