@@ -37,6 +37,7 @@ from unixsrv import (
     AddressInUseError,
     ConnState,
     IdleTimeoutError,
+    InvalidHandlerError,
     ServerConfig,
     ShutdownTimeoutError,
 )
@@ -931,3 +932,45 @@ def test_access_control_and_inherited_fd_apply_when_hosted(sock_path: str) -> No
             assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode) and built == [1]
 
     arun(main)
+
+
+def test_authorize_runs_at_accept_when_hosted(sock_path: str) -> None:
+    """authorize= (as on Server) runs at accept after the allow-lists: False
+    or an exception denies before any protocol exists (the exception goes to
+    on_error); True admits; a non-callable is refused up front."""
+    built: list[Any] = []
+    seen: list[Any] = []
+    errors: list[BaseException] = []
+
+    def factory() -> Echo:
+        built.append(1)
+        return Echo()
+
+    def refuse(peer: Any) -> bool:
+        seen.append(peer)
+        return False
+
+    def explode(peer: Any) -> bool:
+        raise LookupError("policy store unreachable")
+
+    async def main() -> None:
+        for policy, denied in ((refuse, 1), (explode, 1), (lambda peer: True, 0)):
+            server = await ua.create_unix_server(factory, sock_path, authorize=policy)
+            server.on_error(errors.append)
+            async with server:
+                if denied:
+                    reader, writer = await asyncio.open_unix_connection(sock_path)
+                    assert await asyncio.wait_for(reader.read(), DEADLINE) == b""  # closed at accept
+                    writer.close()
+                    await until(lambda s=server: s.stats()["denied"] == 1)
+                    assert server.stats()["accepted"] == 0
+                else:
+                    assert await roundtrip(sock_path, b"in") == b"in"
+                    assert server.stats()["denied"] == 0
+        with pytest.raises(InvalidHandlerError):
+            await ua.create_unix_server(factory, sock_path, authorize="yes")
+
+    arun(main)
+    assert built == [1]
+    assert [p.uid for p in seen] == [os.getuid()]
+    assert [type(e) for e in errors] == [LookupError]

@@ -52,7 +52,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import _core
 from .config import ServerConfig
-from .errors import AddressInUseError, ShutdownTimeoutError
+from .errors import AddressInUseError, InvalidHandlerError, ShutdownTimeoutError
+from .peer import PeerCredentials
 from .server import CallbackHost, _adopt_inherited, _check_timeout, _listener_args
 
 if TYPE_CHECKING:
@@ -134,6 +135,7 @@ class UnixServer(CallbackHost, base_events.Server):
             super().__init__(loop, [], protocol_factory, ssl, config.backlog, ssl_handshake_timeout)
         self._init_callbacks()
         self._config = config
+        self._authorize: Callable[[PeerCredentials], bool] | None = None
         self._path = config.display_path
         self._adopted: socket.socket | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -202,7 +204,7 @@ class UnixServer(CallbackHost, base_events.Server):
     def _set_access(self, core: _core.Loop) -> None:
         """The config's allow-lists and per-uid limit, checked in C at accept (as Server)."""
         cfg = self._config
-        core.set_access(cfg.allowed_uids, cfg.allowed_gids, cfg.max_connections_per_uid or 0, None)
+        core.set_access(cfg.allowed_uids, cfg.allowed_gids, cfg.max_connections_per_uid or 0, self._authorize)
 
     def _live_core(self) -> _core.Loop:
         core = self._core
@@ -443,6 +445,11 @@ async def _create_unix_server(
         raise ValueError("ssl_shutdown_timeout is only meaningful with ssl")
     if sys.version_info < (3, 11) and ssl_shutdown_timeout is not None:
         raise TypeError("ssl_shutdown_timeout needs Python 3.11 or later")
+    # authorize= is a Server argument, not a config field: the same policy
+    # hook, run by the core at accept after the allow-lists.
+    authorize = config_fields.pop("authorize", None)
+    if authorize is not None and not callable(authorize):
+        raise InvalidHandlerError(f"authorize must be callable, not {type(authorize).__name__}")
     if config is not None and config_fields:
         raise TypeError(f"give either config= or ServerConfig fields, not both: {sorted(config_fields)}")
     if path is not None:
@@ -465,6 +472,7 @@ async def _create_unix_server(
     if running is not loop:
         raise RuntimeError(f"create_unix_server() of {loop!r} called while {running!r} runs")
     server = UnixServer(loop, protocol_factory, cfg, ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
+    server._authorize = authorize
     if sock is not None:
         server._adopt(sock, cleanup_socket)
     else:
@@ -512,8 +520,10 @@ async def create_unix_server(
     The arguments are asyncio's (``cleanup_socket`` is accepted on every
     Python version) plus unixsrv's: a whole ``config=ServerConfig(...)`` or its
     fields as keywords (``mode``, ``group``, ``idle_timeout``,
-    ``max_connections``, buffer sizes ...).  With ``config=``, its backlog
-    applies and ``path`` may be left out.
+    ``max_connections``, buffer sizes ...), and ``authorize=fn`` as on
+    :class:`unixsrv.Server` (``fn(peer) -> bool``, run at accept after the
+    allow-lists).  With ``config=``, its backlog applies and ``path`` may be
+    left out.
     """
     return await _create_unix_server(
         asyncio.get_running_loop(),
