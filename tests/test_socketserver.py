@@ -21,10 +21,17 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
-from conftest import DEADLINE, IDLE_LATE, connect, listening_socket, recv_exactly, recv_until_eof, wait_until
+from conftest import (
+    DEADLINE,
+    IDLE_LATE,
+    connect,
+    listening_socket,
+    recv_until_eof,
+    wait_until,
+)
 
 from unixsrv import AddressInUseError, ServerConfig
 from unixsrv import socketserver as ss
@@ -32,7 +39,9 @@ from unixsrv import socketserver as ss
 #: Python 3.12+ warns at every fork() of a process with threads; the core's
 #: loop thread is one (the stdlib's own tests fork from a threaded process
 #: too).  The child only runs the handler and os._exit()s.
-forking = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+forking = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded:DeprecationWarning"
+)
 
 
 class Upper(ss.StreamRequestHandler):
@@ -46,7 +55,11 @@ class Upper(ss.StreamRequestHandler):
 def serving(server: Any, poll_interval: float = 0.01) -> Iterator[threading.Thread]:
     """serve_forever() on a thread for the block; then shutdown(), join and
     server_close()."""
-    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": poll_interval}, daemon=True)
+    t = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": poll_interval},
+        daemon=True,
+    )
     t.start()
     try:
         yield t
@@ -77,9 +90,20 @@ def ask(path: str, line: bytes = b"hello\n") -> bytes:
 
 def test_module_exports_the_stdlib_names() -> None:
     assert set(stdlib_socketserver.__all__) <= set(ss.__all__)
-    for name in ("BaseServer", "BaseRequestHandler", "StreamRequestHandler", "ForkingMixIn", "TCPServer"):
-        assert getattr(ss, name) is getattr(stdlib_socketserver, name), name  # re-exported as they are
-    for cls in (ss.UnixStreamServer, ss.ThreadingUnixStreamServer, ss.ForkingUnixStreamServer):
+    for name in (
+        "BaseServer",
+        "BaseRequestHandler",
+        "StreamRequestHandler",
+        "ForkingMixIn",
+        "TCPServer",
+    ):
+        # re-exported as they are
+        assert getattr(ss, name) is getattr(stdlib_socketserver, name), name
+    for cls in (
+        ss.UnixStreamServer,
+        ss.ThreadingUnixStreamServer,
+        ss.ForkingUnixStreamServer,
+    ):
         assert issubclass(cls, stdlib_socketserver.UnixStreamServer)
     assert issubclass(ss.ThreadingMixIn, stdlib_socketserver.ThreadingMixIn)
 
@@ -88,12 +112,21 @@ def test_module_exports_the_stdlib_names() -> None:
 def test_serves_and_counts(sock_path: str, cls: type) -> None:
     server = cls(sock_path, Upper)
     assert server.server_address == sock_path == server.socket.getsockname()
-    assert server.address_family == socket.AF_UNIX and server.socket_type == socket.SOCK_STREAM
+    assert (
+        server.address_family == socket.AF_UNIX
+        and server.socket_type == socket.SOCK_STREAM
+    )
     with serving(server):
         for _ in range(3):
             assert ask(sock_path) == b"HELLO\n"
     assert server.stats() == {
-        "accepted": 3, "rejected": 0, "closed": 3, "open": 0, "bytes_in": 18, "bytes_out": 18, "errors": 0,
+        "accepted": 3,
+        "rejected": 0,
+        "closed": 3,
+        "open": 0,
+        "bytes_in": 18,
+        "bytes_out": 18,
+        "errors": 0,
     }
     assert server.socket.fileno() == -1 and server.fileno() == -1
     assert not os.path.exists(sock_path)  # the stdlib would leave it
@@ -113,7 +146,9 @@ def test_request_is_a_connected_socket(sock_path: str, closing: list[Any]) -> No
                 type=r.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE),
                 timeout=r.gettimeout(),
                 sockname=r.getsockname(),
-                peer_pid=r.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED) if hasattr(socket, "SO_PEERCRED") else 0,
+                peer_pid=r.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED)
+                if hasattr(socket, "SO_PEERCRED")
+                else 0,
                 client_address=self.client_address,
                 line=self.rfile.readline(),
             )
@@ -125,9 +160,14 @@ def test_request_is_a_connected_socket(sock_path: str, closing: list[Any]) -> No
         c.sendall(b"line\n")
         server.handle_request()
         assert recv_until_eof(c) == b"ok\n"
-    assert seen["is_socket"] and seen["family"] == socket.AF_UNIX and seen["type"] == socket.SOCK_STREAM
+    assert (
+        seen["is_socket"]
+        and seen["family"] == socket.AF_UNIX
+        and seen["type"] == socket.SOCK_STREAM
+    )
     assert seen["timeout"] == 5.0 and seen["line"] == b"line\n"
-    assert seen["sockname"] == sock_path  # the configured name, never the core's temporary one
+    # the configured name, never the core's temporary one
+    assert seen["sockname"] == sock_path
     assert seen["client_address"] == ""  # an unnamed client, as accept() reports it
     assert server.stats()["bytes_in"] == 5 and server.stats()["bytes_out"] == 3
 
@@ -183,7 +223,8 @@ def test_hooks_are_called_as_documented(sock_path: str) -> None:
                 assert recv_until_eof(c) == b""
             expected = ["verify_request", "process_request", "finish_request", "handle"]
             if payload == b"boom":
-                expected += ["handle_error"]  # BaseServer: handle_error, then shutdown_request
+                # BaseServer: handle_error, then shutdown_request
+                expected += ["handle_error"]
             assert calls == [*expected, "shutdown_request", "close_request"]
     assert len(errors) == 1 and isinstance(errors[0], ValueError)
     assert server.stats()["open"] == 0 and server.stats()["closed"] == 2
@@ -219,7 +260,9 @@ def test_service_actions_run_each_poll_interval(sock_path: str) -> None:
 
 def test_shutdown_stops_only_the_serve_loop(sock_path: str) -> None:
     with ss.UnixStreamServer(sock_path, Upper) as server:
-        t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
+        t = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.01}
+        )
         t.start()
         assert ask(sock_path) == b"HELLO\n"
         server.shutdown()
@@ -251,7 +294,8 @@ def test_handle_request_honours_the_socket_timeout(sock_path: str) -> None:
             timeouts.append(time.monotonic())
 
     with Timing(sock_path, Upper) as server:
-        server.socket.settimeout(0.05)  # the pre-`timeout` way to escape handle_request()
+        # the pre-`timeout` way to escape handle_request()
+        server.socket.settimeout(0.05)
         began = time.monotonic()
         server.handle_request()
         assert len(timeouts) == 1 and timeouts[0] - began >= 0.05
@@ -299,7 +343,10 @@ def test_a_failed_bind_leaves_nothing(sock_path: str) -> None:
 
 def test_default_mode_is_the_stdlibs(sock_dir: str) -> None:
     ours, theirs = os.path.join(sock_dir, "ours"), os.path.join(sock_dir, "theirs")
-    with ss.UnixStreamServer(ours, Upper), stdlib_socketserver.UnixStreamServer(theirs, Upper):
+    with (
+        ss.UnixStreamServer(ours, Upper),
+        stdlib_socketserver.UnixStreamServer(theirs, Upper),
+    ):
         assert os.stat(ours).st_mode == os.stat(theirs).st_mode
     os.unlink(theirs)
 
@@ -330,7 +377,10 @@ def test_mode_and_group_are_set_before_anyone_can_connect(sock_path: str) -> Non
         with Guarded(sock_path, Upper) as server:
             watcher.join(DEADLINE)
             assert first_seen, "the socket file never appeared"
-            assert stat.S_IMODE(first_seen[0].st_mode) == 0o640 and first_seen[0].st_gid == gid
+            assert (
+                stat.S_IMODE(first_seen[0].st_mode) == 0o640
+                and first_seen[0].st_gid == gid
+            )
             assert ask_served(server, sock_path) == b"HELLO\n"
     finally:
         stop.set()
@@ -344,7 +394,8 @@ def test_config_sets_the_core(sock_path: str) -> None:
         assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o660
         with connect(sock_path) as first:
             wait_until(lambda: select.select([server], [], [], 0)[0])
-            with connect(sock_path) as second:  # over max_connections: accepted and closed at once
+            # over max_connections: accepted and closed at once
+            with connect(sock_path) as second:
                 assert recv_until_eof(second) == b""
             first.sendall(b"x\n")
             server.handle_request()
@@ -373,10 +424,14 @@ def test_idle_request_is_shut_down_by_the_core(sock_path: str) -> None:
 
     server = Idle(sock_path, Waiting)
     with serving(server):
-        connected_at = time.monotonic()  # the core accepts (and starts the idle clock) after this
+        # the core accepts (and starts the idle clock) after this
+        connected_at = time.monotonic()
         with connect(sock_path) as c:
             assert done.wait(DEADLINE)
-            assert got["data"] == b"" and 0.2 <= got["eof_at"] - connected_at < 0.2 + IDLE_LATE
+            assert (
+                got["data"] == b""
+                and 0.2 <= got["eof_at"] - connected_at < 0.2 + IDLE_LATE
+            )
             assert isinstance(got["send"], BrokenPipeError)
             assert recv_until_eof(c) == b""
     assert server.stats()["open"] == 0
@@ -401,7 +456,8 @@ def test_a_long_answer_to_a_slow_reader_is_not_idle(sock_path: str) -> None:
         began = time.monotonic()
         while chunk := c.recv(65536):
             received += len(chunk)
-            time.sleep(0.02)  # a slow reader: time passing is the point, not a synchronisation
+            # a slow reader: time passing is the point, not a synchronisation
+            time.sleep(0.02)
         assert received == size and time.monotonic() - began > 2 * 0.3
     assert server.stats()["bytes_out"] == size
 
@@ -456,7 +512,9 @@ def test_requests_outlive_server_close(sock_path: str) -> None:
     assert server._acceptor.wait(DEADLINE)
 
 
-def test_detach_closes_the_connection_for_the_core(sock_path: str, closing: list[Any]) -> None:
+def test_detach_closes_the_connection_for_the_core(
+    sock_path: str, closing: list[Any]
+) -> None:
     kept: list[int] = []
 
     class Detaching(ss.BaseRequestHandler):
@@ -468,7 +526,8 @@ def test_detach_closes_the_connection_for_the_core(sock_path: str, closing: list
     with connect(sock_path) as c:
         server.handle_request()
         assert server.stats()["closed"] == 1  # counted once, though...
-        with socket.socket(fileno=kept[0]) as mine:  # ...the detached fd still talks to the client
+        # ...the detached fd still talks to the client
+        with socket.socket(fileno=kept[0]) as mine:
             mine.sendall(b"detached")
         assert recv_until_eof(c) == b"detached"
 
@@ -488,7 +547,8 @@ def test_threading_mixin_reuses_pool_threads(sock_path: str) -> None:
     with serving(server):
         for _ in range(5):
             assert ask(sock_path) == b"hello\n"
-            wait_until(lambda: server._unixsrv_pool.idle == 1)  # the worker parked again
+            # the worker parked again
+            wait_until(lambda: server._unixsrv_pool.idle == 1)
     assert len(idents) == 5 and threading.get_ident() not in idents
     assert len(set(idents)) == 1  # the parked worker took each next request
     assert len(server._threads) == 0  # reaped and joined by server_close
@@ -517,9 +577,13 @@ def test_threading_daemon_threads_do_not_block_server_close(sock_path: str) -> N
     wait_until(lambda: server.stats()["open"] == 0)
 
 
-def test_escaping_exception_goes_to_threading_excepthook(sock_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_escaping_exception_goes_to_threading_excepthook(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[Any] = []
-    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_type))
+    monkeypatch.setattr(
+        threading, "excepthook", lambda args: seen.append(args.exc_type)
+    )
 
     class Exiting(ss.BaseRequestHandler):
         def handle(self) -> None:
@@ -566,14 +630,18 @@ class Report(ss.StreamRequestHandler):
             except OSError:
                 return False
 
-        report = {"pid": os.getpid(), "open": [fd for fd in core_fds if is_open(fd)], "line": line.decode()}
+        report = {
+            "pid": os.getpid(),
+            "open": [fd for fd in core_fds if is_open(fd)],
+            "line": line.decode(),
+        }
         self.wfile.write(json.dumps(report).encode() + b"\n")
 
 
 @forking
 def test_forking_child_serves_its_request_and_accounting_holds(sock_path: str) -> None:
     class Forking(ss.ForkingUnixStreamServer):
-        core_fds: list[int] = []
+        core_fds: ClassVar[list[int]] = []
 
     server = Forking(sock_path, Report)
     loop = server._acceptor._loop
@@ -586,7 +654,8 @@ def test_forking_child_serves_its_request_and_accounting_holds(sock_path: str) -
         server.core_fds = [*server.core_fds, conn.fileno()]
         server.handle_request()  # forks; the parent closes its copy at once
         assert server.stats()["closed"] == 1 and server.stats()["open"] == 0
-        c.sendall(b"served after the parent let go\n")  # the child still has the request
+        # the child still has the request
+        c.sendall(b"served after the parent let go\n")
         answer = json.loads(c.makefile("rb").readline())
     assert answer["pid"] != os.getpid()
     assert answer["line"] == "served after the parent let go\n"
@@ -594,7 +663,13 @@ def test_forking_child_serves_its_request_and_accounting_holds(sock_path: str) -
     server.server_close()
     assert not server.active_children  # drained (block_on_close)
     assert server.stats() == {
-        "accepted": 1, "rejected": 0, "closed": 1, "open": 0, "bytes_in": 0, "bytes_out": 0, "errors": 0,
+        "accepted": 1,
+        "rejected": 0,
+        "closed": 1,
+        "open": 0,
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "errors": 0,
     }
 
 

@@ -84,22 +84,27 @@ if hasattr(os, "fork"):
     from socketserver import ForkingMixIn, ForkingTCPServer, ForkingUDPServer
 
 __all__ = [
-    "BaseServer",
-    "TCPServer",
-    "UDPServer",
-    "ThreadingUDPServer",
-    "ThreadingTCPServer",
     "BaseRequestHandler",
-    "StreamRequestHandler",
+    "BaseServer",
     "DatagramRequestHandler",
+    "StreamRequestHandler",
+    "TCPServer",
     "ThreadingMixIn",
-    "UnixStreamServer",
-    "UnixDatagramServer",
-    "ThreadingUnixStreamServer",
+    "ThreadingTCPServer",
+    "ThreadingUDPServer",
     "ThreadingUnixDatagramServer",
+    "ThreadingUnixStreamServer",
+    "UDPServer",
+    "UnixDatagramServer",
+    "UnixStreamServer",
 ]
 if hasattr(os, "fork"):
-    __all__ += ["ForkingUDPServer", "ForkingTCPServer", "ForkingMixIn", "ForkingUnixStreamServer"]
+    __all__ += [
+        "ForkingMixIn",
+        "ForkingTCPServer",
+        "ForkingUDPServer",
+        "ForkingUnixStreamServer",
+    ]
     if hasattr(_std, "ForkingUnixDatagramServer"):  # Python 3.12+
         ForkingUnixDatagramServer = _std.ForkingUnixDatagramServer
         __all__ += ["ForkingUnixDatagramServer"]
@@ -122,13 +127,20 @@ class _NamedSocket(socket.socket):
     __slots__ = ("_name",)
 
     def __init__(
-        self, family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None, *, name: Any = None
+        self,
+        family: int = -1,
+        type: int = -1,
+        proto: int = -1,
+        fileno: int | None = None,
+        *,
+        name: Any = None,
     ) -> None:
         super().__init__(family, type, proto, fileno)
         self._name = name
 
     def getsockname(self) -> Any:
-        name = _socket.socket.getsockname(self)  # raises as the real one does (closed: EBADF)
+        # Asked all the same: it raises as the real one does (closed: EBADF).
+        name = _socket.socket.getsockname(self)
         return name if self._name is None else self._name
 
 
@@ -142,8 +154,8 @@ class _ListeningSocket(_NamedSocket):
 
     __slots__ = ("_timeout",)
 
-    def __init__(self, family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None) -> None:
-        super().__init__(family, type, proto, fileno)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._timeout = socket.getdefaulttimeout()
 
     def settimeout(self, value: float | None) -> None:
@@ -180,16 +192,13 @@ class _RequestSocket(_NamedSocket):
 
     def __init__(
         self,
-        family: int = -1,
-        type: int = -1,
-        proto: int = -1,
-        fileno: int | None = None,
-        *,
-        name: Any = None,
+        *args: Any,
         conn: Connection | None = None,
         pieces: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(family, type, proto, fileno, name=name)
+        # socket.dup() makes one with (family, type, proto, fileno) only.
+        super().__init__(*args, **kwargs)
         self._conn = conn
         self._pieces = pieces
 
@@ -428,7 +437,9 @@ class UnixStreamServer(_std.UnixStreamServer):
         config: ServerConfig | None = None,
     ) -> None:
         if config is not None and not isinstance(config, ServerConfig):
-            raise TypeError(f"config must be a ServerConfig, not {type(config).__name__}")
+            raise TypeError(
+                f"config must be a ServerConfig, not {type(config).__name__}"
+            )
         if server_address is None and config is not None:
             server_address = config.address if config.is_abstract else config.path
         BaseServer.__init__(self, server_address, RequestHandlerClass)
@@ -445,7 +456,7 @@ class UnixStreamServer(_std.UnixStreamServer):
                 raise
 
     def _server_config(self) -> ServerConfig:
-        address = self.server_address
+        address: Any = self.server_address
         if self.config is not None:
             cfg = self.config
             if address != cfg.path and address != cfg.address:
@@ -454,7 +465,8 @@ class UnixStreamServer(_std.UnixStreamServer):
             return cfg
         raw = address if isinstance(address, bytes) else os.fsencode(address)
         if raw[:1] == b"@":
-            raw = b"./" + raw  # a file named "@...", as the stdlib binds it (not an abstract name)
+            # A file named "@...", as the stdlib binds it (not an abstract name).
+            raw = b"./" + raw
         abstract = raw[:1] == b"\0"
         mode = self.socket_mode
         if mode is None and not abstract:
@@ -484,7 +496,8 @@ class UnixStreamServer(_std.UnixStreamServer):
         self._acceptor, self._pending = acceptor, pending
         # What the stdlib's getsockname() would say: str for a path, bytes
         # for an abstract name.
-        name = cfg.address if cfg.is_abstract else os.fsdecode(self.server_address)
+        address: Any = self.server_address
+        name = cfg.address if cfg.is_abstract else os.fsdecode(address)
         self.socket._name = name  # type: ignore[attr-defined]
         self.server_address = name
 
@@ -551,7 +564,7 @@ class _Job:
     thread-like (``daemon``, ``is_alive()``, ``join()``), so the stdlib's own
     list reaps and joins it."""
 
-    __slots__ = ("daemon", "_running")
+    __slots__ = ("_running", "daemon")
 
     def __init__(self, daemon: bool) -> None:
         self.daemon = daemon
@@ -594,7 +607,7 @@ class ThreadingMixIn(_std.ThreadingMixIn):
         job, request, client_address = item
         try:
             self.process_request_thread(request, client_address)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - as a thread's run(): anything that escapes goes to the hook
             _report_to_excepthook()
         finally:
             job.done()
@@ -613,7 +626,7 @@ def _report_to_excepthook() -> None:
     threading.excepthook (which ignores SystemExit by default)."""
     exc_type, exc, tb = sys.exc_info()
     try:
-        threading.excepthook(threading.ExceptHookArgs([exc_type, exc, tb, None]))  # type: ignore[call-arg]
+        threading.excepthook(threading.ExceptHookArgs([exc_type, exc, tb, None]))
     except BaseException:
         logger.exception("threading.excepthook raised while reporting %r", exc)
     finally:
