@@ -75,6 +75,7 @@ from socketserver import (
 )
 from typing import Any
 
+from unixsrv import _core
 from unixsrv._core import Connection, Stats
 from unixsrv.config import ServerConfig
 from unixsrv.server import Server
@@ -173,49 +174,36 @@ class _ListeningSocket(_NamedSocket):
         return self._timeout != 0.0
 
 
-def _nbytes(data: Any) -> int:
-    return len(data) if type(data) is bytes else memoryview(data).nbytes
-
-
 class _RequestSocket(_NamedSocket):
     """The handler's ``request``: a connected socket.socket on a dup of the
     connection's fd.
 
     The core keeps its own fd of the connection, to shut it down at the idle
     timeout; the bytes moved here are reported to it (counters, idle
-    clock).  Closing (or detaching) this socket closes the connection for
-    the core: counted once, its fd closed, never shut down, since a forked
-    child may still be serving the socket through its copy.
+    clock): recv, recv_into, send and sendall, the hot path, in C
+    (unixsrv/_request.pxi).  Closing (or detaching) this socket closes the
+    connection for the core: counted once, its fd closed, never shut down,
+    since a forked child may still be serving the socket through its copy.
     """
 
-    __slots__ = ("_conn", "_pieces")
+    __slots__ = ("_conn",)
 
     def __init__(
-        self,
-        *args: Any,
-        conn: Connection | None = None,
-        pieces: bool = False,
-        **kwargs: Any,
+        self, *args: Any, conn: Connection | None = None, **kwargs: Any
     ) -> None:
         # socket.dup() makes one with (family, type, proto, fileno) only.
         super().__init__(*args, **kwargs)
         self._conn = conn
-        self._pieces = pieces
+
+    recv = _core.request_recv
+    recv_into = _core.request_recv_into
+    send = _core.request_send
+    sendall = _core.request_sendall
 
     def _note(self, n_in: int, n_out: int) -> None:
         conn = self._conn
         if conn is not None and (n_in or n_out):
             conn._activity(n_in, n_out)
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data = _socket.socket.recv(self, bufsize, flags)
-        self._note(len(data), 0)
-        return data
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        n = _socket.socket.recv_into(self, buffer, nbytes, flags)
-        self._note(n, 0)
-        return n
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> Any:
         result = _socket.socket.recvfrom(self, bufsize, flags)
@@ -237,11 +225,6 @@ class _RequestSocket(_NamedSocket):
         self._note(result[0], 0)
         return result
 
-    def send(self, data: Any, flags: int = 0) -> int:
-        n = _socket.socket.send(self, data, flags)
-        self._note(0, n)
-        return n
-
     def sendto(self, *args: Any) -> int:
         n = _socket.socket.sendto(self, *args)
         self._note(0, n)
@@ -252,13 +235,42 @@ class _RequestSocket(_NamedSocket):
         self._note(0, n)
         return n
 
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        try:
+            sent: int = self._sendfile_use_sendfile(file, offset, count)  # type: ignore[attr-defined]
+        except socket._GiveupOnSendfile:  # type: ignore[attr-defined]
+            # Through send(), which counts each block.
+            return self._sendfile_use_send(file, offset, count)  # type: ignore[attr-defined,no-any-return]
+        self._note(0, sent)
+        return sent
+
+    def detach(self) -> int:
+        fd = super().detach()
+        self._release()
+        return fd
+
+    def _real_close(self, _ss: Any = _socket.socket) -> None:
+        try:
+            _ss.close(self)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn._finish(False)
+
+
+class _PacedRequestSocket(_RequestSocket):
+    """The request socket of a server with an idle timeout: a long write is
+    reported as it goes, so an answer that a slow but steady reader takes
+    longer than the timeout to drain is not cut off as idle."""
+
+    __slots__ = ()
+
     def sendall(self, data: Any, flags: int = 0) -> None:
-        if not self._pieces:
-            _socket.socket.sendall(self, data, flags)
-            self._note(0, _nbytes(data))
-            return
-        # With an idle timeout: piece by piece, each one activity.  The
-        # socket's timeout still bounds the whole call, as sendall()'s does.
+        # Piece by piece, each one activity.  The socket's timeout still
+        # bounds the whole call, as it does sendall()'s.
         timeout = self.gettimeout()
         deadline = time.monotonic() + timeout if timeout else None
         with memoryview(data) as view, view.cast("B") as flat:
@@ -277,32 +289,8 @@ class _RequestSocket(_NamedSocket):
                     _socket.socket.settimeout(self, timeout)
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
-        if not self._pieces:
-            try:
-                sent: int = self._sendfile_use_sendfile(file, offset, count)  # type: ignore[attr-defined]
-            except socket._GiveupOnSendfile:  # type: ignore[attr-defined]
-                pass
-            else:
-                self._note(0, sent)
-                return sent
-        # Through send(): each block is counted (and is idle-timeout activity).
+        # Through send(): each block is idle-timeout activity.
         return self._sendfile_use_send(file, offset, count)  # type: ignore[attr-defined,no-any-return]
-
-    def detach(self) -> int:
-        fd = super().detach()
-        self._release()
-        return fd
-
-    def _real_close(self, _ss: Any = _socket.socket) -> None:
-        try:
-            _ss.close(self)
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn._finish(False)
 
 
 class _Pending:
@@ -519,14 +507,14 @@ class UnixStreamServer(_std.UnixStreamServer):
         assert acceptor is not None
         try:
             fd = conn._dup()  # ServerClosedError (an OSError) if it timed out meanwhile
-            request = _RequestSocket(
+            paced = acceptor.config.idle_timeout is not None
+            request = (_PacedRequestSocket if paced else _RequestSocket)(
                 self.address_family,
                 self.socket_type,
                 0,
                 fd,
                 name=self.server_address,
                 conn=conn,
-                pieces=acceptor.config.idle_timeout is not None,
             )
         except BaseException:
             conn._finish()
