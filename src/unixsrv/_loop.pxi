@@ -305,8 +305,10 @@ cdef class Loop:
             self.accept_backoff_ms = BACKOFF_MIN_MS
             self.accept_reported = False
             if self.max_conns and _open_count(&self.stats.s) >= self.max_conns:
-                close(fd)          # over the limit: the client sees EOF at once
+                # Counted before the client can see its EOF, so whoever saw
+                # the EOF also sees the count.
                 us_add_u64(&self.stats.s.rejected, 1)
+                close(fd)          # over the limit: the client sees EOF at once
                 continue
             us_add_u64(&self.stats.s.accepted, 1)
             self._push(REC_NEW, fd, 0, named, 0)

@@ -60,6 +60,8 @@ import socketserver as _std
 import sys
 import threading
 import time
+import warnings
+import weakref
 from collections import deque
 from socketserver import (
     BaseRequestHandler,
@@ -379,6 +381,16 @@ class _Acceptor(Server):
         self.close()
 
 
+def _abandon(acceptor: _Acceptor, pending: _Pending, sock: socket.socket) -> None:
+    """A server was garbage-collected (or the interpreter exits) without
+    server_close(): close everything, with the ResourceWarning the stdlib's
+    unclosed socket would give."""
+    warnings.warn(f"unclosed server {acceptor.path!r}", ResourceWarning, stacklevel=1)
+    sock.close()
+    pending.close()
+    acceptor.close()
+
+
 def _umask() -> int:
     """The process's umask, read without changing it where the OS allows."""
     try:
@@ -434,6 +446,10 @@ class UnixStreamServer(_std.UnixStreamServer):
         self.config = config
         self._acceptor: _Acceptor | None = None
         self._pending: _Pending | None = None
+        self._abandoned: (
+            weakref.finalize[[_Acceptor, _Pending, socket.socket], UnixStreamServer]
+            | None
+        ) = None
         self.socket = _ListeningSocket(self.address_family, self.socket_type)
         if bind_and_activate:
             try:
@@ -482,6 +498,12 @@ class UnixStreamServer(_std.UnixStreamServer):
             pending.close()
             raise
         self._acceptor, self._pending = acceptor, pending
+        # Dropped without server_close() (or still open at exit): stop the
+        # core and remove the file rather than leave a listener whose
+        # connections nobody will ever take.
+        self._abandoned = weakref.finalize(
+            self, _abandon, acceptor, pending, self.socket
+        )
         # What the stdlib's getsockname() would say: str for a path, bytes
         # for an abstract name.
         address: Any = self.server_address
@@ -532,6 +554,8 @@ class UnixStreamServer(_std.UnixStreamServer):
         the connections nobody took yet; requests being served go on."""
         acceptor, pending = self._acceptor, self._pending
         self._pending = None
+        if self._abandoned is not None:
+            self._abandoned.detach()
         try:
             if acceptor is not None:
                 acceptor.stop_accepting()
@@ -552,12 +576,21 @@ class _Job:
     thread-like (``daemon``, ``is_alive()``, ``join()``), so the stdlib's own
     list reaps and joins it."""
 
-    __slots__ = ("_running", "daemon")
+    __slots__ = ("_running", "_started", "daemon")
 
     def __init__(self, daemon: bool) -> None:
         self.daemon = daemon
         self._running = _thread.allocate_lock()
         self._running.acquire()
+        self._started = _thread.allocate_lock()
+        self._started.acquire()
+
+    def start(self) -> None:
+        """Called by the worker that took the job."""
+        self._started.release()
+
+    def wait_started(self) -> None:
+        self._started.acquire()
 
     def is_alive(self) -> bool:
         return self._running.locked()
@@ -590,9 +623,14 @@ class ThreadingMixIn(_std.ThreadingMixIn):
         if pool is None:
             pool = vars(self).setdefault("_unixsrv_pool", WorkerPool(self._run_request))
         pool.submit((job, request, client_address))
+        # As Thread.start() does: return once the request runs.  The serve
+        # loop then never gets ahead of its workers (however busy the
+        # machine, _threads only keeps requests that really are running).
+        job.wait_started()
 
     def _run_request(self, item: tuple[_Job, Any, Any]) -> None:
         job, request, client_address = item
+        job.start()
         try:
             self.process_request_thread(request, client_address)
         except BaseException:  # noqa: BLE001 - as a thread's run(): anything that escapes goes to the hook
