@@ -107,3 +107,13 @@ def test_only_other_families_are_excluded(report: dict[str, Any]) -> None:
     assert [c for c, r in excluded.items() if r.startswith("AF_INET")] == [
         "SocketServerTest.test_tcpserver_bind_leak"
     ]
+
+
+def test_environment_left_as_found(report: dict[str, Any]) -> None:
+    """test.support's checks after each case (threads joined and gone,
+    children reaped) print "Warning -- ..." when a case leaves something
+    behind: after server_close() nothing of a unixsrv server may remain."""
+    warnings = [
+        line for line in report["stderr"].splitlines() if line.startswith("Warning --")
+    ]
+    assert warnings == []

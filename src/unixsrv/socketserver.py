@@ -356,8 +356,23 @@ class _Acceptor(Server):
     on a worker: the serving thread takes the connection with get_request().
     """
 
+    _core_thread: threading.Thread | None = None
+
     def _spawn(self, conn: Connection) -> None:
         self._handler(conn)  # type: ignore[misc]
+
+    def start(self) -> None:
+        super().start()
+        self._core_thread = self._thread
+
+    def close(self) -> None:
+        """Stop now, and (unless called on it) join the loop thread: like the
+        stdlib's thread joins, nothing of the server runs afterwards."""
+        super().close()
+        thread = self._core_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+            self._core_thread = None
 
     @property
     def listen_fileno(self) -> int:
@@ -645,6 +660,10 @@ class ThreadingMixIn(_std.ThreadingMixIn):
             pool = vars(self).get("_unixsrv_pool")
             if pool is not None:
                 pool.close()
+                if self.block_on_close and not self.daemon_threads:
+                    # Every request is done (_threads joined): let the
+                    # workers exit too, as the stdlib's threads have.
+                    pool.join()
 
 
 def _report_to_excepthook() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ logger = logging.getLogger("unixsrv.workers")
 
 
 class _Worker:
-    __slots__ = ("wake", "job")
+    __slots__ = ("job", "wake")
 
     def __init__(self) -> None:
         self.wake = _thread.allocate_lock()
@@ -45,6 +46,7 @@ class WorkerPool:
         self._idle: list[_Worker] = []
         self._threads = 0
         self._closed = False
+        self._gone = threading.Condition(self._lock)  # notified when _threads drops to 0
 
     @property
     def threads(self) -> int:
@@ -82,6 +84,11 @@ class WorkerPool:
             self._closed = True
         self.release_idle()
 
+    def join(self, timeout: float | None = None) -> bool:
+        """After close(): wait until every thread has exited; True if they have."""
+        with self._gone:
+            return self._gone.wait_for(lambda: self._threads == 0, timeout)
+
     def release_idle(self) -> None:
         """Let every parked thread exit now (busy ones keep working)."""
         with self._lock:
@@ -112,3 +119,5 @@ class WorkerPool:
         finally:
             with self._lock:
                 self._threads -= 1
+                if self._threads == 0:
+                    self._gone.notify_all()
