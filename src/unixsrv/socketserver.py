@@ -41,7 +41,10 @@ is the fd that is readable while a connection waits there (what
 ``serve_forever`` and ``handle_request`` wait on), not the listening
 socket's.  ``server.socket`` is the listening socket; its timeout is what
 ``handle_request()`` honours, but the fd itself stays non-blocking (the core
-accepts on it), so do not accept() on it yourself.
+accepts on it), so do not accept() on it yourself.  With ``ForkingMixIn``
+the parent counts each connection (accepted, closed) but the bytes a child
+moves are counted in the child, and the idle timeout does not follow a
+request into its child.
 
 This module uses absolute imports only, so that a test runner can load it
 under the name ``socketserver`` (see tests/cpython_socketserver.py).
@@ -370,7 +373,11 @@ class _Acceptor(Server):
         stdlib's thread joins, nothing of the server runs afterwards."""
         super().close()
         thread = self._core_thread
-        if thread is not None and thread is not threading.current_thread():
+        if (
+            thread is not None
+            and thread is not threading.current_thread()
+            and not self._forked()
+        ):
             thread.join()
             self._core_thread = None
 
@@ -420,10 +427,6 @@ def _umask() -> int:
     mask = os.umask(0o777)
     os.umask(mask)
     return mask
-
-
-def _is_abstract(address: Any) -> bool:
-    return isinstance(address, (str, bytes)) and address[:1] in ("\0", b"\0")
 
 
 class UnixStreamServer(_std.UnixStreamServer):
