@@ -8,6 +8,11 @@ Rules every test follows (see the README's "Testing" section):
 - every server a test builds is closed when the test ends (``make_server``),
   every process it starts is ended by its PID (``spawn``).
 
+Citations in test docstrings point at the repository's own docs:
+"docs/design.md" (or "design") is the contract, "checklist N" is item N of
+the final list in docs/reliability-checklist.md, "golib spec a.N / b.N / c /
+d" and "W<n>" are sections and weaknesses in docs/golib-spec.md.
+
 Platforms: the suite runs on Linux and macOS (CI).  A test (or one
 parametrisation) that exercises a Linux-only facility carries
 ``@pytest.mark.linux("<the facility>")``; on any other platform
@@ -34,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import random
@@ -783,11 +789,36 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
     end_processes(procs)
 
 
+def strace_unusable(strace: str = "strace") -> str | None:
+    """Why ``strace`` cannot trace here (not installed, or ptrace forbidden:
+    a container without CAP_SYS_PTRACE, Yama's ptrace_scope 3), or None if
+    it can: the probe traces ``true`` as the tests trace Python, with -f."""
+    if shutil.which(strace) is None:
+        return f"{strace} is not installed"
+    try:
+        probe = subprocess.run([strace, "-f", "-qq", "-o", "/dev/null", "true"], capture_output=True, text=True,
+                               timeout=DEADLINE, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{strace} cannot run: {exc}"
+    if probe.returncode != 0:
+        why = " ".join(probe.stderr.split()) or f"exit status {probe.returncode}"
+        return f"{strace} cannot trace here (ptrace forbidden?): {why}"
+    return None
+
+
+@functools.cache
+def strace_reason() -> str | None:
+    """``strace_unusable()`` for this machine's strace, probed once per run."""
+    return strace_unusable()
+
+
 @pytest.fixture
 def run_traced() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Run ``python -c code`` under strace (for syscall delay and error
     injection): ``run_traced(strace_args, code, *args, **popen_kwargs)``;
-    stdout, stderr and stdin are pipes unless given.
+    stdout, stderr and stdin are pipes unless given.  The first call skips
+    the test, with the reason, where strace is missing or cannot trace
+    (``strace_unusable``, probed once per run).
 
     Killing strace would only detach its tracee, so teardown kills the
     traced Python child by its PID first, then strace by its PID.
@@ -795,6 +826,9 @@ def run_traced() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def factory(strace_args: list[str], code: str, *args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        reason = strace_reason()
+        if reason is not None:
+            pytest.skip(reason)
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
         kwargs.setdefault("stdin", subprocess.PIPE)

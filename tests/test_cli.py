@@ -1,6 +1,6 @@
 """The ``unixsrv`` command (src/unixsrv/cli.py, src/unixsrv/__main__.py), run as a real process.
 
-DESIGN.md: "the CLI maps SIGTERM to a graceful shutdown"; layout "cli.py,
+docs/design.md: "the CLI maps SIGTERM to a graceful shutdown"; layout "cli.py,
 __main__.py: the `unixsrv` command".  Each test starts
 ``python -m unixsrv ...`` and ends it by its PID.  Readiness is a successful
 connect polled with a deadline, never a sleep.  Checklist items 2 (a second
@@ -21,7 +21,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import connect, echo, end_processes, finish, make_room, recv_exactly, recv_until_eof, wait_until
+from conftest import (
+    connect,
+    echo,
+    end_processes,
+    finish,
+    make_room,
+    read_line,
+    recv_exactly,
+    recv_until_eof,
+    wait_until,
+)
 
 import unixsrv
 
@@ -31,21 +41,19 @@ Cli = Callable[..., subprocess.Popen]
 @pytest.fixture
 def cli(tmp_path) -> Iterator[Cli]:
     """Start ``python -m unixsrv ARGS`` (stdout/stderr captured, ``tmp_path`` on
-    PYTHONPATH for handler modules); every process is ended by its PID."""
+    PYTHONPATH for handler modules; ``env=`` adds variables, ``stdin=`` and
+    ``stderr=`` replace the defaults); every process is ended by its PID."""
     procs: list[subprocess.Popen] = []
 
     def factory(*args: str, **kwargs: Any) -> subprocess.Popen:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
         env.pop("PYTHONWARNINGS", None)
+        env.update(kwargs.pop("env", {}))
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("stderr", subprocess.PIPE)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "unixsrv", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            **kwargs,
+            [sys.executable, "-m", "unixsrv", *args], stdout=subprocess.PIPE, text=True, env=env, **kwargs
         )
         procs.append(proc)
         return proc
@@ -107,7 +115,7 @@ def test_serve_echo(cli, sock_path, model):
 
 
 def test_default_mode_is_0770(cli, sock_path):
-    """Without --mode the socket file gets golib's default 0770 (DESIGN)."""
+    """Without --mode the socket file gets golib's default 0770 (docs/design.md)."""
     proc = cli("serve", "--socket", sock_path, "--echo")
     wait_serving(proc, sock_path)
     st = os.lstat(sock_path)
@@ -132,7 +140,7 @@ def test_mode_flag(cli, sock_path, mode):
 @pytest.mark.parametrize("model", ["event", "blocking"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_gracefully(cli, sock_path, model, signum):
-    """DESIGN: the CLI maps SIGTERM (and SIGINT) to a graceful shutdown: a connected
+    """docs/design.md: the CLI maps SIGTERM (and SIGINT) to a graceful shutdown: a connected
     client gets EOF, the process exits 0, the socket file is removed, the log says so
     (checklist 42)."""
     proc = cli("serve", "--socket", sock_path, "--echo", "--model", model)
@@ -410,3 +418,241 @@ def test_console_script_entry_point():
 
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name == "unixsrv"}
     assert scripts == {"unixsrv": "unixsrv.cli:main"}
+
+
+# ---------------------------------------------------------------------- issue 8: signals at any moment
+
+
+def error_line(err: str) -> str:
+    """The one line a CLI error prints: no traceback, nothing else."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def pausing(cli: Cli, point: str, *args: str) -> subprocess.Popen:
+    """``unixsrv ARGS`` with the CLI's test hook (UNIXSRV_TEST_PAUSE_AT, see
+    cli.py) set to stop at ``point``; its stderr is merged into stdout."""
+    return cli(*args, env={"UNIXSRV_TEST_PAUSE_AT": point}, stdin=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_paused(proc: subprocess.Popen, point: str) -> None:
+    """Until the process says it is held at ``point``; it goes on when a
+    line is written to its stdin (``resume``)."""
+    while (line := read_line(proc)) != f"unixsrv-test: paused at {point}":
+        assert "Traceback" not in line, line
+
+
+def paused(cli: Cli, point: str, *args: str) -> subprocess.Popen:
+    """``unixsrv ARGS`` held at ``point`` of its start-up."""
+    proc = pausing(cli, point, *args)
+    wait_paused(proc, point)
+    return proc
+
+
+def resume(proc: subprocess.Popen) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+
+
+@pytest.mark.parametrize("model", ["event", "blocking"])
+@pytest.mark.parametrize("point", ["handlers", "built", "listening", "started"])
+def test_sigterm_at_any_point_of_startup_stops(cli, sock_path, point, model):
+    """Issue 8 finding 6: a SIGTERM at any moment of start-up stops the server
+    (it used to be lost when it landed before the loop existed: the log said
+    "shutting down" and the server kept serving).  The CLI's test hook holds
+    start-up at each point while the signal is sent: exit 0, file gone."""
+    proc = paused(cli, point, "serve", "--socket", sock_path, "--echo", "--model", model)
+    os.kill(proc.pid, signal.SIGTERM)
+    resume(proc)
+    status, out, _ = finish(proc)
+    assert status == 0, out
+    assert "SIGTERM: shutting down gracefully" in out
+    assert "stopped:" in out
+    assert "Traceback" not in out
+    assert not os.path.lexists(sock_path)
+
+
+def test_signals_after_the_stop_keep_the_exit_status(cli, sock_path):
+    """Issue 8 finding 8 (README "Command line"): once a stop has begun the
+    process never dies of SIGINT/SIGTERM; signals that land after the server
+    stopped are ignored and it exits 0 after a clean stop (it used to die
+    with -15 or -2)."""
+    proc = pausing(cli, "stopped", "serve", "--socket", sock_path, "--echo")
+    wait_serving(proc, sock_path)
+    os.kill(proc.pid, signal.SIGTERM)
+    wait_paused(proc, "stopped")
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+        os.kill(proc.pid, signum)
+    resume(proc)
+    status, out, _ = finish(proc)
+    assert status == 0, out
+
+
+def test_signal_burst_exits_0_when_nothing_was_cut(cli, sock_path):
+    """A burst of signals on an idle server: the first shuts down, the
+    second closes at once (no connection was open, so nothing was cut), the
+    rest are logged or ignored; exit status 0, never death by signal."""
+    proc = cli("serve", "--socket", sock_path, "--echo")
+    wait_serving(proc, sock_path)
+    for _ in range(5):
+        os.kill(proc.pid, signal.SIGTERM)
+    status, _, err = finish(proc)
+    assert status == 0, err
+    assert not os.path.lexists(sock_path)
+
+
+_STUBBORN = """
+import threading
+
+def handle(conn):
+    conn.write(b"r")
+    threading.Event().wait(60)   # ignores the shutdown: only the force-close ends it
+"""
+
+
+def test_graceful_stop_that_times_out_exits_1(cli, sock_path, tmp_path):
+    """Issue 8 finding 8: a graceful stop that times out (a handler ignores
+    it) exits 1, not 0, and says why."""
+    write_module(tmp_path, "clistubborn_mod", _STUBBORN)
+    proc = cli("serve", "--socket", sock_path, "--handler", "clistubborn_mod:handle", "--shutdown-timeout", "200ms")
+    wait_serving(proc, sock_path)
+    with connect(sock_path) as s:
+        assert recv_exactly(s, 1) == b"r"
+        os.kill(proc.pid, signal.SIGTERM)
+        status, _, err = finish(proc)
+    assert status == 1, err
+    assert "timed out" in err
+    assert "force-closed" in err
+
+
+def test_second_signal_cutting_connections_exits_1(cli, sock_path, tmp_path):
+    """A second signal closes at once; connections it cut make the status 1."""
+    write_module(tmp_path, "clistubborn2_mod", _STUBBORN)
+    proc = cli("serve", "--socket", sock_path, "--handler", "clistubborn2_mod:handle", "--shutdown-timeout", "1h",
+               stderr=subprocess.STDOUT)
+    wait_serving(proc, sock_path)
+    with connect(sock_path) as s:
+        assert recv_exactly(s, 1) == b"r"
+        os.kill(proc.pid, signal.SIGTERM)
+        while "shutting down gracefully (up to 3600 s" not in read_line(proc):
+            pass
+        os.kill(proc.pid, signal.SIGTERM)
+        status, out, _ = finish(proc)
+    assert status == 1, out
+    assert "closed the server with 1 connection(s) open" in out
+
+
+# ---------------------------------------------------------------------- issue 8: durations
+
+
+@pytest.mark.parametrize("value", ["1m30s", "90", "0.5", "500ms"])
+def test_idle_timeout_takes_config_durations(cli, sock_path, value):
+    """Issue 8 finding 8: --idle-timeout takes what the config file takes: a Go
+    duration (1m30s was refused) or seconds."""
+    proc = cli("serve", "--socket", sock_path, "--echo", "--idle-timeout", value)
+    wait_serving(proc, sock_path)
+    echo_round_trip(sock_path)
+    terminate(proc)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--shutdown-timeout", "nan"), ("--shutdown-timeout", "-1"), ("--shutdown-timeout", "-1s"),
+     ("--shutdown-timeout", "soon"), ("--idle-timeout", "inf"), ("--idle-timeout", "-5"), ("--idle-timeout", "1x")],
+)
+def test_bad_duration_refused_at_startup(cli, sock_path, option, value):
+    """NaN, negatives and garbage are refused before anything is created:
+    one line naming the option, exit 2 (`-1` used to be accepted and give a
+    traceback at SIGTERM)."""
+    status, _, err = finish(cli("serve", "--socket", sock_path, "--echo", f"{option}={value}"))  # "=": "-1s" is no option
+    assert status == 2, err
+    assert option in error_line(err)
+    assert not os.path.lexists(sock_path)
+
+
+def test_shutdown_timeout_inf_means_no_limit(cli, sock_path):
+    """`--shutdown-timeout inf`: no limit, and SIGTERM still stops the server."""
+    proc = cli("serve", "--socket", sock_path, "--echo", "--shutdown-timeout", "inf")
+    wait_serving(proc, sock_path)
+    assert "no time limit" in terminate(proc)
+    assert not os.path.lexists(sock_path)
+
+
+# ---------------------------------------------------------------------- issue 8: bad files, one line
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(b"{not json", "not valid JSON"), (b'{"address": "/tmp/x\xff"}', "not UTF-8"), (b"[1, 2]", "JSON object"),
+     (b'"/tmp/x.sock"', "JSON object"), (b"", "not valid JSON"),
+     (b'{"address": "SOCK", "tls": {"enable": true}}', "'enable'")],
+)
+def test_unreadable_config_file_is_one_line(cli, sock_path, tmp_path, content, problem):
+    """Issue 8 finding 8: a config file that is not JSON, not UTF-8, not an
+    object, or has an unknown key in a nested section: one line naming the
+    file and the problem, exit 2, no traceback, no socket file."""
+    cfg = tmp_path / "bad.json"
+    cfg.write_bytes(content.replace(b"SOCK", sock_path.encode()))
+    status, _, err = finish(cli("serve", "--config", str(cfg), "--echo"))
+    assert status == 2, err
+    line = error_line(err)
+    assert str(cfg) in line
+    assert problem in line
+    assert not os.path.lexists(sock_path)
+
+
+@pytest.mark.parametrize(
+    ("source", "problem"),
+    [("def handle(conn)\n    pass\n", "SyntaxError"), ("raise RuntimeError('no config here')\n", "no config here"),
+     ("import no_such_module_unixsrv_dep\n", "no_such_module_unixsrv_dep")],
+)
+def test_broken_handler_module_is_one_line(cli, sock_path, tmp_path, source, problem):
+    """Issue 8 finding 8: a handler module with a syntax error, or that raises
+    at import (a missing dependency included): one line naming the module's
+    file and the problem, exit 2, nothing created."""
+    (tmp_path / "clibroken_mod.py").write_text(source, encoding="utf-8")
+    status, _, err = finish(cli("serve", "--socket", sock_path, "--handler", "clibroken_mod:handle"))
+    assert status == 2, err
+    line = error_line(err)
+    assert str(tmp_path / "clibroken_mod.py") in line
+    assert problem in line
+    assert not os.path.lexists(sock_path)
+
+
+def test_handler_module_from_the_current_directory(cli, sock_path, tmp_path):
+    """Issue 8 finding 8: `--handler mymod:fn` imports from the current
+    directory, as uvicorn and gunicorn do, also where the interpreter does not
+    put it on sys.path (the `unixsrv` console script; here PYTHONSAFEPATH=1,
+    which keeps `python -m` from adding it)."""
+    app = tmp_path / "app"
+    app.mkdir()
+    write_module(app, "clicwd_mod", "def handle(conn):\n    conn.write(b'from cwd')\n")
+    proc = cli("serve", "--socket", sock_path, "--handler", "clicwd_mod:handle", cwd=str(app),
+               env={"PYTHONSAFEPATH": "1"})
+    wait_serving(proc, sock_path)
+    with connect(sock_path) as s:
+        assert recv_until_eof(s) == b"from cwd"
+    terminate(proc)
+
+
+# ---------------------------------------------------------------------- issue 8: --log-level, usage
+
+
+def test_log_level_after_serve(cli, sock_path):
+    """Issue 8 finding 8: --log-level works after `serve` too."""
+    proc = cli("serve", "--log-level", "WARNING", "--socket", sock_path, "--echo")
+    wait_serving(proc, sock_path)
+    assert "INFO" not in terminate(proc)
+
+
+def test_usage_shows_version_and_log_level(cli):
+    """The synopsis of `unixsrv` and of `unixsrv serve` name --log-level; the top one --version."""
+    status, top, _ = finish(cli("--help"))
+    assert status == 0
+    assert "--version" in top and "--log-level" in top
+    status, serve, _ = finish(cli("serve", "--help"))
+    assert status == 0
+    assert "--log-level" in serve

@@ -1,6 +1,6 @@
 """ServerConfig, parse_mode, parse_duration and from_mapping (src/unixsrv/config.py).
 
-DESIGN.md "ServerConfig" and "Precise semantics / Validation, from_mapping":
+docs/design.md "ServerConfig" and "Precise semantics / Validation, from_mapping":
 every value is validated when the config is built, a rejected config leaves
 nothing on disk, and each rejection is the specific ConfigError subclass
 (which is also a ValueError).  golib sources: spec a.2 (socket/config.Server,
@@ -17,10 +17,13 @@ import grp
 import os
 import pathlib
 import stat
+import subprocess
+import sys
 
 import pytest
 from conftest import connect, echo_handler, echo_once, recv_exactly
 
+import unixsrv
 from unixsrv import ConfigError, InvalidGroupError, InvalidPathError, ServerConfig
 from unixsrv._core import HAVE_ABSTRACT, SUN_PATH_MAX  # 107 on Linux (sun_path 108), 103 on macOS (104)
 from unixsrv.config import DEFAULT_MODE, MAX_GID, parse_duration, parse_mode
@@ -64,7 +67,7 @@ class TestPath:
         assert cfg.display_path == sock_path
 
     def test_pathlike_is_accepted(self, sock_path):
-        """os.PathLike paths are accepted (DESIGN: str | bytes | os.PathLike)."""
+        """os.PathLike paths are accepted (docs/design.md: str | bytes | os.PathLike)."""
         cfg = ServerConfig(path=pathlib.Path(sock_path))
         assert os.fspath(cfg.path) == sock_path
         assert cfg.address == os.fsencode(sock_path)
@@ -130,7 +133,7 @@ class TestPath:
         rejects(InvalidPathError, path=os.fsencode(sock_dir + suffix))
 
     def test_building_a_config_touches_nothing(self, sock_path, sock_dir):
-        """DESIGN: ServerConfig only validates; start() checks the filesystem."""
+        """docs/design.md: ServerConfig only validates; start() checks the filesystem."""
         ServerConfig(path=sock_path, mode="0600", group=0)
         assert os.listdir(sock_dir) == []
 
@@ -144,7 +147,7 @@ class TestAbstract:
         assert cfg.is_abstract is True
         assert cfg.address == b"\0x"
         assert cfg.display_path == "@x"
-        assert cfg.mode is None
+        assert cfg.mode == 0  # no file, no permission bits (typed int: see TestTyping)
         assert cfg.group is None
 
     @pytest.mark.parametrize("name", ["@", b"@", "\0", b"\0"])
@@ -195,7 +198,7 @@ class TestAbstract:
 
 class TestMode:
     def test_default_mode_is_golib_0770(self, sock_path):
-        """golib spec b.3: perm 0 / unset -> 0770; DESIGN keeps that default."""
+        """golib spec b.3: perm 0 / unset -> 0770; docs/design.md keeps that default."""
         assert DEFAULT_MODE == 0o770
         assert ServerConfig(path=sock_path).mode == 0o770
 
@@ -204,7 +207,7 @@ class TestMode:
         [0o660, "0660", "660", "0o660", "rw-rw----", "srw-rw----", "-rw-rw----", " 0660 ", '"0660"', "'rw-rw----'"],
     )
     def test_mode_forms(self, sock_path, value):
-        """DESIGN: int or "0660"/"660"/"rw-rw----"; golib a.3 also strips quotes and
+        """docs/design.md: int or "0660"/"660"/"rw-rw----"; golib a.3 also strips quotes and
         accepts a 10-character form with a file-type letter."""
         cfg = ServerConfig(path=sock_path, mode=value)
         assert cfg.mode == 0o660
@@ -265,7 +268,7 @@ class TestGroup:
         rejects(InvalidGroupError, path=sock_path, group=gid)
 
     def test_group_name_root_resolved_at_build(self, sock_path):
-        """DESIGN: a group name is resolved when the config is built (gid 0's
+        """docs/design.md: a group name is resolved when the config is built (gid 0's
         name: "root" on Linux, "wheel" on macOS)."""
         cfg = ServerConfig(path=sock_path, group=grp.getgrgid(0).gr_name)
         assert cfg.group == 0
@@ -307,7 +310,7 @@ class TestGroup:
 class TestIdleTimeout:
     @pytest.mark.parametrize("off", [None, 0, 0.0, "0", "0s", datetime.timedelta(0)])
     def test_zero_or_none_means_off(self, sock_path, off):
-        """DESIGN: None/0 = off (stored as None)."""
+        """docs/design.md: None/0 = off (stored as None)."""
         assert ServerConfig(path=sock_path, idle_timeout=off).idle_timeout is None
 
     @pytest.mark.parametrize(
@@ -384,7 +387,7 @@ class TestLimits:
 
 class TestShape:
     def test_frozen(self, sock_path):
-        """DESIGN: a frozen dataclass."""
+        """docs/design.md: a frozen dataclass."""
         cfg = ServerConfig(path=sock_path)
         with pytest.raises(dataclasses.FrozenInstanceError):
             cfg.path = "/tmp/other"  # type: ignore[misc]
@@ -393,7 +396,7 @@ class TestShape:
         assert cfg.path == sock_path and cfg.mode == 0o770
 
     def test_keyword_only(self, sock_path):
-        """DESIGN: keyword-only; path is required."""
+        """docs/design.md: keyword-only; path is required."""
         with pytest.raises(TypeError):
             ServerConfig(sock_path)  # type: ignore[misc]
         with pytest.raises(TypeError):
@@ -567,7 +570,7 @@ class TestFromMapping:
 
     @pytest.mark.parametrize("tls", [{"enabled": True}, {"enabled": True, "config": {}}, True])
     def test_tls_enabled_rejected(self, sock_path, tls):
-        """DESIGN: an enabled tls is a ConfigError (never silently run without TLS)."""
+        """docs/design.md: an enabled tls is a ConfigError (never silently run without TLS)."""
         with pytest.raises(ConfigError, match="(?i)tls"):
             ServerConfig.from_mapping({"network": "unix", "address": sock_path, "tls": tls})
 
@@ -575,6 +578,14 @@ class TestFromMapping:
     def test_tls_disabled_fine(self, sock_path, tls):
         """A disabled tls section is accepted and ignored."""
         assert ServerConfig.from_mapping({"address": sock_path, "tls": tls}).path == sock_path
+
+    @pytest.mark.parametrize("key", ["enable", "Enabled", "certs", "unknown"])
+    def test_unknown_key_in_tls_section_rejected(self, sock_path, key):
+        """Issue 8 finding 8: an unknown key inside the tls section (``enable``
+        for ``enabled``: TLS silently stayed off) is a ConfigError naming the
+        key and the section, like an unknown top-level key."""
+        with pytest.raises(ConfigError, match=f"'{key}'.*'tls'"):
+            ServerConfig.from_mapping({"address": sock_path, "tls": {key: True}})
 
     @pytest.mark.parametrize("key", ["perm_file", "listen", "Address", "idle-timeout", "unknown"])
     def test_unknown_key_rejected(self, sock_path, key):
@@ -622,4 +633,49 @@ class TestFromMapping:
     def test_abstract_address(self):
         """golib W6: an '@name' address works and keeps mode/group unset."""
         cfg = ServerConfig.from_mapping({"network": "unix", "address": "@golib", "perm-file": 0, "group-perm": -1})
-        assert cfg.is_abstract and cfg.mode is None and cfg.group is None
+        assert cfg.is_abstract and cfg.mode == 0 and cfg.group is None
+
+
+# ---------------------------------------------------------------------- static types
+
+
+_TYPED_USE = """
+import datetime
+from unixsrv import ServerConfig
+
+cfg = ServerConfig(path="x", idle_timeout="1m30s", mode="0660", group="wheel")
+ServerConfig(path=b"@x", idle_timeout=datetime.timedelta(seconds=2), mode=None, group=0)
+ServerConfig(path="x", idle_timeout=1.5, mode=0o660, write_buffer_low=None)
+mode: int = cfg.mode + 1
+gid: int | None = cfg.group
+idle: float | None = cfg.idle_timeout
+low: int = cfg.write_buffer_low
+path: str | bytes = cfg.path
+"""
+
+
+class TestTyping:
+    def test_mypy_strict_accepts_inputs_and_normalised_fields(self, tmp_path):
+        """Issue 8 finding 9: the constructor takes the documented input types
+        ("1m30s", "0660", a group name) and the fields are typed as the
+        normalised values (``cfg.mode + 1``), under mypy --strict."""
+        try:
+            import mypy  # noqa: F401
+        except ImportError:
+            pytest.skip("mypy is not installed in this interpreter")
+        snippet = tmp_path / "typed_use.py"
+        snippet.write_text(_TYPED_USE, encoding="utf-8")
+        src = os.path.dirname(os.path.dirname(os.path.abspath(unixsrv.__file__)))  # the tree under test
+        result = subprocess.run(
+            [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", os.devnull, str(snippet)],
+            check=False, capture_output=True, text=True, env={**os.environ, "MYPYPATH": src}, cwd=tmp_path, timeout=300,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    @pytest.mark.linux("abstract socket names")
+    def test_abstract_mode_reads_0(self):
+        """The field is an int for every config: 0 for an abstract name, which
+        has no file (its mode must still be given as None)."""
+        cfg = ServerConfig(path="@typed")
+        assert cfg.mode == 0
+        assert dataclasses.replace(cfg, path="@other", mode=None).mode == 0

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from conftest import DEADLINE, IDLE_LATE, connect, recv_exactly, wait_until
 
-from conftest import DEADLINE, connect, recv_exactly
-from unixsrv import Server
+from unixsrv import Server, ServerClosedError
 
 SIZES = [1, 100, 2047, 2048, 2049, 5000, 65536, 70000, 3, 16384, 16384, 10, 2048, 1]
 
@@ -155,3 +156,103 @@ def test_reset_right_after_a_full_small_read_is_raised_by_the_next_read(
     gone.set()
     assert done.wait(DEADLINE)
     assert results == [2048, "reset"]
+
+
+def test_read_without_a_size_reads_up_to_read_buffer_size(sock_path: str, make_server: Callable[..., Server]) -> None:
+    """read() with no argument reads up to the configured read_buffer_size
+    (the README's configuration table), however much is waiting; read(n)
+    still takes an explicit size above it."""
+    sizes: list[int] = []
+    explicit: list[int] = []
+    more = threading.Event()
+    done = threading.Event()
+
+    def handler(conn: Any) -> None:
+        try:
+            while sum(sizes) < 10_000:
+                data = conn.read()
+                assert data, "EOF before the 10,000 bytes"
+                sizes.append(len(data))
+            more.wait(DEADLINE)
+            explicit.append(len(conn.read(1000)))
+        finally:
+            done.set()
+
+    make_server(sock_path, handler, read_buffer_size=256)
+    with connect(sock_path) as s:
+        s.sendall(os.urandom(10_000))  # one send: all of it is there at the first read
+        wait_until(lambda: sum(sizes) == 10_000)
+        s.sendall(os.urandom(1000))
+        more.set()
+        assert done.wait(DEADLINE)
+    assert max(sizes) == 256, sizes
+    assert sum(sizes) == 10_000
+    assert explicit == [1000]
+
+
+def _idle_write(
+    sock_path: str, make_server: Callable[..., Server], idle: float, read_client: Callable[[socket.socket], int]
+) -> tuple[Any, float, int]:
+    """A blocking handler writes 8 MiB in one conn.write() under
+    idle_timeout=idle while read_client(sock) consumes it; returns what the
+    write gave (its return value or the exception), how long it took, and
+    what read_client returned."""
+    outcome: list[Any] = []
+    done = threading.Event()
+    data = os.urandom(8 * 1024 * 1024)
+
+    def handler(conn: Any) -> None:
+        began = time.monotonic()
+        try:
+            outcome.append(conn.write(data))
+        except OSError as exc:  # ServerClosedError is one; the test inspects it
+            outcome.append(exc)
+        outcome.append(time.monotonic() - began)
+        done.set()
+
+    make_server(sock_path, handler, idle_timeout=idle)
+    with connect(sock_path) as s:
+        got = read_client(s)
+        assert done.wait(DEADLINE)
+    return outcome[0], outcome[1], got
+
+
+def test_idle_timeout_spares_a_big_write_to_a_slow_steady_reader(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
+    """Issue 8, finding 5: every partial send of a blocking write is activity.
+    The reader takes 64 KiB every 20 ms (about 3 s for 8 MiB, three idle
+    timeouts), so the write never pauses for anything near 1 s, and it must
+    complete: 8 MiB written, all of it read."""
+    deadline = time.monotonic() + 6 * DEADLINE
+
+    def slow_steady(s: socket.socket) -> int:
+        total = 0
+        while total < 8 * 1024 * 1024 and time.monotonic() < deadline:
+            chunk = s.recv(64 * 1024)
+            if not chunk:
+                break
+            total += len(chunk)
+            time.sleep(0.02)  # the reader's pace: time passing is the behaviour
+        return total
+
+    result, took, got = _idle_write(sock_path, make_server, 1.0, slow_steady)
+    assert result == 8 * 1024 * 1024, f"the write failed after {took:.2f} s: {result!r}"
+    assert got == 8 * 1024 * 1024
+    assert took > 1.0, "the reader was not slower than the idle timeout: the test proves nothing"
+
+
+def test_idle_timeout_still_cuts_a_write_to_a_stalled_reader(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
+    """The control: a reader that takes nothing makes the write idle once the
+    socket buffer is full, and the idle timeout ends it with
+    ServerClosedError, no sooner than the timeout."""
+    idle = 0.5
+
+    def stalled(s: socket.socket) -> int:
+        return 0  # reads nothing; the socket stays open until the handler is done
+
+    result, took, _ = _idle_write(sock_path, make_server, idle, stalled)
+    assert isinstance(result, ServerClosedError), result
+    assert idle <= took <= idle + IDLE_LATE, f"cut after {took:.2f} s (timeout {idle} s)"

@@ -1,8 +1,8 @@
 """ConnState (src/unixsrv/connstate.py) and PeerCredentials (src/unixsrv/peer.py).
 
-golib spec a.1: `type ConnState uint8` with eight iota values and their
-String() texts; golib's "Write Outgoing Steam" typo is fixed here (DESIGN.md
-"Precise semantics / ConnState").  PeerCredentials: DESIGN.md "Connection"
+docs/golib-spec.md a.1: `type ConnState uint8` with eight iota values and their
+String() texts; golib's "Write Outgoing Steam" typo is fixed here (docs/design.md
+"Precise semantics / ConnState").  PeerCredentials: docs/design.md "Connection"
 (`peer` is PeerCredentials pid/uid/gid), checklist item 18.
 """
 
@@ -30,7 +30,7 @@ GOLIB = [
 
 
 def test_is_int_enum():
-    """DESIGN: ConnState is an IntEnum."""
+    """docs/design.md: ConnState is an IntEnum."""
     assert issubclass(ConnState, enum.IntEnum)
     assert issubclass(ConnState, int)
 

@@ -1,6 +1,6 @@
 """The exception hierarchy (src/unixsrv/errors.py) and the public surface of the package.
 
-DESIGN.md "Public contract" (the fixed import list) and "Precise semantics /
+docs/design.md "Public contract" (the fixed import list) and "Precise semantics /
 Errors": each unixsrv error also derives from the built-in exception a caller
 would catch without knowing unixsrv.  golib's errors are bare errorStrings
 matched by text (spec a.5); here they are classes.  Also: the library logs
@@ -36,7 +36,7 @@ from unixsrv import (
 )
 from unixsrv import errors as errors_module
 
-#: The names DESIGN.md fixes ("names are fixed; add more, but do not rename these").
+#: The names docs/design.md fixes ("names are fixed; add more, but do not rename these").
 DESIGN_NAMES = [
     "ServerConfig",
     "Server",
@@ -75,7 +75,7 @@ DESIGN_NAMES = [
     ],
 )
 def test_bases(cls, bases):
-    """DESIGN "Errors": each class derives from UnixSrvError and the matching built-in."""
+    """docs/design.md "Errors": each class derives from UnixSrvError and the matching built-in."""
     for base in bases:
         assert issubclass(cls, base), f"{cls.__name__} is not a {base.__name__}"
 
@@ -123,7 +123,7 @@ def test_caught_as_builtin():
 
 
 def test_address_in_use_carries_errno_and_path():
-    """DESIGN: AddressInUseError is an OSError with errno EADDRINUSE and filename = path;
+    """docs/design.md: AddressInUseError is an OSError with errno EADDRINUSE and filename = path;
     the message names the path."""
     exc = AddressInUseError("/tmp/some/s.sock")
     assert isinstance(exc, OSError)
@@ -167,7 +167,7 @@ def test_address_in_use_for_regular_file(sock_path, make_server):
 
 
 def test_invalid_handler_error_from_server(sock_path):
-    """DESIGN: exactly one of handler / protocol, else InvalidHandlerError (a ConfigError and a TypeError)."""
+    """docs/design.md: exactly one of handler / protocol, else InvalidHandlerError (a ConfigError and a TypeError)."""
     cfg = ServerConfig(path=sock_path)
     for args, kwargs in [((), {}), ((lambda c: None,), {"protocol": asyncio.Protocol}), ((42,), {})]:
         with pytest.raises(InvalidHandlerError) as info:
@@ -180,7 +180,7 @@ def test_invalid_handler_error_from_server(sock_path):
 
 
 def test_all_has_every_design_name():
-    """DESIGN "Public contract": every fixed name is in unixsrv.__all__."""
+    """docs/design.md "Public contract": every fixed name is in unixsrv.__all__."""
     missing = [name for name in DESIGN_NAMES if name not in unixsrv.__all__]
     assert missing == []
 
@@ -203,12 +203,12 @@ def test_version():
 
 
 def test_protocol_is_asyncio_protocol():
-    """DESIGN: Protocol is asyncio.Protocol shaped; an asyncio.Protocol subclass works unchanged."""
+    """docs/design.md: Protocol is asyncio.Protocol shaped; an asyncio.Protocol subclass works unchanged."""
     assert unixsrv.Protocol is asyncio.Protocol
 
 
 def test_transport_subclasses_asyncio_transport():
-    """DESIGN "Event model": Transport subclasses asyncio.Transport."""
+    """docs/design.md "Event model": Transport subclasses asyncio.Transport."""
     assert issubclass(unixsrv.Transport, asyncio.Transport)
 
 
@@ -251,7 +251,7 @@ def test_py_typed_ships():
 
 
 def test_core_stub_ships():
-    """DESIGN "Layout": src/unixsrv/_core.pyx/.pxd/.pyi; the extension needs a stub for type checkers."""
+    """docs/design.md "Layout": src/unixsrv/_core.pyx/.pxd/.pyi; the extension needs a stub for type checkers."""
     stub = importlib.resources.files("unixsrv") / "_core.pyi"
     assert stub.is_file(), "unixsrv/_core.pyi is missing"
     text = stub.read_text(encoding="utf-8")

@@ -6,10 +6,10 @@ eof_received's return value and half-close, 1,000 concurrent clients,
 exceptions in protocol callbacks and factories, the idle timeout,
 max_connections, graceful shutdown, on_conn_state and update_conn.
 
-Sources: DESIGN.md "Event model", "Callbacks", "shutdown(timeout)", "stats()";
-golib spec W7 (shutdown must drain), W10 (idle is per connection), W12 (a
+Sources: docs/design.md "Event model", "Callbacks", "shutdown(timeout)", "stats()";
+docs/golib-spec.md W7 (shutdown must drain), W10 (idle is per connection), W12 (a
 failing handler must not leak its connection), W19 (NEW and CLOSE once each);
-reliability checklist items 22 (max_connections), 25 (idle timeout), 29
+docs/reliability-checklist.md items 22 (max_connections), 25 (idle timeout), 29
 (half-close), 31 (resets are normal), 38 (graceful drain with a deadline), 40
 (lifecycle callbacks exactly once, in order, exceptions isolated).
 """
@@ -93,7 +93,7 @@ def docs_client(path: str) -> bytes:
 
 @pytest.mark.parametrize("runner", ["unixsrv", "asyncio"])
 def test_unmodified_asyncio_protocol(runner, sock_path, make_server):
-    """DESIGN: "An existing asyncio.Protocol subclass must work unchanged".
+    """docs/design.md: "An existing asyncio.Protocol subclass must work unchanged".
     The same protocol classes give the same bytes under unixsrv and under
     asyncio's own create_unix_server (sanity: they really are asyncio code)."""
     UpperEchoProtocol.instances = []
@@ -314,7 +314,7 @@ class Switch:
 
 @pytest.mark.parametrize("where", ["connection_made", "data_received", "eof_received"])
 def test_raising_protocol_callback(where, sock_path, make_server):
-    """DESIGN 'Event model' / checklist 40 / W12: a protocol callback that
+    """docs/design.md 'Event model' / checklist 40 / W12: a protocol callback that
     raises is reported to on_error with that exception, its connection is
     closed (client sees EOF), connection_lost is called exactly once (with
     the exception, as asyncio's fatal-error path does) and the server keeps
@@ -422,7 +422,7 @@ def test_idle_timeout_event_model(sock_path, make_server):
 
 
 def test_max_connections_event_model(sock_path, make_server):
-    """Checklist 22 / DESIGN stats(): over max_connections a client is
+    """Checklist 22 / docs/design.md stats(): over max_connections a client is
     accepted and closed at once (sees EOF), counted in `rejected`, no
     protocol is built for it, and the admitted clients keep working."""
     factory = Collect(EchoRecorder)
@@ -445,7 +445,7 @@ def test_max_connections_event_model(sock_path, make_server):
 
 
 def test_graceful_shutdown_flushes_pending_output(sock_path, make_server):
-    """DESIGN shutdown / W7 / checklist 38: shutdown() stops accepting, lets
+    """docs/design.md shutdown / W7 / checklist 38: shutdown() stops accepting, lets
     a large buffered response flush completely, closes each transport
     (connection_lost(None)), closes idle connections at once, and returns
     without ShutdownTimeoutError."""
@@ -482,7 +482,7 @@ def test_graceful_shutdown_flushes_pending_output(sock_path, make_server):
 
 
 def test_graceful_shutdown_aborts_a_non_reader_at_the_deadline(sock_path, make_server):
-    """DESIGN shutdown / checklist 38: a client that never reads while output
+    """docs/design.md shutdown / checklist 38: a client that never reads while output
     is buffered is aborted at the deadline (shutdown(0.3) takes at least
     0.3 s and returns within 2 s), connection_lost is called once,
     ShutdownTimeoutError is raised, and the server is stopped."""
@@ -505,7 +505,7 @@ def test_graceful_shutdown_aborts_a_non_reader_at_the_deadline(sock_path, make_s
 
 
 def test_shutdown_from_a_protocol_callback(sock_path, make_server):
-    """DESIGN: shutdown() called from a protocol callback starts the shutdown
+    """docs/design.md: shutdown() called from a protocol callback starts the shutdown
     and returns at once; the server then stops and the caller's connection
     is closed after its reply was flushed."""
     returned: list[str] = []
@@ -529,7 +529,7 @@ def test_shutdown_from_a_protocol_callback(sock_path, make_server):
 
 
 def test_on_conn_state_brackets_the_protocol(sock_path, make_server):
-    """DESIGN 'Callbacks' / W19 / checklist 40: NEW and CLOSE fire exactly
+    """docs/design.md 'Callbacks' / W19 / checklist 40: NEW and CLOSE fire exactly
     once per connection, NEW before connection_made, CLOSE after
     connection_lost, whether the client closes, the protocol closes, or a
     callback raises; addresses are the server path and ''."""
@@ -572,7 +572,7 @@ def test_on_conn_state_brackets_the_protocol(sock_path, make_server):
 
 
 def test_update_conn_runs_once_before_connection_made(sock_path, make_server):
-    """DESIGN 'Callbacks': update_conn(sock) gets a socket.socket for the
+    """docs/design.md 'Callbacks': update_conn(sock) gets a socket.socket for the
     accepted connection (getsockopt works) once per connection, after NEW and
     before the protocol is built; if it raises, that connection is closed
     (client sees EOF, no protocol), the error goes to on_error, CLOSE still
@@ -626,7 +626,7 @@ def test_update_conn_runs_once_before_connection_made(sock_path, make_server):
 
 
 def test_idle_timeout_counts_bytes_sent(sock_path, make_server):
-    """DESIGN 'Idle': idle means no byte received *or sent*; a connection the
+    """docs/design.md 'Idle': idle means no byte received *or sent*; a connection the
     server keeps writing to every idle/10 for three timeouts (the client only
     reads) is not idle: never lost, not closing, then lost(None) when the
     client leaves."""
@@ -704,7 +704,7 @@ def test_server_close_loses_every_connection_once(sock_path, make_server):
 
 
 def test_server_close_from_a_protocol_callback(sock_path, make_server):
-    """DESIGN: close() is safe from any thread, a protocol callback included:
+    """docs/design.md: close() is safe from any thread, a protocol callback included:
     every connection is lost once and the server stops."""
     factory = Collect(EchoRecorder)
 

@@ -1,6 +1,6 @@
 """fd hygiene: close-on-exec and non-blocking flags, nothing inherited by
 child processes, no leak across many connections or failed starts
-(reliability checklist, section E: items 33-35)."""
+(docs/reliability-checklist.md, section E: items 33-35)."""
 
 from __future__ import annotations
 

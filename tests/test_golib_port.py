@@ -2,7 +2,7 @@
 
 Every ``It`` spec of golib v1.22.3 (creation 15, basic 14, context 10,
 concurrency 8, robustness 11 = 58 specs; see section (c) of
-reference/golib-unix-spec.md) has one test here whose docstring names it, plus
+docs/golib-spec.md) has one test here whose docstring names it, plus
 the meaningful ``Example*`` functions and the ``ConnState`` callback order.
 
 Mapping: golib ``New(upd, hdl, cfg)`` -> ``Server(ServerConfig(...), handler,
@@ -15,7 +15,7 @@ when built (``dataclasses.replace``); ``SetTLS`` -> ``from_mapping`` with TLS.
 golib's tests tolerate its bugs (W7, W12, W15, W18, ...) and count a probe
 connection; unixsrv makes no probe connection, so the counts here are exact,
 and where golib's behaviour is a weakness these tests assert the behaviour
-DESIGN.md requires and name the weakness.
+docs/design.md requires and name the weakness.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Shutdown and lifecycle: close, graceful drain with a deadline, concurrent
 and repeated stops, restarts, connection-state callbacks, stopping from a
-handler, cancel, Ctrl-C, the wakeup fd and fork (reliability checklist,
+handler, cancel, Ctrl-C, the wakeup fd and fork (docs/reliability-checklist.md,
 sections F and G: items 37-43)."""
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_close_stops_accepting_at_once(model: str, sock_path: str, make_server: 
         echo(client, b"hello")  # its handler is now parked in read()
         t0 = time.monotonic()
         srv.close()
-        assert time.monotonic() - t0 < 2.0  # DESIGN close(): returns promptly
+        assert time.monotonic() - t0 < 2.0  # docs/design.md close(): returns promptly
         assert not os.path.lexists(sock_path)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(DEADLINE)
@@ -97,7 +97,7 @@ def test_close_stops_accepting_at_once(model: str, sock_path: str, make_server: 
 
 
 def test_shutdown_drains_blocking_handlers(sock_path: str, make_server: Callable[..., Server]) -> None:
-    """Checklist 38 (DESIGN shutdown(timeout); python/cpython#104344): an idle
+    """Checklist 38 (docs/design.md shutdown(timeout); python/cpython#104344): an idle
     client (its handler parked in read()) gets EOF at once, the socket file
     is gone at once, a client in the middle of a response gets all of it,
     and shutdown() returns only once that handler has finished."""
@@ -132,7 +132,7 @@ def test_shutdown_drains_blocking_handlers(sock_path: str, make_server: Callable
 
 
 def test_shutdown_flushes_event_model_output(sock_path: str, make_server: Callable[..., Server]) -> None:
-    """Checklist 38, event model (DESIGN: stop reading, flush pending output,
+    """Checklist 38, event model (docs/design.md: stop reading, flush pending output,
     close): an idle client gets EOF at once; a client with 4 MiB of output
     still buffered on the server gets every byte before its EOF, and
     shutdown() returns once that output is flushed."""
@@ -163,7 +163,7 @@ def test_shutdown_flushes_event_model_output(sock_path: str, make_server: Callab
 
 
 def test_shutdown_deadline_blocking(sock_path: str, make_server: Callable[..., Server]) -> None:
-    """Checklist 38 (DESIGN: force-close at the deadline, then
+    """Checklist 38 (docs/design.md: force-close at the deadline, then
     ShutdownTimeoutError): a handler that never finishes makes shutdown(0.5)
     raise ShutdownTimeoutError after about 0.5 s; its client sees EOF, and
     the handler's later write raises ServerClosedError."""
@@ -372,7 +372,7 @@ def test_wait_returns_in_time_with_a_silent_client(
 
 
 def test_stop_calls_on_a_never_started_server_are_noops(sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
-    """Checklist 39 (DESIGN State): close()/shutdown() on a server that never
+    """Checklist 39 (docs/design.md State): close()/shutdown() on a server that never
     started do nothing and raise nothing; nothing appears on disk."""
     srv = make_server(sock_path, echo_handler, start=False)
     srv.close()
@@ -397,7 +397,7 @@ def test_stop_is_idempotent(first: str, model: str, sock_dir: str, sock_path: st
 
 
 def test_restart_after_stop_on_the_same_path(model: str, sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
-    """DESIGN State: a stopped Server can be started again on its path (after
+    """docs/design.md State: a stopped Server can be started again on its path (after
     close() and after shutdown()); stats are cumulative; start() on a running
     server is a no-op."""
     srv = start_echo(make_server, sock_path, model)
@@ -426,7 +426,7 @@ N_CLIENTS = 1000
 def test_conn_state_new_and_close_once_each_in_order(
     model: str, sock_dir: str, sock_path: str, make_server: Callable[..., Server]
 ) -> None:
-    """Checklist 40 (DESIGN ConnState: NEW before the handler, CLOSE after it
+    """Checklist 40 (docs/design.md ConnState: NEW before the handler, CLOSE after it
     returned and the connection is closed, exactly once each): 1,000
     clients, each bound to its own name (abstract on Linux, a file in the
     test's directory where there are no abstract names) so the server sees
@@ -508,7 +508,7 @@ def test_conn_state_new_and_close_once_each_in_order(
 def test_raising_callback_does_not_stop_the_server(
     which: str, model: str, sock_path: str, make_server: Callable[..., Server]
 ) -> None:
-    """Checklist 40 (DESIGN Callbacks: a raising callback never stops the
+    """Checklist 40 (docs/design.md Callbacks: a raising callback never stops the
     server): a callback that raises is reported to on_error, one exception
     per call, and the server keeps serving; update_conn or a handler /
     protocol callback raising closes only that connection (EOF); on_error
@@ -572,7 +572,7 @@ def test_raising_callback_does_not_stop_the_server(
 
 @pytest.mark.parametrize("how", ["shutdown", "close"])
 def test_stop_from_inside_a_handler(how: str, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
-    """DESIGN shutdown(): called from a handler or protocol callback it
+    """docs/design.md shutdown(): called from a handler or protocol callback it
     starts the stop and returns at once (it never waits for its own
     caller); the server then stops and removes its file.  The same for
     close()."""
@@ -619,7 +619,7 @@ def test_stop_from_inside_a_handler(how: str, model: str, sock_path: str, make_s
 
 
 def test_serve_forever_returns_when_cancel_is_set(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
-    """golib Listen(ctx) / DESIGN serve_forever(cancel): setting the event
+    """golib Listen(ctx) / docs/design.md serve_forever(cancel): setting the event
     stops the server (like close()) and serve_forever returns None."""
     srv = start_echo(make_server, sock_path, model, start=False)
     cancel = threading.Event()
@@ -638,7 +638,7 @@ def test_serve_forever_returns_when_cancel_is_set(model: str, sock_path: str, ma
 
 @pytest.mark.parametrize("how", ["shutdown", "close"])
 def test_serve_forever_returns_after_a_stop(how: str, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
-    """DESIGN serve_forever: returns None after shutdown() or close() from
+    """docs/design.md serve_forever: returns None after shutdown() or close() from
     another thread."""
     srv = start_echo(make_server, sock_path, model, start=False)
     runner = Timed(srv.serve_forever)
@@ -724,7 +724,7 @@ _CTRL_C = textwrap.dedent(
 
 @pytest.mark.parametrize("how", ["os.kill", "helper thread"])
 def test_ctrl_c_stops_cleanly_and_reraises(how: str, model: str, sock_path: str, spawn: Callable[..., Any]) -> None:
-    """Checklist 41 and 42 (DESIGN: Ctrl-C cleans up, then re-raises
+    """Checklist 41 and 42 (docs/design.md: Ctrl-C cleans up, then re-raises
     KeyboardInterrupt; the wakeup fd makes Python handlers run promptly):
     SIGINT to the process, or pthread_kill'ed to a helper thread while the
     main thread waits in the loop, makes serve_forever clean up and raise
@@ -909,7 +909,7 @@ def on_loop_idle(srv: Server) -> None:
 
 
 def test_close_from_data_received_defers_connection_lost(sock_path: str, make_server: Callable[..., Server]) -> None:
-    """DESIGN: close() called from a protocol callback stops the server, but
+    """docs/design.md: close() called from a protocol callback stops the server, but
     connection_lost() never runs inside another callback: it follows after
     data_received() returned."""
     log: list[str] = []
@@ -1011,3 +1011,25 @@ def test_stats_snapshot_is_consistent_while_connections_churn(
         t.join(DEADLINE)
     assert reads[0] > 100
     assert bad == []
+
+
+def test_conn_done_first_read_by_many_threads_while_the_server_closes(sock_path, make_server):
+    """Connection.done is made on first use; several threads asking for it
+    while the loop thread closes the connection all get the same Event, and
+    it is set: the "store it / was it set" step is one (under the GIL, or a
+    critical section without it, docs/free-threading.md)."""
+    started, finished = threading.Event(), threading.Event()
+    seen: list[Any] = []
+
+    def handler(conn: Any) -> None:
+        started.set()
+        seen.extend(run_threads(lambda i: conn.done if conn.done.wait(DEADLINE) else None, 6))
+        finished.set()
+
+    srv = make_server(sock_path, handler)
+    with connect(srv.path):
+        assert started.wait(DEADLINE)
+        srv.close()
+        assert finished.wait(DEADLINE)
+    assert len(seen) == 6 and seen[0] is not None
+    assert all(ev is seen[0] for ev in seen)

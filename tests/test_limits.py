@@ -1,5 +1,5 @@
 """Exhaustion and errors: connection limit, EMFILE, accept errors, idle
-timeout, SIGPIPE, resets, partial writes (reliability checklist, section D:
+timeout, SIGPIPE, resets, partial writes (docs/reliability-checklist.md, section D:
 items 22-25 and 30-32)."""
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ _SERVER = textwrap.dedent(
 
 
 def test_max_connections_rejects_the_eleventh(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
-    """Checklist 22 (DESIGN stats()): with max_connections=10 the 11th client
+    """Checklist 22 (docs/design.md stats()): with max_connections=10 the 11th client
     is accepted and closed at once (EOF within 0.5 s of starting to connect,
     having sent nothing), counted in 'rejected' and not in
     'accepted'; the first 10 keep echoing.  Once one of them leaves, a new
@@ -172,7 +172,7 @@ RESOURCE_PATTERNS = [("1..5", 5, 1), ("2..40+2", 20, 20)]
 def test_resource_accept_errors_back_off_and_recover(
     err: str, when: str, failures: int, episodes: int, model: str, sock_path: str, run_traced: Callable[..., Any]
 ) -> None:
-    """Checklist 24 (DESIGN: accept errors such as EMFILE back off instead of
+    """Checklist 24 (docs/design.md: accept errors such as EMFILE back off instead of
     spinning): accept4 failing with a resource error (see
     RESOURCE_PATTERNS: 5 calls in a row, or 20 calls, every other one)
     delays the clients but every one (failures + 4 of them) is served; the
@@ -250,7 +250,7 @@ def test_idle_client_gets_eof_after_the_timeout(
 def test_idle_timeout_counts_from_the_last_byte(
     model: str, sock_path: str, make_server: Callable[..., Server]
 ) -> None:
-    """Checklist 25 (DESIGN: idle = no byte for idle_timeout): a client that
+    """Checklist 25 (docs/design.md: idle = no byte for idle_timeout): a client that
     talks every 0.05 s stays connected for 1.2 s (over twice the 0.5 s
     timeout: every echo comes back), then gets EOF no sooner than 0.5 s
     after its last byte (and at most IDLE_LATE later)."""
@@ -313,7 +313,7 @@ _SIGPIPE_SERVER = CHILD_LOG_LINES + textwrap.dedent(
 
 
 def test_writing_to_a_vanished_peer_does_not_kill(model: str, sock_path: str, spawn: Callable[..., Any]) -> None:
-    """Checklist 30 (DESIGN: SIGPIPE never kills, MSG_NOSIGNAL): with SIGPIPE
+    """Checklist 30 (docs/design.md: SIGPIPE never kills, MSG_NOSIGNAL): with SIGPIPE
     at SIG_DFL, writing 1 MB to a client that connected and closed gives
     BrokenPipeError (blocking) / connection_lost(BrokenPipeError) (event)
     and the process lives on and serves.  The library logs it at DEBUG,

@@ -1,7 +1,7 @@
 """The socket file: what start() may and may not do at the path, and what
-close() removes (reliability checklist, section A and B: items 1-16).
+close() removes (docs/reliability-checklist.md, section A and B: items 1-16).
 
-Where the checklist and DESIGN.md differ, DESIGN.md wins: the default mode is
+Where the checklist and docs/design.md differ, docs/design.md wins: the default mode is
 golib's 0o770 (not 0600), and abstract names need no allow-list (items 17-21
 are not part of unixsrv yet).
 """
@@ -337,7 +337,7 @@ _TAKEOVER = textwrap.dedent(
 def test_stale_socket_removal_never_removes_a_live_successor(
     sock_path: str, spawn: Callable[..., Any], run_traced: Callable[..., Any]
 ) -> None:
-    """Checklist 4 and 5 (python/cpython#121252; DESIGN: "an existing path is
+    """Checklist 4 and 5 (python/cpython#121252; docs/design.md: "an existing path is
     never blindly deleted: a live server there -> AddressInUseError"): two
     starters B and A both find the same stale socket.  B decides "stale,
     remove it" and is held just before its unlink (strace delays B's first
@@ -635,7 +635,7 @@ _MODES = textwrap.dedent(
 
 @pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
 def test_mode_is_exact_whatever_the_umask(umask: int, sock_path: str, spawn: Callable[..., Any]) -> None:
-    """Checklist 12 and 16 (DESIGN: default 0o770, golib's): under umask
+    """Checklist 12 and 16 (docs/design.md: default 0o770, golib's): under umask
     000, 022 and 077 the file gets exactly the configured mode, the default
     is 0o770, and the process umask is unchanged afterwards (checklist 13)."""
     result = child_json(spawn(_MODES, sock_path, f"{umask:o}", text=False))
@@ -646,7 +646,7 @@ def test_mode_is_exact_whatever_the_umask(umask: int, sock_path: str, spawn: Cal
 
 
 def test_default_mode_in_process(sock_path: str, make_server: Callable[..., Server]) -> None:
-    """Checklist 16 as DESIGN.md states it: no mode given -> 0o770."""
+    """Checklist 16 as docs/design.md states it: no mode given -> 0o770."""
     make_server(sock_path, echo_handler)
     assert stat.S_IMODE(os.lstat(sock_path).st_mode) == 0o770
 
@@ -946,7 +946,7 @@ def test_probe_denied_is_refused_never_unlinked(sock_dir: str, sock_path: str, s
 
 @pytest.mark.parametrize("gid", [-1, -2, 4294967295, 2**32, True, False, 1.5])
 def test_bad_gids_are_rejected(gid: Any, sock_dir: str, sock_path: str) -> None:
-    """Checklist 14 (DESIGN: gid 0..4294967294; -1 only means "process group"
+    """Checklist 14 (docs/design.md: gid 0..4294967294; -1 only means "process group"
     in golib's from_mapping): out-of-range values, bool and non-integers are
     a ConfigError (ValueError) when the config is built; nothing on disk."""
     with pytest.raises(ValueError):

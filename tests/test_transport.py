@@ -7,10 +7,10 @@ resume_reading), the write-buffer limits with asyncio's semantics, the hard
 ``max_write_buffer`` cap, get_extra_info and the rule that transports are only
 used on the server's loop thread (``Server.call_soon_threadsafe`` from others).
 
-Sources: DESIGN.md "Event model" and "Public contract" (Transport follows
-asyncio.Transport); reliability checklist items 27 (bound per-connection
+Sources: docs/design.md "Event model" and "Public contract" (Transport follows
+asyncio.Transport); docs/reliability-checklist.md items 27 (bound per-connection
 output: water marks, hard cap) and 32 (partial writes, sha256 equal on both
-ends); golib spec W16 (not every I/O condition is fatal: a full socket buffer
+ends); docs/golib-spec.md W16 (not every I/O condition is fatal: a full socket buffer
 only pauses the writer).
 
 Every protocol here is plain asyncio code; callbacks run on the loop thread,
@@ -28,8 +28,8 @@ from typing import Any
 
 import pytest
 from conftest import (DEADLINE, BigWriter, Collect, Echo, KiB, MiB, Recorder, connect, echo, make_room,
-                      on_loop, outcome, payload, process_cpu_over, recv_exactly, recv_until_eof, sha, squash,
-                      wait_until)
+                      on_loop, outcome, payload, process_cpu_over, recv_exactly, recv_until_eof, run_threads, sha,
+                      squash, wait_until)
 
 from unixsrv import PeerCredentials, ServerClosedError, Transport
 
@@ -37,7 +37,7 @@ from unixsrv import PeerCredentials, ServerClosedError, Transport
 
 
 def test_transport_is_an_asyncio_transport(sock_path, make_server):
-    """DESIGN 'Event model': Transport subclasses asyncio.Transport, and the
+    """docs/design.md 'Event model': Transport subclasses asyncio.Transport, and the
     object passed to connection_made is one; get_protocol() is the protocol."""
     assert issubclass(Transport, asyncio.Transport)
     factory = Collect(Recorder)
@@ -361,7 +361,7 @@ class Firehose(asyncio.Protocol):
 
 
 def test_pause_writing_bounds_memory_and_resume_delivers_all(sock_path, make_server):
-    """Checklist 27 / DESIGN 'Event model': a client that does not read makes
+    """Checklist 27 / docs/design.md 'Event model': a client that does not read makes
     the transport call pause_writing(); a protocol that honours it keeps the
     buffer at most high mark + one chunk; once the client reads,
     resume_writing() follows, pause/resume alternate, and every byte arrives
@@ -638,7 +638,7 @@ def test_get_extra_info_in_connection_lost(sock_path, make_server):
 
 
 def test_transport_methods_off_the_loop_thread_raise(sock_path, make_server):
-    """DESIGN 'Event model': transports belong to the loop thread.  Calling
+    """docs/design.md 'Event model': transports belong to the loop thread.  Calling
     write/writelines/write_eof/close/abort/pause_reading/resume_reading from
     another thread raises RuntimeError and leaves the connection untouched;
     Server.call_soon_threadsafe(fn, *args) runs fn(*args) on the loop thread,
@@ -677,7 +677,7 @@ def test_transport_methods_off_the_loop_thread_raise(sock_path, make_server):
 def test_set_write_buffer_limits_off_the_loop_thread_raises(sock_path, make_server):
     """set_write_buffer_limits() may call pause_writing()/resume_writing()
     and changes marks the loop reads, so like the other mutating Transport
-    methods it must raise RuntimeError off the loop thread (DESIGN: "all
+    methods it must raise RuntimeError off the loop thread (docs/design.md: "all
     methods must be called on the server's loop thread"; callbacks run on the
     loop thread only)."""
     factory = Collect(Recorder)
@@ -855,7 +855,7 @@ class _FlowCloser(BigWriter):
 def test_resume_writing_is_called_while_a_closing_transport_drains(
     sock_path: str, make_server: Callable[..., Server]
 ) -> None:
-    """DESIGN "Transport follows asyncio.Transport" / "pause_writing() /
+    """docs/design.md "Transport follows asyncio.Transport" / "pause_writing() /
     resume_writing() are called at the high/low-water marks": like
     asyncio's selector transport (_write_send -> _maybe_resume_protocol
     before connection_lost), a transport closed with a full buffer calls
@@ -869,3 +869,33 @@ def test_resume_writing_is_called_while_a_closing_transport_drains(
     assert proto.lost.wait(DEADLINE)
     assert proto.buffered > 64 * KiB
     assert proto.flow == ["pause", "resume"]
+
+
+def test_call_soon_threadsafe_racing_close_runs_or_refuses_each_callback(sock_path, make_server):
+    """Callbacks queued from many threads while another thread closes the
+    server: each call either raises ServerClosedError or its callback runs
+    (teardown's last drain sees it), never neither.  Without the GIL this
+    needs the loop mutex (docs/free-threading.md); the free-threaded CI jobs
+    run it with PYTHON_GIL=0."""
+    srv = make_server(sock_path, protocol=Echo)
+    ran: list[int] = []
+    per_thread = 20_000  # a bound: the close() normally stops them far sooner
+
+    def call(i: int) -> int:
+        if i == 0:
+            on_loop(srv, lambda: None)  # the others are queueing by now
+            srv.close()
+            return 0
+        queued = 0
+        for k in range(per_thread):
+            try:
+                srv.call_soon_threadsafe(ran.append, i * per_thread + k)
+            except ServerClosedError:
+                break
+            queued += 1
+        return queued
+
+    results = run_threads(call, 6)
+    assert not [r for r in results if isinstance(r, BaseException)]
+    assert srv.wait(DEADLINE)
+    assert len(ran) == sum(results) == len(set(ran))

@@ -1,5 +1,5 @@
-"""golib's known weaknesses (section (d) of reference/golib-unix-spec.md): one
-test per weakness that applies to unixsrv, asserting the behaviour DESIGN.md
+"""golib's known weaknesses (section (d) of docs/golib-spec.md): one
+test per weakness that applies to unixsrv, asserting the behaviour docs/design.md
 requires instead.
 
 Weaknesses with no meaning in Python, and why they have no test here:
@@ -919,7 +919,7 @@ def test_w15_event_model_eof_once(sock_path: str, make_server: Callable[..., Ser
 def test_w16_client_reset_is_reported(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
     """W16 (I/O errors merged or swallowed): a client that closes with
     unread data resets the connection (Linux: ECONNRESET on the server's
-    next receive).  DESIGN "Errors": other OS failures are the matching
+    next receive).  docs/design.md "Errors": other OS failures are the matching
     OSError subclass, so the handler's read raises ConnectionResetError
     (not b"", not ServerClosedError: our side did not close), a read after
     that returns b"", and a write raises BrokenPipeError or
@@ -1054,7 +1054,7 @@ def test_w18_sub_second_idle(model: str, sock_path: str, make_server: Callable[.
 
 
 def test_w18_done_set_when_idle_close_wakes_read(sock_path: str, make_server: Callable[..., Server]) -> None:
-    """W18 / DESIGN "Idle": a handler whose read() was ended by the idle
+    """W18 / docs/design.md "Idle": a handler whose read() was ended by the idle
     timeout finds conn.done already set, so it can tell an idle close from
     the client's EOF (30 idle clients closed by the same sweep)."""
     seen: list[bool] = []
@@ -1065,7 +1065,7 @@ def test_w18_done_set_when_idle_close_wakes_read(sock_path: str, make_server: Ca
             while conn.read():
                 pass
         except ServerClosedError:
-            pass  # the idle close came before this read() started (DESIGN: I/O after our close raises)
+            pass  # the idle close came before this read() started (docs/design.md: I/O after our close raises)
         with lock:
             seen.append(conn.done.is_set())
 
@@ -1230,7 +1230,7 @@ def test_w25_errors_are_typed(sock_path: str, make_server: Callable[..., Server]
 
 def test_w26_documented_names_exist() -> None:
     """W26 (documentation drift: README errors that do not exist): every name
-    of DESIGN.md's public contract is importable and exported."""
+    of docs/design.md's public contract is importable and exported."""
     contract = ["ServerConfig", "Server", "Connection", "Protocol", "Transport", "ConnState", "PeerCredentials",
                 "UnixSrvError", "ConfigError", "InvalidPathError", "InvalidGroupError", "InvalidHandlerError",
                 "AddressInUseError", "ShutdownTimeoutError", "ServerClosedError"]

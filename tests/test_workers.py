@@ -1,6 +1,6 @@
 """WorkerPool (src/unixsrv/workers.py): the threads of the blocking handler model.
 
-DESIGN.md "Precise semantics / Blocking model threads": every accepted
+docs/design.md "Precise semantics / Blocking model threads": every accepted
 connection gets a worker at once (the pool grows on demand and reuses idle
 threads); a handler never waits for a free worker.  golib runs one goroutine
 per connection (spec b.5), so no golib handler ever queues either.
@@ -9,11 +9,14 @@ per connection (spec b.5), so no golib handler ever queues either.
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-from conftest import DEADLINE, wait_until
+import pytest
+from conftest import DEADLINE, connect, fork_quietly, reap, recv_until_eof, wait_until
 
 from unixsrv.workers import WorkerPool
 
@@ -77,7 +80,7 @@ def test_new_pool_is_empty():
 
 
 def test_all_jobs_run_concurrently_when_every_worker_is_busy():
-    """DESIGN: a job runs at once even when all existing workers are busy.
+    """docs/design.md: a job runs at once even when all existing workers are busy.
     N jobs that each block until all N are running meet at a barrier; with
     any queueing the barrier would time out."""
     n = 12
@@ -317,3 +320,46 @@ def test_close_ends_threads_after_their_job_and_join_waits_for_them():
     assert late.wait(DEADLINE) and pool.join(DEADLINE)
     wait_threads_gone(rec)
     assert rec.errors == [] and rec.done == 4
+
+
+# ---------------------------------------------------------------------- a handler that forks
+
+
+def _forking_handler(child_ends: str) -> Callable[[Any], None]:
+    """A blocking handler that forks; the child ends the handler as
+    ``child_ends`` says, the parent sends the child's pid to the client."""
+
+    def handler(conn: Any) -> None:
+        pid = fork_quietly()
+        if pid == 0:
+            if child_ends == "sys.exit(8)":
+                sys.exit(8)
+            if child_ends == "sys.exit('why')":
+                sys.exit("why")
+            if child_ends == "raises":
+                raise RuntimeError("child handler failed")
+            return  # "returns"
+        conn.write(str(pid).encode())
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("child_ends", "status"), [("sys.exit(8)", 8), ("sys.exit('why')", 1), ("raises", 1), ("returns", 0)]
+)
+def test_forked_child_exits_at_once_with_its_status(make_server, sock_path, child_ends, status):
+    """Issue 8 finding 7: a child forked by a handler exits as soon as the
+    handler ends in it, with the status it asked for (sys.exit(8) -> 8, a
+    message -> 1, an exception -> 1, a return -> 0), instead of parking its
+    thread in the pool for the pool's idle time (30 s) and exiting 0.
+    workers.exit_forked_child; the parent server keeps serving."""
+    server = make_server(sock_path, _forking_handler(child_ends))
+    began = time.monotonic()
+    with connect(sock_path) as s:
+        pid = int(recv_until_eof(s))
+    assert reap(pid, timeout=DEADLINE) == status  # reap kills it (status -9) if it lingers
+    assert time.monotonic() - began < DEADLINE / 2  # far less than the pool's 30 s idle time
+    assert server.is_running
+    with connect(sock_path) as s:  # the parent still serves, and forks again
+        again = int(recv_until_eof(s))
+    assert reap(again) == status

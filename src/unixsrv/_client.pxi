@@ -322,6 +322,7 @@ cdef class LoadGen:
     cdef bint has_progress
     cdef object progress
     cdef object cb_exc
+    cdef bint ready             # __init__ completed: every array is there
 
     def __cinit__(self):
         self.pfd = -1
@@ -332,6 +333,8 @@ cdef class LoadGen:
                  int pipeline=1, long first_index=0, int server_pid=0,
                  int stop_fd=-1, int watch_fd=-1, progress=None):
         cdef int i
+        if self.conns != NULL:
+            raise RuntimeError("LoadGen.__init__ called twice")
         if mode not in _LG_MODES:
             raise ValueError(f"mode must be one of {sorted(_LG_MODES)}, got {mode!r}")
         if connections < 1:
@@ -376,6 +379,7 @@ cdef class LoadGen:
             raise _oserror(errno)
         if stop_fd >= 0 and us_poller_add(self.pfd, stop_fd, LG_TOKEN_STOP, US_READ) < 0:
             raise _oserror(errno)
+        self.ready = True
 
     def __dealloc__(self):
         self._close_all()
@@ -391,9 +395,18 @@ cdef class LoadGen:
         """Close every connection and the poller (idempotent)."""
         self._close_all()
 
+    cdef int _check_init(self) except -1:
+        # LoadGen.__new__(LoadGen), or an __init__ that raised part-way:
+        # the arrays every phase indexes are missing.
+        if not self.ready:
+            raise RuntimeError("this LoadGen was not initialised (LoadGen.__init__ did not complete)")
+        return 0
+
     cdef void _close_all(self) noexcept nogil:
         cdef int i
-        if self.conns != NULL:
+        # Not before __init__ completed: a calloc()ed slot says fd 0 until
+        # __init__ marks it -1, and no connection was opened before that.
+        if self.conns != NULL and self.ready:
             for i in range(self.nconn):
                 if self.conns[i].fd >= 0:
                     close(self.conns[i].fd)
@@ -527,6 +540,7 @@ cdef class LoadGen:
         cdef int64_t start, deadline, now, next_tick, wake
         cdef int allowed
         cdef double per_ns = rate / 1e9
+        self._check_init()
         if self.connected_phase_done:
             raise RuntimeError("connect() was already called")
         self.connected_phase_done = True
@@ -820,6 +834,7 @@ cdef class LoadGen:
         cdef int64_t now, next_tick, wake, t_measure, dur_ns, stall_ns
         cdef int i, k
         cdef lg_conn *c
+        self._check_init()
         if not self.connected_phase_done:
             self.connect()
         if self.ran:
@@ -902,6 +917,7 @@ cdef class LoadGen:
         """The raw outcome: counts, the measured window, the histogram as
         [[bucket, count], ...] (nonzero buckets), errors by kind, CPU."""
         cdef int k
+        self._check_init()
         hist = [[k, self.hist[k]] for k in range(H_BUCKETS) if self.hist[k]]
         srv_ticks = None
         if self.srv0 >= 0 and self.srv1 >= 0:

@@ -19,7 +19,20 @@ cdef class _ConnBase:
 
     def __cinit__(self):
         self.c.fd = -1
+        self.c.peer_uid = -1              # no credentials until accept
         self.c.owner = <PyObject *>self
+
+    def __init__(self, *args, **kwargs):
+        # The loop makes these with __new__ (which skips __init__) and fills
+        # in the fd and the loop; one made from Python would have neither.
+        raise TypeError(f"{type(self).__name__} objects are created by the server, not from Python")
+
+    cdef Loop _loop(self):
+        """The loop, or RuntimeError for an object that was never attached
+        to one (made through __new__ from Python)."""
+        if self.loop is None:
+            raise RuntimeError(f"this {type(self).__name__} is not attached to a server")
+        return self.loop
 
     cdef int _use(self) except -1:
         if (us_load_u32(&self.c.state) & ST_CLOSING) or not us_use_acquire(&self.c.uses):
@@ -65,7 +78,7 @@ cdef class _ConnBase:
     @property
     def local_address(self):
         """The server's socket path (``@name`` for an abstract name)."""
-        return self.loop.display_path
+        return self._loop().display_path
 
     @property
     def remote_address(self):
@@ -90,10 +103,16 @@ cdef class _ConnBase:
         """PeerCredentials(pid, uid, gid) of the client at connect time
         (SO_PEERCRED on Linux, getpeereid on macOS, where pid may be 0);
         read once when the connection was accepted."""
+        if self.c.peer_uid < 0:
+            raise _oserror(ENOTCONN)
         if self._peer is None:
-            if self.c.peer_uid < 0:
-                raise _oserror(ENOTCONN)
-            self._peer = PeerCredentials(self.c.peer_pid, self.c.peer_uid, self.c.peer_gid)
+            peer = PeerCredentials(self.c.peer_pid, self.c.peer_uid, self.c.peer_gid)
+            # Any thread may ask first: the critical section keeps two first
+            # readers of a free-threaded build from both storing (the second
+            # store would free the object the first is returning).
+            with cython.critical_section(self):
+                if self._peer is None:
+                    self._peer = peer
         return self._peer
 
 
@@ -126,15 +145,26 @@ cdef ssize_t _recv_blocking(int fd, char *buf, size_t n, int *err) noexcept nogi
         return -1
 
 
-cdef ssize_t _send_blocking(int fd, const char *buf, size_t n, int *err) noexcept nogil:
-    """Send all of buf; returns the bytes sent before an error (err set)."""
+cdef ssize_t _send_blocking(int fd, const char *buf, size_t n, int *err,
+                            int64_t *last_active=NULL) noexcept nogil:
+    """Send all of buf; returns the bytes sent before an error (err set).
+    Each partial send is activity for the idle timeout: a big write to a
+    slow but steady reader must not look idle while bytes flow, so the time
+    is stored in *last_active (if given) after each one; the loop thread's
+    sweep reads it, hence the atomic store.  On a blocking socket a stream
+    send() returns only once all of it was sent (send(2)), so with
+    last_active each send takes only what fits (MSG_DONTWAIT) and poll()
+    does the waiting between them."""
     cdef size_t done = 0
     cdef ssize_t r
     cdef pollfd p
+    cdef int flags = MSG_NOSIGNAL | (MSG_DONTWAIT if last_active != NULL else 0)
     while done < n:
-        r = send(fd, buf + done, n - done, MSG_NOSIGNAL)
+        r = send(fd, buf + done, n - done, flags)
         if r >= 0:
             done += r
+            if last_active != NULL and r > 0:
+                us_store_i64(last_active, us_now_ns())
             continue
         if errno == EINTR:
             continue
@@ -167,33 +197,37 @@ cdef class Connection(_ConnBase):
     ``b""`` at EOF, also when the server's graceful shutdown closed the read
     side; I/O after our side closed the connection (the handler, the idle
     timeout, ``close()``, the shutdown deadline) raises ServerClosedError.
+    Only the server makes them: ``Connection()`` raises TypeError.
     """
 
     def __repr__(self):
         return f"<unixsrv.Connection id={self.c.seq} fd={self.fileno()} closed={self.closed}>"
 
-    def read(self, Py_ssize_t n=65536):
-        """Read up to n bytes; wait for at least one.  b"" at EOF."""
+    def read(self, n=None):
+        """Read up to n bytes (default: the server's read_buffer_size); wait
+        for at least one.  b"" at EOF."""
         cdef char small[SMALL_READ]
         cdef ssize_t r
         cdef int err = 0
-        if n < 0:
+        cdef Py_ssize_t size
+        size = self._loop().read_size if n is None else n
+        if size < 0:
             raise ValueError("n must be >= 0")
         self._use()
         try:
             self._raise_deferred()
-            if n == 0:
+            if size == 0:
                 return b""
-            if n > SMALL_READ and self._big_reads:
-                return self._read_big(n, NULL, 0)
-            r = self._recv_now(small, n if n < SMALL_READ else SMALL_READ, &err)
+            if size > SMALL_READ and self._big_reads:
+                return self._read_big(size, NULL, 0)
+            r = self._recv_now(small, size if size < SMALL_READ else SMALL_READ, &err)
             if r <= 0:
                 return self._read_result(r, err)
-            if r == SMALL_READ and n > SMALL_READ:
+            if r == SMALL_READ and size > SMALL_READ:
                 # The stack buffer filled up: messages here are big, so this
                 # and the next reads go straight into a bytes object.
                 self._big_reads = True
-                return self._read_big(n, small, r)
+                return self._read_big(size, small, r)
         finally:
             self._unuse()
         self._count_in(r)
@@ -313,9 +347,12 @@ cdef class Connection(_ConnBase):
                 elif not us_would_block(errno) and errno != EINTR:
                     err = errno
                 if err == 0 and done < <size_t>view.len:
+                    if done and self.loop.idle_ns:
+                        us_store_i64(&self.c.last_active, us_now_ns())
                     with nogil:
                         done += _send_blocking(self.c.fd, (<char *>view.buf) + done,
-                                               view.len - done, &err)
+                                               view.len - done, &err,
+                                               &self.c.last_active if self.loop.idle_ns else NULL)
             finally:
                 self._unuse()
             self._wrote_last = True
@@ -394,17 +431,25 @@ cdef class Connection(_ConnBase):
     def done(self):
         """A threading.Event set when the server stops or the idle timeout
         fires; a handler that loops without reading can poll or wait on it."""
+        cdef bint set_now = False
         if self._done is None:
             ev = _Event()
-            if self._done is None:       # no Python code runs from here on
-                self._done = ev
-                if self._done_set:
-                    ev.set()
+            # The handler's thread asks, the loop thread (idle timeout,
+            # shutdown) sets: the critical section (the GIL's job on a
+            # default build) makes "store the event / see _done_set" one
+            # step, so one of the two threads always sets it.
+            with cython.critical_section(self):
+                if self._done is None:
+                    self._done = ev
+                    set_now = self._done_set
+            if set_now:
+                ev.set()
         return self._done
 
     cdef int _set_done(self) except -1:
-        self._done_set = True
-        ev = self._done
+        with cython.critical_section(self):
+            self._done_set = True
+            ev = self._done
         if ev is not None:
             ev.set()
         return 0
@@ -435,9 +480,10 @@ cdef class Connection(_ConnBase):
         once per connection.  shutdown=False only closes our fd, leaving the
         socket itself alone: unixsrv.socketserver's request socket is a dup
         that a forked child may still be serving."""
+        cdef Loop loop = self._loop()
         if us_or_u32(&self.c.state, ST_FINISHED | ST_CLOSING) & ST_FINISHED:
             return
-        self.loop._table_del(&self.c)
+        loop._table_del(&self.c)
         if shutdown:
             self._shutdown_fd(SHUT_RDWR)     # wakes any other thread using it
         self._unuse()                    # the lifetime use: closes the fd

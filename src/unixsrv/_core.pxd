@@ -231,6 +231,8 @@ cdef extern from "Python.h":
     ctypedef struct PyMemberDescrObject:
         PyMemberDef *d_member
     object PyType_GenericAlloc(PyTypeObject *type, Py_ssize_t nitems)
+    enum:
+        PY_SSIZE_T_MAX
 
 
 cdef extern from * nogil:
@@ -322,6 +324,7 @@ cdef class _ConnBase:
     cdef Loop loop
     cdef object _peer
     cdef object _remote
+    cdef Loop _loop(self)
     cdef int _use(self) except -1
     cdef void _unuse(self) noexcept nogil
     cdef void _shutdown_fd(self, int how) noexcept
@@ -449,3 +452,5 @@ cdef class Loop:
     cdef list _snapshot(self)
     cdef int _callback_error(self, object exc, object level=*) except -1
     cdef void _wake(self) noexcept
+    cdef int _check_init(self) except -1
+    cdef int _check_owner(self) except -1

@@ -88,14 +88,30 @@ cdef int _examine_existing(int dirfd, bytes base, bytes probe_addr, object displ
     return 1
 
 
-cdef int _lock_dir(bytes dir_path, object display) except -2:
-    """flock the directory (see above); -1 when it cannot be locked at all."""
+# How long the directory lock is waited for.  Start-up: 10 s, then start()
+# fails with TimeoutError (a start may wait; its caller sees the error).
+# Stop: 250 ms, then the unlink is skipped with a WARNING.  A unixsrv peer
+# holds the lock only for a few non-blocking syscalls (stat, a non-blocking
+# connect probe, rename, unlink: microseconds), so a holder that keeps it
+# for 250 ms is not one of ours but some other process (`flock DIR cmd`, a
+# backup tool) that may keep it for ever, and no stop may wait on that.
+# Skipping is safe: the file left behind is a socket nobody listens on,
+# which the next start removes as stale.  The bound is short because the
+# stop runs on the loop thread, which handles nothing else meanwhile.
+cdef enum:
+    START_LOCK_WAIT_MS = 10000
+    STOP_LOCK_WAIT_MS = 250
+
+_listener_log = _logging.getLogger("unixsrv.listener")
+
+
+cdef int _lock_dir(bytes dir_path, int timeout_ms) noexcept:
+    """flock the directory (see above): the locked fd, -1 when it cannot be
+    locked at all (then we go on unlocked), -2 after timeout_ms."""
     cdef const char *p = dir_path
     cdef int fd
     with nogil:
-        fd = us_lock_dir(p, 10000)
-    if fd == -2:
-        raise TimeoutError(f"another process kept the directory of {display!r} locked for 10 s")
+        fd = us_lock_dir(p, timeout_ms)
     return fd
 
 
@@ -119,7 +135,10 @@ def open_listener(object address, object display, int backlog, int mode, long gi
     if dirfd < 0:
         raise _oserror(errno, display)
     try:
-        lockfd = _lock_dir(dir_path, display)
+        lockfd = _lock_dir(dir_path, START_LOCK_WAIT_MS)
+        if lockfd == -2:
+            raise TimeoutError(
+                f"another process kept the directory of {display!r} locked for {START_LOCK_WAIT_MS // 1000} s")
         # A name that is obviously taken fails before anything is created.
         if fstatat(dirfd, base, &st, AT_SYMLINK_NOFOLLOW) == 0:
             _examine_existing(dirfd, base, address, display)
@@ -167,9 +186,16 @@ def unlink_if_same(bytes path, dev_t dev, ino_t ino):
     """Remove the socket file at ``path`` only if it is still the inode we
     created (a successor server may own the path by now).  Call it before
     closing the listener: once closed, the inode number may be reused by a
-    successor's socket.  Returns True if the file was removed."""
+    successor's socket.  Returns True if the file was removed; False (after a
+    WARNING) if another process kept the directory locked (see
+    STOP_LOCK_WAIT_MS)."""
     cdef stat st
-    cdef int lockfd = _lock_dir(_os.path.dirname(path) or b".", _os.fsdecode(path))
+    cdef int lockfd = _lock_dir(_os.path.dirname(path) or b".", STOP_LOCK_WAIT_MS)
+    if lockfd == -2:
+        _listener_log.warning(
+            "another process kept the directory of %r locked for %d ms: the socket file was left in place"
+            " (nothing listens on it; the next start removes it)", _os.fsdecode(path), STOP_LOCK_WAIT_MS)
+        return False
     try:
         if lstat(path, &st) < 0:
             return False
@@ -178,4 +204,4 @@ def unlink_if_same(bytes path, dev_t dev, ino_t ino):
         return unlink(path) == 0
     finally:
         if lockfd >= 0:
-            close(lockfd)
+            close(lockfd)      # releases the flock

@@ -12,8 +12,10 @@
 # The connection table maps fd -> conn_t.  In the blocking model worker
 # threads remove their own connection from it, so it is guarded by a mutex;
 # in the event model only the loop thread touches it and the mutex is
-# skipped.  Lock order: the mutex is only ever waited for without the GIL,
-# and no Python code runs while it is held.
+# skipped.  The same mutex makes call_soon_threadsafe's "not closed? queue
+# it and wake the loop" one step against teardown (both models).  Lock
+# order: the mutex is only ever waited for without the GIL, and no Python
+# code runs while it is held.
 
 
 cdef uint64_t TOKEN_WAKE = 0xFFFFFFFFFFFFFFFFULL
@@ -43,6 +45,14 @@ cdef inline int64_t _sweep_slack(int64_t idle_ns) noexcept nogil:
     return min(max(idle_ns // 64, 1000000), 250000000)
 
 
+cdef inline void _mutex_lock_with_gil(pthread_mutex_t *mu) noexcept:
+    """Lock mu from a thread holding the GIL: try first; if it is busy, wait
+    without the GIL (see Loop._lock_with_gil)."""
+    if pthread_mutex_trylock(mu) != 0:
+        with nogil:
+            pthread_mutex_lock(mu)
+
+
 cdef class Loop:
     """The C core of one server run: listener, poller, connection table."""
 
@@ -54,9 +64,15 @@ cdef class Loop:
         self.accept_backoff_ms = BACKOFF_MIN_MS
         pthread_mutex_init(&self.mu, NULL)
 
-    def __init__(self, server, Stats stats, Callbacks callbacks, bint event_model, factory,
+    def __init__(self, server, Stats stats not None, Callbacks callbacks not None, bint event_model, factory,
                  double idle_timeout, size_t max_connections, size_t read_size,
                  size_t high_water, size_t low_water, size_t max_write_buffer):
+        if self.table != NULL:
+            # A second call would swap the table and buffers under live
+            # connections (and leak the first ones).
+            raise RuntimeError("Loop.__init__ called twice")
+        if read_size > <size_t>PY_SSIZE_T_MAX // 4:
+            raise OverflowError("read_size is too large")
         self.server = server
         self.stats = stats
         self.callbacks = callbacks
@@ -79,6 +95,14 @@ cdef class Loop:
         self.table = <conn_t **>calloc(self.table_cap, sizeof(conn_t *))
         if (self.events == NULL or self.recs == NULL or self.table == NULL
                 or (event_model and self.rxbuf == NULL)):
+            # All or nothing: _check_init() trusts a non-NULL table to mean
+            # every buffer is there.
+            free(self.events)
+            free(self.recs)
+            free(self.rxbuf)
+            free(self.table)
+            self.events = self.recs = self.table = NULL
+            self.rxbuf = NULL
             raise MemoryError()
 
     def __dealloc__(self):
@@ -96,6 +120,9 @@ cdef class Loop:
         """Create the wakeup pipe, the poller and the listener.  On failure
         nothing is left open or on disk."""
         cdef int fds[2]
+        self._check_init()
+        if self.pfd >= 0 or self.closed:
+            raise RuntimeError("this Loop was already opened")
         self.display_path = display
         try:
             if us_pipe(fds) < 0:
@@ -141,7 +168,9 @@ cdef class Loop:
 
     @drain_waiting.setter
     def drain_waiting(self, bint value):
-        self.drain_waiting = value
+        # Paired with _conn_closed (see there).
+        with cython.critical_section(self):
+            self.drain_waiting = value
 
     def claim_thread(self):
         """Make the calling thread this loop's thread before run() starts, so a
@@ -161,8 +190,14 @@ cdef class Loop:
     def run(self):
         """Serve until request_exit(); may raise (KeyboardInterrupt, ...)."""
         cdef int n, err, timeout
+        self._check_init()
         if self.closed:
             raise RuntimeError("this loop is closed")
+        # One thread at a time: two would share the record array and the
+        # receive buffer (a callback calling run() would reuse them under
+        # the dispatch walking them).
+        if self.dispatching or (self.thread_id != 0 and self.thread_id != PyThread_get_thread_ident()):
+            raise RuntimeError("this loop is already running in another thread or callback")
         # A loop serves one run; an exit requested before run() (a signal
         # handler during set-up) must not be forgotten here.
         self.thread_id = PyThread_get_thread_ident()
@@ -185,16 +220,43 @@ cdef class Loop:
 
     def call_soon_threadsafe(self, callback):
         """Queue callback() to run on the loop thread; False if closed."""
-        if self.closed:
-            return False
-        self.pending.append(callback)
-        self._wake()
+        self._check_init()
+        # Any thread.  teardown() sets `closed` under the same mutex before
+        # its last run of `pending` and before it closes the wakeup pipe, so
+        # a callback is either queued in time to run or refused, and never
+        # written to a closed (maybe reused) fd.  The GIL made this one step;
+        # a free-threaded build needs the mutex (a critical section would be
+        # suspended while deque.append waits for the deque's own lock).
+        _mutex_lock_with_gil(&self.mu)
+        try:
+            if self.closed:
+                return False
+            self.pending.append(callback)
+            self._wake()
+        finally:
+            pthread_mutex_unlock(&self.mu)
         return True
 
     cdef void _wake(self) noexcept:
         cdef char b = 0
         if self.wake_w >= 0:
             write(self.wake_w, &b, 1)   # EAGAIN: the pipe is full, a wakeup is pending
+
+    cdef int _check_init(self) except -1:
+        # Loop.__new__(Loop) skips __init__: no table, buffers or stats,
+        # which every method below the guard dereferences.
+        if self.table == NULL:
+            raise RuntimeError("this Loop was not initialised (Loop.__init__ did not run)")
+        return 0
+
+    cdef int _check_owner(self) except -1:
+        """Event model: the transports (their output buffers, the table) belong
+        to the loop thread, which reads them without the GIL; closing them from
+        another thread while it runs would free memory under it."""
+        self._check_init()
+        if self.event_model and self.thread_id != 0 and self.thread_id != PyThread_get_thread_ident():
+            raise RuntimeError("must be called on the loop thread (use call_soon_threadsafe)")
+        return 0
 
     cdef int _timeout_ms(self) noexcept:
         cdef int64_t deadline = NEVER, now
@@ -228,9 +290,8 @@ cdef class Loop:
             pthread_mutex_unlock(&self.mu)
 
     cdef void _lock_with_gil(self) noexcept:
-        if not self.event_model and pthread_mutex_trylock(&self.mu) != 0:
-            with nogil:
-                pthread_mutex_lock(&self.mu)
+        if not self.event_model:
+            _mutex_lock_with_gil(&self.mu)
 
     cdef void _push(self, int kind, int fd, uint32_t seq, size_t off, ssize_t n) noexcept nogil:
         # Never more than RECS_CAP per wakeup (see there).
@@ -612,7 +673,15 @@ cdef class Loop:
         us_add_u64_release(&self.stats.s.closed, 1)
 
     cdef int _conn_closed(self) except -1:
-        if self.drain_waiting and _open_count(&self.stats.s) == 0:
+        # Called after the `closed` counter went up, on the loop or a worker
+        # thread; the shutdown thread sets drain_waiting, then reads the
+        # count.  Both flag accesses share the loop's critical section, so
+        # either this sees the flag or the waiter sees the new count: a
+        # free-threaded build cannot lose the last wakeup.
+        cdef bint waiting
+        with cython.critical_section(self):
+            waiting = self.drain_waiting
+        if waiting and _open_count(&self.stats.s) == 0:
             self.server._notify_drained()
         return 0
 
@@ -642,12 +711,14 @@ cdef class Loop:
         """Graceful shutdown: stop reading everywhere and let work finish
         (blocking: set conn.done, shut the read side; event: close each
         transport, which flushes first)."""
+        self._check_owner()
         for conn in self._snapshot():
             (<_ConnBase>conn)._begin_drain()
         self._finalize_unless_dispatching()
 
     def abort_all(self):
         """Close every connection now (clients see EOF)."""
+        self._check_owner()
         for conn in self._snapshot():
             (<_ConnBase>conn)._force_close()
         self._finalize_unless_dispatching()
@@ -664,7 +735,10 @@ cdef class Loop:
         """After run(): close everything, run the callbacks still queued,
         release the fds.  Then raises what a callback raised meanwhile
         (KeyboardInterrupt, SystemExit), as run() would have."""
+        self._check_owner()
+        _mutex_lock_with_gil(&self.mu)      # see call_soon_threadsafe
         self.closed = True
+        pthread_mutex_unlock(&self.mu)
         try:
             self.stop_accepting()
         finally:
@@ -702,6 +776,8 @@ cdef class Loop:
         # by another thread at fork() time and would never be released.
         pthread_mutex_init(&self.mu, NULL)
         self._close_fds()
+        if self.table == NULL:
+            return
         for fd in range(self.table_hi + 1):
             if self.table[fd] != NULL and self.table[fd].fd >= 0:
                 close(self.table[fd].fd)

@@ -71,7 +71,7 @@ cdef class _Stream(_ConnBase):
         _obuf_free(&self.c)
 
     cdef int _check_thread(self) except -1:
-        if PyThread_get_thread_ident() != self.loop.thread_id:
+        if PyThread_get_thread_ident() != self._loop().thread_id:
             raise RuntimeError(
                 "Transport methods must be called on the server's loop thread; "
                 "use Server.call_soon_threadsafe() from other threads")
@@ -332,6 +332,7 @@ cdef class _Stream(_ConnBase):
     def _replay_held(self):
         """After resume_reading(): deliver what was held, in order, until
         the protocol pauses again or the transport closes."""
+        self._check_thread()      # reachable from Python as transport._s
         while self._held is not None and not (self.c.state & (ST_READ_PAUSED | ST_CLOSING)):
             item = self._held.pop(0)
             if not self._held:
@@ -370,6 +371,7 @@ cdef class _Stream(_ConnBase):
 # through it, so read and write the slot at its fixed offset instead (both set
 # right after the class below).
 cdef PyTypeObject *_TRANSPORT_TYPE = NULL
+cdef PyTypeObject *_STREAM_TYPE = <PyTypeObject *>_Stream
 cdef Py_ssize_t _TRANSPORT_SLOT = 0
 
 
@@ -378,12 +380,16 @@ cdef inline PyObject **_transport_slot(object transport) noexcept:
 
 
 cdef _Stream _stream_of(object transport):
-    """The _Stream behind a Transport (or a subclass of it)."""
+    """The _Stream behind a Transport (or a subclass of it).  The slot is
+    writable from Python (``t._s = x``) and empty in ``Transport.__new__``,
+    so what it holds is checked before the cast: the type (an exact match
+    costs one compare) and that the loop attached it."""
     cdef PyObject *s
     if not PyObject_TypeCheck(transport, _TRANSPORT_TYPE):
         raise TypeError(f"expected a unixsrv Transport, not {type(transport).__name__}")
     s = _transport_slot(transport)[0]
-    if s == NULL:
+    if (s == NULL or not PyObject_TypeCheck(<object>s, _STREAM_TYPE)
+            or (<_Stream>s).loop is None):
         raise RuntimeError("this Transport is not attached to a connection")
     return <_Stream>s
 
@@ -401,15 +407,21 @@ class Transport(_asyncio.Transport):
 
     It is a real ``asyncio.Transport`` subclass; all methods must be called
     on the server's loop thread (the thread running protocol callbacks).
+    Only the server makes them: ``Transport()`` raises TypeError.
     """
 
     __slots__ = ("_s",)
 
-    def __init__(self, _Stream stream):
-        self._s = stream
+    def __init__(self, *args, **kwargs):
+        # The loop makes transports with _new_transport(), never through
+        # here: a Transport is only valid bound to a live connection.
+        raise TypeError("Transport objects are created by the server, not from Python")
 
     def __repr__(self):
-        s = _stream_of(self)
+        try:
+            s = _stream_of(self)
+        except RuntimeError:      # repr() must work on any object (debuggers, logs)
+            return "<unixsrv.Transport not attached>"
         return f"<unixsrv.Transport id={s.c.seq} fd={s.c.fd} closing={self.is_closing()}>"
 
     def write(self, data):

@@ -1,29 +1,59 @@
 """The ``unixsrv`` command (also ``python -m unixsrv``).
 
 ``unixsrv serve`` runs a server until SIGINT or SIGTERM, then shuts down
-gracefully (a second signal closes at once).
+gracefully (a second signal closes at once).  Exit status: 0 after a stop
+that cut no connection, 1 when the stop had to force-close connections (the
+graceful stop timed out, or a second signal closed them) or the server
+stopped by itself, 2 for a usage, configuration or start-up error (one
+line on stderr naming the file or option and the problem).
+
+Signals are race-free: the handlers, installed before anything else, only
+record the signal in a queue (``queue.SimpleQueue.put`` is safe in a signal
+handler); the main thread applies the requests once the server runs, so a
+signal at any moment of start-up stops the server.  From the first signal
+on the process never dies of SIGINT or SIGTERM: every later one is handled
+or, once the server has stopped, ignored; the exit status is the stop's.
+
+Test hook: with ``UNIXSRV_TEST_PAUSE_AT=<point>`` in the environment,
+``serve`` writes ``unixsrv-test: paused at <point>`` to stderr at that
+point of its start-up or stop and waits for a line on stdin, so that a test
+can send a signal exactly there.  The points, in order: ``handlers`` (signal
+handlers installed, nothing else done), ``built`` (the Server exists, not
+started), ``listening`` (inside start(): the socket accepts, start() has not
+returned), ``started`` (start() returned, no request applied yet),
+``stopped`` (the server has stopped, the process has not exited).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
+import math
+import os
+import queue
+import re
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .config import ServerConfig
+from .config import ServerConfig, parse_duration
 from .echo import EchoProtocol, echo_handler
-from .errors import ConfigError, UnixSrvError
+from .errors import ConfigError, ShutdownTimeoutError, UnixSrvError
 from .server import Server
 
 __all__ = ["main"]
 
 logger = logging.getLogger("unixsrv.cli")
+
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_PAUSE_ENV = "UNIXSRV_TEST_PAUSE_AT"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,14 +68,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UnixSrvError, OSError) as exc:
-        logger.error("%s", exc)
+        logger.error("%s", _one_line(str(exc)))
         return 2
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unixsrv", description="A Unix domain socket server.")
     parser.add_argument("--version", action="version", version=f"unixsrv {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=_LOG_LEVELS, help="default INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a server until SIGINT/SIGTERM")
@@ -53,10 +83,11 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="JSON file with ServerConfig fields or golib keys; flags override it")
     serve.add_argument("--mode", help="socket file mode, e.g. 0660 or rw-rw---- (default 0770)")
     serve.add_argument("--group", help="group name or gid for the socket file")
-    serve.add_argument("--idle-timeout", type=float, help="close connections idle this many seconds")
+    serve.add_argument("--idle-timeout", metavar="DURATION", help="close connections idle this long (1m30s, 0.5)")
     serve.add_argument("--max-connections", type=int, help="refuse connections beyond this many")
     serve.add_argument("--backlog", type=int, help="listen(2) backlog (default 1024)")
-    serve.add_argument("--shutdown-timeout", type=float, default=10.0, help="grace period on SIGINT/SIGTERM")
+    serve.add_argument("--shutdown-timeout", metavar="DURATION", default="10",
+                       help="grace period on SIGINT/SIGTERM (default 10 s; inf = no limit)")
     serve.add_argument("--model", choices=["event", "blocking"], default="event", help="handler model for --echo")
     what = serve.add_mutually_exclusive_group(required=True)
     what.add_argument("--echo", action="store_true", help="serve the built-in echo")
@@ -67,10 +98,37 @@ def _build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
 
     add_bench_parser(sub)
+    # --log-level also after the sub-command; SUPPRESS keeps the top-level
+    # value when it is not repeated there.
+    for command in sub.choices.values():
+        command.add_argument("--log-level", default=argparse.SUPPRESS, choices=_LOG_LEVELS,
+                             help="as before the sub-command")
     return parser
 
 
+# ---------------------------------------------------------------------- serve
+
+
 def _serve(args: argparse.Namespace) -> int:
+    stops = _StopRequests()  # first of all: from here on a SIGINT/SIGTERM is recorded, never lost
+    try:
+        _pause_for_test("handlers")
+        timeout = _duration("--shutdown-timeout", args.shutdown_timeout, infinite=True)
+        server, what = _make_server(args)
+        _pause_for_test("built")
+        server.start()
+        _pause_for_test("started")
+        logger.info("serving %s on %s; SIGINT or SIGTERM stops it", what, server.path)
+        status = stops.serve_until_stopped(server, timeout)
+        logger.info("stopped: %s", ", ".join(f"{k}={v}" for k, v in server.stats().items()))
+        _pause_for_test("stopped")
+        return status
+    finally:
+        stops.ignore_further()
+
+
+def _make_server(args: argparse.Namespace) -> tuple[Server, str]:
+    """The Server the arguments describe, and what it serves (for the log)."""
     config = _config_from_args(args)
     if args.echo:
         server = Server(config, echo_handler) if args.model == "blocking" else Server(config, protocol=EchoProtocol)
@@ -81,26 +139,121 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         server = Server(config, protocol=_import(args.protocol))
         what = args.protocol
-    _install_signal_handlers(server, args.shutdown_timeout)
-    logger.info("serving %s on %s; SIGINT or SIGTERM stops it", what, server.path)
-    server.serve_forever()
-    stats = server.stats()
-    logger.info("stopped: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
-    return 0
+    if os.environ.get(_PAUSE_ENV) == "listening":
+        # start() reports "starting listening socket" on its caller's thread
+        # once the socket accepts and before it returns.
+        server.on_server_info(lambda message: _pause_for_test("listening"))
+    return server, what
+
+
+class _StopRequests:
+    """SIGINT/SIGTERM, recorded by the signal handler, applied by the main thread.
+
+    The handler only puts the signal number in a SimpleQueue: no lock, no
+    server method, nothing a signal landing in the middle of the server's
+    own code could deadlock on or find half set up.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, self._record)
+
+    def _record(self, signum: int, frame: object) -> None:
+        self._queue.put(signum)
+
+    def serve_until_stopped(self, server: Server, timeout: float) -> int:
+        """Apply the stop requests to the running ``server`` until it has
+        stopped; return the exit status.  The first request shuts down
+        gracefully (on a thread, so this one stays free for the next), the
+        second closes at once, later ones are only logged."""
+        threading.Thread(target=self._put_when_stopped, args=(server,), name="unixsrv stop watcher",
+                         daemon=True).start()
+        graceful: _GracefulStop | None = None
+        cut: int | None = None  # connections open when a second signal closed the server
+        while (signum := self._queue.get()) is not None:
+            name = signal.Signals(signum).name
+            if graceful is None:
+                limit = "no time limit" if math.isinf(timeout) else f"up to {timeout:g} s"
+                logger.info("%s: shutting down gracefully (%s; repeat to stop at once)", name, limit)
+                graceful = _GracefulStop(server, timeout)
+            elif cut is None:
+                logger.info("%s: closing now", name)
+                cut = server.open_connections
+                server.close()
+            else:
+                logger.info("%s: already closing", name)
+        if graceful is None:
+            logger.error("the server stopped without a stop request (see the errors above)")
+            return 1
+        graceful.join()
+        if isinstance(graceful.failure, ShutdownTimeoutError):
+            logger.error("graceful shutdown timed out: %s", graceful.failure)
+        if graceful.failure is not None:
+            return 1
+        if cut:
+            logger.error("a second signal closed the server with %d connection(s) open", cut)
+            return 1
+        return 0
+
+    def _put_when_stopped(self, server: Server) -> None:
+        server.wait()
+        self._queue.put(None)
+
+    def ignore_further(self) -> None:
+        """The server is stopped (or never ran): from now on SIGINT/SIGTERM
+        are ignored, so the process ends with the status it chose, even
+        while the interpreter shuts down (it resets only Python-level
+        handlers, not SIG_IGN)."""
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+class _GracefulStop(threading.Thread):
+    """server.shutdown(timeout) on a thread of its own; remembers a timeout.
+    If the shutdown itself fails, the server is closed at once instead, so
+    the process still stops (with status 1)."""
+
+    def __init__(self, server: Server, timeout: float) -> None:
+        super().__init__(name="unixsrv graceful stop", daemon=True)
+        self._server = server
+        self._timeout = timeout
+        self.failure: Exception | None = None  # why connections may have been cut
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._server.shutdown(self._timeout)
+        except ShutdownTimeoutError as exc:
+            self.failure = exc
+        except Exception as exc:  # noqa: BLE001 - a stop that fails must still stop: close() at once
+            logger.error("graceful shutdown failed (%s: %s); closing now", type(exc).__name__, exc)
+            self.failure = exc
+            self._server.close()
+
+
+def _pause_for_test(point: str) -> None:
+    """The test hook described in the module docstring."""
+    if os.environ.get(_PAUSE_ENV) == point:
+        print(f"unixsrv-test: paused at {point}", file=sys.stderr, flush=True)
+        sys.stdin.readline()
+
+
+# ---------------------------------------------------------------------- configuration
 
 
 def _config_from_args(args: argparse.Namespace) -> ServerConfig:
     data: dict[str, Any] = {}
     if args.config:
-        with open(args.config, encoding="utf-8") as f:
-            loaded = json.load(f)
-        base = ServerConfig.from_mapping(loaded)
+        base = _load_config_file(args.config)
         data.update({k: getattr(base, k) for k in base.__dataclass_fields__})
+        if base.is_abstract:  # an abstract name has no mode or group: the defaults apply to a --socket file
+            del data["mode"], data["group"]
     overrides = {
         "path": args.path,
         "mode": args.mode,
         "group": args.group,
-        "idle_timeout": args.idle_timeout,
+        "idle_timeout": None if args.idle_timeout is None else _duration("--idle-timeout", args.idle_timeout),
         "max_connections": args.max_connections,
         "backlog": args.backlog,
     }
@@ -110,32 +263,96 @@ def _config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(**data)
 
 
+def _load_config_file(path: str) -> ServerConfig:
+    """The ServerConfig a JSON file describes; any problem is a ConfigError
+    naming the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of settings, not {_json_type(data)}")
+    try:
+        return ServerConfig.from_mapping(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+
+
+def _duration(option: str, text: str, *, infinite: bool = False) -> float:
+    """Seconds from a command-line duration: what the config file takes (a Go
+    duration such as "1m30s", parsed by config.parse_duration) or a plain
+    number of seconds; "inf" too if ``infinite`` (no limit)."""
+    value: str | float = text
+    if _NUMBER.fullmatch(text.strip()):
+        value = float(text)
+        if infinite and value == math.inf:
+            return value
+    try:
+        return parse_duration(value)
+    except ConfigError as exc:
+        allowed = "a number of seconds >= 0, a Go duration such as 1m30s" + (", or inf" if infinite else "")
+        raise ConfigError(f"{option} {text!r}: {exc}; expected {allowed}") from None
+
+
+# ---------------------------------------------------------------------- --handler / --protocol
+
+
 def _import(spec: str) -> Any:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"expected MODULE:NAME, got {spec!r}")
+    # The current directory first, as `python -m` and uvicorn/gunicorn do: the
+    # `unixsrv` console script's sys.path starts with its own bin directory.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name or module_name.startswith(f"{exc.name}."):  # the module (or a parent) is missing
+            raise ConfigError(f"cannot load {spec!r}: {exc}") from None
+        raise ConfigError(_import_failure(module_name, exc)) from None
+    except Exception as exc:  # noqa: BLE001 - SyntaxError, or whatever the module raised while it ran
+        raise ConfigError(_import_failure(module_name, exc)) from None
+    try:
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot load {spec!r}: {exc}") from exc
+    except AttributeError as exc:
+        raise ConfigError(f"cannot load {spec!r}: {exc}") from None
     return obj
 
 
-def _install_signal_handlers(server: Server, timeout: float) -> None:
-    received = 0
+def _import_failure(module_name: str, exc: Exception) -> str:
+    """One line naming the module's file and what went wrong importing it."""
+    if isinstance(exc, SyntaxError):
+        where = f"{exc.filename}, line {exc.lineno}"
+        problem = f"SyntaxError: {exc.msg}"
+    else:
+        try:
+            spec = importlib.util.find_spec(module_name)
+        except Exception:  # noqa: BLE001 - a parent package that fails too: name the module only
+            spec = None
+        where = spec.origin if spec is not None and spec.origin else "?"
+        problem = f"{type(exc).__name__}: {exc}"
+    return f"cannot import {module_name!r} ({where}): {problem}"
 
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal received
-        received += 1
-        name = signal.Signals(signum).name
-        if received == 1:
-            logger.info("%s: shutting down gracefully (up to %g s; repeat to stop at once)", name, timeout)
-            server.shutdown(timeout)
-        else:
-            logger.info("%s: closing now", name)
-            server.close()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

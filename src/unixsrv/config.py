@@ -17,7 +17,7 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union, cast
+from typing import Any, Union
 
 from ._core import HAVE_ABSTRACT, SUN_PATH_MAX
 from .errors import ConfigError, InvalidGroupError, InvalidModeError, InvalidPathError
@@ -34,7 +34,7 @@ MAX_GID = 4294967294
 _MAX_BUFFER = 1 << 30
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, init=False)
 class ServerConfig:
     """Settings of one Unix socket server.
 
@@ -42,11 +42,14 @@ class ServerConfig:
     ``"@"`` or NUL selects the abstract namespace (no file, so no mode/group).
     ``mode``: permission bits of the socket file: an int (``0o660``) or a
     string (``"0660"``, ``"660"``, ``"0o660"``, ``"rw-rw----"``); ``None``
-    means ``0o770``.
+    means ``0o770``.  An abstract name has no file: its mode must be
+    ``None`` and the field then holds 0 (so ``dataclasses.replace()`` of an
+    abstract config passes ``mode=None``).
     ``group``: gid (0..4294967294) or group name given to the socket file;
     ``None`` leaves the process's group.
     ``idle_timeout``: seconds without a byte received or sent after which a
-    connection is closed; ``None`` or 0 disables it.
+    connection is closed (a number, a ``timedelta`` or a Go duration string
+    such as ``"1m30s"``); ``None`` or 0 disables it.
     ``backlog``: listen(2) queue length (the kernel caps it at somaxconn).
     ``max_connections``: connections served at once; a client over the limit is
     accepted and closed at once.  ``None`` means only the fd limit applies.
@@ -58,47 +61,76 @@ class ServerConfig:
     ``max_write_buffer``: hard cap on one connection's unsent output; a write
     beyond it aborts that connection (a peer that never reads cannot exhaust
     memory even if the protocol ignores ``pause_writing``).
+
+    The fields hold the normalised values, and are typed so: ``path`` is
+    ``str | bytes``, ``mode`` an int, ``group`` a gid or ``None``,
+    ``idle_timeout`` seconds or ``None``, ``write_buffer_low`` an int.  The
+    constructor (written out below rather than generated, so that it can
+    take the wider input types) accepts everything documented above.
     """
 
-    path: PathArg
-    mode: int | str | None = None
-    group: int | str | None = None
-    idle_timeout: float | datetime.timedelta | None = None
-    backlog: int = 1024
-    max_connections: int | None = None
-    read_buffer_size: int = 65536
-    write_buffer_high: int = 65536
-    write_buffer_low: int | None = None
-    max_write_buffer: int = 16 * 1024 * 1024
+    path: str | bytes
+    mode: int
+    group: int | None
+    idle_timeout: float | None
+    backlog: int
+    max_connections: int | None
+    read_buffer_size: int
+    write_buffer_high: int
+    write_buffer_low: int
+    max_write_buffer: int
 
-    def __post_init__(self) -> None:
-        path, abstract = _normalise_path(self.path)
-        _set(self, "path", path)
+    def __init__(
+        self,
+        *,
+        path: PathArg,
+        mode: int | str | None = None,
+        group: int | str | None = None,
+        idle_timeout: float | str | datetime.timedelta | None = None,
+        backlog: int = 1024,
+        max_connections: int | None = None,
+        read_buffer_size: int = 65536,
+        write_buffer_high: int = 65536,
+        write_buffer_low: int | None = None,
+        max_write_buffer: int = 16 * 1024 * 1024,
+    ) -> None:
+        normalised_path, abstract = _normalise_path(path)
+        _set(self, "path", normalised_path)
         if abstract:
-            if self.mode is not None:
+            if mode is not None:
                 raise InvalidModeError("an abstract socket has no file: mode must be None")
-            if self.group is not None:
+            if group is not None:
                 raise InvalidGroupError("an abstract socket has no file: group must be None")
+            _set(self, "mode", 0)
+            _set(self, "group", None)
         else:
-            _set(self, "mode", DEFAULT_MODE if self.mode is None else parse_mode(self.mode))
-            _set(self, "group", _parse_group(self.group))
-        _set(self, "idle_timeout", _parse_timeout(self.idle_timeout))
-        _check_int("backlog", self.backlog, 1, 1 << 20)
-        if self.max_connections is not None:
-            _check_int("max_connections", self.max_connections, 1, 1 << 30)
-        _check_int("read_buffer_size", self.read_buffer_size, 256, 16 * 1024 * 1024)
-        _check_int("write_buffer_high", self.write_buffer_high, 0, _MAX_BUFFER)
-        low = self.write_buffer_high // 4 if self.write_buffer_low is None else self.write_buffer_low
-        _check_int("write_buffer_low", low, 0, self.write_buffer_high)
-        _set(self, "write_buffer_low", low)
-        _check_int("max_write_buffer", self.max_write_buffer, max(self.write_buffer_high, 1), _MAX_BUFFER)
+            _set(self, "mode", DEFAULT_MODE if mode is None else parse_mode(mode))
+            _set(self, "group", _parse_group(group))
+        _set(self, "idle_timeout", _parse_timeout(idle_timeout))
+        _check_int("backlog", backlog, 1, 1 << 20)
+        if max_connections is not None:
+            _check_int("max_connections", max_connections, 1, 1 << 30)
+        _check_int("read_buffer_size", read_buffer_size, 256, 16 * 1024 * 1024)
+        _check_int("write_buffer_high", write_buffer_high, 0, _MAX_BUFFER)
+        low = write_buffer_high // 4 if write_buffer_low is None else write_buffer_low
+        _check_int("write_buffer_low", low, 0, write_buffer_high)
+        _check_int("max_write_buffer", max_write_buffer, max(write_buffer_high, 1), _MAX_BUFFER)
+        for name, value in (
+            ("backlog", backlog),
+            ("max_connections", max_connections),
+            ("read_buffer_size", read_buffer_size),
+            ("write_buffer_high", write_buffer_high),
+            ("write_buffer_low", low),
+            ("max_write_buffer", max_write_buffer),
+        ):
+            _set(self, name, value)
 
     # ---------------------------------------------------------------- derived
 
     @property
     def is_abstract(self) -> bool:
         """True for a Linux abstract-namespace name (no file on disk)."""
-        return _is_abstract(cast("str | bytes", self.path))
+        return _is_abstract(self.path)
 
     @property
     def address(self) -> bytes:
@@ -124,7 +156,8 @@ class ServerConfig:
         ``group-perm`` (-1 = the process's group), ``con-idle-timeout`` (a Go
         duration such as ``"1m30s"`` or a number of seconds) and ``tls`` (must
         not be enabled: a Unix socket server never silently drops TLS that was
-        asked for).  Unknown keys are an error.
+        asked for; its section holds golib's ``enabled`` and ``config``).
+        Unknown keys are an error, in the ``tls`` section as at the top.
         """
         if not isinstance(data, Mapping):
             raise ConfigError(f"expected a mapping, got {type(data).__name__}")
@@ -157,7 +190,11 @@ class ServerConfig:
             elif key == "con-idle-timeout":
                 put("idle_timeout", parse_duration(value), key)
             elif key == "tls":
-                enabled = value.get("enabled", False) if isinstance(value, Mapping) else value
+                if isinstance(value, Mapping):
+                    _check_keys("tls", value, _TLS_KEYS)
+                    enabled = value.get("enabled", False)
+                else:
+                    enabled = value
                 if enabled:
                     raise ConfigError("TLS is enabled in the configuration but unixsrv serves plain Unix sockets")
             elif key in fields:
@@ -167,6 +204,18 @@ class ServerConfig:
         if "path" not in kwargs:
             raise InvalidPathError("the configuration has no 'address' (socket path)")
         return cls(**kwargs)
+
+
+#: The keys of golib's ``tls`` section (socket/config TLSServer).
+_TLS_KEYS = frozenset({"enabled", "config"})
+
+
+def _check_keys(section: str, data: Mapping[Any, Any], known: frozenset[str]) -> None:
+    """A key of a nested section that golib does not define is a typo, as at
+    the top level: a ConfigError naming it."""
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown configuration key {key!r} in the {section!r} section")
 
 
 # ------------------------------------------------------------------ parsing

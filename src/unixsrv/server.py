@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
+import numbers
 import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from . import _core
 from .config import ServerConfig
@@ -41,9 +43,19 @@ ErrorCallback = Callable[[BaseException], Any]
 StateCallback = Callable[[str, str, ConnState], Any]
 InfoCallback = Callable[[str], Any]
 
+# How long a stop waits for the loop thread past its own deadline (close():
+# past the moment it was called) to finish: force-close what is left, remove
+# the socket file, tear down.  The loop does that in milliseconds unless a
+# protocol callback blocks it; no stop waits for that callback: the loop
+# thread completes the stop when it returns.  Longer than the stop path's
+# wait for the directory lock (250 ms, see _listener.pxi), so a lock held by
+# another process alone never makes a stop miss its deadline.
+_STOP_GRACE = 1.0
+
 
 class _State(enum.Enum):
     STOPPED = "stopped"
+    STARTING = "starting"  # creating the listener (see Server._open)
     RUNNING = "running"
     STOPPING = "stopping"
 
@@ -85,12 +97,15 @@ class Server:
         self._stats = _core.Stats()
         self._pool = WorkerPool(self._serve_connection) if handler is not None else None
         self._workers = threading.local()  # .active is True on a thread running our handler
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # state changes; never held across a wait
+        self._start_lock = threading.Lock()  # one start at a time
+        self._stop_requested = False  # a stop called while STARTING
         self._state = _State.STOPPED
         self._loop: _core.Loop | None = None
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
         self._stopped.set()
+        self._stoppers = 0  # threads inside _stop() (under _lock)
         self._setup_thread: int | None = None
         self._drained = threading.Condition(threading.Lock())
         self._owner_pid = os.getpid()
@@ -159,22 +174,31 @@ class Server:
         """Bind and serve on a background thread; return once it accepts.
 
         Setup errors (address in use, permissions, ...) raise here and leave
-        nothing behind.  A no-op if the server is already running.
+        nothing behind.  A no-op if the server is already running.  A stop
+        called while start() sets up wins: start() undoes its work and
+        returns with the server stopped.
         """
         self._check_not_forked()
-        while True:
-            with self._lock:
-                if self._state is _State.RUNNING:
-                    return
-                if self._state is _State.STOPPED:
-                    loop = self._open(foreground=False)
-                    ready = threading.Event()
-                    self._thread = threading.Thread(
-                        target=self._run_in_background, args=(loop, ready), name=f"unixsrv {self.path}", daemon=True
-                    )
-                    self._thread.start()
+        with self._start_lock:
+            while True:
+                with self._lock:
+                    if self._state is _State.RUNNING:
+                        return
+                    stopped = self._state is _State.STOPPED
+                    abandoned = self._state is _State.STOPPING and self._stoppers == 0
+                if stopped:
                     break
-            self._stopped.wait()  # a stop is in progress: start after it
+                if abandoned:  # its shutdown() was interrupted (Ctrl-C): finish it
+                    self._stop(graceful=False, timeout=0.0)
+                self._stopped.wait()  # a stop is in progress: start after it
+            loop = self._open(foreground=False)
+            if loop is None:
+                return
+            ready = threading.Event()
+            self._thread = threading.Thread(
+                target=self._run_in_background, args=(loop, ready), name=f"unixsrv {self.path}", daemon=True
+            )
+            self._thread.start()
         try:
             self._info(f"starting listening socket 'unix {self.path}'")
             ready.wait()
@@ -193,52 +217,76 @@ class Server:
         self._check_not_forked()
         if cancel is not None and cancel.is_set():
             return
-        with self._lock:
-            own = self._state is _State.STOPPED
-            if own:
-                loop = self._open(foreground=True)
-        if own:
+        with self._start_lock:
+            loop = self._open(foreground=True)
+        if loop is not None:
             self._run_here(loop, cancel)
             return
         watcher = _CancelWatcher(cancel, self.close) if cancel is not None else None
         try:
             self._stopped.wait()
+        except BaseException:  # Ctrl-C: stop the server, as when it runs here
+            self.close()
+            raise
         finally:
             if watcher is not None:
                 watcher.stop()
 
-    def _open(self, *, foreground: bool) -> _core.Loop:
-        """Create the loop and its listener (called with the lock held).
+    def _open(self, *, foreground: bool) -> _core.Loop | None:
+        """Create the loop and its listener if the server is stopped (called
+        with _start_lock held); None if it is not, or if a stop was called
+        meanwhile (then nothing is left open or on disk).
+
+        _lock is not held while the listener is created: that may wait 10 s
+        for a directory lock another process holds, and no stop may wait
+        that long for _lock.  A stop meanwhile (state STARTING) only sets
+        _stop_requested; this undoes the start when it sees it.
 
         A signal handler may run on this thread at any bytecode from here on;
         if it stops the server, _on_server_thread() must be true so the stop
         is handed to another thread instead of waiting for this one.
         """
+        with self._lock:
+            if self._state is not _State.STOPPED:
+                return None
+            self._state = _State.STARTING
+            self._stop_requested = False
         cfg = self._config
-        loop = _core.Loop(
-            self,
-            self._stats,
-            self._callbacks,
-            self._protocol is not None,
-            self._protocol,
-            cast(float, cfg.idle_timeout or 0.0),  # normalised to float | None
-            cfg.max_connections or 0,
-            cfg.read_buffer_size,
-            cfg.write_buffer_high,
-            cast(int, cfg.write_buffer_low),  # normalised to int
-            cfg.max_write_buffer,
-        )
         self._setup_thread = threading.get_ident()
         try:
-            if foreground:
-                loop.claim_thread()
-            loop.open(backlog=cfg.backlog, **_listener_args(cfg))
-            self._loop = loop
-            self._state = _State.RUNNING
-            self._stopped.clear()
+            loop = _core.Loop(
+                self,
+                self._stats,
+                self._callbacks,
+                self._protocol is not None,
+                self._protocol,
+                cfg.idle_timeout or 0.0,
+                cfg.max_connections or 0,
+                cfg.read_buffer_size,
+                cfg.write_buffer_high,
+                cfg.write_buffer_low,
+                cfg.max_write_buffer,
+            )
+            try:
+                if foreground:
+                    loop.claim_thread()
+                loop.open(backlog=cfg.backlog, **_listener_args(cfg))
+                with self._lock:
+                    if not self._stop_requested:
+                        self._loop = loop
+                        self._state = _State.RUNNING
+                        self._stopped.clear()
+                        return loop
+            except BaseException:
+                loop.teardown()  # after a failed open() too: nothing is left open
+                raise
+            loop.teardown()  # a stop was called while the listener was created
+            return None
         finally:
+            with self._lock:
+                if self._state is _State.STARTING:
+                    self._state = _State.STOPPED
             self._setup_thread = None
-        return loop
 
     def _run_in_background(self, loop: _core.Loop, ready: threading.Event) -> None:
         ready.set()
@@ -302,9 +350,16 @@ class Server:
         ShutdownTimeoutError is raised.  Called from a handler or a protocol
         callback, it starts the shutdown and returns at once (a timeout is
         then reported through on_error).
+
+        ``timeout`` is a number of seconds >= 0, or ``math.inf`` for no limit;
+        anything else raises ValueError (NaN, negative) or TypeError (not a
+        number, or a bool) before anything changes.  The call returns or
+        raises within ``timeout`` plus a small margin even while a protocol
+        callback blocks the loop thread (the loop completes the stop when it
+        returns).  If it is interrupted (KeyboardInterrupt), calling
+        shutdown() or close() again finishes the stop.
         """
-        if timeout is None or timeout < 0:
-            raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        timeout = _check_timeout(timeout)
         if self._forked():
             return
         if self._on_server_thread():
@@ -315,8 +370,9 @@ class Server:
     def close(self) -> None:
         """Stop now: no grace, every connection closed (clients see EOF).
 
-        Returns promptly even with handlers blocked in read().  Idempotent,
-        safe from any thread.
+        Returns promptly even with handlers blocked in read() or a protocol
+        callback blocking the loop thread (the loop then completes the stop
+        when the callback returns).  Idempotent, safe from any thread.
         """
         if self._forked():
             return
@@ -329,8 +385,9 @@ class Server:
             self._stop(graceful=False, timeout=0.0)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the server is stopped; True if it is."""
-        return self._stopped.wait(timeout)
+        """Wait until the server is stopped, at most ``timeout`` seconds
+        (None or math.inf: no limit); True if it is."""
+        return _wait_event(self._stopped, math.inf if timeout is None else _check_timeout(timeout))
 
     def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
         """Run ``callback(*args)`` on the loop thread (where transports may be
@@ -353,63 +410,83 @@ class Server:
             self._report(exc)
 
     def _stop(self, *, graceful: bool, timeout: float) -> None:
+        """Stop the server and wait for it, within ``timeout`` plus _STOP_GRACE.
+
+        Every call drives the stop itself: each step it posts to the loop is
+        idempotent, so a stop whose caller was interrupted is finished by the
+        next shutdown() or close(), and two concurrent stops each keep their
+        own deadline.  Steps are posted, never waited for one by one: a
+        callback blocking the loop thread delays them, not this caller.
+        """
+        deadline = time.monotonic() + timeout
         with self._lock:
+            if self._state is _State.STARTING:
+                self._stop_requested = True  # _open() undoes the start
+                return
             loop = self._loop
             if loop is None:
                 return
-            first = self._state is _State.RUNNING
             self._state = _State.STOPPING
-        if graceful and not first:
-            self._stopped.wait()  # another shutdown is draining; its deadline bounds this wait
+            self._stoppers += 1
+        try:
+            left = 0
+            if graceful:
+                self._post(loop, lambda: self._begin_shutdown(loop))
+                if not self._wait_drained(loop, deadline):
+                    left = self._stats.open
+            if not graceful or left:
+                self._post(loop, lambda: self._close_now(loop))
+            else:
+                self._post(loop, loop.request_exit)
+            stopped = _wait_event(self._stopped, max(deadline - time.monotonic(), 0.0) + _STOP_GRACE)
+        finally:
+            with self._lock:
+                self._stoppers -= 1
+        if stopped and not left:
             return
-        left = 0
-        if graceful and first:
-            deadline = time.monotonic() + timeout
-            self._on_loop(loop, lambda: self._begin_shutdown(loop))
-            if not self._wait_drained(loop, deadline):
-                left = self._stats.open
-        if not graceful or left:
-            self._on_loop(loop, lambda: self._close_now(loop))
-        else:
-            self._on_loop(loop, loop.request_exit)
-        self._stopped.wait()
-        if left:
+        if stopped:
             raise ShutdownTimeoutError(
                 f"{left} connection(s) still open after {timeout:g} s of graceful shutdown were force-closed"
             )
+        busy = "the loop thread is busy in a callback; it completes the stop when the callback returns"
+        if graceful:
+            raise ShutdownTimeoutError(f"the server did not stop within {timeout:g} s: {busy}")
+        logger.warning("unixsrv %s: close(): %s", self.path, busy)
 
     def _begin_shutdown(self, loop: _core.Loop) -> None:
-        self._stop_accepting(loop)
-        loop.begin_drain()
+        try:
+            self._stop_accepting(loop)
+        finally:
+            loop.begin_drain()
 
     def _close_now(self, loop: _core.Loop) -> None:
         # No lock here: this may run in a signal handler on a thread that holds it.
         if self._loop is loop:
             self._state = _State.STOPPING
-        self._stop_accepting(loop)
-        loop.abort_all()
-        loop.request_exit()
+        # Whatever stopping the listener raises (a callback's KeyboardInterrupt
+        # through _info), the connections are closed and the loop exits:
+        # every stop waits for that.
+        try:
+            self._stop_accepting(loop)
+        finally:
+            try:
+                loop.abort_all()
+            finally:
+                loop.request_exit()
 
     def _stop_accepting(self, loop: _core.Loop) -> None:
         if loop.stop_accepting():
             self._info(f"closing listen socket 'unix {self.path}'")
 
-    def _on_loop(self, loop: _core.Loop, fn: Callable[[], None]) -> None:
-        """Run fn on the loop thread and wait for it (the loop runs queued
-        callbacks even while it tears down, so this cannot hang)."""
+    def _post(self, loop: _core.Loop, fn: Callable[[], None]) -> None:
+        """Run fn on the loop thread: now if this is it, else queued (the loop
+        runs queued callbacks even while it tears down; once it is closed,
+        the teardown does what fn would).  Never waits: the caller waits for
+        the outcome with its own deadline."""
         if loop.on_loop_thread():
             fn()
-            return
-        done = threading.Event()
-
-        def task() -> None:
-            try:
-                fn()
-            finally:
-                done.set()
-
-        if loop.call_soon_threadsafe(task):
-            done.wait()
+        else:
+            loop.call_soon_threadsafe(fn)
 
     def _wait_drained(self, loop: _core.Loop, deadline: float) -> bool:
         with self._drained:
@@ -419,7 +496,7 @@ class Server:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return False
-                    self._drained.wait(remaining)
+                    self._drained.wait(_finite(remaining))
                 return True
             finally:
                 loop.drain_waiting = False
@@ -452,19 +529,34 @@ class Server:
         self._pool.submit(conn)  # type: ignore[union-attr]
 
     def _serve_connection(self, conn: _core.Connection) -> None:
-        """Worker thread: NEW, update_conn, the handler, close, CLOSE."""
+        """Worker thread: NEW, update_conn, the handler, close, CLOSE.
+
+        In a process the handler forked, the child exits as soon as the
+        handler ends there, with the status it asked for (sys.exit(8) -> 8,
+        returned -> 0, raised -> 1): see workers.exit_forked_child.  The
+        connection's close and CLOSE belong to the parent.
+        """
         workers = self._workers
         workers.active = True
         callbacks = self._callbacks
         announced = callbacks.on_conn_state is not None  # CLOSE only after a NEW
+        ended: BaseException | None = None
         try:
             if announced:
                 self._fire_state(conn, ConnState.NEW)
             if callbacks.update_conn is None or self._call_update_conn(conn, callbacks.update_conn):
                 self._handler(conn)  # type: ignore[misc]
         except BaseException as exc:  # even SystemExit: a handler never ends a worker
-            self._report(exc)
+            ended = exc
+            if not (isinstance(exc, SystemExit) and self._forked()):  # a child's sys.exit() is its status
+                self._report(exc)
         finally:
+            if self._forked():
+                # Imported here, not at the top: the rare path.
+                from .workers import exit_forked_child
+
+                exit_forked_child(ended)
+            ended = None  # no reference cycle through the traceback's frame
             conn._finish()
             if announced:
                 self._fire_state(conn, ConnState.CLOSE)
@@ -569,6 +661,27 @@ class _CancelWatcher:
         self._done.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
+
+
+def _check_timeout(timeout: object) -> float:
+    """A stop's timeout: seconds >= 0, or math.inf for no limit.  A bool is
+    refused too: ``shutdown(True)`` reads as a flag, not as one second."""
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds or math.inf, not {type(timeout).__name__}")
+    seconds = float(timeout)
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0 or math.inf, got {timeout!r}")
+    return seconds
+
+
+def _finite(seconds: float) -> float | None:
+    """A timeout for threading's waits, which refuse more than TIMEOUT_MAX
+    (OverflowError): None, no limit, beyond it."""
+    return None if seconds > threading.TIMEOUT_MAX else seconds
+
+
+def _wait_event(event: threading.Event, seconds: float) -> bool:
+    return event.wait(_finite(seconds))
 
 
 def _callable_or_none(fn: Any, name: str) -> Any:

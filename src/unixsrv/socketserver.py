@@ -393,7 +393,21 @@ class _Acceptor(Server):
         loop = self._loop
         if loop is None or self._forked():
             return
-        self._on_loop(loop, lambda: self._stop_accepting(loop))
+        done = threading.Event()
+
+        def step() -> None:
+            try:
+                self._stop_accepting(loop)
+            finally:
+                done.set()
+
+        if loop.on_loop_thread():
+            step()
+        elif loop.call_soon_threadsafe(step):
+            # No user code runs on this loop (only the hand-over to the
+            # queue), so the step comes promptly; a closed loop refuses it
+            # and its teardown has closed the listener already.
+            done.wait()
         loop.drain_waiting = True  # _notify_drained() when the last one closes
         if self.open_connections == 0:
             self.close()

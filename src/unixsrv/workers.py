@@ -13,12 +13,15 @@ thread, and a server with 10,000 parked handlers pays that 10,000 times.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import logging
+import os
+import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["WorkerPool"]
+__all__ = ["WorkerPool", "exit_forked_child"]
 
 logger = logging.getLogger("unixsrv.workers")
 
@@ -121,3 +124,35 @@ class WorkerPool:
                 self._threads -= 1
                 if self._threads == 0:
                     self._gone.notify_all()
+
+
+def exit_forked_child(ended: BaseException | None) -> NoReturn:
+    """End a process that a job forked, now, with the status its job asked for.
+
+    A handler that calls os.fork() leaves the child running the rest of the
+    job on a copy of the worker thread, the child's only thread.  Parking
+    that thread in the pool would keep the child alive for the pool's idle
+    time and then end it with status 0 whatever it asked for, so the server
+    calls this instead when the job ends in the child.  ``ended`` is how the
+    job ended: ``None`` (returned) -> status 0; ``SystemExit`` -> its code
+    as the interpreter maps it (None -> 0, an int as is, anything else
+    printed to stderr -> 1); any other exception (already reported) -> 1.
+    Buffered output is flushed, then os._exit(): atexit handlers and other
+    cleanup belong to the parent, as with socketserver.ForkingMixIn and
+    multiprocessing's forked children.
+    """
+    status = 0
+    if isinstance(ended, SystemExit):
+        code = ended.code
+        if isinstance(code, int):
+            status = code & 0xFF
+        elif code is not None:
+            print(code, file=sys.stderr)
+            status = 1
+    elif ended is not None:
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):  # broken or closed: it must not keep the child alive
+                stream.flush()
+    os._exit(status)

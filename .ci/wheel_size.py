@@ -1,0 +1,36 @@
+"""Fail if a wheel's compiled extension is 1 MB or more (an unstripped build).
+
+Usage: python .ci/wheel_size.py WHEEL...  Prints each extension's size.
+"""
+
+from __future__ import annotations
+
+import sys
+import zipfile
+
+LIMIT = 1_000_000
+
+
+def main(wheels: list[str]) -> int:
+    if not wheels:
+        print("wheel_size: no wheels given", file=sys.stderr)
+        return 2
+    status = 0
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            extensions = [
+                i for i in zf.infolist() if i.filename.endswith((".so", ".pyd"))
+            ]
+        if not extensions:
+            print(f"{wheel}: no compiled extension", file=sys.stderr)
+            status = 1
+        for info in extensions:
+            verdict = "ok" if info.file_size < LIMIT else "TOO BIG (not stripped?)"
+            print(f"{wheel}: {info.filename} {info.file_size:,} bytes {verdict}")
+            if info.file_size >= LIMIT:
+                status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

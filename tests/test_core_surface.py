@@ -1,0 +1,295 @@
+"""The surface of the C extension ``unixsrv._core`` as plain Python can reach it.
+
+The loop makes its objects through ``__new__`` (or ``PyType_GenericAlloc``)
+and fills in their C fields itself; Python code can also make them, through
+the constructor or through ``__new__``, with nothing filled in (no loop, fd -1,
+a NULL table).  Whatever Python does with such an object must end in a Python
+exception, never in a crash.  Each test runs its calls in a child process, so
+a segfault fails the test (a negative return code) instead of killing pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+
+import pytest
+from conftest import DEADLINE, Collect, Recorder, connect, finish, on_loop, wait_until
+
+from unixsrv import Server
+
+#: Each finding of the hardening issue (issue 8, finding 1) that crashed the
+#: interpreter, or its nearest form now that the constructors refuse: the code
+#: and the exception it must end in.
+REPRODUCTIONS = {
+    "Connection()": ("unixsrv.Connection().local_address", "TypeError"),
+    "Connection() _finish": ("unixsrv.Connection()._finish()", "TypeError"),
+    "Connection.__new__ local_address": ("C.__new__(C).local_address", "RuntimeError"),
+    "Connection.__new__ _finish": ("C.__new__(C)._finish()", "RuntimeError"),
+    "Connection.__new__ read()": ("C.__new__(C).read()", "RuntimeError"),
+    "Connection.__new__ read(n)": ("C.__new__(C).read(10)", "ServerClosedError"),
+    "Connection.__new__ write": ("C.__new__(C).write(b'x')", "ServerClosedError"),
+    "Transport(None) write": ("unixsrv.Transport(None).write(b'x')", "TypeError"),
+    "Transport(None) set_protocol": (
+        "unixsrv.Transport(None).set_protocol(object())",
+        "TypeError",
+    ),
+    "Transport(_Stream())": (
+        "unixsrv.Transport(_core._Stream()).get_extra_info('sockname')",
+        "TypeError",
+    ),
+    "_Stream()": ("_core._Stream()", "TypeError"),
+    "_ConnBase()": ("_core._ConnBase()", "TypeError"),
+    "Transport.__new__ write": ("T.__new__(T).write(b'x')", "RuntimeError"),
+    "Transport._s = None": (
+        "t = T.__new__(T); t._s = None; t.set_protocol(object())",
+        "RuntimeError",
+    ),
+    "Transport._s = a str": (
+        "t = T.__new__(T); t._s = 'x'; t.write(b'x')",
+        "RuntimeError",
+    ),
+    "Transport._s = _Stream.__new__": (
+        "t = T.__new__(T); t._s = S.__new__(S); t.get_extra_info('sockname')",
+        "RuntimeError",
+    ),
+    "_Stream.__new__ local_address": ("S.__new__(S).local_address", "RuntimeError"),
+    "Loop.__new__ abort_all": ("L.__new__(L).abort_all()", "RuntimeError"),
+    "Loop.__new__ begin_drain": ("L.__new__(L).begin_drain()", "RuntimeError"),
+    "Loop.__new__ teardown": ("L.__new__(L).teardown()", "RuntimeError"),
+    "Loop.__new__ run": ("L.__new__(L).run()", "RuntimeError"),
+    "Loop.__new__ after fork": (
+        "L.__new__(L)._after_fork_in_child(); raise LookupError",
+        "LookupError",
+    ),
+    "Loop(stats=None)": (
+        "L(None, None, None, False, None, 0, 0, 256, 0, 0, 0)",
+        "TypeError",
+    ),
+    "Loop.__init__ twice": (
+        "a = (None, _core.Stats(), _core.Callbacks(), False, None, 0, 0, 256, 0, 0, 0); L(*a).__init__(*a)",
+        "RuntimeError",
+    ),
+    "Loop.__init__ out of memory": (
+        (
+            "a = (None, _core.Stats(), _core.Callbacks(), True, None, 0, 0, 2**60, 0, 0, 0)\n"
+            "loop = L.__new__(L)\n"
+            "try: loop.__init__(*a)\n"
+            "except MemoryError: pass\n"
+            "loop.run()"
+        ),
+        "RuntimeError",
+    ),
+    "LoadGen.__new__ result": (
+        "_core.LoadGen.__new__(_core.LoadGen).result()",
+        "RuntimeError",
+    ),
+    "LoadGen.__init__ out of memory keeps fd 0": (
+        (
+            "import gc, os\n"
+            "try: _core.LoadGen(b'/tmp/x', 'pingpong', 2**20, 1, pipeline=2**31 - 1)\n"
+            "except MemoryError: pass\n"
+            "gc.collect(); os.fstat(0); raise LookupError"
+        ),
+        "LookupError",
+    ),
+    "LoadGen.__new__ run": (
+        "_core.LoadGen.__new__(_core.LoadGen).run(0.1)",
+        "RuntimeError",
+    ),
+}
+
+_PRELUDE = """\
+import unixsrv
+from unixsrv import _core
+C, S, T, L = _core.Connection, _core._Stream, _core.Transport, _core.Loop
+"""
+
+
+def _run_child(
+    spawn: Callable[..., subprocess.Popen[str]], code: str, cwd: str | None = None
+) -> tuple[int, str, str]:
+    # Under AddressSanitizer (setup.py) a too-big allocation aborts unless it
+    # may return NULL, as the allocator does without it (a MemoryError here).
+    asan = ":".join(
+        filter(None, [os.environ.get("ASAN_OPTIONS"), "allocator_may_return_null=1"])
+    )
+    proc = spawn(_PRELUDE + code, cwd=cwd, env={**os.environ, "ASAN_OPTIONS": asan})
+    code_, out, err = finish(proc, timeout=6 * DEADLINE)
+    assert code_ >= 0, f"the child died of signal {-code_}; stderr:\n{err}"
+    return code_, out, err
+
+
+@pytest.mark.parametrize("name", list(REPRODUCTIONS))
+def test_misuse_raises_instead_of_crashing(
+    name: str, spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """Each reproduction ends in the expected Python exception (a traceback
+    and exit status 1), not in a signal."""
+    code, expected = REPRODUCTIONS[name]
+    returncode, _, err = _run_child(spawn, code)
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert returncode == 1, f"exit {returncode}; stderr:\n{err}"
+    assert last.split(":")[0].rsplit(".", 1)[-1] == expected, (
+        f"expected {expected}; stderr:\n{err}"
+    )
+
+
+#: The fuzzer, run in a child: every type defined by unixsrv._core (and its
+#: module-level functions), made with (), (None,) and __new__; every method
+#: called and every property read with each argument shape; every settable
+#: attribute set to each shape, after which every method is called again
+#: (a Transport whose slot holds something odd, a Loop with drain_waiting
+#: set, ...).  It prints how many calls it made and which types it made.
+_FUZZ = """\
+import types
+
+SKIP = {"__init_subclass__", "__subclasshook__", "__class__", "__new__", "__getattribute__",
+        "__setattr__", "__delattr__", "__dir__"}
+shapes_base = [None, 0, -1, b"x", 2**100, "s"]
+core_types = sorted((v for v in vars(_core).values()
+                     if isinstance(v, type) and v.__module__ == "unixsrv._core"), key=lambda t: t.__name__)
+calls = 0
+made = set()
+
+def attempt(fn, *args):
+    global calls
+    calls += 1
+    try:
+        return fn(*args)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        return None
+
+def instances(t):
+    out = []
+    for make in (lambda: t(), lambda: t(None), lambda: t.__new__(t)):
+        obj = attempt(make)
+        if isinstance(obj, t):
+            out.append(obj)
+            made.add(t.__name__)
+    return out
+
+def names(t):
+    return sorted(n for n in dir(t) if n not in SKIP)
+
+def call_shapes(fn, shapes):
+    attempt(fn)
+    for s in shapes:
+        attempt(fn, s)
+    # Every arity up to the longest signature (Loop.__init__: 11), all None
+    # or all 0, to get past the argument count into the body.
+    for n in range(2, 12):
+        attempt(fn, *[None] * n)
+        attempt(fn, *[0] * n)
+
+def poke(obj, shapes):
+    t = type(obj)
+    for name in names(t):
+        attr = attempt(getattr, obj, name)
+        if callable(attr):
+            call_shapes(attr, shapes)
+
+def settable(t, name):
+    d = None
+    for k in t.__mro__:
+        if name in vars(k):
+            d = vars(k)[name]
+            break
+    return d is not None and hasattr(type(d), "__set__")
+
+# A foreign core object of every kind as one more argument shape.
+extras = [t.__new__(t) for t in core_types if t.__name__ != "Transport"]
+shapes = shapes_base + extras
+for t in core_types:
+    for obj in instances(t):
+        poke(obj, shapes)
+        for name in names(t):
+            if settable(t, name):
+                for s in shapes:
+                    if attempt(setattr, obj, name, s) is None:
+                        poke(obj, shapes_base)
+                    attempt(delattr, obj, name)
+for name, fn in sorted(vars(_core).items()):
+    if isinstance(fn, types.BuiltinFunctionType) and fn.__module__ == "unixsrv._core":
+        call_shapes(fn, shapes_base)
+print("calls", calls)
+print("made", " ".join(sorted(made)))
+"""
+
+
+def test_fuzz_every_core_type_never_dies_of_a_signal(
+    spawn: Callable[..., subprocess.Popen[str]], tmp_path: str
+) -> None:
+    """The whole surface, with odd arguments, in a child (cwd: an empty
+    temporary directory, in case a call touches files): it must finish
+    normally, having made every type through __new__ and made enough calls
+    that the run cannot pass by doing nothing."""
+    returncode, out, err = _run_child(spawn, _FUZZ, cwd=str(tmp_path))
+    assert returncode == 0, f"exit {returncode}; stderr:\n{err}"
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    assert int(lines["calls"]) > 5000, out
+    assert set(lines["made"].split()) >= {
+        "Callbacks",
+        "Connection",
+        "LoadGen",
+        "Loop",
+        "Stats",
+        "Transport",
+        "_ConnBase",
+        "_Stream",
+    }, out
+
+
+def test_repr_of_unattached_objects() -> None:
+    """repr() works on anything Python can make (debuggers and logs call it)."""
+    from unixsrv import _core
+
+    assert (
+        repr(_core.Transport.__new__(_core.Transport))
+        == "<unixsrv.Transport not attached>"
+    )
+    assert (
+        repr(_core.Connection.__new__(_core.Connection))
+        == "<unixsrv.Connection id=0 fd=-1 closed=False>"
+    )
+
+
+@pytest.mark.parametrize("name", ["Connection", "_Stream", "_ConnBase", "Transport"])
+def test_connection_types_refuse_construction(name: str) -> None:
+    """The per-connection types exist only bound to a live connection: their
+    constructors raise TypeError (as uvloop's handles do)."""
+    from unixsrv import _core
+
+    cls = getattr(_core, name)
+    for args in ((), (None,)):
+        with pytest.raises(TypeError, match="created by the server"):
+            cls(*args)
+
+
+def test_event_loop_closes_transports_only_on_its_thread(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
+    """In the event model the loop thread reads the transports' output
+    buffers and the table without the GIL: abort_all(), begin_drain() and
+    teardown() (and the stream's _replay_held()) from another thread while it
+    runs raise RuntimeError instead of freeing them under it, and change
+    nothing; on the loop thread they work (Server.close() posts them there)."""
+    factory = Collect(Recorder)
+    srv = make_server(sock_path, protocol=factory)
+    with connect(srv.path) as s:
+        proto = factory.one()
+        loop = srv._loop
+        assert loop is not None
+        for name in ("abort_all", "begin_drain", "teardown"):
+            with pytest.raises(RuntimeError, match="loop thread"):
+                getattr(loop, name)()
+        with pytest.raises(RuntimeError, match="loop thread"):
+            proto.transport._s._replay_held()  # the stream is reachable from Python
+        assert on_loop(srv, proto.transport.is_closing) is False
+        s.sendall(b"still served")
+        wait_until(lambda: proto.received == b"still served")
+        on_loop(srv, loop.abort_all)
+        assert s.recv(1) == b""
