@@ -83,19 +83,22 @@ def test_phase_passes(report: dict[str, Any], phase: str) -> None:
     assert got["failures"] == [] and got["errors"] == [], detail
     assert got["skipped"] == {}, detail
     assert got["unexpected_successes"] == []
-    expected = EXPECTED_CASES.get(sys.version_info[:2])
-    if expected is None:
-        pytest.skip(
-            f"no expected case count recorded for Python {sys.version_info[:2]}; ran {got['ran']}"
-        )
-    assert got["ran"] == got["expected"] == expected[phase]
+    assert got["ran"] == got["expected"]
+    known = EXPECTED_CASES.get(sys.version_info[:2])
+    if known is not None:
+        assert got["ran"] == known[phase]
+    else:  # a newer Python: at least what 3.13 has (a case may be added, none removed)
+        assert got["ran"] >= EXPECTED_CASES[(3, 13)][phase]
 
 
 @pytest.mark.parametrize("phase", ["as_is", "unix"])
 def test_unixsrv_served(report: dict[str, Any], phase: str) -> None:
     got = report["phases"][phase]
     assert got["servers"] > 0
-    assert got["accepted"] == EXPECTED_ACCEPTED[phase]
+    if sys.version_info[:2] in EXPECTED_CASES:
+        assert got["accepted"] == EXPECTED_ACCEPTED[phase]
+    else:
+        assert got["accepted"] >= EXPECTED_ACCEPTED[phase]
 
 
 def test_only_other_families_are_excluded(report: dict[str, Any]) -> None:
