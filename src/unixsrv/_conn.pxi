@@ -383,6 +383,8 @@ cdef class Connection(_ConnBase):
         self._io_done(n_in, n_out)
 
     cdef void _io_done(self, size_t n_in, size_t n_out) noexcept:
+        if self.loop is None:
+            return       # made through __new__ from Python: no server to tell
         if n_in:
             us_add_u64(&self.loop.stats.s.bytes_in, n_in)
         if n_out:
