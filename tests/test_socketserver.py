@@ -29,7 +29,10 @@ from conftest import (
     DEADLINE,
     IDLE_LATE,
     connect,
+    fork_quietly,
     listening_socket,
+    read_line,
+    reap,
     recv_until_eof,
     wait_until,
 )
@@ -653,6 +656,83 @@ def test_threading_daemon_threads_do_not_block_server_close(sock_path: str) -> N
     finally:
         release.set()
     wait_until(lambda: server.stats()["open"] == 0)
+
+
+EXIT_WAITS = """
+import sys
+from unixsrv import socketserver as ss
+
+class Late(ss.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(self.rfile.readline().upper())  # long after the main thread is done
+
+class Server(ss.ThreadingUnixStreamServer):
+    daemon_threads = sys.argv[2] == "daemon"
+
+server = Server(sys.argv[1], Late)
+server.handle_request()
+print("main thread done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("daemon", [False, True])
+def test_interpreter_exit_waits_for_non_daemon_requests(
+    sock_path: str, spawn: Any, daemon: bool
+) -> None:
+    """As with the stdlib's request threads: without daemon_threads the
+    process lives until its running requests end; with it, it does not."""
+    proc = spawn(EXIT_WAITS, sock_path, "daemon" if daemon else "wait")
+    wait_until(lambda: os.path.exists(sock_path) or proc.poll() is not None)
+    with connect(sock_path) as c:
+        assert read_line(proc) == "main thread done"
+        if daemon:
+            assert proc.wait(DEADLINE) == 0  # the request died with the process
+            assert recv_until_eof(c) == b""
+        else:
+            assert proc.poll() is None  # still serving its request
+            c.sendall(b"late\n")
+            assert recv_until_eof(c) == b"LATE\n"
+            assert proc.wait(DEADLINE) == 0
+
+
+@forking
+# An exception is handle_error()'s in the child too (process_request_thread
+# catches it), so that child ends like one whose request returned.
+@pytest.mark.parametrize(
+    ("child_ends", "status"), [("returns", 0), ("sys.exit(3)", 3), ("raises", 0)]
+)
+def test_a_child_forked_by_a_request_exits_when_the_request_ends(
+    sock_path: str, child_ends: str, status: int
+) -> None:
+    """A handler on a pool worker that forks: the child ends with the
+    request (not parked in the pool), as the child of a request thread ends
+    with that thread; the parent goes on serving."""
+    pids: list[int] = []
+    parent = os.getpid()
+
+    class Forking(ss.BaseRequestHandler):
+        def handle(self) -> None:
+            pid = fork_quietly()
+            if pid == 0:
+                if child_ends == "sys.exit(3)":
+                    sys.exit(3)
+                if child_ends == "raises":
+                    raise RuntimeError("child failed")
+                return
+            pids.append(pid)
+
+    class Quiet(ss.ThreadingUnixStreamServer):
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # Only the child's RuntimeError comes here (in the child).
+            assert os.getpid() != parent and sys.exc_info()[0] is RuntimeError
+
+    server = Quiet(sock_path, Forking)
+    with serving(server):
+        for _ in range(2):
+            with connect(sock_path) as c:
+                recv_until_eof(c)
+                wait_until(lambda: len(pids) == 1)
+                assert reap(pids.pop(), timeout=DEADLINE) == status
 
 
 def test_escaping_exception_goes_to_threading_excepthook(

@@ -84,7 +84,7 @@ from unixsrv import _core
 from unixsrv._core import Connection, Stats
 from unixsrv.config import ServerConfig
 from unixsrv.server import Server
-from unixsrv.workers import WorkerPool
+from unixsrv.workers import WorkerPool, exit_forked_child
 
 if hasattr(os, "fork"):
     from socketserver import ForkingMixIn, ForkingTCPServer, ForkingUDPServer
@@ -635,6 +635,24 @@ class _Job:
         self._running.release()
 
 
+#: Requests of servers with ``daemon_threads`` False still running: at exit
+#: the interpreter waits for them, as it does for the stdlib's non-daemon
+#: request threads (pool threads are not threading.Thread objects, which
+#: threading._shutdown() would join).
+_running_requests: set[_Job] = set()
+
+
+def _join_running_requests() -> None:
+    while _running_requests:
+        for job in list(_running_requests):
+            job.join()
+
+
+# Run by threading._shutdown() at interpreter exit, before the non-daemon
+# threads are joined (concurrent.futures registers its workers the same way).
+threading._register_atexit(_join_running_requests)  # type: ignore[attr-defined]
+
+
 class ThreadingMixIn(_std.ThreadingMixIn):
     """Each request on a worker thread of unixsrv's pool.
 
@@ -642,8 +660,9 @@ class ThreadingMixIn(_std.ThreadingMixIn):
     request; ``daemon_threads``, ``block_on_close`` and ``server_close()``
     (joining what ``_threads`` keeps) mean what they mean in the stdlib.
     An exception escaping ``process_request_thread`` goes to
-    ``threading.excepthook``, as from a thread of its own.  Interpreter exit
-    does not wait for requests still running: ``server_close()`` does.
+    ``threading.excepthook``, as from a thread of its own.  Unless
+    ``daemon_threads`` is set, interpreter exit waits for requests still
+    running, as for non-daemon threads.
     """
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -651,23 +670,44 @@ class ThreadingMixIn(_std.ThreadingMixIn):
             vars(self).setdefault("_threads", _std._Threads())  # type: ignore[attr-defined]
         job = _Job(self.daemon_threads)
         self._threads.append(job)  # type: ignore[attr-defined]
+        if not job.daemon:
+            _running_requests.add(job)
         pool = vars(self).get("_unixsrv_pool")
         if pool is None:
             pool = vars(self).setdefault("_unixsrv_pool", WorkerPool(self._run_request))
-        pool.submit((job, request, client_address))
+        try:
+            pool.submit((job, request, client_address))
+        except BaseException:
+            _running_requests.discard(job)
+            job.done()
+            raise
         # As Thread.start() does: return once the request runs.  The serve
         # loop then never gets ahead of its workers (however busy the
         # machine, _threads only keeps requests that really are running).
         job.wait_started()
 
     def _run_request(self, item: tuple[_Job, Any, Any]) -> None:
+        """A worker runs one request.  In a process the handler forked, the
+        child exits once the request ends there (as the child of a request
+        thread does when that thread, its only one, ends), with the status
+        it asked for: see workers.exit_forked_child."""
         job, request, client_address = item
+        pid = os.getpid()
+        ended: BaseException | None = None
         job.start()
         try:
             self.process_request_thread(request, client_address)
-        except BaseException:  # noqa: BLE001 - as a thread's run(): anything that escapes goes to the hook
-            _report_to_excepthook()
+        except BaseException as exc:  # noqa: BLE001 - as a thread's run(): anything that escapes goes to the hook
+            ended = exc
+            if not (
+                isinstance(exc, SystemExit) and os.getpid() != pid
+            ):  # a child's sys.exit() is its status
+                _report_to_excepthook()
         finally:
+            if os.getpid() != pid:
+                exit_forked_child(ended)
+            ended = None  # no reference cycle through the traceback's frame
+            _running_requests.discard(job)
             job.done()
 
     def server_close(self) -> None:
