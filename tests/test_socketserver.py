@@ -10,6 +10,7 @@ the forking and threading mix-ins' accounting.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import grp
 import json
@@ -329,6 +330,9 @@ def test_bind_and_activate_false(sock_path: str) -> None:
         server.server_bind()
         server.server_activate()
         assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+        with pytest.raises(OSError) as again:  # as the stdlib's socket.bind() would
+            server.server_bind()
+        assert again.value.errno == errno.EINVAL
         assert ask_served(server, sock_path) == b"HELLO\n"
     finally:
         server.server_close()

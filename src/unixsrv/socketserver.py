@@ -519,6 +519,8 @@ class UnixStreamServer(_std.UnixStreamServer):
     def server_bind(self) -> None:
         """Create the socket file and start the core: bind a temporary name,
         set mode and group, listen, rename it into place, accept."""
+        if self._acceptor is not None:
+            raise OSError(errno.EINVAL, "the server is bound already")
         cfg = self._server_config()
         pending = _Pending()
         acceptor = _Acceptor(cfg, pending.put)
@@ -561,7 +563,11 @@ class UnixStreamServer(_std.UnixStreamServer):
         assert acceptor is not None
         try:
             fd = conn._dup()  # ServerClosedError (an OSError) if it timed out meanwhile
-            paced = acceptor.config.idle_timeout is not None
+        except BaseException:
+            conn._finish()
+            raise
+        paced = acceptor.config.idle_timeout is not None
+        try:
             request = (_PacedRequestSocket if paced else _RequestSocket)(
                 self.address_family,
                 self.socket_type,
@@ -571,6 +577,7 @@ class UnixStreamServer(_std.UnixStreamServer):
                 conn=conn,
             )
         except BaseException:
+            os.close(fd)
             conn._finish()
             raise
         address: Any = conn.remote_address
