@@ -132,6 +132,7 @@ def test_serves_and_counts(sock_path: str, cls: type) -> None:
         "bytes_in": 18,
         "bytes_out": 18,
         "errors": 0,
+        "denied": 0,
     }
     assert server.socket.fileno() == -1 and server.fileno() == -1
     assert not os.path.exists(sock_path)  # the stdlib would leave it
@@ -417,6 +418,19 @@ def test_config_sets_the_core(sock_path: str) -> None:
         )
     with pytest.raises(TypeError):
         ss.UnixStreamServer(sock_path, Upper, config={"path": sock_path})  # type: ignore[arg-type]
+
+
+def test_config_brings_access_control(sock_path: str, closing: list[Any]) -> None:
+    """config= carries every ServerConfig field: a peer the allow-list does
+    not admit is closed by the core before get_request() could see it."""
+    other = os.geteuid() + 1
+    cfg = ServerConfig(path=sock_path, allowed_uids=[other])
+    server = ss.UnixStreamServer(None, Upper, config=cfg)
+    closing.append(server)
+    with connect(sock_path) as c:
+        assert recv_until_eof(c) == b""
+    assert server.stats()["denied"] == 1 and server.stats()["accepted"] == 0
+    assert select.select([server], [], [], 0)[0] == []  # nothing to get
 
 
 def test_idle_request_is_shut_down_by_the_core(sock_path: str) -> None:
@@ -832,6 +846,7 @@ def test_forking_child_serves_its_request_and_accounting_holds(sock_path: str) -
         "bytes_in": 0,
         "bytes_out": 0,
         "errors": 0,
+        "denied": 0,
     }
 
 

@@ -28,10 +28,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _core
+from . import _core, systemd
 from .config import ServerConfig
 from .connstate import ConnState
 from .errors import InvalidHandlerError, ServerClosedError, ShutdownTimeoutError
+from .peer import PeerCredentials
 from .workers import WorkerPool
 
 __all__ = ["Server"]
@@ -68,7 +69,10 @@ class Server:
     ``asyncio.Protocol`` objects).  ``update_conn(sock)`` runs once per
     accepted connection before the handler, with a ``socket.socket`` for
     getsockopt/setsockopt: a duplicate of the connection's fd, closed after
-    the call.
+    the call.  ``authorize(peer: PeerCredentials) -> bool`` runs on the loop
+    thread for each peer the allow-lists admit, before anything else sees the
+    connection: only ``True`` admits; anything else, or an exception
+    (reported through on_error), closes it and counts it as ``denied``.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class Server:
         *,
         protocol: Callable[[], Any] | None = None,
         update_conn: Callable[[socket.socket], Any] | None = None,
+        authorize: Callable[[PeerCredentials], bool] | None = None,
     ) -> None:
         if not isinstance(config, ServerConfig):
             raise TypeError(f"config must be a ServerConfig, not {type(config).__name__}")
@@ -89,6 +94,10 @@ class Server:
             raise InvalidHandlerError(f"protocol must be a callable protocol factory, not {type(protocol).__name__}")
         if update_conn is not None and not callable(update_conn):
             raise InvalidHandlerError(f"update_conn must be callable, not {type(update_conn).__name__}")
+        if authorize is not None and not callable(authorize):
+            raise InvalidHandlerError(f"authorize must be callable, not {type(authorize).__name__}")
+        self._authorize = authorize
+        self._notifier: systemd.Notifier | None = None
         self._config = config
         self._handler = handler
         self._protocol = protocol
@@ -143,7 +152,8 @@ class Server:
 
     def stats(self) -> dict[str, int]:
         """Counters (cumulative over restarts): accepted, rejected, closed,
-        open, bytes_in, bytes_out, errors."""
+        open, bytes_in, bytes_out, errors, denied (refused by the allow-lists
+        or authorize)."""
         return self._stats.snapshot()
 
     # ------------------------------------------------------------------ callbacks
@@ -254,7 +264,7 @@ class Server:
         cfg = self._config
         self._setup_thread = threading.get_ident()
         try:
-            loop = _core.Loop(
+            loop = _core.new_loop(
                 self,
                 self._stats,
                 self._callbacks,
@@ -270,7 +280,7 @@ class Server:
             try:
                 if foreground:
                     loop.claim_thread()
-                loop.open(backlog=cfg.backlog, **_listener_args(cfg))
+                self._open_listener(loop)
                 with self._lock:
                     if not self._stop_requested:
                         self._loop = loop
@@ -287,6 +297,30 @@ class Server:
                 if self._state is _State.STARTING:
                     self._state = _State.STOPPED
             self._setup_thread = None
+
+    def _open_listener(self, loop: _core.Loop) -> None:
+        """Access control, the listener (created, or the inherited fd=), and
+        the systemd notifications of this run."""
+        cfg = self._config
+        loop.set_access(cfg.allowed_uids, cfg.allowed_gids, cfg.max_connections_per_uid or 0, self._authorize)
+        if cfg.fd is None:
+            loop.open(backlog=cfg.backlog, **_listener_args(cfg))
+        else:
+            # A duplicate per run: stopping closes it, the inherited fd stays
+            # open and listening for a restart (and for systemd).  The accept
+            # loop needs it non-blocking; systemd passes it blocking.
+            fd = os.dup(cfg.fd)
+            try:
+                os.set_blocking(fd, False)
+            except BaseException:
+                os.close(fd)
+                raise
+            sockname = cfg.address if cfg.is_abstract else os.fsdecode(cfg.address)
+            loop.adopt(fd, sockname, cfg.display_path, None, 0, 0)
+        self._notifier = systemd.Notifier() if cfg.sd_notify and systemd.Notifier.wanted() else None
+        if self._notifier is not None:
+            notifier, stats = self._notifier, self._stats
+            loop.set_tick(notifier.interval, lambda: notifier.tick(stats.open))
 
     def _run_in_background(self, loop: _core.Loop, ready: threading.Event) -> None:
         ready.set()
@@ -476,6 +510,8 @@ class Server:
 
     def _stop_accepting(self, loop: _core.Loop) -> None:
         if loop.stop_accepting():
+            if self._notifier is not None:
+                self._notifier.stopping()
             self._info(f"closing listen socket 'unix {self.path}'")
 
     def _post(self, loop: _core.Loop, fn: Callable[[], None]) -> None:

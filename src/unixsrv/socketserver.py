@@ -27,7 +27,9 @@ times out idle connections and owns the socket file:
 - ``server_close()`` removes the file if it is still ours;
 - ``idle_timeout``: a request with no byte in or out for that long is shut
   down by the core (the handler's recv() returns b"", send() fails);
-- ``stats()``: accepted, rejected, closed, open, bytes in/out.
+- ``stats()``: accepted, rejected, denied, closed, open, bytes in/out;
+- with ``config=``, every ServerConfig field applies (the peer allow-lists
+  and per-uid limits too: a denied peer never reaches get_request()).
 
 ``ThreadingMixIn`` runs requests on unixsrv's worker pool (threads are
 reused) instead of a new thread per request.  ``ForkingMixIn``, the request
@@ -604,8 +606,8 @@ class UnixStreamServer(_std.UnixStreamServer):
                 pending.close()
 
     def stats(self) -> dict[str, int]:
-        """The core's counters: accepted, rejected, closed, open, bytes_in,
-        bytes_out, errors."""
+        """The core's counters, as unixsrv.Server.stats() (accepted,
+        rejected, closed, open, bytes_in, bytes_out, errors, denied)."""
         acceptor = self._acceptor
         return Stats().snapshot() if acceptor is None else acceptor.stats()
 
