@@ -28,6 +28,8 @@ ROOT = os.path.dirname(HERE)
 BUILD = os.path.join(HERE, ".build")
 C_SOURCE = os.path.join(HERE, "echo_epoll.c")
 C_BINARY = os.path.join(BUILD, "echo_epoll")
+HTTP_LOAD_SOURCE = os.path.join(HERE, "http_load.c")
+HTTP_LOAD_BINARY = os.path.join(BUILD, "http_load")
 PEERS = os.path.join(HERE, "peers.py")
 PYTHON = sys.executable
 BACKLOG = 4096
@@ -43,19 +45,41 @@ SERVERS: dict[str, str] = {
     "asyncio-streams": "asyncio (default loop), start_unix_server + reader/writer",
     "socketserver": "socketserver.ThreadingUnixStreamServer, recv(65536) + sendall",
     "c-epoll": "minimal C epoll echo (level-triggered, accept4 until EAGAIN): the reference",
+    "unixsrv.asyncio-protocol": "unixsrv.asyncio.create_unix_server hosted on asyncio, the asyncio.Protocol echo",
+    "unixsrv.asyncio-uvloop-protocol": "unixsrv.asyncio.create_unix_server hosted on uvloop, the same Protocol",
+    "unixsrv.asyncio-streams": "unixsrv.asyncio.start_unix_server hosted on asyncio, the same reader/writer echo",
+    "unixsrv.asyncio-uvloop-streams": "unixsrv.asyncio.start_unix_server hosted on uvloop, the same streams echo",
+    "uvicorn-asyncio": "uvicorn (httptools) hello-world ASGI app, uds=, on the default asyncio loop",
+    "uvicorn-uvloop": "uvicorn (httptools) hello-world ASGI app, uds=, on uvloop",
+    "unixsrv.asyncio-uvicorn-asyncio": "the same uvicorn app on unixsrv.asyncio.new_event_loop() (asyncio base)",
+    "unixsrv.asyncio-uvicorn-uvloop": "the same uvicorn app on unixsrv.asyncio.new_event_loop(uvloop.Loop)",
 }
+
+#: The servers that speak HTTP (load: http_load.c), not echo (load: unixsrv bench).
+HTTP_SERVERS = frozenset({"uvicorn-asyncio", "uvicorn-uvloop", "unixsrv.asyncio-uvicorn-asyncio",
+                          "unixsrv.asyncio-uvicorn-uvloop"})
+
+
+def compile_c(source: str, binary: str, cc: str = "cc") -> str:
+    """Compile `source` with ``cc -O2`` into `binary` (when the source is
+    newer than the binary); returns the binary's path."""
+    os.makedirs(BUILD, exist_ok=True)
+    if (not os.path.exists(binary)
+            or os.path.getmtime(binary) < os.path.getmtime(source)):
+        tmp = f"{binary}.{os.getpid()}"
+        subprocess.run([cc, "-O2", "-Wall", "-o", tmp, source], check=True)
+        os.replace(tmp, binary)
+    return binary
 
 
 def compile_c_server(cc: str = "cc") -> str:
-    """Compile echo_epoll.c with ``cc -O2`` into .build/ (when the source is
-    newer than the binary); returns the binary's path."""
-    os.makedirs(BUILD, exist_ok=True)
-    if (not os.path.exists(C_BINARY)
-            or os.path.getmtime(C_BINARY) < os.path.getmtime(C_SOURCE)):
-        tmp = f"{C_BINARY}.{os.getpid()}"
-        subprocess.run([cc, "-O2", "-Wall", "-o", tmp, C_SOURCE], check=True)
-        os.replace(tmp, C_BINARY)
-    return C_BINARY
+    """The C reference server (echo_epoll.c), compiled into .build/."""
+    return compile_c(C_SOURCE, C_BINARY, cc)
+
+
+def compile_http_load(cc: str = "cc") -> str:
+    """The HTTP load generator (http_load.c), compiled into .build/."""
+    return compile_c(HTTP_LOAD_SOURCE, HTTP_LOAD_BINARY, cc)
 
 
 def server_argv(name: str, path: str) -> list[str]:
@@ -263,11 +287,45 @@ def pin_to_one_cpu() -> None:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
+def pin_to_other_cpu() -> None:
+    """preexec_fn: run the child on the highest CPU it may use (another one
+    than pin_to_one_cpu's, when there are two or more): the HTTP generator,
+    kept off the server's CPU."""
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+
+
+def run_http_load(path: str, timeout: float, preexec: Any = None, *, connections: int, duration: float,
+                  warmup: float, server_pid: int | None = None, requests: int | None = None) -> dict[str, Any]:
+    """One http_load.c run (keep-alive GET / on `connections` connections);
+    its JSON result, with the keys run_bench's result has for ping-pong."""
+    argv = [HTTP_LOAD_BINARY, path, str(connections), repr(duration), repr(warmup), str(server_pid or 0)]
+    if requests is not None:
+        argv.append(str(requests))
+    return _json_result(argv, timeout, preexec)
+
+
+def prime(name: str, path: str) -> None:
+    """Prime a fresh server before it is measured: a short burst of new
+    connections, each doing one exchange and closing (200 connect -> 64 B
+    echo -> close cycles; for an HTTP server 8 connections doing 200
+    requests in all, then closing), so lazy imports, first allocations and
+    first-connection paths are behind every server alike."""
+    if name in HTTP_SERVERS:
+        run_http_load(path, timeout=60.0, connections=8, duration=30.0, warmup=0.0, requests=200)
+    else:
+        run_bench(path, timeout=60.0, mode="connect", connections=8, requests=200, warmup=0.0)
+
+
 def run_bench(path: str, timeout: float, preexec: Any = None, **options: Any) -> dict[str, Any]:
     """One ``unixsrv bench --json`` run; returns its result object (exit
     status 1 = errors were counted: the result still comes back, with
     ``errors`` > 0).  Raises BenchError when it produced no result."""
-    argv = bench_argv(path, **options)
+    return _json_result(bench_argv(path, **options), timeout, preexec)
+
+
+def _json_result(argv: list[str], timeout: float, preexec: Any) -> dict[str, Any]:
+    """Run a generator that prints its result as a JSON line (exit status 1 =
+    errors were counted: the result still comes back)."""
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=ROOT, preexec_fn=preexec)
     try:

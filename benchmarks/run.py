@@ -37,7 +37,7 @@ from harness import SERVERS, BenchError, CpuSnapshot  # noqa: E402
 class Scenario:
     key: str
     title: str
-    mode: str                # pingpong | connect | hold
+    mode: str                # pingpong | connect | hold | http
     connections: int
     size: int = 64
     one_cpu: bool = False    # server and generator pinned to the same single CPU
@@ -45,6 +45,10 @@ class Scenario:
     @property
     def is_rss(self) -> bool:
         return self.mode == "hold"
+
+    def fits(self, server: str) -> bool:
+        """HTTP scenarios run the HTTP servers, the others the echo servers."""
+        return (self.mode == "http") == (server in harness.HTTP_SERVERS)
 
 
 SCENARIOS = [
@@ -57,10 +61,13 @@ SCENARIOS = [
     Scenario("connect", "connect rate (connect, 64 B echo, close; 8 concurrent)", "connect", 8),
     Scenario("rss-1000", "RSS per idle connection, 1,000 held", "hold", 1000),
     Scenario("rss-10000", "RSS per idle connection, 10,000 held", "hold", 10000),
+    Scenario("http-64", "uvicorn (httptools) hello-world ASGI app, GET / on 64 keep-alive HTTP/1.1 connections; "
+             "server and generator pinned to different CPUs", "http", 64),
 ]
 SCENARIO_KEYS = [s.key for s in SCENARIOS]
 REFERENCE_CPU = "c-epoll"           # CPU per round trip is relative to this one
 REFERENCE_RATE = "uvloop-protocol"  # round trips/s are relative to this one
+HTTP_REFERENCE = "uvicorn-uvloop"   # the same for the HTTP scenario (CPU per request and requests/s)
 GEN_BOUND_SHARE = 0.9               # generator CPU share from which it is the bottleneck
 DISTURBED_SHARE = 0.25              # other processes' CPU (cores) that marks a disturbed measurement
 
@@ -78,14 +85,20 @@ def loadavg() -> tuple[float, float, float]:
 
 
 def measure_rate(server: str, sc: Scenario, duration: float, warmup: float) -> dict[str, Any]:
-    """One ping-pong or connect measurement on a fresh server."""
-    pin = harness.pin_to_one_cpu if sc.one_cpu else None
+    """One ping-pong, connect or HTTP measurement on a fresh, primed server."""
+    pin = harness.pin_to_one_cpu if sc.one_cpu or sc.mode == "http" else None
     with harness.running_server(server, preexec=pin) as srv:
+        harness.prime(server, srv.path)
         before = CpuSnapshot.take()
         srv_cpu0 = harness.proc_cpu_s(srv.pid) or 0.0
-        r = harness.run_bench(srv.path, timeout=duration + warmup + 90.0, preexec=pin, mode=sc.mode,
-                              connections=sc.connections, size=sc.size, duration=duration,
-                              warmup=warmup, server_pid=srv.pid)
+        if sc.mode == "http":
+            r = harness.run_http_load(srv.path, timeout=duration + warmup + 90.0, preexec=harness.pin_to_other_cpu,
+                                      connections=sc.connections, duration=duration, warmup=warmup,
+                                      server_pid=srv.pid)
+        else:
+            r = harness.run_bench(srv.path, timeout=duration + warmup + 90.0, preexec=pin, mode=sc.mode,
+                                  connections=sc.connections, size=sc.size, duration=duration,
+                                  warmup=warmup, server_pid=srv.pid)
         after = CpuSnapshot.take()
         srv_cpu1 = harness.proc_cpu_s(srv.pid) or srv_cpu0
         alive = srv.alive()
@@ -196,6 +209,11 @@ def machine_facts() -> dict[str, Any]:
         uv = uvloop.__version__
     except ImportError:
         uv = "not installed"
+    try:
+        import uvicorn
+        uvicorn_version = uvicorn.__version__
+    except ImportError:
+        uvicorn_version = "not installed"
     import unixsrv
     with open("/proc/meminfo", encoding="ascii") as f:
         memtotal = next(line.split()[1] for line in f if line.startswith("MemTotal"))
@@ -207,6 +225,7 @@ def machine_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "python_impl": platform.python_implementation(),
         "uvloop": uv,
+        "uvicorn": uvicorn_version,
         "unixsrv": getattr(unixsrv, "__version__", "?"),
         "git": run(["git", "describe", "--always", "--dirty"]),
         "cc": run(["cc", "--version"]).splitlines()[0] if run(["cc", "--version"]) else "",
@@ -252,6 +271,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     scenarios = [s for s in SCENARIOS if s.key in args.scenarios]
     harness.raise_nofile_limit()
     harness.compile_c_server()
+    if any(s.mode == "http" for s in scenarios):
+        harness.compile_http_load()
     facts = machine_facts()
     quiet = wait_quiet(args.max_load, args.max_busy, args.wait_quiet)
     load0 = quiet["loadavg"]
@@ -269,14 +290,17 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "records": [],
     }
     t0 = time.monotonic()
-    total = args.rounds * len(scenarios) * len(servers)
+    total = args.rounds * sum(sc.fits(srv) for sc in scenarios for srv in servers)
     done = 0
     raw_path = args.json_out
     os.makedirs(os.path.dirname(raw_path), exist_ok=True)
     for rnd in range(args.rounds):
         for sc in scenarios:
-            k = rnd % len(servers)
-            order = servers[k:] + servers[:k]
+            fitting = [srv for srv in servers if sc.fits(srv)]
+            if not fitting:
+                continue
+            k = rnd % len(fitting)
+            order = fitting[k:] + fitting[:k]
             for server in order:
                 rec = measure(server, sc, args.duration, args.warmup)
                 # Another process took CPU meanwhile: measure again (a few
@@ -376,7 +400,27 @@ def targets(summ: dict[tuple[str, str], dict[str, Any]]) -> list[tuple[str, str,
         r = ratio(g("connect", model, "rate"), g("connect", REFERENCE_CPU, "rate"))
         add(f"{model.split('-')[1]} model connect rate vs C epoll", ">= 0.9x", r, None if r is None else r >= 0.9,
             rate_of=("connect", (model, REFERENCE_CPU)))
+    for what, want, sc, ours, theirs in ASYNCIO_LAYER_TARGETS:
+        r = ratio(g(sc, ours, "server_cpu_us_per_rt"), g(sc, theirs, "server_cpu_us_per_rt"))
+        add(what, f"<= {want:g}x", r, None if r is None else r <= want)
     return rows
+
+
+#: Issue 9 (unixsrv.asyncio): server CPU per round trip (per request for
+#: HTTP) of the same application code, hosted by unixsrv vs the loop's own
+#: server: (what, at most this ratio, scenario, unixsrv's row, the peer's row).
+ASYNCIO_LAYER_TARGETS = [
+    ("unixsrv.asyncio on asyncio CPU/rt vs asyncio's create_unix_server, pp-100", 0.75, "pp-100",
+     "unixsrv.asyncio-protocol", "asyncio-protocol"),
+    ("unixsrv.asyncio on uvloop CPU/rt vs uvloop's create_unix_server, pp-100", 0.95, "pp-100",
+     "unixsrv.asyncio-uvloop-protocol", "uvloop-protocol"),
+    ("unixsrv.asyncio start_unix_server on asyncio CPU/rt vs asyncio streams, pp-100", 0.85, "pp-100",
+     "unixsrv.asyncio-streams", "asyncio-streams"),
+    ("uvicorn on unixsrv.asyncio (uvloop) CPU/request vs uvicorn on uvloop, http-64", 1.0, "http-64",
+     "unixsrv.asyncio-uvicorn-uvloop", "uvicorn-uvloop"),
+    ("uvicorn on unixsrv.asyncio (asyncio) CPU/request vs uvicorn on asyncio, http-64", 0.92, "http-64",
+     "unixsrv.asyncio-uvicorn-asyncio", "uvicorn-asyncio"),
+]
 
 
 # ------------------------------------------------------------------ report
@@ -405,7 +449,8 @@ def render_markdown(data: dict[str, Any], summ: dict[tuple[str, str], dict[str, 
              f"{o['rounds']} round(s), each pingpong/connect measurement {o['duration']:g} s "
              f"after {o['warmup']:g} s of warm-up; values are medians over the rounds.")
     L.append(f"- **Machine**: {m['nproc']} CPUs ({m['cpu']}), {m['mem_gib']} GiB, Linux {m['kernel']}, "
-             f"{m['python_impl']} {m['python']}, uvloop {m['uvloop']}, unixsrv {m['unixsrv']} "
+             f"{m['python_impl']} {m['python']}, uvloop {m['uvloop']}, uvicorn {m.get('uvicorn', '?')}, "
+             f"unixsrv {m['unixsrv']} "
              f"(git {m['git']}), {m['cc']}; RLIMIT_NOFILE {m['nofile_limit']}, somaxconn {m['somaxconn']}.")
     L.append(f"- **Load average** (1/5/15 min) before the run {'/'.join(map(str, data['load_before']))}, "
              f"after {'/'.join(map(str, data.get('load_after', ('?',))))} "
@@ -444,13 +489,22 @@ def render_markdown(data: dict[str, Any], summ: dict[tuple[str, str], dict[str, 
              "to the arrival of its last echoed byte.")
     for key in [k for k in SCENARIO_KEYS if k in scen and not scen[k]["mode"] == "hold"]:
         sc = scen[key]
-        unit = "connects/s" if sc["mode"] == "connect" else "rt/s"
-        ref_cpu = summ.get((key, REFERENCE_CPU), {}).get("server_cpu_us_per_rt")
-        ref_rate = summ.get((key, REFERENCE_RATE), {}).get("rate")
+        unit = {"connect": "connects/s", "http": "requests/s"}.get(sc["mode"], "rt/s")
+        ref_cpu_srv, ref_rate_srv = (HTTP_REFERENCE, HTTP_REFERENCE) if sc["mode"] == "http" else (
+            REFERENCE_CPU, REFERENCE_RATE)
+        ref_cpu = summ.get((key, ref_cpu_srv), {}).get("server_cpu_us_per_rt")
+        ref_rate = summ.get((key, ref_rate_srv), {}).get("rate")
+        x_cpu, x_rate = ("×uvicorn", "×uvicorn") if sc["mode"] == "http" else ("×C", "×uvloop")
         L.append("")
         L.append(f"### {sc['title']}")
         L.append("")
-        L.append(f"| # | server | CPU µs/rt | ×C | {unit} | ×uvloop | p50 µs | p99 µs | srv | gen | spread |")
+        if sc["mode"] == "http":
+            L.append(f"CPU per request; *×uvicorn* = relative to `{HTTP_REFERENCE}` (CPU per request and "
+                     "requests/s). The generator is benchmarks/http_load.c (C, epoll, one request in flight "
+                     "per connection, every response's status and length checked). Latency: from a request's "
+                     "send to its complete response.")
+            L.append("")
+        L.append(f"| # | server | CPU µs/rt | {x_cpu} | {unit} | {x_rate} | p50 µs | p99 µs | srv | gen | spread |")
         L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         rows = [(srv, summ[(key, srv)]) for srv in servers if (key, srv) in summ]
         rows.sort(key=lambda t: (t[1]["server_cpu_us_per_rt"] is None, t[1]["server_cpu_us_per_rt"] or 0))
@@ -650,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="rounds (default 3; --quick 1)")
     p.add_argument("--duration", type=float, help="seconds measured per pingpong/connect run (default 3; --quick 1)")
     p.add_argument("--warmup", type=float, help="seconds of traffic before measuring (default 0.5; --quick 0.2)")
-    p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset of: " + ", ".join(SERVERS))
+    p.add_argument("--servers", help="comma-separated subset of: " + ", ".join(SERVERS))
     p.add_argument("--scenarios", default=",".join(SCENARIO_KEYS),
                    help="comma-separated subset of: " + ", ".join(SCENARIO_KEYS))
     p.add_argument("--out-dir", help="where benchmarks.md/.png/.json go (default docs/; --quick benchmarks/.build/quick/)")
@@ -678,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
                          if q or args.out_dir else os.path.join(harness.HERE, "results", "benchmarks.json"))
     if not args.out_dir:
         args.out_dir = os.path.join(harness.BUILD, "quick") if q else os.path.join(harness.ROOT, "docs")
-    args.servers = [s for s in args.servers.split(",") if s]
+    args.servers_given = args.servers is not None
+    args.servers = [s for s in (args.servers or ",".join(SERVERS)).split(",") if s]
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     bad = [s for s in args.servers if s not in SERVERS] + [s for s in args.scenarios if s not in SCENARIO_KEYS]
     if bad:
@@ -693,9 +748,18 @@ def main(argv: list[str] | None = None) -> int:
             import uvloop  # noqa: F401
         except ImportError as exc:
             p.error(f"{exc}: install the bench extra (pip install -e '.[bench]')")
-        est = args.rounds * len(args.servers) * sum(
-            (args.duration + args.warmup + 1.5) if s.mode != "hold" else (4.0 + s.connections / 2500)
-            for s in SCENARIOS if s.key in args.scenarios)
+        if any(s in harness.HTTP_SERVERS for s in args.servers) and "http-64" in args.scenarios:
+            try:
+                import httptools  # noqa: F401
+                import uvicorn  # noqa: F401
+            except ImportError as exc:
+                if args.servers_given:
+                    p.error(f"{exc}: the HTTP rows need the compat extra (pip install -e '.[bench,compat]')")
+                log(f"{exc}: leaving out the HTTP servers (pip install -e '.[bench,compat]' adds them)")
+                args.servers = [s for s in args.servers if s not in harness.HTTP_SERVERS]
+        est = args.rounds * sum(
+            (args.duration + args.warmup + 2.0) if s.mode != "hold" else (4.0 + s.connections / 2500)
+            for s in SCENARIOS if s.key in args.scenarios for srv in args.servers if s.fits(srv))
         log(f"{args.rounds} round(s) x {len(args.scenarios)} scenarios x {len(args.servers)} servers; "
             f"about {est / 60:.0f} min; results to {args.out_dir}")
         data = run_all(args)

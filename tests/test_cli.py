@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -345,6 +346,104 @@ def test_protocol_module_class(cli, sock_path, tmp_path):
     terminate(proc)
 
 
+#: A protocol that needs a running event loop: a task greets, call_later
+#: timers answer and close, b"flood" gets a 16 MiB answer.
+LOOP_PROTOCOL = """
+import asyncio
+
+class Delayed(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        self.loop.create_task(self.greet())
+
+    async def greet(self):
+        await asyncio.sleep(0)
+        if not self.transport.is_closing():
+            self.transport.write(b"hi from a task\\n")
+
+    def data_received(self, data):
+        if data == b"flood":
+            self.transport.write(b"x" * (16 * 1024 * 1024))
+        else:
+            self.loop.call_later(0.01, self.transport.write, data.upper())
+
+    def eof_received(self):
+        self.loop.call_later(0.01, self.transport.close)
+        return True
+"""
+GREETING = b"hi from a task\n"
+
+
+def stopped_stats(err: str) -> dict[str, int]:
+    """The counters of the "stopped: accepted=N, ..." log line."""
+    [line] = [line for line in err.splitlines() if "stopped: " in line]
+    return {k: int(v) for k, v in (item.split("=") for item in line.split("stopped: ", 1)[1].split(", "))}
+
+
+def test_protocol_using_the_loop(cli, sock_path, tmp_path):
+    """`--protocol` runs the factory through unixsrv.asyncio: a protocol that
+    uses the running loop (create_task, call_later) works from the command
+    line; SIGTERM stops it gracefully (an idle client gets EOF), exit 0, the
+    socket file is removed and the final stats are logged."""
+    write_module(tmp_path, "cliloop_mod", LOOP_PROTOCOL)
+    proc = cli("serve", "--socket", sock_path, "--protocol", "cliloop_mod:Delayed", "--shutdown-timeout", "5")
+    wait_serving(proc, sock_path)
+    with connect(sock_path) as s, connect(sock_path) as idle:
+        assert recv_exactly(s, len(GREETING)) == GREETING
+        s.sendall(b"abc")
+        assert recv_exactly(s, 3) == b"ABC"  # written by a call_later timer
+        s.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(s) == b""  # closed by a call_later timer
+        assert recv_exactly(idle, len(GREETING)) == GREETING
+        os.kill(proc.pid, signal.SIGTERM)
+        assert recv_until_eof(idle) == b""  # graceful: the idle client is released
+        status, _, err = finish(proc)
+    assert status == 0, err
+    assert not os.path.lexists(sock_path)
+    assert "SIGTERM: shutting down gracefully" in err
+    assert "Traceback" not in err and "exception" not in err.lower(), err
+    stats = stopped_stats(err)
+    assert stats["accepted"] >= 3 and stats["closed"] == stats["accepted"] and stats["open"] == 0, stats
+    assert stats["errors"] == 0, stats
+
+
+@pytest.mark.parametrize("stop", ["second-signal", "grace-expires"])
+def test_protocol_stop_that_cannot_drain_exits_1(cli, sock_path, tmp_path, stop):
+    """A client that never reads a 16 MiB answer keeps the graceful stop of
+    `--protocol` waiting for the flush: a second signal closes at once, or
+    --shutdown-timeout expires and the rest is aborted; either way the
+    process exits 1 promptly, says why, and removes the socket file (the
+    other models' rules, test_graceful_stop_that_times_out_exits_1 and
+    test_second_signal_cutting_connections_exits_1)."""
+    write_module(tmp_path, "cliflood_mod", LOOP_PROTOCOL)
+    grace = "1h" if stop == "second-signal" else "200ms"
+    proc = cli("serve", "--socket", sock_path, "--protocol", "cliflood_mod:Delayed", "--shutdown-timeout", grace,
+               stderr=subprocess.STDOUT)
+    wait_serving(proc, sock_path)
+    with connect(sock_path) as s:
+        assert recv_exactly(s, len(GREETING)) == GREETING
+        s.sendall(b"flood")
+        recv_exactly(s, 1)  # the answer is being written; the rest stays unread
+        os.kill(proc.pid, signal.SIGTERM)
+        if stop == "second-signal":
+            while "shutting down gracefully (up to 3600 s" not in read_line(proc):
+                pass
+            os.kill(proc.pid, signal.SIGINT)
+        status, out, _ = finish(proc)
+    assert status == 1, out
+    assert not os.path.lexists(sock_path)
+    assert "Traceback" not in out, out
+    if stop == "second-signal":
+        assert "SIGINT: closing now" in out
+        # The flooded connection, and wait_serving's probe if its delayed close is still pending.
+        assert re.search(r"closed the server with [12] connection\(s\) open", out), out
+    else:
+        assert "timed out" in out
+    stats = stopped_stats(out)
+    assert stats["open"] == 0 and stats["closed"] == stats["accepted"], stats
+
+
 def test_nested_attribute_spec(cli, sock_path, tmp_path):
     """`module:Obj.attr` resolves dotted attributes."""
     write_module(
@@ -374,6 +473,7 @@ def test_nested_attribute_spec(cli, sock_path, tmp_path):
         ("--handler", "clibad_mod:NOT_CALLABLE"),
         ("--protocol", "clibad_mod:MissingProtocol"),
         ("--protocol", "no_such_module_unixsrv_test:Proto"),
+        ("--protocol", "clibad_mod:NOT_CALLABLE"),
     ],
 )
 def test_bad_handler_spec(cli, sock_path, tmp_path, option, spec):
@@ -457,14 +557,20 @@ def resume(proc: subprocess.Popen) -> None:
     proc.stdin.flush()
 
 
-@pytest.mark.parametrize("model", ["event", "blocking"])
+@pytest.mark.parametrize("model", ["event", "blocking", "protocol"])
 @pytest.mark.parametrize("point", ["handlers", "built", "listening", "started"])
-def test_sigterm_at_any_point_of_startup_stops(cli, sock_path, point, model):
+def test_sigterm_at_any_point_of_startup_stops(cli, sock_path, tmp_path, point, model):
     """Issue 8 finding 6: a SIGTERM at any moment of start-up stops the server
     (it used to be lost when it landed before the loop existed: the log said
     "shutting down" and the server kept serving).  The CLI's test hook holds
-    start-up at each point while the signal is sent: exit 0, file gone."""
-    proc = paused(cli, point, "serve", "--socket", sock_path, "--echo", "--model", model)
+    start-up at each point while the signal is sent: exit 0, file gone.
+    "protocol": `--protocol` with a loop-using protocol, whose server starts
+    on a loop thread through unixsrv.asyncio."""
+    what = ["--echo", "--model", model]
+    if model == "protocol":
+        write_module(tmp_path, "clipoint_mod", LOOP_PROTOCOL)
+        what = ["--protocol", "clipoint_mod:Delayed"]
+    proc = paused(cli, point, "serve", "--socket", sock_path, *what)
     os.kill(proc.pid, signal.SIGTERM)
     resume(proc)
     status, out, _ = finish(proc)

@@ -276,6 +276,8 @@ cdef enum:
     ST_EXPOSED = 512      # a socket object for the fd was handed to user code
     ST_ANNOUNCED = 1024   # on_conn_state NEW fired, so CLOSE fires too
     ST_FINISHED = 2048    # blocking model: _finish() ran
+    ST_BUFFERED = 4096    # event model: the protocol is an asyncio.BufferedProtocol
+    ST_ATTACHED = 8192    # hosted: Loop.on_attach accepted it, so on_detach follows
 
 
 cdef struct conn_t:
@@ -306,6 +308,7 @@ cdef enum RecKind:
     REC_FLUSHED = 6       # output of a closing connection fully sent
     REC_IDLE = 7          # idle timeout expired
     REC_ACCEPT_ERROR = 8  # n = errno
+    REC_READABLE = 9      # readable; a BufferedProtocol connection receives in the dispatch
     REC_DENIED = 20       # a denied peer to log (pid/uid/gid); n = denials not logged before it
     REC_DENIED_MORE = 21  # n = denials not logged since the last report
 
@@ -368,6 +371,7 @@ cdef class Connection(_ConnBase):
 
 cdef class _Stream(_ConnBase):
     cdef object protocol
+    cdef object transport
     cdef object _sock
     cdef object _sock_view
     cdef object _lost_exc
@@ -382,6 +386,9 @@ cdef class _Stream(_ConnBase):
     cdef int _queue_finalize(self) except -1
     cdef int _check_high_water(self) except -1
     cdef int _deliver(self, bytes data) except -1
+    cdef int _feed_buffered(self, bytes data) except -1
+    cdef int _recv_buffered(self) except -1
+    cdef int _set_protocol(self, object protocol) except -1
     cdef int _deliver_eof(self) except -1
     cdef int _hold(self, object item) except -1
     cdef int _finalize(self) except -1
@@ -404,6 +411,14 @@ cdef class Loop:
     cdef bint closed
     cdef bint drain_waiting
     cdef bint dispatching
+    cdef bint hosted
+    cdef bint kicked
+    cdef int64_t timer_deadline
+    cdef public object kick
+    cdef public object set_timer
+    cdef public object on_attach
+    cdef public object on_detach
+    cdef readonly object sockname
     cdef int accept_backoff_ms
     cdef int64_t accept_resume_ns
     cdef int64_t idle_ns
@@ -459,7 +474,6 @@ cdef class Loop:
     cdef int64_t tick_ns
     cdef int64_t next_tick_ns
     cdef object tick
-    cdef readonly object sockname
 
     cdef void _lock(self) noexcept nogil
     cdef void _unlock(self) noexcept nogil
@@ -469,6 +483,9 @@ cdef class Loop:
     cdef conn_t *_table_get(self, int fd, uint32_t seq) noexcept nogil
     cdef int _table_del(self, conn_t *c) noexcept
     cdef int _timeout_ms(self) noexcept
+    cdef int64_t _next_deadline(self) noexcept
+    cdef int _request_pass(self) except -1
+    cdef int _open_with(self, display, unlink_path, make_listener, tuple args) except -1
     cdef void _collect(self, int n) noexcept nogil
     cdef void _accept_batch(self) noexcept nogil
     cdef void _recv_one(self, conn_t *c) noexcept nogil
@@ -492,7 +509,6 @@ cdef class Loop:
                     double idle_timeout, size_t max_connections, size_t read_size,
                     size_t high_water, size_t low_water, size_t max_write_buffer) except -1
     cdef int _check_owner(self) except -1
-    cdef int _open_with(self, display, unlink_path, make_listener, tuple args) except -1
     cdef void _push_peer(self, int kind, int fd, size_t off, ssize_t n, long pid, long uid, long gid) noexcept nogil
     cdef bint _listed(self, int fd, long uid, long gid) noexcept nogil
     cdef void _uid_put(self, long uid) noexcept nogil

@@ -1,6 +1,7 @@
 """Type stubs for the C extension unixsrv._core."""
 
 import asyncio
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -78,12 +79,26 @@ class Transport(asyncio.Transport):
     def get_extra_info(self, name: str, default: Any = None) -> Any: ...
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None: ...
     def get_protocol(self) -> asyncio.BaseProtocol: ...
+    def _force_close(self, exc: BaseException | None) -> None: ...
+    @property
+    def _paused(self) -> bool: ...
+    @property
+    def _protocol_paused(self) -> bool: ...
+
+class NamedSocket(socket.socket):
+    """A socket.socket whose getsockname() is the server's configured path."""
+
+def named_socket(fd: int, name: Any) -> NamedSocket: ...
 
 class Loop:
     """The C loop of one server run (internal to unixsrv.Server)."""
 
     display_path: str
     drain_waiting: bool
+    kick: Callable[[], Any] | None
+    set_timer: Callable[[float], Any] | None
+    on_attach: Callable[[Transport], bool] | None
+    on_detach: Callable[[Transport], Any] | None
     def open(
         self,
         address: bytes,
@@ -112,6 +127,12 @@ class Loop:
     def set_tick(self, interval: float, callback: Callable[[], Any] | None) -> None: ...
     @property
     def wakeup_fileno(self) -> int: ...
+    def host(self, kick: Callable[[], Any], set_timer: Callable[[float], Any]) -> None: ...
+    @property
+    def fileno(self) -> int: ...
+    @property
+    def listen_fileno(self) -> int: ...
+    def run_once(self, timer: bool = False) -> None: ...
     @property
     def listen_fileno(self) -> int: ...
     @property

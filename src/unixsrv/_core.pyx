@@ -47,6 +47,33 @@ _ERROR = _logging.ERROR
 _transport_log = _logging.getLogger("unixsrv.transport")
 _access_log = _logging.getLogger("unixsrv.access")
 
+
+
+class NamedSocket(_socket_module.socket):
+    """A socket.socket for one of the server's fds whose getsockname() is the
+    server's configured path.  unixsrv binds its listener under a temporary
+    name and renames the file onto the path (see _listener.pxi), and the
+    kernel goes on reporting the name bound (unix(7)), for the listener and
+    for every connection accepted from it."""
+
+    __slots__ = ("_name",)
+
+    def getsockname(self):
+        name = getattr(self, "_name", None)
+        return _socket_module.socket.getsockname(self) if name is None else name
+
+    def dup(self):
+        return named_socket(_os.dup(self.fileno()), getattr(self, "_name", None))
+
+
+def named_socket(int fd, object name):
+    """A NamedSocket owning fd whose getsockname() returns ``name`` (None: the
+    kernel's answer)."""
+    sock = NamedSocket(_AF_UNIX, _SOCK_STREAM, 0, fd)
+    sock._name = name
+    return sock
+
+
 # Loops that may need retiring in a forked child.
 _live_loops = _weakref.WeakSet()
 

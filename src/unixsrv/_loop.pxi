@@ -9,6 +9,14 @@
 #      data_received, eof_received, ...), finalize closed transports, run the
 #      callbacks queued by other threads, check for signals.
 #
+# Hosted mode (unixsrv.asyncio): the same loop is driven by the caller's
+# asyncio/uvloop event loop instead of run().  That loop watches the poller fd
+# (readable whenever one of our fds has an event, epoll(7) / kqueue(2) fds can
+# be polled themselves) and calls run_once() for each readiness: the same two
+# phases with a zero poller timeout.  Timers become the host's call_at(), and
+# work queued outside a dispatch (a transport closed from a task) asks the
+# host for a pass through the `kick` callable instead of waiting for an event.
+#
 # The connection table maps fd -> conn_t.  In the blocking model worker
 # threads remove their own connection from it, so it is guarded by a mutex;
 # in the event model only the loop thread touches it and the mutex is
@@ -67,6 +75,7 @@ cdef class Loop:
         self.owner_pid = getpid()
         self.next_seq = 0
         self.next_sweep_ns = NEVER
+        self.timer_deadline = NEVER
         self.accept_backoff_ms = BACKOFF_MIN_MS
         self.next_tick_ns = NEVER
         pthread_mutex_init(&self.mu, NULL)
@@ -147,6 +156,8 @@ cdef class Loop:
         never chmod-ed.  On failure fd is closed, unless the loop refused it
         at once (not initialised, or already opened)."""
         self._check_init()
+        if fd < 0:
+            raise ValueError(f"not a file descriptor: {fd}")
         if self.pfd >= 0 or self.closed or self.lfd >= 0:
             raise RuntimeError("this Loop was already opened")
         self.lfd = fd        # owned from here: _close_fds closes it on failure
@@ -342,8 +353,10 @@ cdef class Loop:
             raise RuntimeError("must be called on the loop thread (use call_soon_threadsafe)")
         return 0
 
-    cdef int _timeout_ms(self) noexcept:
-        cdef int64_t deadline = NEVER, now
+    cdef int64_t _next_deadline(self) noexcept:
+        """When the loop must run again without an event: 0 = at once,
+        NEVER = only on an event."""
+        cdef int64_t deadline = NEVER
         if self.pending or self.finalizing:
             return 0
         if self.idle_ns:
@@ -354,13 +367,82 @@ cdef class Loop:
             deadline = self.next_tick_ns
         if self.deny_quiet and self.deny_window_end < deadline:
             deadline = self.deny_window_end
+        return deadline
+
+    cdef int _timeout_ms(self) noexcept:
+        cdef int64_t deadline = self._next_deadline(), now
         if deadline == NEVER:
             return -1
+        if deadline == 0:
+            return 0
         now = us_now_ns()
         if deadline <= now:
             return 0
         # Round up: waking a little late is fine, spinning early is not.
         return <int>min((deadline - now + 999999) // 1000000, 86400000)
+
+    # ---------------------------------------------------------------- hosted
+
+    def host(self, kick, set_timer):
+        """Switch to hosted mode on the calling thread, which runs the host
+        event loop: it calls run_once() whenever `fileno` is readable, soon
+        after kick() (nothing to wait for), and run_once(True) when the timer
+        asked for by set_timer(delay_seconds) fires (a new request replaces
+        the previous timer)."""
+        self._check_init()
+        self.hosted = True
+        self.kick = kick
+        self.set_timer = set_timer
+        self.thread_id = PyThread_get_thread_ident()
+
+    @property
+    def fileno(self):
+        """The poller's fd (hosted mode watches it for readability)."""
+        return self.pfd
+
+    @property
+    def listen_fileno(self):
+        """The listening socket's fd, -1 once it is closed."""
+        return self.lfd
+
+    def run_once(self, bint timer=False):
+        """Hosted mode: one non-blocking pass (I/O without the GIL, then one
+        dispatch).  ``timer`` says the host's timer fired (it is used up).
+        Then asks the host for what comes next without an event: kick() for
+        "at once", set_timer(delay) for an idle sweep or the end of an accept
+        back-off earlier than the timer already set."""
+        cdef int n, err
+        cdef int64_t deadline
+        if self.closed:
+            return
+        self._check_owner()
+        self.kicked = False
+        if timer:
+            self.timer_deadline = NEVER
+        with nogil:
+            n = us_poller_wait(self.pfd, self.events, MAX_EVENTS, 0)
+            err = errno
+            self.now = us_now_ns()
+            self._collect(n)
+        if n < 0 and err != EINTR:
+            self.nrecs = 0
+            raise _oserror(err)
+        self._dispatch()
+        deadline = self._next_deadline()
+        if deadline == 0:
+            self._request_pass()
+        elif deadline < self.timer_deadline:
+            # A timer set for a later moment fires anyway and finds nothing to do.
+            self.timer_deadline = deadline
+            self.set_timer(max(deadline - us_now_ns(), 0) / 1e9)
+
+    cdef int _request_pass(self) except -1:
+        """Hosted mode, outside a dispatch: work is queued (a connection to
+        finalize, callbacks to run) that no event would make the host report."""
+        if self.hosted and not self.kicked and not self.dispatching and not self.closed:
+            self.kicked = True
+            self.kick()
+        return 0
 
     # ---------------------------------------------------------------- phase 1
 
@@ -428,7 +510,12 @@ cdef class Loop:
                 if us_event_writable(&self.events[i]) and c.olen > 0:
                     self._flush(c)
                 if us_event_readable(&self.events[i]) and (c.interest & US_READ):
-                    self._recv_one(c)
+                    if c.state & ST_BUFFERED:
+                        # Received in the dispatch, straight into the buffer the
+                        # protocol's get_buffer() returns (no copy).
+                        self._push(REC_READABLE, c.fd, c.seq, 0, 0)
+                    else:
+                        self._recv_one(c)
         if self.idle_ns and self.now >= self.next_sweep_ns:
             self._sweep()
         if self.deny_quiet and self.now >= self.deny_window_end:
@@ -939,9 +1026,14 @@ cdef class Loop:
         # Called from a protocol callback (Server.close() in data_received),
         # the dispatch finalizes after it: connection_lost() must never run
         # inside another callback of the same loop.
-        if not self.dispatching:
-            self._run_finalizing()
-        return 0
+        # Hosted, the caller is user code on the host loop (close_clients()
+        # in a task): the finalizing runs in a pass of its own, as asyncio
+        # runs connection_lost() from call_soon().
+        if self.dispatching:
+            return 0
+        if self.hosted and not self.closed:
+            return self._request_pass()
+        return self._run_finalizing()
 
     def teardown(self):
         """After run(): close everything, run the callbacks still queued,
@@ -961,6 +1053,8 @@ cdef class Loop:
                     self._run_finalizing()
             finally:
                 self.thread_id = 0
+                # They refer to the host.
+                self.kick = self.set_timer = self.on_attach = self.on_detach = None
                 self._close_fds()
                 _live_loops.discard(self)
         if self.stash_exc is not None:

@@ -53,6 +53,9 @@ cdef object _BASE_EOF_RECEIVED = _asyncio.Protocol.eof_received
 cdef object _BASE_CONNECTION_LOST = _asyncio.BaseProtocol.connection_lost
 
 
+cdef object _BufferedProtocol = _asyncio.BufferedProtocol
+
+
 cdef inline bint _is_base(object method, object base):
     return PyMethod_Check(method) and <object>PyMethod_GET_FUNCTION(method) is base
 
@@ -74,7 +77,8 @@ cdef class _Stream(_ConnBase):
         if PyThread_get_thread_ident() != self._loop().thread_id:
             raise RuntimeError(
                 "Transport methods must be called on the server's loop thread; "
-                "use Server.call_soon_threadsafe() from other threads")
+                "use Server.call_soon_threadsafe() (under unixsrv.asyncio: the event "
+                "loop's call_soon_threadsafe()) from other threads")
         return 0
 
     cdef int _start(self) except -1:
@@ -82,20 +86,36 @@ cdef class _Stream(_ConnBase):
         cdef Loop loop = self.loop
         cdef Callbacks callbacks = loop.callbacks
         server = loop.server
+        # The stream keeps its transport until _finalize, as asyncio's event
+        # loop keeps a transport alive while its socket is registered (the
+        # host's server holds transports only weakly on Python 3.13+).
+        self.transport = _new_transport(self)
         try:
             if callbacks.on_conn_state is not None:
                 us_or_u32(&self.c.state, ST_ANNOUNCED)    # CLOSE will follow
                 server._fire_state(self, _NEW)
             if callbacks.update_conn is not None and not server._call_update_conn(self, callbacks.update_conn):
                 return self._abort(None)
+            if loop.on_attach is not None:
+                if not loop.on_attach(self.transport):
+                    return self._abort(None)        # the host's server closed meanwhile
+                us_or_u32(&self.c.state, ST_ATTACHED)
         except BaseException as exc:      # KeyboardInterrupt/SystemExit from a callback
             loop._callback_error(exc)
             return self._abort(None)
         try:
-            self.protocol = loop.factory()
-            self.protocol.connection_made(_new_transport(self))
+            self._set_protocol(loop.factory())
+            self.protocol.connection_made(self.transport)
         except BaseException as exc:
             self._callback_failed(exc)
+        return 0
+
+    cdef int _set_protocol(self, object protocol) except -1:
+        self.protocol = protocol
+        if isinstance(protocol, _BufferedProtocol):
+            us_or_u32(&self.c.state, ST_BUFFERED)
+        else:
+            self.c.state &= ~(<uint32_t>ST_BUFFERED)
         return 0
 
     # ---------------------------------------------------------------- writing
@@ -121,7 +141,14 @@ cdef class _Stream(_ConnBase):
         if c.state & ST_PEER_ERROR:
             return 0          # connection_lost() carries the error
         if c.state & (ST_CLOSING | ST_LOST):
-            raise ServerClosedError("write() on a transport that is closed")
+            if not loop.hosted:
+                raise ServerClosedError("write() on a transport that is closed")
+            # Hosted, asyncio's rule (selector_events): a transport takes writes
+            # after close(), queued behind the output it is still flushing, and
+            # drops them once nothing is left to flush (asyncio's own
+            # SSLProtocol writes its close_notify that way).
+            if c.state & ST_LOST or c.olen == 0:
+                return 0
         if n == 0:
             return 0
         if c.olen == 0:
@@ -216,6 +243,7 @@ cdef class _Stream(_ConnBase):
         if not (self.c.state & ST_QUEUED):
             us_or_u32(&self.c.state, ST_QUEUED)
             self.loop.finalizing.append(self)
+            self.loop._request_pass()
         return 0
 
     cdef int _finalize(self) except -1:
@@ -242,13 +270,18 @@ cdef class _Stream(_ConnBase):
         loop._table_del(c)
         _obuf_free(c)
         loop._count_closed(c.peer_uid)
-        proto, exc = self.protocol, self._lost_exc
-        self.protocol = self._lost_exc = self._held = None
+        proto, exc, transport = self.protocol, self._lost_exc, self.transport
+        self.protocol = self._lost_exc = self._held = self.transport = None
         if proto is not None:
             try:
                 connection_lost = proto.connection_lost
                 if not _is_base(connection_lost, _BASE_CONNECTION_LOST):
                     connection_lost(exc)
+            except BaseException as err:
+                loop._callback_error(err)
+        if c.state & ST_ATTACHED and loop.on_detach is not None:
+            try:
+                loop.on_detach(transport)
             except BaseException as err:
                 loop._callback_error(err)
         if c.state & ST_ANNOUNCED and loop.callbacks.on_conn_state is not None:
@@ -293,13 +326,83 @@ cdef class _Stream(_ConnBase):
                 self._resume_protocol()
             if c.state & ST_CLOSING:
                 self._queue_finalize()
+        elif kind == REC_READABLE:
+            # Paused or closed since the poller reported it: the bytes stay
+            # in the kernel until resume_reading() (level-triggered).
+            if c.state & (ST_CLOSING | ST_READ_PAUSED) or self._held is not None:
+                return 0
+            if c.state & ST_BUFFERED:
+                return self._recv_buffered()
+            # set_protocol() replaced the BufferedProtocol since: the next
+            # pass receives into rxbuf (the socket stays readable).
         elif kind == REC_IDLE:
             self._idle_expired()
         return 0
 
     cdef int _deliver(self, bytes data) except -1:
+        if self.c.state & ST_BUFFERED:
+            return self._feed_buffered(data)
         try:
             self.protocol.data_received(data)
+        except BaseException as exc:
+            self._callback_failed(exc)
+        return 0
+
+    cdef int _recv_buffered(self) except -1:
+        """A BufferedProtocol connection is readable: recv() straight into
+        the buffer get_buffer() returns, then buffer_updated(n) (as asyncio's
+        selector transport does, with the same checks)."""
+        cdef conn_t *c = &self.c
+        cdef Py_buffer view
+        cdef ssize_t r
+        cdef int err = 0
+        try:
+            buf = self.protocol.get_buffer(-1)
+            PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+        except BaseException as exc:
+            return self._callback_failed(exc)
+        try:
+            if view.len == 0:
+                return self._callback_failed(RuntimeError("get_buffer() returned an empty buffer"))
+            while True:
+                # A non-blocking recv of what the poller reported as there.
+                r = recv(c.fd, view.buf, view.len, MSG_DONTWAIT)
+                if r >= 0 or errno != EINTR:
+                    break
+            if r < 0:
+                err = errno
+        finally:
+            PyBuffer_Release(&view)
+        if r > 0:
+            us_add_u64(&self.loop.stats.s.bytes_in, r)
+            c.last_active = self.loop.now
+            try:
+                self.protocol.buffer_updated(r)
+            except BaseException as exc:
+                self._callback_failed(exc)
+        elif r == 0:
+            c.state |= ST_EOF
+            self._deliver_eof()
+        elif not us_would_block(err):
+            _set_interest(self.loop.pfd, c, 0)
+            self._fail(err)
+        return 0
+
+    cdef int _feed_buffered(self, bytes data) except -1:
+        """Data received before the protocol became a BufferedProtocol
+        (set_protocol()) or held while reading was paused: copied into its
+        buffers, as many get_buffer()/buffer_updated() rounds as it takes."""
+        cdef Py_ssize_t n, done = 0, total = len(data)
+        view = memoryview(data)
+        try:
+            while done < total and not (self.c.state & ST_CLOSING):
+                buf = memoryview(self.protocol.get_buffer(total - done)).cast("B")
+                n = min(len(buf), total - done)
+                if n == 0:
+                    raise RuntimeError("get_buffer() returned an empty buffer")
+                buf[:n] = view[done:done + n]
+                done += n
+                self.protocol.buffer_updated(n)
         except BaseException as exc:
             self._callback_failed(exc)
         return 0
@@ -361,7 +464,8 @@ cdef class _Stream(_ConnBase):
             if self.c.state & ST_LOST:
                 return None
             us_or_u32(&self.c.state, ST_EXPOSED)
-            self._sock = _socket_module.socket(_AF_UNIX, _SOCK_STREAM, 0, self.c.fd)
+            # (A stream made with __new__ has no loop, and fd -1: socket() refuses it.)
+            self._sock = named_socket(self.c.fd, None if self.loop is None else self.loop.sockname)
             self._sock_view = _TransportSocket(self._sock)
         return self._sock_view
 
@@ -410,7 +514,12 @@ class Transport(_asyncio.Transport):
     Only the server makes them: ``Transport()`` raises TypeError.
     """
 
-    __slots__ = ("_s",)
+    # __weakref__: asyncio.Server (3.13+) keeps its clients in a WeakSet.
+    __slots__ = ("_s", "__weakref__")
+
+    # loop.start_tls() (StreamWriter.start_tls) upgrades it: what it needs -
+    # set_protocol, pause/resume_reading, a BufferedProtocol - is here.
+    _start_tls_compatible = True
 
     def __init__(self, *args, **kwargs):
         # The loop makes transports with _new_transport(), never through
@@ -478,6 +587,7 @@ class Transport(_asyncio.Transport):
         s.c.state &= ~(<uint32_t>ST_READ_PAUSED)
         if s._held is not None:
             s.loop.pending.append(s._replay_held)   # this thread runs it after this dispatch
+            s.loop._request_pass()                  # (hosted: called from a task, not a dispatch)
         if not (s.c.state & ST_EOF):
             err = _set_interest(s.loop.pfd, &s.c, s.c.interest | US_READ)
             if err:
@@ -485,6 +595,25 @@ class Transport(_asyncio.Transport):
 
     def is_reading(self):
         return not (_stream_of(self).c.state & (ST_READ_PAUSED | ST_CLOSING | ST_LOST))
+
+    # asyncio's own transports have these private members, and asyncio's
+    # SSLProtocol (the ssl= layer of unixsrv.asyncio) uses them.
+
+    def _force_close(self, exc):
+        """Close at once with connection_lost(exc) (asyncio's fatal-error path)."""
+        cdef _Stream s = _stream_of(self)
+        s._check_thread()
+        s._abort(exc)
+
+    @property
+    def _paused(self):
+        """True while reading is paused (Python 3.10's SSLProtocol reads it)."""
+        return bool(_stream_of(self).c.state & ST_READ_PAUSED)
+
+    @property
+    def _protocol_paused(self):
+        """True between pause_writing() and resume_writing()."""
+        return bool(_stream_of(self).c.state & ST_PAUSED)
 
     def set_write_buffer_limits(self, high=None, low=None):
         """asyncio semantics: high defaults to 64 KiB (or 4 * low), low to high // 4."""
@@ -517,21 +646,31 @@ class Transport(_asyncio.Transport):
             if name == "peername":
                 return s.remote_address
             if name == "sockname":
-                return s.loop.display_path
+                # Hosted (unixsrv.asyncio), what asyncio's transports give:
+                # getsockname() (bytes for an abstract name).
+                return s.loop.sockname if s.loop.hosted else s.loop.display_path
             if name == "peercred":
                 return s.peer
             if name == "socket":
+                s._check_thread()     # makes and drops `_sock` (see _finalize)
                 sock = s._socket()
                 return default if sock is None else sock
         except OSError:
             pass
         return default
 
+    # The protocol field is replaced here and dropped by _finalize on the loop
+    # thread; read or written from another thread (free-threaded build) the
+    # object could be freed under the reader.
     def set_protocol(self, protocol):
-        _stream_of(self).protocol = protocol
+        cdef _Stream s = _stream_of(self)
+        s._check_thread()
+        s._set_protocol(protocol)
 
     def get_protocol(self):
-        return _stream_of(self).protocol
+        cdef _Stream s = _stream_of(self)
+        s._check_thread()
+        return s.protocol
 
 
 _TRANSPORT_TYPE = <PyTypeObject *>Transport

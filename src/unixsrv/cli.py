@@ -10,6 +10,12 @@ graceful stop timed out, or a second signal closed them) or the server
 stopped by itself, 2 for a usage, configuration or start-up error (one
 line on stderr naming the file or option and the problem).
 
+``--protocol MODULE:FACTORY`` serves the factory through
+:mod:`unixsrv.asyncio` on an asyncio event loop of its own thread, so a
+protocol that uses the loop (tasks, timers, futures) works as under asyncio;
+signals, the stop sequence and the exit statuses are the same as for the
+other models.
+
 Signals are race-free: installed before anything else, they are recorded
 in a pipe (``signal.set_wakeup_fd``) whichever thread receives them, and the
 main thread applies the requests once the server runs, so a signal at any
@@ -30,6 +36,8 @@ returned), ``started`` (start() returned, no request applied yet),
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -41,13 +49,15 @@ import select
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from . import __version__
+from .asyncio import UnixServer, create_unix_server, new_event_loop
 from .config import ServerConfig, parse_duration
 from .echo import EchoProtocol, echo_handler
-from .errors import ConfigError, ShutdownTimeoutError, UnixSrvError
+from .errors import ConfigError, InvalidHandlerError, ShutdownTimeoutError, UnixSrvError
+from .peer import PeerCredentials
 from .server import Server
 
 __all__ = ["main"]
@@ -145,20 +155,22 @@ def _serve(args: argparse.Namespace) -> int:
         stops.ignore_further()
 
 
-def _make_server(args: argparse.Namespace) -> tuple[Server, str]:
+def _make_server(args: argparse.Namespace) -> tuple[Server | _HostedServer, str]:
     """The Server the arguments describe, and what it serves (for the log)."""
     config = _config_from_args(args)
     authorize = _import(args.authorize) if args.authorize else None
-    if args.echo:
-        handler, factory = (echo_handler, None) if args.model == "blocking" else (None, EchoProtocol)
-        what = f"echo ({args.model} model)"
-    elif args.handler:
-        handler, factory = _import(args.handler), None
-        what = args.handler
-    else:
-        handler, factory = None, _import(args.protocol)
+    server: Server | _HostedServer
+    if args.protocol:
+        server = _HostedServer(config, _import(args.protocol), args.protocol, authorize)
         what = args.protocol
-    server = Server(config, handler, protocol=factory, authorize=authorize)
+    else:
+        if args.echo:
+            handler, factory = (echo_handler, None) if args.model == "blocking" else (None, EchoProtocol)
+            what = f"echo ({args.model} model)"
+        else:
+            handler, factory = _import(args.handler), None
+            what = args.handler
+        server = Server(config, handler, protocol=factory, authorize=authorize)
     if os.environ.get(_PAUSE_ENV) == "listening":
         # start() reports "starting listening socket" on its caller's thread
         # once the socket accepts and before it returns.
@@ -193,7 +205,7 @@ class _StopRequests:
         for signum in _STOP_SIGNALS:
             signal.signal(signum, _recorded_in_the_pipe)
 
-    def serve_until_stopped(self, server: Server, timeout: float) -> int:
+    def serve_until_stopped(self, server: Server | _HostedServer, timeout: float) -> int:
         """Apply the stop requests to the running ``server`` until it has
         stopped; return the exit status.  The first request shuts down
         gracefully (on a thread, so this one stays free for the next), the
@@ -231,7 +243,7 @@ class _StopRequests:
             return 1
         return 0
 
-    def _put_when_stopped(self, server: Server) -> None:
+    def _put_when_stopped(self, server: Server | _HostedServer) -> None:
         server.wait()
         while True:
             try:
@@ -263,7 +275,7 @@ class _GracefulStop(threading.Thread):
     If the shutdown itself fails, the server is closed at once instead, so
     the process still stops (with status 1)."""
 
-    def __init__(self, server: Server, timeout: float) -> None:
+    def __init__(self, server: Server | _HostedServer, timeout: float) -> None:
         super().__init__(name="unixsrv graceful stop", daemon=True)
         self._server = server
         self._timeout = timeout
@@ -279,6 +291,122 @@ class _GracefulStop(threading.Thread):
             logger.error("graceful shutdown failed (%s: %s); closing now", type(exc).__name__, exc)
             self.failure = exc
             self._server.close()
+
+
+class _HostedServer:
+    """``--protocol``: the factory served by unixsrv.asyncio on an asyncio
+    event loop run by a thread of its own, behind the blocking calls that
+    _serve and _StopRequests make on a Server (start, shutdown, close, wait,
+    stats, path, open_connections, on_server_info).  Protocol callbacks run
+    on that loop's thread with the loop running, so a protocol may use
+    ``asyncio.get_running_loop()``, tasks, timers and futures.
+
+    Stops are ``UnixServer.shutdown(timeout)`` (``close()``: a timeout of 0,
+    what is left is aborted).  The loop stops when the last stop call in
+    progress has returned, never while one still waits for its result, and
+    takes no call after that.
+    """
+
+    def __init__(
+        self, config: ServerConfig, factory: Any, what: str, authorize: Callable[[PeerCredentials], bool] | None
+    ) -> None:
+        if not callable(factory):
+            raise InvalidHandlerError(f"{what} is not a protocol factory (not callable): {factory!r}")
+        self._config = config
+        self._factory = factory
+        self._authorize = authorize
+        self._info: Callable[[str], object] | None = None
+        self._server: UnixServer | None = None
+        self._loop = new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="unixsrv asyncio loop", daemon=True)
+        self._lock = threading.Lock()
+        self._stopping = 0     # stop calls waiting for their result
+        self._done = False     # the loop was told to stop
+
+    @property
+    def path(self) -> str:
+        return self._config.display_path
+
+    @property
+    def open_connections(self) -> int:
+        return 0 if self._server is None else self._server.open_connections
+
+    def on_server_info(self, fn: Callable[[str], object]) -> None:
+        self._info = fn
+
+    def stats(self) -> dict[str, int]:
+        return {} if self._server is None else self._server.stats()
+
+    def start(self) -> None:
+        """Create the server on the loop and start serving; a failure (the
+        address in use, ...) stops the loop and is raised here."""
+        self._thread.start()
+        try:
+            self._call(self._open())
+        except BaseException:
+            self._stop_loop()
+            self._thread.join()
+            raise
+
+    async def _open(self) -> None:
+        server = await create_unix_server(
+            self._factory, config=self._config, start_serving=False, authorize=self._authorize
+        )
+        if self._info is not None:
+            server.on_server_info(self._info)
+        self._server = server
+        await server.start_serving()
+
+    def shutdown(self, timeout: float) -> None:
+        """Graceful stop; ShutdownTimeoutError once what was left got aborted."""
+        with self._lock:
+            if self._done or self._server is None:
+                return
+            self._stopping += 1
+            server = self._server
+        try:
+            self._call(server.shutdown(timeout))
+        finally:
+            with self._lock:
+                self._stopping -= 1
+                if self._stopping == 0:
+                    self._stop_loop_locked()
+
+    def close(self) -> None:
+        """Stop now: every connection still open is aborted."""
+        with contextlib.suppress(ShutdownTimeoutError):
+            self.shutdown(0.0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the loop has ended; True if it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _call(self, coro: Coroutine[Any, Any, None]) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _stop_loop(self) -> None:
+        with self._lock:
+            self._stop_loop_locked()
+
+    def _stop_loop_locked(self) -> None:
+        if not self._done:
+            self._done = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def _run_loop(self) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            # What the protocols left running ends with the loop, as in asyncio.run().
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
 
 
 def _pause_for_test(point: str) -> None:
@@ -325,7 +453,7 @@ def _config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(**data)
 
 
-def _serve_metrics(address: str, server: Server) -> Any:
+def _serve_metrics(address: str, server: Server | _HostedServer) -> Any:
     """Start the --metrics endpoint for ``server`` (a MetricsEndpoint: close() stops it)."""
     try:
         from .metrics import collect_servers, serve_metrics

@@ -61,6 +61,7 @@ class AddressInUseError(UnixSrvError, OSError):
 
     def __init__(self, path: str, reason: str = "a server is already listening there") -> None:
         super().__init__(errno.EADDRINUSE, f"{os.strerror(errno.EADDRINUSE)} ({reason})", path)
+        self.reason = reason
 
 
 class ShutdownTimeoutError(UnixSrvError, TimeoutError):

@@ -28,7 +28,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder, start_http_server
@@ -37,6 +37,16 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from .config import ServerConfig
 from .errors import ConfigError
 from .server import Server
+
+
+class Measured(Protocol):
+    """What the collector reads of a server: a unixsrv.Server, a
+    unixsrv.asyncio server or a unixsrv.socketserver server alike."""
+
+    @property
+    def path(self) -> str: ...
+
+    def stats(self) -> dict[str, int]: ...
 
 __all__ = ["MetricsEndpoint", "ServerCollector", "collect_servers", "serve_metrics"]
 
@@ -65,15 +75,15 @@ class ServerCollector(Collector):
     own.  :meth:`add` and :meth:`remove` change the watched servers at any time.
     """
 
-    def __init__(self, *servers: Server) -> None:
-        self._servers: list[Server] = list(servers)
+    def __init__(self, *servers: Measured) -> None:
+        self._servers: list[Measured] = list(servers)
         self._lock = threading.Lock()
 
-    def add(self, server: Server) -> None:
+    def add(self, server: Measured) -> None:
         with self._lock:
             self._servers.append(server)
 
-    def remove(self, server: Server) -> None:
+    def remove(self, server: Measured) -> None:
         with self._lock:
             self._servers.remove(server)
 
@@ -166,7 +176,7 @@ def _respond(conn: Any, status: int, content_type: str, body: bytes, head_only: 
     conn.write(header if head_only else header + body)
 
 
-def collect_servers(servers: Iterable[Server]) -> CollectorRegistry:
+def collect_servers(servers: Iterable[Measured]) -> CollectorRegistry:
     """A fresh registry holding one ServerCollector for ``servers``."""
     registry = CollectorRegistry()
     registry.register(ServerCollector(*servers))

@@ -61,7 +61,161 @@ class _State(enum.Enum):
     STOPPING = "stopping"
 
 
-class Server:
+class CallbackHost:
+    """What every unixsrv server object has besides its lifecycle: the
+    counters, the user's callbacks (``on_error``, ``on_conn_state``,
+    ``on_server_info``, ``update_conn``) and the one way errors are reported.
+
+    The C loop calls back into its host through ``_report``, ``_fire_state``
+    and ``_call_update_conn``.  Shared by :class:`Server` and the asyncio
+    layer's server (:mod:`unixsrv.asyncio`), which report an error nobody
+    registered ``on_error`` for differently (``_unreported``).
+    """
+
+    _callbacks: _core.Callbacks
+    _stats: _core.Stats
+    _workers: threading.local
+
+    @property
+    def path(self) -> str:
+        raise NotImplementedError
+
+    def _init_callbacks(self) -> None:
+        self._callbacks = _core.Callbacks()
+        self._stats = _core.Stats()
+        self._workers = threading.local()  # .active is True on a thread running our handler
+
+    def _new_loop(self, cfg: ServerConfig, factory: Callable[[], Any] | None) -> _core.Loop:
+        """The C loop of one run: the event model with a protocol factory,
+        else the blocking model."""
+        return _core.new_loop(
+            self,
+            self._stats,
+            self._callbacks,
+            factory is not None,
+            factory,
+            cfg.idle_timeout or 0.0,
+            cfg.max_connections or 0,
+            cfg.read_buffer_size,
+            cfg.write_buffer_high,
+            cfg.write_buffer_low,
+            cfg.max_write_buffer,
+        )
+
+    @property
+    def open_connections(self) -> int:
+        """Connections accepted and not yet closed."""
+        return self._stats.open
+
+    def stats(self) -> dict[str, int]:
+        """Counters (cumulative over restarts): accepted, rejected, closed,
+        open, bytes_in, bytes_out, errors."""
+        return self._stats.snapshot()
+
+    # ------------------------------------------------------------------ callbacks
+
+    def on_error(self, fn: ErrorCallback | None) -> ErrorCallback | None:
+        """Register ``fn(exc)``, called once per error (handler or callback
+        exceptions, accept errors, shutdown timeouts reported from a
+        background thread).  Usable as a decorator; ``None`` resets to
+        logging the error."""
+        self._callbacks.on_error = _callable_or_none(fn, "on_error")
+        return fn
+
+    def on_conn_state(self, fn: StateCallback | None) -> StateCallback | None:
+        """Register ``fn(local, remote, state)``: ``ConnState.NEW`` before the
+        handler starts, ``ConnState.CLOSE`` after it returned and the
+        connection is closed, exactly once each."""
+        self._callbacks.on_conn_state = _callable_or_none(fn, "on_conn_state")
+        return fn
+
+    def on_server_info(self, fn: InfoCallback | None) -> InfoCallback | None:
+        """Register ``fn(message)`` for lifecycle messages (golib's texts)."""
+        self._callbacks.on_server_info = _callable_or_none(fn, "on_server_info")
+        return fn
+
+    def _call_update_conn(self, conn: Any, update_conn: Callable[[socket.socket], Any]) -> bool:
+        """Run update_conn with a socket.socket for the connection; False
+        (after reporting) if it raised.
+
+        The socket holds a duplicate of the connection's fd, closed after the
+        call: whatever update_conn does with it (close it, keep it), our fd
+        stays ours.  It shares the open socket, so options set on it apply.
+        The fd is open here: until the handler or protocol runs, only this
+        thread closes it.
+        """
+        fd = conn.fileno()
+        if fd < 0:  # already closed by the server (idle timeout, shutdown)
+            return True
+        conn._expose()  # the user may keep a dup of it (epoll registration)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, os.dup(fd))
+        try:
+            update_conn(sock)
+            return True
+        except BaseException as exc:
+            self._user_error(exc)
+            return False
+        finally:
+            sock.close()
+
+    def _fire_state(self, conn: Any, state: ConnState) -> None:
+        fn = self._callbacks.on_conn_state
+        if fn is None:
+            return
+        try:
+            try:
+                remote = conn.remote_address
+            except OSError:
+                remote = ""
+            fn(conn.local_address, remote, state)
+        except BaseException as exc:
+            self._user_error(exc)
+
+    def _info(self, message: str) -> None:
+        logger.info("%s", message)
+        fn = self._callbacks.on_server_info
+        if fn is not None:
+            try:
+                fn(message)
+            except BaseException as exc:
+                self._user_error(exc)
+
+    def _user_error(self, exc: BaseException) -> None:
+        """A user callback raised: report it.  KeyboardInterrupt and SystemExit
+        outside a handler thread are not swallowed: they propagate (the loop
+        stops after its current dispatch, serve_forever cleans up and
+        re-raises)."""
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not getattr(self._workers, "active", False):
+            raise exc
+        self._report(exc)
+
+    def _report(self, exc: BaseException, level: int = logging.ERROR) -> None:
+        """One error: to on_error if registered, else to the log, at `level`
+        (peer resets and broken pipes, a normal way for a client to go, at
+        DEBUG)."""
+        self._stats.count_error()
+        fn = self._callbacks.on_error
+        if fn is None:
+            if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+                level = logging.DEBUG
+            self._unreported(exc, level)
+            return
+        try:
+            fn(exc)
+        except (KeyboardInterrupt, SystemExit) as err:
+            if getattr(self._workers, "active", False):
+                logger.exception("unixsrv %s: the on_error callback raised while reporting %r", self.path, exc)
+            else:
+                raise err from exc
+        except BaseException:
+            logger.exception("unixsrv %s: the on_error callback raised while reporting %r", self.path, exc)
+
+    def _unreported(self, exc: BaseException, level: int) -> None:
+        """An error with no on_error registered: logged at `level`."""
+        logger.log(level, "unixsrv %s: %s", self.path, exc, exc_info=exc if level >= logging.ERROR else None)
+
+
+class Server(CallbackHost):
     """A Unix domain socket server.
 
     Give exactly one of ``handler`` (blocking model: ``handler(conn)`` runs on
@@ -101,11 +255,9 @@ class Server:
         self._config = config
         self._handler = handler
         self._protocol = protocol
-        self._callbacks = _core.Callbacks()
+        self._init_callbacks()
         self._callbacks.update_conn = update_conn
-        self._stats = _core.Stats()
         self._pool = WorkerPool(self._serve_connection) if handler is not None else None
-        self._workers = threading.local()  # .active is True on a thread running our handler
         self._lock = threading.Lock()  # state changes; never held across a wait
         self._start_lock = threading.Lock()  # one start at a time
         self._stop_requested = False  # a stop called while STARTING
@@ -144,39 +296,6 @@ class Server:
     def is_gone(self) -> bool:
         """True before the first start and from the moment a stop begins."""
         return not self.is_running
-
-    @property
-    def open_connections(self) -> int:
-        """Connections accepted and not yet closed."""
-        return self._stats.open
-
-    def stats(self) -> dict[str, int]:
-        """Counters (cumulative over restarts): accepted, rejected, closed,
-        open, bytes_in, bytes_out, errors, denied (refused by the allow-lists
-        or authorize)."""
-        return self._stats.snapshot()
-
-    # ------------------------------------------------------------------ callbacks
-
-    def on_error(self, fn: ErrorCallback | None) -> ErrorCallback | None:
-        """Register ``fn(exc)``, called once per error (handler or callback
-        exceptions, accept errors, shutdown timeouts reported from a
-        background thread).  Usable as a decorator; ``None`` resets to
-        logging the error."""
-        self._callbacks.on_error = _callable_or_none(fn, "on_error")
-        return fn
-
-    def on_conn_state(self, fn: StateCallback | None) -> StateCallback | None:
-        """Register ``fn(local, remote, state)``: ``ConnState.NEW`` before the
-        handler starts, ``ConnState.CLOSE`` after it returned and the
-        connection is closed, exactly once each."""
-        self._callbacks.on_conn_state = _callable_or_none(fn, "on_conn_state")
-        return fn
-
-    def on_server_info(self, fn: InfoCallback | None) -> InfoCallback | None:
-        """Register ``fn(message)`` for lifecycle messages (golib's texts)."""
-        self._callbacks.on_server_info = _callable_or_none(fn, "on_server_info")
-        return fn
 
     # ------------------------------------------------------------------ starting
 
@@ -264,19 +383,7 @@ class Server:
         cfg = self._config
         self._setup_thread = threading.get_ident()
         try:
-            loop = _core.new_loop(
-                self,
-                self._stats,
-                self._callbacks,
-                self._protocol is not None,
-                self._protocol,
-                cfg.idle_timeout or 0.0,
-                cfg.max_connections or 0,
-                cfg.read_buffer_size,
-                cfg.write_buffer_high,
-                cfg.write_buffer_low,
-                cfg.max_write_buffer,
-            )
+            loop = self._new_loop(cfg, self._protocol)
             try:
                 if foreground:
                     loop.claim_thread()
@@ -306,17 +413,7 @@ class Server:
         if cfg.fd is None:
             loop.open(backlog=cfg.backlog, **_listener_args(cfg))
         else:
-            # A duplicate per run: stopping closes it, the inherited fd stays
-            # open and listening for a restart (and for systemd).  The accept
-            # loop needs it non-blocking; systemd passes it blocking.
-            fd = os.dup(cfg.fd)
-            try:
-                os.set_blocking(fd, False)
-            except BaseException:
-                os.close(fd)
-                raise
-            sockname = cfg.address if cfg.is_abstract else os.fsdecode(cfg.address)
-            loop.adopt(fd, sockname, cfg.display_path, None, 0, 0)
+            _adopt_inherited(loop, cfg)
         self._notifier = systemd.Notifier() if cfg.sd_notify and systemd.Notifier.wanted() else None
         if self._notifier is not None:
             notifier, stats = self._notifier, self._stats
@@ -598,82 +695,6 @@ class Server:
                 self._fire_state(conn, ConnState.CLOSE)
             workers.active = False
 
-    def _call_update_conn(self, conn: Any, update_conn: Callable[[socket.socket], Any]) -> bool:
-        """Run update_conn with a socket.socket for the connection; False
-        (after reporting) if it raised.
-
-        The socket holds a duplicate of the connection's fd, closed after the
-        call: whatever update_conn does with it (close it, keep it), our fd
-        stays ours.  It shares the open socket, so options set on it apply.
-        The fd is open here: until the handler or protocol runs, only this
-        thread closes it.
-        """
-        fd = conn.fileno()
-        if fd < 0:  # already closed by the server (idle timeout, shutdown)
-            return True
-        conn._expose()  # the user may keep a dup of it (epoll registration)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, os.dup(fd))
-        try:
-            update_conn(sock)
-            return True
-        except BaseException as exc:
-            self._user_error(exc)
-            return False
-        finally:
-            sock.close()
-
-    def _fire_state(self, conn: Any, state: ConnState) -> None:
-        fn = self._callbacks.on_conn_state
-        if fn is None:
-            return
-        try:
-            try:
-                remote = conn.remote_address
-            except OSError:
-                remote = ""
-            fn(conn.local_address, remote, state)
-        except BaseException as exc:
-            self._user_error(exc)
-
-    def _info(self, message: str) -> None:
-        logger.info("%s", message)
-        fn = self._callbacks.on_server_info
-        if fn is not None:
-            try:
-                fn(message)
-            except BaseException as exc:
-                self._user_error(exc)
-
-    def _user_error(self, exc: BaseException) -> None:
-        """A user callback raised: report it.  KeyboardInterrupt and SystemExit
-        outside a handler thread are not swallowed: they propagate (the loop
-        stops after its current dispatch, serve_forever cleans up and
-        re-raises)."""
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not getattr(self._workers, "active", False):
-            raise exc
-        self._report(exc)
-
-    def _report(self, exc: BaseException, level: int = logging.ERROR) -> None:
-        """One error: to on_error if registered, else to the log, at `level`
-        (peer resets and broken pipes, a normal way for a client to go, at
-        DEBUG)."""
-        self._stats.count_error()
-        fn = self._callbacks.on_error
-        if fn is None:
-            if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
-                level = logging.DEBUG
-            logger.log(level, "unixsrv %s: %s", self.path, exc, exc_info=exc if level >= logging.ERROR else None)
-            return
-        try:
-            fn(exc)
-        except (KeyboardInterrupt, SystemExit) as err:
-            if getattr(self._workers, "active", False):
-                logger.exception("unixsrv %s: the on_error callback raised while reporting %r", self.path, exc)
-            else:
-                raise err from exc
-        except BaseException:
-            logger.exception("unixsrv %s: the on_error callback raised while reporting %r", self.path, exc)
-
 
 class _CancelWatcher:
     """Calls close() when a threading.Event is set (serve_forever's cancel)."""
@@ -724,6 +745,22 @@ def _callable_or_none(fn: Any, name: str) -> Any:
     if fn is not None and not callable(fn):
         raise TypeError(f"{name} expects a callable or None, not {type(fn).__name__}")
     return fn
+
+
+def _adopt_inherited(loop: _core.Loop, cfg: ServerConfig) -> None:
+    """Serve the inherited listening socket ``cfg.fd`` (never unlinked)."""
+    assert cfg.fd is not None
+    # A duplicate per run: stopping closes it, the inherited fd stays
+    # open and listening for a restart (and for systemd).  The accept
+    # loop needs it non-blocking; systemd passes it blocking.
+    fd = os.dup(cfg.fd)
+    try:
+        os.set_blocking(fd, False)
+    except BaseException:
+        os.close(fd)
+        raise
+    sockname = cfg.address if cfg.is_abstract else os.fsdecode(cfg.address)
+    loop.adopt(fd, sockname, cfg.display_path, None, 0, 0)
 
 
 def _listener_args(cfg: ServerConfig) -> dict[str, Any]:
