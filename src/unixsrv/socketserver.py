@@ -124,35 +124,7 @@ logger = logging.getLogger("unixsrv.socketserver")
 _SEND_PIECE = 65536
 
 
-class _NamedSocket(socket.socket):
-    """A socket.socket whose getsockname() is the server's address.
-
-    The core binds a temporary name and renames it into place once mode and
-    group are set, and the kernel goes on reporting the temporary name; this
-    reports the name the stdlib's server would have bound.
-    """
-
-    __slots__ = ("_name",)
-
-    def __init__(
-        self,
-        family: int = -1,
-        type: int = -1,
-        proto: int = -1,
-        fileno: int | None = None,
-        *,
-        name: Any = None,
-    ) -> None:
-        super().__init__(family, type, proto, fileno)
-        self._name = name
-
-    def getsockname(self) -> Any:
-        # Asked all the same: it raises as the real one does (closed: EBADF).
-        name = _socket.socket.getsockname(self)
-        return name if self._name is None else self._name
-
-
-class _ListeningSocket(_NamedSocket):
+class _ListeningSocket(_core.NamedSocket):
     """``server.socket``: the listening socket the core accepts on.
 
     Its timeout is kept here, for handle_request(), without changing the
@@ -181,7 +153,7 @@ class _ListeningSocket(_NamedSocket):
         return self._timeout != 0.0
 
 
-class _RequestSocket(_NamedSocket):
+class _RequestSocket(_core.NamedSocket):
     """The handler's ``request``: a connected socket.socket on a dup of the
     connection's fd.
 
@@ -196,10 +168,10 @@ class _RequestSocket(_NamedSocket):
     __slots__ = ("_conn",)
 
     def __init__(
-        self, *args: Any, conn: Connection | None = None, **kwargs: Any
+        self, *args: Any, name: Any = None, conn: Connection | None = None
     ) -> None:
-        # socket.dup() makes one with (family, type, proto, fileno) only.
-        super().__init__(*args, **kwargs)
+        super().__init__(*args)
+        self._name = name  # what getsockname() says (NamedSocket)
         self._conn = conn
 
     recv = _core.request_recv
