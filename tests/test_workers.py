@@ -293,6 +293,35 @@ def test_submit_from_inside_a_job():
         release_all(pool)
 
 
+def test_close_ends_threads_after_their_job_and_join_waits_for_them():
+    """close(): parked threads exit now, a busy one once its job is done
+    (instead of parking); join() returns once no thread is left; a job
+    submitted after close() still runs."""
+    pool, rec = make_pool(idle_timeout=600.0)
+    pool.submit(lambda: None)
+    wait_until(lambda: pool.idle == 1)
+    inside, release = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        inside.set()
+        assert release.wait(DEADLINE)
+
+    pool.submit(busy)  # the parked thread takes it
+    pool.submit(lambda: None)  # a second thread, parked afterwards
+    assert inside.wait(DEADLINE)
+    wait_until(lambda: pool.threads == 2 and pool.idle == 1)
+    pool.close()
+    assert not pool.join(0.05)  # the busy one is still working
+    wait_until(lambda: pool.threads == 1)  # the parked one left at once
+    release.set()
+    assert pool.join(DEADLINE) and pool.threads == 0 and pool.idle == 0
+    late = threading.Event()
+    pool.submit(late.set)
+    assert late.wait(DEADLINE) and pool.join(DEADLINE)
+    wait_threads_gone(rec)
+    assert rec.errors == [] and rec.done == 4
+
+
 # ---------------------------------------------------------------------- a handler that forks
 
 

@@ -551,8 +551,10 @@ cdef class Loop:
             self.accept_backoff_ms = BACKOFF_MIN_MS
             self.accept_reported = False
             if self.max_conns and _open_count(&self.stats.s) + waiting >= self.max_conns:
-                close(fd)          # over the limit: the client sees EOF at once
+                # Counted before the client can see its EOF, so whoever saw
+                # the EOF also sees the count.
                 us_add_u64(&self.stats.s.rejected, 1)
+                close(fd)          # over the limit: the client sees EOF at once
                 continue
             # Who the peer is, recorded while the fd is certainly open, so it
             # stays readable after a close (connection_lost, on_conn_state CLOSE).

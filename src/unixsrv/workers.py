@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -26,7 +27,7 @@ logger = logging.getLogger("unixsrv.workers")
 
 
 class _Worker:
-    __slots__ = ("wake", "job")
+    __slots__ = ("job", "wake")
 
     def __init__(self) -> None:
         self.wake = _thread.allocate_lock()
@@ -47,6 +48,8 @@ class WorkerPool:
         self._lock = _thread.allocate_lock()
         self._idle: list[_Worker] = []
         self._threads = 0
+        self._closed = False
+        self._gone = threading.Condition(self._lock)  # notified when _threads drops to 0
 
     @property
     def threads(self) -> int:
@@ -76,6 +79,19 @@ class WorkerPool:
                 self._threads -= 1
             raise
 
+    def close(self) -> None:
+        """Let every thread exit once it is done with its job instead of
+        parking (parked ones now).  A later submit() still runs its job,
+        on a thread that then exits."""
+        with self._lock:
+            self._closed = True
+        self.release_idle()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """After close(): wait until every thread has exited; True if they have."""
+        with self._gone:
+            return self._gone.wait_for(lambda: self._threads == 0, timeout)
+
     def release_idle(self) -> None:
         """Let every parked thread exit now (busy ones keep working)."""
         with self._lock:
@@ -91,6 +107,8 @@ class WorkerPool:
                 self._run(job)
                 job = None
                 with self._lock:
+                    if self._closed:
+                        return
                     self._idle.append(me)
                 if not me.wake.acquire(timeout=self._idle_timeout):
                     with self._lock:
@@ -104,6 +122,8 @@ class WorkerPool:
         finally:
             with self._lock:
                 self._threads -= 1
+                if self._threads == 0:
+                    self._gone.notify_all()
 
 
 def exit_forked_child(ended: BaseException | None) -> NoReturn:
