@@ -43,6 +43,7 @@ SERVERS: dict[str, str] = {
     "asyncio-streams": "asyncio (default loop), start_unix_server + reader/writer",
     "socketserver": "socketserver.ThreadingUnixStreamServer, recv(65536) + sendall",
     "c-epoll": "minimal C epoll echo (level-triggered, accept4 until EAGAIN): the reference",
+    "unixsrv-socketserver": "unixsrv.socketserver.ThreadingUnixStreamServer, the same handler as `socketserver`",
 }
 
 
@@ -60,7 +61,7 @@ def compile_c_server(cc: str = "cc") -> str:
 
 def server_argv(name: str, path: str) -> list[str]:
     """The command line of server `name` listening on `path`."""
-    if name.startswith("unixsrv-"):
+    if name in ("unixsrv-event", "unixsrv-blocking"):
         model = name.split("-", 1)[1]
         return [PYTHON, "-m", "unixsrv", "--log-level", "WARNING", "serve", "--socket", path,
                 "--echo", "--model", model, "--backlog", str(BACKLOG)]
