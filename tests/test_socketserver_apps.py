@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 from conftest import (
     DEADLINE,
+    KiB,
     MiB,
     Timed,
     child_pids,
@@ -89,6 +90,11 @@ def counted(server: Any, connections: int) -> dict[str, int]:
     return stats
 
 
+#: What ``UnixSocketLogging.setup`` records for a request that is a
+#: connected AF_UNIX stream ``socket.socket``.
+REAL_SOCKET = (True, socket.AF_UNIX, socket.SOCK_STREAM)
+
+
 class UnixHTTPConnection(http.client.HTTPConnection):
     """``http.client.HTTPConnection`` over an AF_UNIX socket: only ``connect``
     differs (the Host header still names ``localhost``)."""
@@ -118,7 +124,11 @@ class UnixSocketLogging:
 
     def setup(self) -> None:
         self.server.requests.append(
-            (type(self.request), self.request.family, self.request.type)
+            (
+                isinstance(self.request, socket.socket),
+                self.request.family,
+                self.request.type,
+            )
         )
         super().setup()  # type: ignore[misc]
 
@@ -140,7 +150,7 @@ class HTTPServer(socketserver.ThreadingUnixStreamServer):
 
     def __init__(self, path: str, handler: Any) -> None:
         self.log: list[str] = []
-        self.requests: list[tuple[type, int, int]] = []
+        self.requests: list[tuple[bool, int, int]] = []
         super().__init__(path, handler)
 
 
@@ -213,10 +223,11 @@ def test_http_server_serves_files_to_curl(file_site: FileSite) -> None:
             assert hashlib.sha256(f.read()).hexdigest() == sha(site.blob)
     with open(outs[4], "rb") as f:
         assert b"Error code: 404" in f.read()
-    counted(site.server, len(urls))
-    assert site.server.requests == [
-        (socket.socket, socket.AF_UNIX, socket.SOCK_STREAM)
-    ] * len(urls)
+    stats = counted(site.server, len(urls))
+    # what the handlers' socket calls moved: four files, five small heads
+    assert 4 * MiB < stats["bytes_out"] < 4 * MiB + 16 * KiB, stats
+    assert 0 < stats["bytes_in"] < 16 * KiB, stats
+    assert site.server.requests == [REAL_SOCKET] * len(urls)
     assert (
         site.server.log.count(f'unix:{site.path} "GET /blob.bin HTTP/1.1" 200 -') == 4
     )
@@ -247,8 +258,9 @@ def test_http_server_keeps_http_client_connection_alive(file_site: FileSite) -> 
         assert b"File not found" in resp.read()
     finally:
         conn.close()
-    counted(site.server, 1)  # the three requests shared one connection
-    assert site.server.requests == [(socket.socket, socket.AF_UNIX, socket.SOCK_STREAM)]
+    stats = counted(site.server, 1)  # the three requests shared one connection
+    assert MiB < stats["bytes_out"] < MiB + 16 * KiB, stats
+    assert site.server.requests == [REAL_SOCKET]
     assert [line.split('"')[1] for line in site.server.log if line.count('"') == 2] == [
         "GET /blob.bin HTTP/1.1",
         "HEAD /blob.bin HTTP/1.1",
@@ -275,7 +287,7 @@ class UnixXMLRPCServer(
 
     def __init__(self, path: str) -> None:
         self.log: list[str] = []
-        self.requests: list[tuple[type, int, int]] = []
+        self.requests: list[tuple[bool, int, int]] = []
         self.logRequests = True
         xmlrpc.server.SimpleXMLRPCDispatcher.__init__(
             self, allow_none=True, encoding=None, use_builtin_types=True
@@ -361,10 +373,10 @@ def test_xmlrpc_server_answers_xmlrpc_client(sock_path: str) -> None:
             assert in_multi.value.faultCode == 7
             assert results[2] == "after the fault"
         calls = 7  # HTTP/1.0 handler: every call (the multicall is one) on a connection of its own
-        counted(server, calls)
-    assert (
-        server.requests == [(socket.socket, socket.AF_UNIX, socket.SOCK_STREAM)] * calls
-    )
+        stats = counted(server, calls)
+    # the 16 KiB of bytes went both ways, base64-encoded in XML
+    assert stats["bytes_in"] > 16 * KiB and stats["bytes_out"] > 16 * KiB, stats
+    assert server.requests == [REAL_SOCKET] * calls
     assert server.log.count(f'unix:{sock_path} "POST /RPC2 HTTP/1.1" 200 -') == calls
 
 
