@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 import xmlrpc.client
 import xmlrpc.server
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from conftest import (
     Timed,
     child_pids,
     connect,
+    idle_eof_after,
     recv_until_eof,
     run_threads,
     sha,
@@ -266,6 +268,38 @@ def test_http_server_keeps_http_client_connection_alive(file_site: FileSite) -> 
         "HEAD /blob.bin HTTP/1.1",
         "GET /no/such/file HTTP/1.1",
     ]
+
+
+class IdleHTTPServer(HTTPServer):
+    """``HTTPServer`` with unixsrv's idle timeout (a class attribute)."""
+
+    idle_timeout = 0.5
+
+
+def test_http_keep_alive_connection_ends_at_idle_timeout(sock_dir: str) -> None:
+    """``idle_timeout`` on an ``http.server``: a kept-alive HTTP/1.1
+    connection that sends nothing more is shut down by the core after the
+    timeout (the handler's readline() for the next request returns b"", the
+    handler ends), never before."""
+    with open(os.path.join(sock_dir, "hello.txt"), "wb") as f:
+        f.write(b"hello\n")
+    path = os.path.join(sock_dir, "idle.sock")
+    handler = functools.partial(FileHandler, directory=sock_dir)
+    with serving(IdleHTTPServer(path, handler)) as server:
+        conn = UnixHTTPConnection(path)
+        try:
+            last_active = time.monotonic()  # no later than the connection's last byte
+            conn.request("GET", "/hello.txt")
+            resp = conn.getresponse()
+            assert (resp.status, resp.read()) == (200, b"hello\n")
+            assert (
+                not resp.will_close
+            )  # kept alive: the server waits for the next request
+            idle_eof_after(conn.sock, last_active, IdleHTTPServer.idle_timeout)
+        finally:
+            conn.close()
+        counted(server, 1)
+    assert server.log == [f'unix:{path} "GET /hello.txt HTTP/1.1" 200 -']
 
 
 # ---------------------------------------------------------------------------- xmlrpc.server
