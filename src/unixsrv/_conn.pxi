@@ -329,6 +329,27 @@ cdef class Connection(_ConnBase):
         finally:
             PyBuffer_Release(&view)
 
+    def _dup(self):
+        """A new close-on-exec fd for this connection's socket, for a
+        ``socket.socket`` that user code reads and writes itself
+        (unixsrv.socketserver's request).  ServerClosedError once our side
+        closed the connection (idle timeout, server close)."""
+        self._use()
+        try:
+            return _os.dup(self.c.fd)
+        finally:
+            self._unuse()
+
+    def _activity(self, size_t n_in, size_t n_out):
+        """I/O done on a dup of the fd (see _dup): count the bytes and, for
+        the idle timeout, note the time."""
+        if n_in:
+            us_add_u64(&self.loop.stats.s.bytes_in, n_in)
+        if n_out:
+            us_add_u64(&self.loop.stats.s.bytes_out, n_out)
+        if self.loop.idle_ns:
+            us_store_i64(&self.c.last_active, us_now_ns())
+
     cdef void _count_in(self, ssize_t r) noexcept:
         us_add_u64(&self.loop.stats.s.bytes_in, r)
         if self.loop.idle_ns:
@@ -406,13 +427,16 @@ cdef class Connection(_ConnBase):
     cdef int _force_close(self) except -1:
         return self._close_now()
 
-    def _finish(self):
+    def _finish(self, bint shutdown=True):
         """The handler returned: close, count, unregister.  Worker thread;
-        once per connection."""
+        once per connection.  shutdown=False only closes our fd, leaving the
+        socket itself alone: unixsrv.socketserver's request socket is a dup
+        that a forked child may still be serving."""
         if us_or_u32(&self.c.state, ST_FINISHED | ST_CLOSING) & ST_FINISHED:
             return
         self.loop._table_del(&self.c)
-        self._shutdown_fd(SHUT_RDWR)     # wakes any other thread using it
+        if shutdown:
+            self._shutdown_fd(SHUT_RDWR)     # wakes any other thread using it
         self._unuse()                    # the lifetime use: closes the fd
         self._set_done()
         self.loop._count_closed()

@@ -127,6 +127,11 @@ cdef class Loop:
         return self.wake_w
 
     @property
+    def listen_fileno(self):
+        """The listening socket's fd, -1 once it is closed."""
+        return self.lfd
+
+    @property
     def is_closed(self):
         return self.closed
 

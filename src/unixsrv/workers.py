@@ -44,6 +44,7 @@ class WorkerPool:
         self._lock = _thread.allocate_lock()
         self._idle: list[_Worker] = []
         self._threads = 0
+        self._closed = False
 
     @property
     def threads(self) -> int:
@@ -73,6 +74,14 @@ class WorkerPool:
                 self._threads -= 1
             raise
 
+    def close(self) -> None:
+        """Let every thread exit once it is done with its job instead of
+        parking (parked ones now).  A later submit() still runs its job,
+        on a thread that then exits."""
+        with self._lock:
+            self._closed = True
+        self.release_idle()
+
     def release_idle(self) -> None:
         """Let every parked thread exit now (busy ones keep working)."""
         with self._lock:
@@ -88,6 +97,8 @@ class WorkerPool:
                 self._run(job)
                 job = None
                 with self._lock:
+                    if self._closed:
+                        return
                     self._idle.append(me)
                 if not me.wake.acquire(timeout=self._idle_timeout):
                     with self._lock:

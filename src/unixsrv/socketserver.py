@@ -1,0 +1,630 @@
+"""unixsrv.socketserver: the standard library's socketserver API, unixsrv underneath.
+
+Change one import and keep the server code::
+
+    from unixsrv.socketserver import ThreadingUnixStreamServer, StreamRequestHandler
+
+    class Echo(StreamRequestHandler):
+        def handle(self):
+            for line in self.rfile:
+                self.wfile.write(line)
+
+    with ThreadingUnixStreamServer("/tmp/echo.sock", Echo) as server:
+        server.serve_forever()
+
+The classes behave as the running Python's ``socketserver`` documents them
+(constructor, ``server_bind``/``server_activate``, ``serve_forever``,
+``shutdown``, ``handle_request`` with ``timeout``, every hook, ``socket``,
+``fileno()``, ``daemon_threads``, ``block_on_close``, context manager); the
+handler's ``request`` is a connected ``socket.socket``.  Underneath, the C
+core of :class:`unixsrv.Server` accepts (``max_connections``, counters),
+times out idle connections and owns the socket file:
+
+- the file gets its mode and group before anyone can connect (class
+  attributes ``socket_mode`` / ``socket_group``, or ``config=ServerConfig``);
+  without ``socket_mode`` it keeps the mode bind(2) gives, as in the stdlib;
+- an existing live server at the path is never replaced, a stale socket is;
+- ``server_close()`` removes the file if it is still ours;
+- ``idle_timeout``: a request with no byte in or out for that long is shut
+  down by the core (the handler's recv() returns b"", send() fails);
+- ``stats()``: accepted, rejected, closed, open, bytes in/out.
+
+``ThreadingMixIn`` runs requests on unixsrv's worker pool (threads are
+reused) instead of a new thread per request.  ``ForkingMixIn``, the request
+handlers and the TCP and datagram classes are the stdlib's own, re-exported:
+they already work as they are.
+
+What differs: the core accepts from ``server_bind()`` on (mode and group are
+set between bind and listen, and the file only appears then), connections
+wait in unixsrv's queue rather than the kernel's backlog, and ``fileno()``
+is the fd that is readable while a connection waits there (what
+``serve_forever`` and ``handle_request`` wait on), not the listening
+socket's.  ``server.socket`` is the listening socket; its timeout is what
+``handle_request()`` honours, but the fd itself stays non-blocking (the core
+accepts on it), so do not accept() on it yourself.
+
+This module uses absolute imports only, so that a test runner can load it
+under the name ``socketserver`` (see tests/cpython_socketserver.py).
+"""
+
+from __future__ import annotations
+
+import _socket
+import _thread
+import dataclasses
+import errno
+import logging
+import os
+import socket
+import socketserver as _std
+import sys
+import threading
+import time
+from collections import deque
+from socketserver import (
+    BaseRequestHandler,
+    BaseServer,
+    DatagramRequestHandler,
+    StreamRequestHandler,
+    TCPServer,
+    ThreadingTCPServer,
+    ThreadingUDPServer,
+    ThreadingUnixDatagramServer,
+    UDPServer,
+    UnixDatagramServer,
+)
+from typing import Any
+
+from unixsrv._core import Connection, Stats
+from unixsrv.config import ServerConfig
+from unixsrv.server import Server
+from unixsrv.workers import WorkerPool
+
+if hasattr(os, "fork"):
+    from socketserver import ForkingMixIn, ForkingTCPServer, ForkingUDPServer
+
+__all__ = [
+    "BaseServer",
+    "TCPServer",
+    "UDPServer",
+    "ThreadingUDPServer",
+    "ThreadingTCPServer",
+    "BaseRequestHandler",
+    "StreamRequestHandler",
+    "DatagramRequestHandler",
+    "ThreadingMixIn",
+    "UnixStreamServer",
+    "UnixDatagramServer",
+    "ThreadingUnixStreamServer",
+    "ThreadingUnixDatagramServer",
+]
+if hasattr(os, "fork"):
+    __all__ += ["ForkingUDPServer", "ForkingTCPServer", "ForkingMixIn", "ForkingUnixStreamServer"]
+    if hasattr(_std, "ForkingUnixDatagramServer"):  # Python 3.12+
+        ForkingUnixDatagramServer = _std.ForkingUnixDatagramServer
+        __all__ += ["ForkingUnixDatagramServer"]
+
+logger = logging.getLogger("unixsrv.socketserver")
+
+#: sendall() with an idle timeout sends in pieces of this size, each one
+#: activity for the timeout (a big answer to a slow reader is not idle).
+_SEND_PIECE = 65536
+
+
+class _NamedSocket(socket.socket):
+    """A socket.socket whose getsockname() is the server's address.
+
+    The core binds a temporary name and renames it into place once mode and
+    group are set, and the kernel goes on reporting the temporary name; this
+    reports the name the stdlib's server would have bound.
+    """
+
+    __slots__ = ("_name",)
+
+    def __init__(
+        self, family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None, *, name: Any = None
+    ) -> None:
+        super().__init__(family, type, proto, fileno)
+        self._name = name
+
+    def getsockname(self) -> Any:
+        name = _socket.socket.getsockname(self)  # raises as the real one does (closed: EBADF)
+        return name if self._name is None else self._name
+
+
+class _ListeningSocket(_NamedSocket):
+    """``server.socket``: the listening socket the core accepts on.
+
+    Its timeout is kept here, for handle_request(), without changing the
+    fd: the listener is shared with the core's accept loop, which must never
+    block in accept(2).
+    """
+
+    __slots__ = ("_timeout",)
+
+    def __init__(self, family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None) -> None:
+        super().__init__(family, type, proto, fileno)
+        self._timeout = socket.getdefaulttimeout()
+
+    def settimeout(self, value: float | None) -> None:
+        if value is not None and value < 0:
+            raise ValueError("Timeout value out of range")
+        self._timeout = None if value is None else float(value)
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self._timeout = None if flag else 0.0
+
+    def getblocking(self) -> bool:
+        return self._timeout != 0.0
+
+
+def _nbytes(data: Any) -> int:
+    return len(data) if type(data) is bytes else memoryview(data).nbytes
+
+
+class _RequestSocket(_NamedSocket):
+    """The handler's ``request``: a connected socket.socket on a dup of the
+    connection's fd.
+
+    The core keeps its own fd of the connection, to shut it down at the idle
+    timeout; the bytes moved here are reported to it (counters, idle
+    clock).  Closing (or detaching) this socket closes the connection for
+    the core: counted once, its fd closed, never shut down, since a forked
+    child may still be serving the socket through its copy.
+    """
+
+    __slots__ = ("_conn", "_pieces")
+
+    def __init__(
+        self,
+        family: int = -1,
+        type: int = -1,
+        proto: int = -1,
+        fileno: int | None = None,
+        *,
+        name: Any = None,
+        conn: Connection | None = None,
+        pieces: bool = False,
+    ) -> None:
+        super().__init__(family, type, proto, fileno, name=name)
+        self._conn = conn
+        self._pieces = pieces
+
+    def _note(self, n_in: int, n_out: int) -> None:
+        conn = self._conn
+        if conn is not None and (n_in or n_out):
+            conn._activity(n_in, n_out)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = _socket.socket.recv(self, bufsize, flags)
+        self._note(len(data), 0)
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        n = _socket.socket.recv_into(self, buffer, nbytes, flags)
+        self._note(n, 0)
+        return n
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> Any:
+        result = _socket.socket.recvfrom(self, bufsize, flags)
+        self._note(len(result[0]), 0)
+        return result
+
+    def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> Any:
+        result = _socket.socket.recvfrom_into(self, buffer, nbytes, flags)
+        self._note(result[0], 0)
+        return result
+
+    def recvmsg(self, *args: Any) -> Any:
+        result = _socket.socket.recvmsg(self, *args)
+        self._note(len(result[0]), 0)
+        return result
+
+    def recvmsg_into(self, *args: Any) -> Any:
+        result = _socket.socket.recvmsg_into(self, *args)
+        self._note(result[0], 0)
+        return result
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        n = _socket.socket.send(self, data, flags)
+        self._note(0, n)
+        return n
+
+    def sendto(self, *args: Any) -> int:
+        n = _socket.socket.sendto(self, *args)
+        self._note(0, n)
+        return n
+
+    def sendmsg(self, *args: Any) -> int:
+        n = _socket.socket.sendmsg(self, *args)
+        self._note(0, n)
+        return n
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        if not self._pieces:
+            _socket.socket.sendall(self, data, flags)
+            self._note(0, _nbytes(data))
+            return
+        # With an idle timeout: piece by piece, each one activity.  The
+        # socket's timeout still bounds the whole call, as sendall()'s does.
+        timeout = self.gettimeout()
+        deadline = time.monotonic() + timeout if timeout else None
+        with memoryview(data) as view, view.cast("B") as flat:
+            try:
+                for start in range(0, len(flat), _SEND_PIECE):
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise TimeoutError("timed out")
+                        _socket.socket.settimeout(self, left)
+                    piece = flat[start : start + _SEND_PIECE]
+                    _socket.socket.sendall(self, piece, flags)
+                    self._note(0, len(piece))
+            finally:
+                if deadline is not None:
+                    _socket.socket.settimeout(self, timeout)
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        if not self._pieces:
+            try:
+                sent: int = self._sendfile_use_sendfile(file, offset, count)  # type: ignore[attr-defined]
+            except socket._GiveupOnSendfile:  # type: ignore[attr-defined]
+                pass
+            else:
+                self._note(0, sent)
+                return sent
+        # Through send(): each block is counted (and is idle-timeout activity).
+        return self._sendfile_use_send(file, offset, count)  # type: ignore[attr-defined,no-any-return]
+
+    def detach(self) -> int:
+        fd = super().detach()
+        self._release()
+        return fd
+
+    def _real_close(self, _ss: Any = _socket.socket) -> None:
+        try:
+            _ss.close(self)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn._finish(False)
+
+
+class _Pending:
+    """Accepted connections waiting for get_request(), and a pipe that is
+    readable exactly while one waits (what serve_forever's selector watches).
+
+    The loop thread puts, the serving thread gets; under the lock the pipe
+    holds one byte if and only if the queue is not empty.
+    """
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()  # close-on-exec (PEP 446)
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._items: deque[Connection] = deque()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def fileno(self) -> int:
+        return self._r
+
+    def put(self, conn: Connection) -> None:
+        """The core accepted ``conn`` (loop thread)."""
+        with self._lock:
+            if not self._closed:
+                self._items.append(conn)
+                if len(self._items) == 1:
+                    os.write(self._w, b"\0")
+                return
+        conn._finish()  # the server was closed meanwhile: the client sees EOF
+
+    def get(self) -> Connection:
+        with self._lock:
+            if not self._items:
+                raise BlockingIOError(errno.EAGAIN, "no connection is waiting")
+            conn = self._items.popleft()
+            if not self._items:
+                os.read(self._r, 1)
+        return conn
+
+    def close(self) -> None:
+        """Close the pipe and every waiting connection (clients see EOF)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            waiting = list(self._items)
+            self._items.clear()
+            os.close(self._r)
+            os.close(self._w)
+            self._r = self._w = -1
+        for conn in waiting:
+            conn._finish()
+
+
+class _Acceptor(Server):
+    """The C core of one socketserver server.
+
+    A blocking-model Server whose "handler" is the hand-over to the request
+    queue, called on the loop thread for each accepted connection instead of
+    on a worker: the serving thread takes the connection with get_request().
+    """
+
+    def _spawn(self, conn: Connection) -> None:
+        self._handler(conn)  # type: ignore[misc]
+
+    @property
+    def listen_fileno(self) -> int:
+        loop = self._loop
+        return -1 if loop is None else loop.listen_fileno
+
+    def stop_accepting(self) -> None:
+        """Close the listener and remove the socket file if it is still
+        ours; connections go on, and the core stops once the last one is
+        closed (it keeps their idle timeouts until then)."""
+        loop = self._loop
+        if loop is None or self._forked():
+            return
+        self._on_loop(loop, lambda: self._stop_accepting(loop))
+        loop.drain_waiting = True  # _notify_drained() when the last one closes
+        if self.open_connections == 0:
+            self.close()
+
+    def _notify_drained(self) -> None:
+        super()._notify_drained()
+        self.close()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS allows."""
+    try:
+        with open("/proc/self/status") as f:  # Linux >= 4.7
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    # Elsewhere only umask(2) reads it, by setting it: set the strictest
+    # value meanwhile, so a file another thread creates now is never wider.
+    mask = os.umask(0o777)
+    os.umask(mask)
+    return mask
+
+
+def _is_abstract(address: Any) -> bool:
+    return isinstance(address, (str, bytes)) and address[:1] in ("\0", b"\0")
+
+
+class UnixStreamServer(_std.UnixStreamServer):
+    """socketserver.UnixStreamServer on unixsrv's core (see the module doc).
+
+    Class attributes (or instance attributes set before ``server_bind()``):
+    ``socket_mode`` (int or ``"0660"``-style string; ``None`` keeps the mode
+    bind(2) gives, 0o777 & ~umask), ``socket_group`` (gid or name),
+    ``idle_timeout`` (seconds, ``None`` = off), ``max_connections``, and the
+    stdlib's ``request_queue_size`` (the listen backlog).  Or pass
+    ``config=ServerConfig(...)``: all of these come from it then (its path
+    too, when ``server_address`` is None).
+    """
+
+    socket_mode: int | str | None = None
+    socket_group: int | str | None = None
+    idle_timeout: float | None = None
+    max_connections: int | None = None
+
+    def __init__(
+        self,
+        server_address: Any,
+        RequestHandlerClass: Any,
+        bind_and_activate: bool = True,
+        *,
+        config: ServerConfig | None = None,
+    ) -> None:
+        if config is not None and not isinstance(config, ServerConfig):
+            raise TypeError(f"config must be a ServerConfig, not {type(config).__name__}")
+        if server_address is None and config is not None:
+            server_address = config.address if config.is_abstract else config.path
+        BaseServer.__init__(self, server_address, RequestHandlerClass)
+        self.config = config
+        self._acceptor: _Acceptor | None = None
+        self._pending: _Pending | None = None
+        self.socket = _ListeningSocket(self.address_family, self.socket_type)
+        if bind_and_activate:
+            try:
+                self.server_bind()
+                self.server_activate()
+            except BaseException:
+                self.server_close()
+                raise
+
+    def _server_config(self) -> ServerConfig:
+        address = self.server_address
+        if self.config is not None:
+            cfg = self.config
+            if address != cfg.path and address != cfg.address:
+                cfg = dataclasses.replace(cfg, path=address)
+            self.request_queue_size = cfg.backlog
+            return cfg
+        raw = address if isinstance(address, bytes) else os.fsencode(address)
+        if raw[:1] == b"@":
+            raw = b"./" + raw  # a file named "@...", as the stdlib binds it (not an abstract name)
+        abstract = raw[:1] == b"\0"
+        mode = self.socket_mode
+        if mode is None and not abstract:
+            mode = 0o777 & ~_umask()
+        return ServerConfig(
+            path=raw,
+            mode=mode,
+            group=self.socket_group,
+            idle_timeout=self.idle_timeout,
+            max_connections=self.max_connections,
+            backlog=self.request_queue_size,
+        )
+
+    def server_bind(self) -> None:
+        """Create the socket file and start the core: bind a temporary name,
+        set mode and group, listen, rename it into place, accept."""
+        cfg = self._server_config()
+        pending = _Pending()
+        acceptor = _Acceptor(cfg, pending.put)
+        try:
+            acceptor.start()
+            os.dup2(acceptor.listen_fileno, self.socket.fileno(), inheritable=False)
+        except BaseException:
+            acceptor.close()
+            pending.close()
+            raise
+        self._acceptor, self._pending = acceptor, pending
+        # What the stdlib's getsockname() would say: str for a path, bytes
+        # for an abstract name.
+        name = cfg.address if cfg.is_abstract else os.fsdecode(self.server_address)
+        self.socket._name = name  # type: ignore[attr-defined]
+        self.server_address = name
+
+    def fileno(self) -> int:
+        """The fd that is readable while an accepted connection waits for
+        get_request() (-1 when not bound or closed)."""
+        pending = self._pending
+        return -1 if pending is None else pending.fileno()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """The next connection the core accepted, as a connected socket.
+        BlockingIOError (an OSError, so the serve loop just goes on) if none
+        is waiting."""
+        pending = self._pending
+        if pending is None:
+            raise OSError(errno.EBADF, "the server is not bound")
+        conn = pending.get()
+        acceptor = self._acceptor
+        assert acceptor is not None
+        try:
+            fd = conn._dup()  # ServerClosedError (an OSError) if it timed out meanwhile
+            request = _RequestSocket(
+                self.address_family,
+                self.socket_type,
+                0,
+                fd,
+                name=self.server_address,
+                conn=conn,
+                pieces=acceptor.config.idle_timeout is not None,
+            )
+        except BaseException:
+            conn._finish()
+            raise
+        address: Any = conn.remote_address
+        if address:  # a client that bound a name (rare): in the stdlib's form
+            try:
+                address = request.getpeername()
+            except OSError:
+                pass
+        return request, address
+
+    def server_close(self) -> None:
+        """Stop accepting, remove the socket file if it is still ours, close
+        the connections nobody took yet; requests being served go on."""
+        acceptor, pending = self._acceptor, self._pending
+        self._pending = None
+        try:
+            if acceptor is not None:
+                acceptor.stop_accepting()
+        finally:
+            self.socket.close()
+            if pending is not None:
+                pending.close()
+
+    def stats(self) -> dict[str, int]:
+        """The core's counters: accepted, rejected, closed, open, bytes_in,
+        bytes_out, errors."""
+        acceptor = self._acceptor
+        return Stats().snapshot() if acceptor is None else acceptor.stats()
+
+
+class _Job:
+    """A request on a pool worker, as ThreadingMixIn._threads keeps it:
+    thread-like (``daemon``, ``is_alive()``, ``join()``), so the stdlib's own
+    list reaps and joins it."""
+
+    __slots__ = ("daemon", "_running")
+
+    def __init__(self, daemon: bool) -> None:
+        self.daemon = daemon
+        self._running = _thread.allocate_lock()
+        self._running.acquire()
+
+    def is_alive(self) -> bool:
+        return self._running.locked()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._running.acquire(True, -1 if timeout is None else timeout):
+            self._running.release()
+
+    def done(self) -> None:
+        self._running.release()
+
+
+class ThreadingMixIn(_std.ThreadingMixIn):
+    """Each request on a worker thread of unixsrv's pool.
+
+    Threads are reused (parked after a request) instead of created per
+    request; ``daemon_threads``, ``block_on_close`` and ``server_close()``
+    (joining what ``_threads`` keeps) mean what they mean in the stdlib.
+    An exception escaping ``process_request_thread`` goes to
+    ``threading.excepthook``, as from a thread of its own.  Interpreter exit
+    does not wait for requests still running: ``server_close()`` does.
+    """
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.block_on_close:
+            vars(self).setdefault("_threads", _std._Threads())  # type: ignore[attr-defined]
+        job = _Job(self.daemon_threads)
+        self._threads.append(job)  # type: ignore[attr-defined]
+        pool = vars(self).get("_unixsrv_pool")
+        if pool is None:
+            pool = vars(self).setdefault("_unixsrv_pool", WorkerPool(self._run_request))
+        pool.submit((job, request, client_address))
+
+    def _run_request(self, item: tuple[_Job, Any, Any]) -> None:
+        job, request, client_address = item
+        try:
+            self.process_request_thread(request, client_address)
+        except BaseException:
+            _report_to_excepthook()
+        finally:
+            job.done()
+
+    def server_close(self) -> None:
+        try:
+            super().server_close()
+        finally:
+            pool = vars(self).get("_unixsrv_pool")
+            if pool is not None:
+                pool.close()
+
+
+def _report_to_excepthook() -> None:
+    """The exception being handled escaped a request's thread: hand it to
+    threading.excepthook (which ignores SystemExit by default)."""
+    exc_type, exc, tb = sys.exc_info()
+    try:
+        threading.excepthook(threading.ExceptHookArgs([exc_type, exc, tb, None]))  # type: ignore[call-arg]
+    except BaseException:
+        logger.exception("threading.excepthook raised while reporting %r", exc)
+    finally:
+        exc = tb = None
+
+
+class ThreadingUnixStreamServer(ThreadingMixIn, UnixStreamServer):
+    pass
+
+
+if hasattr(os, "fork"):
+
+    class ForkingUnixStreamServer(ForkingMixIn, UnixStreamServer):
+        pass
