@@ -450,6 +450,7 @@ def test_forking_server_serves_each_request_in_its_own_child(sock_path: str) -> 
             answers += run_threads(
                 lambda i, first=first: request(first + i), concurrent
             )
+        assert not [a for a in answers if isinstance(a, BaseException)], answers
         assert [line for _, _, line in answers] == [
             b"request %d\n" % i for i in range(n)
         ]
