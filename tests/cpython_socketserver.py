@@ -64,7 +64,12 @@ EXCLUDED_NAME_PARTS = {
     "Unix": "a Unix-stream case: runs as it is in the as_is phase",
 }
 #: The test classes whose cases are generic server cases.
-GENERIC_CLASSES = ("SocketServerTest", "ErrorHandlerTest", "SocketWriterTest", "MiscTestCase")
+GENERIC_CLASSES = (
+    "SocketServerTest",
+    "ErrorHandlerTest",
+    "SocketWriterTest",
+    "MiscTestCase",
+)
 
 
 def load_swapped() -> types.ModuleType:
@@ -126,10 +131,11 @@ def unix_socket_module() -> types.ModuleType:
     shim.__dict__.update(socket.__dict__)
 
     class ClientSocket(socket.socket):
-        def __init__(self, family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None) -> None:
-            if family == socket.AF_UNIX and proto == socket.IPPROTO_TCP:
-                proto = 0  # the generic tests ask for TCP explicitly
-            super().__init__(family, type, proto, fileno)
+        def __init__(self, *args: Any) -> None:
+            # The generic tests ask for TCP explicitly: (family, type, IPPROTO_TCP).
+            if args[:1] == (socket.AF_UNIX,) and args[2:3] == (socket.IPPROTO_TCP,):
+                args = (*args[:2], 0, *args[3:])
+            super().__init__(*args)
 
     def create_connection(address: Any, *args: Any, **kwargs: Any) -> socket.socket:
         if not isinstance(address, (str, bytes)):
@@ -149,6 +155,7 @@ def unix_socket_module() -> types.ModuleType:
 
 def unix_servers(swapped: types.ModuleType) -> dict[str, type]:
     """TCPServer and its threading/forking variants as unixsrv servers."""
+
     class UnixTCPServer(swapped.UnixStreamServer):  # type: ignore[name-defined,misc]
         def __init__(self, server_address: Any, *args: Any, **kwargs: Any) -> None:
             if isinstance(server_address, tuple):
@@ -159,10 +166,14 @@ def unix_servers(swapped: types.ModuleType) -> dict[str, type]:
 
     servers: dict[str, type] = {
         "TCPServer": UnixTCPServer,
-        "ThreadingTCPServer": type("ThreadingTCPServer", (swapped.ThreadingMixIn, UnixTCPServer), {}),
+        "ThreadingTCPServer": type(
+            "ThreadingTCPServer", (swapped.ThreadingMixIn, UnixTCPServer), {}
+        ),
     }
     if hasattr(swapped, "ForkingMixIn"):
-        servers["ForkingTCPServer"] = type("ForkingTCPServer", (swapped.ForkingMixIn, UnixTCPServer), {})
+        servers["ForkingTCPServer"] = type(
+            "ForkingTCPServer", (swapped.ForkingMixIn, UnixTCPServer), {}
+        )
     return servers
 
 
@@ -176,7 +187,11 @@ def point_at_unix(tss: types.ModuleType, swapped: types.ModuleType) -> dict[str,
     names: dict[str, Any] = {"socketserver": shim, "socket": unix_socket_module()}
     # Built at import on TCPServer: rebuilt with the Unix one beneath it
     # (their own methods first, then UnixTCPServer's, then TCPServer's).
-    for name in ("BaseErrorTestServer", "ThreadingErrorTestServer", "ForkingErrorTestServer"):
+    for name in (
+        "BaseErrorTestServer",
+        "ThreadingErrorTestServer",
+        "ForkingErrorTestServer",
+    ):
         if hasattr(tss, name):
             names[name] = type(name, (getattr(tss, name), servers["TCPServer"]), {})
     saved = {name: getattr(tss, name) for name in names}
@@ -203,9 +218,15 @@ def main() -> int:
     return 0
 
 
-def run_phases(tss: types.ModuleType, swapped: types.ModuleType, servers: list[Any]) -> dict[str, Any]:
+def run_phases(
+    tss: types.ModuleType, swapped: types.ModuleType, servers: list[Any]
+) -> dict[str, Any]:
     loader = unittest.defaultTestLoader
-    report: dict[str, Any] = {"python": sys.version.split()[0], "phases": {}, "excluded": {}}
+    report: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "phases": {},
+        "excluded": {},
+    }
     report["phases"]["as_is"] = run_suite(loader.loadTestsFromModule(tss), servers)
 
     selected = unittest.TestSuite()

@@ -22,7 +22,8 @@ from conftest import DEADLINE
 import unixsrv
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("test") is None or importlib.util.find_spec("test.test_socketserver") is None,
+    importlib.util.find_spec("test") is None
+    or importlib.util.find_spec("test.test_socketserver") is None,
     reason="CPython's test package (test.test_socketserver) is not installed for this interpreter",
 )
 
@@ -41,7 +42,12 @@ EXPECTED_CASES = {
 EXPECTED_ACCEPTED = {"as_is": 9, "unix": 28}
 #: What the unix phase may leave out: cases about another socket type or
 #: address family, or already run as they are.
-ALLOWED_REASONS = ("datagram server", "AF_INET only", "a Unix-stream case", "not a server case")
+ALLOWED_REASONS = (
+    "datagram server",
+    "AF_INET only",
+    "a Unix-stream case",
+    "not a server case",
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +66,9 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         timeout=30 * DEADLINE,
         check=False,
     )
-    assert proc.returncode == 0, f"runner failed ({proc.returncode}):\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"runner failed ({proc.returncode}):\n{proc.stderr[-5000:]}"
+    )
     result: dict[str, Any] = json.loads(proc.stdout)
     result["stderr"] = proc.stderr
     leftovers = sorted(p.name for p in scratch.iterdir())
@@ -77,7 +85,9 @@ def test_phase_passes(report: dict[str, Any], phase: str) -> None:
     assert got["unexpected_successes"] == []
     expected = EXPECTED_CASES.get(sys.version_info[:2])
     if expected is None:
-        pytest.skip(f"no expected case count recorded for Python {sys.version_info[:2]}; ran {got['ran']}")
+        pytest.skip(
+            f"no expected case count recorded for Python {sys.version_info[:2]}; ran {got['ran']}"
+        )
     assert got["ran"] == got["expected"] == expected[phase]
 
 
@@ -94,4 +104,6 @@ def test_only_other_families_are_excluded(report: dict[str, Any]) -> None:
     for case, reason in excluded.items():
         assert reason.startswith(ALLOWED_REASONS), f"{case}: {reason}"
     # Only one case is left out of both phases' server runs: AF_INET's port check.
-    assert [c for c, r in excluded.items() if r.startswith("AF_INET")] == ["SocketServerTest.test_tcpserver_bind_leak"]
+    assert [c for c, r in excluded.items() if r.startswith("AF_INET")] == [
+        "SocketServerTest.test_tcpserver_bind_leak"
+    ]

@@ -343,6 +343,9 @@ cdef class Connection(_ConnBase):
     def _activity(self, size_t n_in, size_t n_out):
         """I/O done on a dup of the fd (see _dup): count the bytes and, for
         the idle timeout, note the time."""
+        self._io_done(n_in, n_out)
+
+    cdef void _io_done(self, size_t n_in, size_t n_out) noexcept:
         if n_in:
             us_add_u64(&self.loop.stats.s.bytes_in, n_in)
         if n_out:

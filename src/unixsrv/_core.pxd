@@ -344,6 +344,7 @@ cdef class Connection(_ConnBase):
     cdef int _set_done(self) except -1
     cdef object _io_error(self, int err)
     cdef void _count_in(self, ssize_t r) noexcept
+    cdef void _io_done(self, size_t n_in, size_t n_out) noexcept
 
 
 cdef class _Stream(_ConnBase):

@@ -56,6 +56,7 @@ include "_conn.pxi"
 include "_stream.pxi"
 include "_loop.pxi"
 include "_client.pxi"
+include "_request.pxi"
 
 
 def _after_fork_in_child():

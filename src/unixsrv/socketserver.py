@@ -75,6 +75,7 @@ from socketserver import (
 )
 from typing import Any
 
+from unixsrv import _core
 from unixsrv._core import Connection, Stats
 from unixsrv.config import ServerConfig
 from unixsrv.server import Server
@@ -84,22 +85,27 @@ if hasattr(os, "fork"):
     from socketserver import ForkingMixIn, ForkingTCPServer, ForkingUDPServer
 
 __all__ = [
-    "BaseServer",
-    "TCPServer",
-    "UDPServer",
-    "ThreadingUDPServer",
-    "ThreadingTCPServer",
     "BaseRequestHandler",
-    "StreamRequestHandler",
+    "BaseServer",
     "DatagramRequestHandler",
+    "StreamRequestHandler",
+    "TCPServer",
     "ThreadingMixIn",
-    "UnixStreamServer",
-    "UnixDatagramServer",
-    "ThreadingUnixStreamServer",
+    "ThreadingTCPServer",
+    "ThreadingUDPServer",
     "ThreadingUnixDatagramServer",
+    "ThreadingUnixStreamServer",
+    "UDPServer",
+    "UnixDatagramServer",
+    "UnixStreamServer",
 ]
 if hasattr(os, "fork"):
-    __all__ += ["ForkingUDPServer", "ForkingTCPServer", "ForkingMixIn", "ForkingUnixStreamServer"]
+    __all__ += [
+        "ForkingMixIn",
+        "ForkingTCPServer",
+        "ForkingUDPServer",
+        "ForkingUnixStreamServer",
+    ]
     if hasattr(_std, "ForkingUnixDatagramServer"):  # Python 3.12+
         ForkingUnixDatagramServer = _std.ForkingUnixDatagramServer
         __all__ += ["ForkingUnixDatagramServer"]
@@ -122,13 +128,20 @@ class _NamedSocket(socket.socket):
     __slots__ = ("_name",)
 
     def __init__(
-        self, family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None, *, name: Any = None
+        self,
+        family: int = -1,
+        type: int = -1,
+        proto: int = -1,
+        fileno: int | None = None,
+        *,
+        name: Any = None,
     ) -> None:
         super().__init__(family, type, proto, fileno)
         self._name = name
 
     def getsockname(self) -> Any:
-        name = _socket.socket.getsockname(self)  # raises as the real one does (closed: EBADF)
+        # Asked all the same: it raises as the real one does (closed: EBADF).
+        name = _socket.socket.getsockname(self)
         return name if self._name is None else self._name
 
 
@@ -142,8 +155,8 @@ class _ListeningSocket(_NamedSocket):
 
     __slots__ = ("_timeout",)
 
-    def __init__(self, family: int = -1, type: int = -1, proto: int = -1, fileno: int | None = None) -> None:
-        super().__init__(family, type, proto, fileno)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._timeout = socket.getdefaulttimeout()
 
     def settimeout(self, value: float | None) -> None:
@@ -161,52 +174,36 @@ class _ListeningSocket(_NamedSocket):
         return self._timeout != 0.0
 
 
-def _nbytes(data: Any) -> int:
-    return len(data) if type(data) is bytes else memoryview(data).nbytes
-
-
 class _RequestSocket(_NamedSocket):
     """The handler's ``request``: a connected socket.socket on a dup of the
     connection's fd.
 
     The core keeps its own fd of the connection, to shut it down at the idle
     timeout; the bytes moved here are reported to it (counters, idle
-    clock).  Closing (or detaching) this socket closes the connection for
-    the core: counted once, its fd closed, never shut down, since a forked
-    child may still be serving the socket through its copy.
+    clock): recv, recv_into, send and sendall, the hot path, in C
+    (unixsrv/_request.pxi).  Closing (or detaching) this socket closes the
+    connection for the core: counted once, its fd closed, never shut down,
+    since a forked child may still be serving the socket through its copy.
     """
 
-    __slots__ = ("_conn", "_pieces")
+    __slots__ = ("_conn",)
 
     def __init__(
-        self,
-        family: int = -1,
-        type: int = -1,
-        proto: int = -1,
-        fileno: int | None = None,
-        *,
-        name: Any = None,
-        conn: Connection | None = None,
-        pieces: bool = False,
+        self, *args: Any, conn: Connection | None = None, **kwargs: Any
     ) -> None:
-        super().__init__(family, type, proto, fileno, name=name)
+        # socket.dup() makes one with (family, type, proto, fileno) only.
+        super().__init__(*args, **kwargs)
         self._conn = conn
-        self._pieces = pieces
+
+    recv = _core.request_recv
+    recv_into = _core.request_recv_into
+    send = _core.request_send
+    sendall = _core.request_sendall
 
     def _note(self, n_in: int, n_out: int) -> None:
         conn = self._conn
         if conn is not None and (n_in or n_out):
             conn._activity(n_in, n_out)
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data = _socket.socket.recv(self, bufsize, flags)
-        self._note(len(data), 0)
-        return data
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        n = _socket.socket.recv_into(self, buffer, nbytes, flags)
-        self._note(n, 0)
-        return n
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> Any:
         result = _socket.socket.recvfrom(self, bufsize, flags)
@@ -228,11 +225,6 @@ class _RequestSocket(_NamedSocket):
         self._note(result[0], 0)
         return result
 
-    def send(self, data: Any, flags: int = 0) -> int:
-        n = _socket.socket.send(self, data, flags)
-        self._note(0, n)
-        return n
-
     def sendto(self, *args: Any) -> int:
         n = _socket.socket.sendto(self, *args)
         self._note(0, n)
@@ -243,13 +235,42 @@ class _RequestSocket(_NamedSocket):
         self._note(0, n)
         return n
 
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        try:
+            sent: int = self._sendfile_use_sendfile(file, offset, count)  # type: ignore[attr-defined]
+        except socket._GiveupOnSendfile:  # type: ignore[attr-defined]
+            # Through send(), which counts each block.
+            return self._sendfile_use_send(file, offset, count)  # type: ignore[attr-defined,no-any-return]
+        self._note(0, sent)
+        return sent
+
+    def detach(self) -> int:
+        fd = super().detach()
+        self._release()
+        return fd
+
+    def _real_close(self, _ss: Any = _socket.socket) -> None:
+        try:
+            _ss.close(self)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn._finish(False)
+
+
+class _PacedRequestSocket(_RequestSocket):
+    """The request socket of a server with an idle timeout: a long write is
+    reported as it goes, so an answer that a slow but steady reader takes
+    longer than the timeout to drain is not cut off as idle."""
+
+    __slots__ = ()
+
     def sendall(self, data: Any, flags: int = 0) -> None:
-        if not self._pieces:
-            _socket.socket.sendall(self, data, flags)
-            self._note(0, _nbytes(data))
-            return
-        # With an idle timeout: piece by piece, each one activity.  The
-        # socket's timeout still bounds the whole call, as sendall()'s does.
+        # Piece by piece, each one activity.  The socket's timeout still
+        # bounds the whole call, as it does sendall()'s.
         timeout = self.gettimeout()
         deadline = time.monotonic() + timeout if timeout else None
         with memoryview(data) as view, view.cast("B") as flat:
@@ -268,32 +289,8 @@ class _RequestSocket(_NamedSocket):
                     _socket.socket.settimeout(self, timeout)
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
-        if not self._pieces:
-            try:
-                sent: int = self._sendfile_use_sendfile(file, offset, count)  # type: ignore[attr-defined]
-            except socket._GiveupOnSendfile:  # type: ignore[attr-defined]
-                pass
-            else:
-                self._note(0, sent)
-                return sent
-        # Through send(): each block is counted (and is idle-timeout activity).
+        # Through send(): each block is idle-timeout activity.
         return self._sendfile_use_send(file, offset, count)  # type: ignore[attr-defined,no-any-return]
-
-    def detach(self) -> int:
-        fd = super().detach()
-        self._release()
-        return fd
-
-    def _real_close(self, _ss: Any = _socket.socket) -> None:
-        try:
-            _ss.close(self)
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn._finish(False)
 
 
 class _Pending:
@@ -428,7 +425,9 @@ class UnixStreamServer(_std.UnixStreamServer):
         config: ServerConfig | None = None,
     ) -> None:
         if config is not None and not isinstance(config, ServerConfig):
-            raise TypeError(f"config must be a ServerConfig, not {type(config).__name__}")
+            raise TypeError(
+                f"config must be a ServerConfig, not {type(config).__name__}"
+            )
         if server_address is None and config is not None:
             server_address = config.address if config.is_abstract else config.path
         BaseServer.__init__(self, server_address, RequestHandlerClass)
@@ -445,7 +444,7 @@ class UnixStreamServer(_std.UnixStreamServer):
                 raise
 
     def _server_config(self) -> ServerConfig:
-        address = self.server_address
+        address: Any = self.server_address
         if self.config is not None:
             cfg = self.config
             if address != cfg.path and address != cfg.address:
@@ -454,7 +453,8 @@ class UnixStreamServer(_std.UnixStreamServer):
             return cfg
         raw = address if isinstance(address, bytes) else os.fsencode(address)
         if raw[:1] == b"@":
-            raw = b"./" + raw  # a file named "@...", as the stdlib binds it (not an abstract name)
+            # A file named "@...", as the stdlib binds it (not an abstract name).
+            raw = b"./" + raw
         abstract = raw[:1] == b"\0"
         mode = self.socket_mode
         if mode is None and not abstract:
@@ -484,7 +484,8 @@ class UnixStreamServer(_std.UnixStreamServer):
         self._acceptor, self._pending = acceptor, pending
         # What the stdlib's getsockname() would say: str for a path, bytes
         # for an abstract name.
-        name = cfg.address if cfg.is_abstract else os.fsdecode(self.server_address)
+        address: Any = self.server_address
+        name = cfg.address if cfg.is_abstract else os.fsdecode(address)
         self.socket._name = name  # type: ignore[attr-defined]
         self.server_address = name
 
@@ -506,14 +507,14 @@ class UnixStreamServer(_std.UnixStreamServer):
         assert acceptor is not None
         try:
             fd = conn._dup()  # ServerClosedError (an OSError) if it timed out meanwhile
-            request = _RequestSocket(
+            paced = acceptor.config.idle_timeout is not None
+            request = (_PacedRequestSocket if paced else _RequestSocket)(
                 self.address_family,
                 self.socket_type,
                 0,
                 fd,
                 name=self.server_address,
                 conn=conn,
-                pieces=acceptor.config.idle_timeout is not None,
             )
         except BaseException:
             conn._finish()
@@ -551,7 +552,7 @@ class _Job:
     thread-like (``daemon``, ``is_alive()``, ``join()``), so the stdlib's own
     list reaps and joins it."""
 
-    __slots__ = ("daemon", "_running")
+    __slots__ = ("_running", "daemon")
 
     def __init__(self, daemon: bool) -> None:
         self.daemon = daemon
@@ -594,7 +595,7 @@ class ThreadingMixIn(_std.ThreadingMixIn):
         job, request, client_address = item
         try:
             self.process_request_thread(request, client_address)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - as a thread's run(): anything that escapes goes to the hook
             _report_to_excepthook()
         finally:
             job.done()
@@ -613,7 +614,7 @@ def _report_to_excepthook() -> None:
     threading.excepthook (which ignores SystemExit by default)."""
     exc_type, exc, tb = sys.exc_info()
     try:
-        threading.excepthook(threading.ExceptHookArgs([exc_type, exc, tb, None]))  # type: ignore[call-arg]
+        threading.excepthook(threading.ExceptHookArgs([exc_type, exc, tb, None]))
     except BaseException:
         logger.exception("threading.excepthook raised while reporting %r", exc)
     finally:

@@ -1,0 +1,683 @@
+"""unixsrv.socketserver: the stdlib's socketserver API on unixsrv's core.
+
+CPython's own test_socketserver runs against it in
+tests/test_socketserver_cpython.py; these tests cover what that one does
+not: each hook as documented, the request as a real socket, what the core
+adds (counters, idle timeout, mode and group, the socket file's safety) and
+the forking and threading mix-ins' accounting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import os
+import select
+import socket
+import socketserver as stdlib_socketserver
+import stat
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import pytest
+from conftest import (
+    DEADLINE,
+    IDLE_LATE,
+    connect,
+    listening_socket,
+    recv_until_eof,
+    wait_until,
+)
+
+from unixsrv import AddressInUseError, ServerConfig
+from unixsrv import socketserver as ss
+
+#: Python 3.12+ warns at every fork() of a process with threads; the core's
+#: loop thread is one (the stdlib's own tests fork from a threaded process
+#: too).  The child only runs the handler and os._exit()s.
+forking = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded:DeprecationWarning"
+)
+
+
+class Upper(ss.StreamRequestHandler):
+    """One line in, the same line upper-cased out."""
+
+    def handle(self) -> None:
+        self.wfile.write(self.rfile.readline().upper())
+
+
+@contextlib.contextmanager
+def serving(server: Any, poll_interval: float = 0.01) -> Iterator[threading.Thread]:
+    """serve_forever() on a thread for the block; then shutdown(), join and
+    server_close()."""
+    t = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": poll_interval},
+        daemon=True,
+    )
+    t.start()
+    try:
+        yield t
+    finally:
+        server.shutdown()
+        t.join(DEADLINE)
+        server.server_close()
+        assert not t.is_alive()
+
+
+@pytest.fixture
+def closing() -> Iterator[list[Any]]:
+    """Servers appended here are server_close()d at the end of the test."""
+    servers: list[Any] = []
+    yield servers
+    for server in servers:
+        server.server_close()
+
+
+def ask(path: str, line: bytes = b"hello\n") -> bytes:
+    with connect(path) as c:
+        c.sendall(line)
+        return recv_until_eof(c)
+
+
+# ---------------------------------------------------------------------------- the stdlib's API
+
+
+def test_module_exports_the_stdlib_names() -> None:
+    assert set(stdlib_socketserver.__all__) <= set(ss.__all__)
+    for name in (
+        "BaseServer",
+        "BaseRequestHandler",
+        "StreamRequestHandler",
+        "ForkingMixIn",
+        "TCPServer",
+    ):
+        # re-exported as they are
+        assert getattr(ss, name) is getattr(stdlib_socketserver, name), name
+    for cls in (
+        ss.UnixStreamServer,
+        ss.ThreadingUnixStreamServer,
+        ss.ForkingUnixStreamServer,
+    ):
+        assert issubclass(cls, stdlib_socketserver.UnixStreamServer)
+    assert issubclass(ss.ThreadingMixIn, stdlib_socketserver.ThreadingMixIn)
+
+
+@pytest.mark.parametrize("cls", [ss.UnixStreamServer, ss.ThreadingUnixStreamServer])
+def test_serves_and_counts(sock_path: str, cls: type) -> None:
+    server = cls(sock_path, Upper)
+    assert server.server_address == sock_path == server.socket.getsockname()
+    assert (
+        server.address_family == socket.AF_UNIX
+        and server.socket_type == socket.SOCK_STREAM
+    )
+    with serving(server):
+        for _ in range(3):
+            assert ask(sock_path) == b"HELLO\n"
+    assert server.stats() == {
+        "accepted": 3,
+        "rejected": 0,
+        "closed": 3,
+        "open": 0,
+        "bytes_in": 18,
+        "bytes_out": 18,
+        "errors": 0,
+    }
+    assert server.socket.fileno() == -1 and server.fileno() == -1
+    assert not os.path.exists(sock_path)  # the stdlib would leave it
+
+
+def test_request_is_a_connected_socket(sock_path: str, closing: list[Any]) -> None:
+    seen: dict[str, Any] = {}
+
+    class Inspect(ss.StreamRequestHandler):
+        timeout = 5.0  # StreamRequestHandler applies it with settimeout()
+
+        def handle(self) -> None:
+            r = self.request
+            seen.update(
+                is_socket=isinstance(r, socket.socket),
+                family=r.family,
+                type=r.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE),
+                timeout=r.gettimeout(),
+                sockname=r.getsockname(),
+                peer_pid=r.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED)
+                if hasattr(socket, "SO_PEERCRED")
+                else 0,
+                client_address=self.client_address,
+                line=self.rfile.readline(),
+            )
+            self.wfile.write(b"ok\n")
+
+    server = ss.UnixStreamServer(sock_path, Inspect)
+    closing.append(server)
+    with connect(sock_path) as c:
+        c.sendall(b"line\n")
+        server.handle_request()
+        assert recv_until_eof(c) == b"ok\n"
+    assert (
+        seen["is_socket"]
+        and seen["family"] == socket.AF_UNIX
+        and seen["type"] == socket.SOCK_STREAM
+    )
+    assert seen["timeout"] == 5.0 and seen["line"] == b"line\n"
+    # the configured name, never the core's temporary one
+    assert seen["sockname"] == sock_path
+    assert seen["client_address"] == ""  # an unnamed client, as accept() reports it
+    assert server.stats()["bytes_in"] == 5 and server.stats()["bytes_out"] == 3
+
+
+def test_hooks_are_called_as_documented(sock_path: str) -> None:
+    calls: list[str] = []
+    errors: list[Any] = []
+
+    class Boom(ss.BaseRequestHandler):
+        def handle(self) -> None:
+            calls.append("handle")
+            if self.request.recv(10) == b"boom":
+                raise ValueError("boom")
+
+    class Recording(ss.UnixStreamServer):
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            calls.append("verify_request")
+            return super().verify_request(request, client_address)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            calls.append("process_request")
+            super().process_request(request, client_address)
+
+        def finish_request(self, request: Any, client_address: Any) -> None:
+            calls.append("finish_request")
+            super().finish_request(request, client_address)
+
+        def shutdown_request(self, request: Any) -> None:
+            calls.append("shutdown_request")
+            super().shutdown_request(request)
+
+        def close_request(self, request: Any) -> None:
+            calls.append("close_request")
+            super().close_request(request)
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            calls.append("handle_error")
+            errors.append(sys.exc_info()[1])
+
+        def handle_timeout(self) -> None:
+            calls.append("handle_timeout")
+
+    server = Recording(sock_path, Boom)
+    with server:
+        server.timeout = 0.01
+        server.handle_request()  # nobody connects
+        assert calls == ["handle_timeout"]
+        for payload in (b"fine", b"boom"):
+            calls.clear()
+            with connect(sock_path) as c:
+                c.sendall(payload)
+                server.handle_request()
+                assert recv_until_eof(c) == b""
+            expected = ["verify_request", "process_request", "finish_request", "handle"]
+            if payload == b"boom":
+                # BaseServer: handle_error, then shutdown_request
+                expected += ["handle_error"]
+            assert calls == [*expected, "shutdown_request", "close_request"]
+    assert len(errors) == 1 and isinstance(errors[0], ValueError)
+    assert server.stats()["open"] == 0 and server.stats()["closed"] == 2
+
+
+def test_verify_request_false_closes_the_connection(sock_path: str) -> None:
+    handled: list[Any] = []
+
+    class Refusing(ss.UnixStreamServer):
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            return False
+
+    with Refusing(sock_path, lambda *args: handled.append(args)) as server:
+        with connect(sock_path) as c:
+            server.handle_request()
+            assert recv_until_eof(c) == b""
+        assert handled == [] and server.stats()["closed"] == 1
+
+
+def test_service_actions_run_each_poll_interval(sock_path: str) -> None:
+    ticks = threading.Semaphore(0)
+
+    class Ticking(ss.UnixStreamServer):
+        def service_actions(self) -> None:
+            ticks.release()
+
+    server = Ticking(sock_path, Upper)
+    with serving(server, poll_interval=0.01):
+        for _ in range(3):  # with nothing to serve, the loop still ticks
+            assert ticks.acquire(timeout=DEADLINE)
+        assert ask(sock_path) == b"HELLO\n"
+
+
+def test_shutdown_stops_only_the_serve_loop(sock_path: str) -> None:
+    with ss.UnixStreamServer(sock_path, Upper) as server:
+        t = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.01}
+        )
+        t.start()
+        assert ask(sock_path) == b"HELLO\n"
+        server.shutdown()
+        t.join(DEADLINE)
+        assert not t.is_alive()
+        # Still bound: a client connects (and waits) until someone serves it.
+        with connect(sock_path) as c:
+            c.sendall(b"again\n")
+            server.handle_request()
+            assert recv_until_eof(c) == b"AGAIN\n"
+
+
+def test_fileno_is_readable_while_a_connection_waits(sock_path: str) -> None:
+    with ss.UnixStreamServer(sock_path, Upper) as server:
+        assert select.select([server], [], [], 0)[0] == []
+        with connect(sock_path) as c:
+            assert select.select([server], [], [], DEADLINE)[0] == [server]
+            c.sendall(b"x\n")
+            server.handle_request()
+            assert recv_until_eof(c) == b"X\n"
+        assert select.select([server], [], [], 0)[0] == []
+
+
+def test_handle_request_honours_the_socket_timeout(sock_path: str) -> None:
+    timeouts: list[float] = []
+
+    class Timing(ss.UnixStreamServer):
+        def handle_timeout(self) -> None:
+            timeouts.append(time.monotonic())
+
+    with Timing(sock_path, Upper) as server:
+        # the pre-`timeout` way to escape handle_request()
+        server.socket.settimeout(0.05)
+        began = time.monotonic()
+        server.handle_request()
+        assert len(timeouts) == 1 and timeouts[0] - began >= 0.05
+        # The listener itself stays non-blocking: the core accepts on it.
+        server.socket.settimeout(None)
+        assert server.socket.gettimeout() is None and server.socket.getblocking()
+        assert not os.get_blocking(server.socket.fileno())
+        assert ask_served(server, sock_path) == b"HELLO\n"
+
+
+def ask_served(server: Any, path: str) -> bytes:
+    """One request, served by handle_request() on this thread."""
+    with connect(path) as c:
+        c.sendall(b"hello\n")
+        server.handle_request()
+        return recv_until_eof(c)
+
+
+def test_bind_and_activate_false(sock_path: str) -> None:
+    server = ss.UnixStreamServer(sock_path, Upper, bind_and_activate=False)
+    try:
+        assert server.fileno() == -1 and not os.path.exists(sock_path)
+        server.socket_mode = 0o600  # per instance, before server_bind()
+        server.server_bind()
+        server.server_activate()
+        assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+        assert ask_served(server, sock_path) == b"HELLO\n"
+    finally:
+        server.server_close()
+
+
+def test_a_failed_bind_leaves_nothing(sock_path: str) -> None:
+    with listening_socket(sock_path):  # a live server owns the path
+        with pytest.raises(AddressInUseError) as err:
+            ss.UnixStreamServer(sock_path, Upper)
+        assert isinstance(err.value, OSError)
+        assert os.path.exists(sock_path)  # left alone
+    # Now it is a stale socket: replaced, as the core does.
+    with ss.UnixStreamServer(sock_path, Upper) as server:
+        assert ask_served(server, sock_path) == b"HELLO\n"
+
+
+# ---------------------------------------------------------------------------- what the core adds
+
+
+def test_default_mode_is_the_stdlibs(sock_dir: str) -> None:
+    ours, theirs = os.path.join(sock_dir, "ours"), os.path.join(sock_dir, "theirs")
+    with (
+        ss.UnixStreamServer(ours, Upper),
+        stdlib_socketserver.UnixStreamServer(theirs, Upper),
+    ):
+        assert os.stat(ours).st_mode == os.stat(theirs).st_mode
+    os.unlink(theirs)
+
+
+@pytest.mark.root
+def test_mode_and_group_are_set_before_anyone_can_connect(sock_path: str) -> None:
+    gid = next(g.gr_gid for g in grp.getgrall() if g.gr_gid != os.getgid())
+    first_seen: list[os.stat_result] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        # The first stat of the file, the moment it appears at the path.
+        while not stop.is_set():
+            try:
+                first_seen.append(os.stat(sock_path))
+                return
+            except FileNotFoundError:
+                continue
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+
+    class Guarded(ss.UnixStreamServer):
+        socket_mode = "0640"
+        socket_group = gid
+
+    try:
+        with Guarded(sock_path, Upper) as server:
+            watcher.join(DEADLINE)
+            assert first_seen, "the socket file never appeared"
+            assert (
+                stat.S_IMODE(first_seen[0].st_mode) == 0o640
+                and first_seen[0].st_gid == gid
+            )
+            assert ask_served(server, sock_path) == b"HELLO\n"
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def test_config_sets_the_core(sock_path: str) -> None:
+    cfg = ServerConfig(path=sock_path, mode=0o660, max_connections=1, backlog=7)
+    with ss.UnixStreamServer(None, Upper, config=cfg) as server:
+        assert server.server_address == sock_path and server.request_queue_size == 7
+        assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o660
+        with connect(sock_path) as first:
+            wait_until(lambda: select.select([server], [], [], 0)[0])
+            # over max_connections: accepted and closed at once
+            with connect(sock_path) as second:
+                assert recv_until_eof(second) == b""
+            first.sendall(b"x\n")
+            server.handle_request()
+            assert recv_until_eof(first) == b"X\n"
+        assert server.stats()["rejected"] == 1 and server.stats()["accepted"] == 1
+    with pytest.raises(TypeError):
+        ss.UnixStreamServer(sock_path, Upper, config={"path": sock_path})  # type: ignore[arg-type]
+
+
+def test_idle_request_is_shut_down_by_the_core(sock_path: str) -> None:
+    got: dict[str, Any] = {}
+    done = threading.Event()
+
+    class Waiting(ss.BaseRequestHandler):
+        def handle(self) -> None:
+            got["data"] = self.request.recv(100)  # the client never sends
+            got["eof_at"] = time.monotonic()
+            try:
+                self.request.sendall(b"late")
+            except OSError as exc:
+                got["send"] = exc
+            done.set()
+
+    class Idle(ss.ThreadingUnixStreamServer):
+        idle_timeout = 0.2
+
+    server = Idle(sock_path, Waiting)
+    with serving(server):
+        # the core accepts (and starts the idle clock) after this
+        connected_at = time.monotonic()
+        with connect(sock_path) as c:
+            assert done.wait(DEADLINE)
+            assert (
+                got["data"] == b""
+                and 0.2 <= got["eof_at"] - connected_at < 0.2 + IDLE_LATE
+            )
+            assert isinstance(got["send"], BrokenPipeError)
+            assert recv_until_eof(c) == b""
+    assert server.stats()["open"] == 0
+
+
+def test_a_long_answer_to_a_slow_reader_is_not_idle(sock_path: str) -> None:
+    """sendall() with an idle timeout reports each piece as activity: a big
+    answer that takes longer than the timeout to drain is not cut off."""
+    size = 2 * 1024 * 1024
+
+    class Big(ss.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.sendall(b"b" * size)
+
+    class Idle(ss.UnixStreamServer):
+        idle_timeout = 0.3
+
+    server = Idle(sock_path, Big)
+    with serving(server), connect(sock_path) as c:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        received = 0
+        began = time.monotonic()
+        while chunk := c.recv(65536):
+            received += len(chunk)
+            # a slow reader: time passing is the point, not a synchronisation
+            time.sleep(0.02)
+        assert received == size and time.monotonic() - began > 2 * 0.3
+    assert server.stats()["bytes_out"] == size
+
+
+def test_server_close_removes_only_its_own_file(sock_path: str) -> None:
+    server = ss.UnixStreamServer(sock_path, Upper)
+    moved = sock_path + ".moved"
+    os.rename(sock_path, moved)
+    try:
+        with listening_socket(sock_path):  # a successor owns the path now
+            server.server_close()
+            assert os.path.exists(sock_path) and os.path.exists(moved)
+    finally:
+        os.unlink(sock_path)
+        os.unlink(moved)
+
+
+def test_server_close_closes_waiting_connections(sock_path: str) -> None:
+    server = ss.UnixStreamServer(sock_path, Upper)
+    with connect(sock_path) as a, connect(sock_path) as b:
+        wait_until(lambda: server.stats()["accepted"] == 2)
+        server.server_close()
+        assert recv_until_eof(a) == b"" and recv_until_eof(b) == b""
+    assert server.stats()["closed"] == 2 and server.stats()["open"] == 0
+    assert server._acceptor.wait(DEADLINE)  # the core stopped
+
+
+def test_requests_outlive_server_close(sock_path: str) -> None:
+    """server_close() stops accepting; a request being served goes on (and
+    block_on_close makes it wait for it); then the core stops."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow(ss.StreamRequestHandler):
+        def handle(self) -> None:
+            entered.set()
+            release.wait(DEADLINE)
+            self.wfile.write(self.rfile.readline())
+
+    server = ss.ThreadingUnixStreamServer(sock_path, Slow)
+    closer = threading.Thread(target=server.server_close)
+    with connect(sock_path) as c:
+        server.handle_request()
+        assert entered.wait(DEADLINE)
+        closer.start()
+        wait_until(lambda: not os.path.exists(sock_path))  # the listener is gone
+        c.sendall(b"still here\n")
+        release.set()
+        closer.join(DEADLINE)
+        assert not closer.is_alive()
+        assert recv_until_eof(c) == b"still here\n"
+    assert server.stats()["open"] == 0
+    assert server._acceptor.wait(DEADLINE)
+
+
+def test_detach_closes_the_connection_for_the_core(
+    sock_path: str, closing: list[Any]
+) -> None:
+    kept: list[int] = []
+
+    class Detaching(ss.BaseRequestHandler):
+        def handle(self) -> None:
+            kept.append(self.request.detach())
+
+    server = ss.UnixStreamServer(sock_path, Detaching)
+    closing.append(server)
+    with connect(sock_path) as c:
+        server.handle_request()
+        assert server.stats()["closed"] == 1  # counted once, though...
+        # ...the detached fd still talks to the client
+        with socket.socket(fileno=kept[0]) as mine:
+            mine.sendall(b"detached")
+        assert recv_until_eof(c) == b"detached"
+
+
+# ---------------------------------------------------------------------------- mix-ins
+
+
+def test_threading_mixin_reuses_pool_threads(sock_path: str) -> None:
+    idents: list[int] = []
+
+    class Who(ss.StreamRequestHandler):
+        def handle(self) -> None:
+            idents.append(threading.get_ident())
+            self.wfile.write(self.rfile.readline())
+
+    server = ss.ThreadingUnixStreamServer(sock_path, Who)
+    with serving(server):
+        for _ in range(5):
+            assert ask(sock_path) == b"hello\n"
+            # the worker parked again
+            wait_until(lambda: server._unixsrv_pool.idle == 1)
+    assert len(idents) == 5 and threading.get_ident() not in idents
+    assert len(set(idents)) == 1  # the parked worker took each next request
+    assert len(server._threads) == 0  # reaped and joined by server_close
+
+
+def test_threading_daemon_threads_do_not_block_server_close(sock_path: str) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    class Parked(ss.BaseRequestHandler):
+        def handle(self) -> None:
+            entered.set()
+            release.wait(DEADLINE)
+
+    class Daemonic(ss.ThreadingUnixStreamServer):
+        daemon_threads = True
+
+    server = Daemonic(sock_path, Parked)
+    try:
+        with connect(sock_path):
+            server.handle_request()
+            assert entered.wait(DEADLINE)
+            server.server_close()  # returns with the request still running
+            assert server.stats()["open"] == 1
+    finally:
+        release.set()
+    wait_until(lambda: server.stats()["open"] == 0)
+
+
+def test_escaping_exception_goes_to_threading_excepthook(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Any] = []
+    monkeypatch.setattr(
+        threading, "excepthook", lambda args: seen.append(args.exc_type)
+    )
+
+    class Exiting(ss.BaseRequestHandler):
+        def handle(self) -> None:
+            raise SystemExit(3)  # not an Exception: handle_error does not see it
+
+    server = ss.ThreadingUnixStreamServer(sock_path, Exiting)
+    with connect(sock_path) as c:
+        server.handle_request()
+        server.server_close()  # joins the request
+        assert recv_until_eof(c) == b""
+    assert seen == [SystemExit]
+
+
+def test_stdlib_threading_mixin_works_too(sock_path: str) -> None:
+    names: list[str] = []
+
+    class Named(ss.StreamRequestHandler):
+        def handle(self) -> None:
+            names.append(threading.current_thread().name)
+            self.wfile.write(self.rfile.readline().upper())
+
+    class Mixed(stdlib_socketserver.ThreadingMixIn, ss.UnixStreamServer):
+        pass
+
+    server = Mixed(sock_path, Named)
+    with serving(server):
+        assert ask(sock_path) == b"HELLO\n" and ask(sock_path) == b"HELLO\n"
+    assert all("process_request_thread" in n for n in names) and len(names) == 2
+    assert server.stats()["closed"] == 2 and server.stats()["open"] == 0
+
+
+class Report(ss.StreamRequestHandler):
+    """Answers a request line with what this process is and holds: its pid,
+    whether the parent's core fds are open here, then the line itself."""
+
+    def handle(self) -> None:
+        line = self.rfile.readline()
+        core_fds = self.server.core_fds
+
+        def is_open(fd: int) -> bool:
+            try:
+                os.fstat(fd)
+                return True
+            except OSError:
+                return False
+
+        report = {
+            "pid": os.getpid(),
+            "open": [fd for fd in core_fds if is_open(fd)],
+            "line": line.decode(),
+        }
+        self.wfile.write(json.dumps(report).encode() + b"\n")
+
+
+@forking
+def test_forking_child_serves_its_request_and_accounting_holds(sock_path: str) -> None:
+    class Forking(ss.ForkingUnixStreamServer):
+        core_fds: ClassVar[list[int]] = []
+
+    server = Forking(sock_path, Report)
+    loop = server._acceptor._loop
+    # The core's own fds: listener, poller, wakeup pipe; plus the accepted
+    # connection's fd is added per request below.
+    server.core_fds = [loop.listen_fileno, loop.wakeup_fileno]
+    with connect(sock_path) as c:
+        wait_until(lambda: server.stats()["accepted"] == 1)
+        conn = server._pending._items[0]
+        server.core_fds = [*server.core_fds, conn.fileno()]
+        server.handle_request()  # forks; the parent closes its copy at once
+        assert server.stats()["closed"] == 1 and server.stats()["open"] == 0
+        # the child still has the request
+        c.sendall(b"served after the parent let go\n")
+        answer = json.loads(c.makefile("rb").readline())
+    assert answer["pid"] != os.getpid()
+    assert answer["line"] == "served after the parent let go\n"
+    assert answer["open"] == []  # nothing of the core's came along
+    server.server_close()
+    assert not server.active_children  # drained (block_on_close)
+    assert server.stats() == {
+        "accepted": 1,
+        "rejected": 0,
+        "closed": 1,
+        "open": 0,
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "errors": 0,
+    }
+
+
+@forking
+def test_forking_server_serves_many(sock_path: str) -> None:
+    server = ss.ForkingUnixStreamServer(sock_path, Upper)
+    with serving(server):
+        answers = [ask(sock_path, b"n%d\n" % i) for i in range(5)]
+    assert answers == [b"N%d\n" % i for i in range(5)]
+    assert not server.active_children
+    assert server.stats()["accepted"] == server.stats()["closed"] == 5
