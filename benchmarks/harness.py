@@ -53,6 +53,7 @@ SERVERS: dict[str, str] = {
     "uvicorn-uvloop": "uvicorn (httptools) hello-world ASGI app, uds=, on uvloop",
     "unixsrv.asyncio-uvicorn-asyncio": "the same uvicorn app on unixsrv.asyncio.new_event_loop() (asyncio base)",
     "unixsrv.asyncio-uvicorn-uvloop": "the same uvicorn app on unixsrv.asyncio.new_event_loop(uvloop.Loop)",
+    "unixsrv-socketserver": "unixsrv.socketserver.ThreadingUnixStreamServer, the same handler as `socketserver`",
 }
 
 #: The servers that speak HTTP (load: http_load.c), not echo (load: unixsrv bench).
@@ -84,7 +85,7 @@ def compile_http_load(cc: str = "cc") -> str:
 
 def server_argv(name: str, path: str) -> list[str]:
     """The command line of server `name` listening on `path`."""
-    if name.startswith("unixsrv-"):
+    if name in ("unixsrv-event", "unixsrv-blocking"):
         model = name.split("-", 1)[1]
         return [PYTHON, "-m", "unixsrv", "--log-level", "WARNING", "serve", "--socket", path,
                 "--echo", "--model", model, "--backlog", str(BACKLOG)]

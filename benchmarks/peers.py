@@ -12,7 +12,10 @@ KIND is one of:
 ``asyncio-streams``   the same streams handler on the default asyncio loop;
 ``socketserver``      ``socketserver.ThreadingUnixStreamServer`` (one thread per
                       connection, ``daemon_threads``) with a ``BaseRequestHandler``
-                      doing ``recv(65536)`` + ``sendall`` until EOF.
+                      doing ``recv(65536)`` + ``sendall`` until EOF;
+``unixsrv-socketserver``  the same server class and the same handler class on
+                      ``unixsrv.socketserver.ThreadingUnixStreamServer`` (the
+                      one-import switch: unixsrv's accept loop and workers).
 
 unixsrv's asyncio layer under the same code (issue 9's rows):
 
@@ -37,7 +40,7 @@ Each is written the way the library's documentation shows it, nothing tuned.
 The listening socket is bound under a temporary name, listens with the given
 backlog (default 4096), and is then renamed to PATH, so PATH exists only once
 the server accepts (the readiness rule of ``unixsrv serve`` and of the C
-reference).  unixsrv.asyncio does that itself (it binds under a
+reference; unixsrv.socketserver binds PATH that way by itself).  unixsrv.asyncio does that itself too (it binds under a
 temporary name, applies the mode, listens, renames), so it is simply given
 PATH; uvicorn binds PATH itself (the file may exist a moment before it
 listens: the HTTP generator retries a refused connect).  The soft RLIMIT_NOFILE is raised to the hard limit.  The process
@@ -54,7 +57,8 @@ import socket
 import socketserver
 from typing import Any
 
-KINDS = ("uvloop-protocol", "uvloop-streams", "asyncio-protocol", "asyncio-streams", "socketserver")
+KINDS = ("uvloop-protocol", "uvloop-streams", "asyncio-protocol", "asyncio-streams", "socketserver",
+         "unixsrv-socketserver")
 HOSTED_KINDS = ("unixsrv.asyncio-protocol", "unixsrv.asyncio-uvloop-protocol", "unixsrv.asyncio-streams",
                 "unixsrv.asyncio-uvloop-streams")
 HTTP_KINDS = ("uvicorn-asyncio", "uvicorn-uvloop", "unixsrv.asyncio-uvicorn-asyncio", "unixsrv.asyncio-uvicorn-uvloop")
@@ -92,11 +96,6 @@ class EchoHandler(socketserver.BaseRequestHandler):
                 sock.sendall(data)
         except ConnectionError:
             pass
-
-
-class EchoUnixServer(socketserver.ThreadingUnixStreamServer):
-    daemon_threads = True
-    request_queue_size = 4096
 
 
 def listening_socket(path: str, backlog: int) -> socket.socket:
@@ -183,11 +182,25 @@ def serve_uvicorn(kind: str, path: str, backlog: int) -> None:
         loop.close()
 
 
-def serve_socketserver(path: str, backlog: int) -> None:
-    EchoUnixServer.request_queue_size = backlog
-    tmp = f"{path}.{os.getpid()}.tmp"
-    server = EchoUnixServer(tmp, EchoHandler)   # binds and listens(request_queue_size)
-    os.rename(tmp, path)
+def serve_socketserver(kind: str, path: str, backlog: int) -> None:
+    """EchoHandler on the standard library's ThreadingUnixStreamServer or, for
+    ``unixsrv-socketserver``, on unixsrv's: one thread per connection
+    (``daemon_threads``), listen(``request_queue_size``)."""
+    if kind == "unixsrv-socketserver":
+        from unixsrv import socketserver as unixsrv_socketserver
+
+        base = unixsrv_socketserver.ThreadingUnixStreamServer
+    else:
+        base = socketserver.ThreadingUnixStreamServer
+    echo_server = type("EchoUnixServer", (base,), {"daemon_threads": True, "request_queue_size": backlog})
+    if kind == "unixsrv-socketserver":
+        # unixsrv binds under a temporary name, listens, then renames onto
+        # PATH (README "The socket file"): PATH appears only once it accepts.
+        server = echo_server(path, EchoHandler)
+    else:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        server = echo_server(tmp, EchoHandler)  # binds and listens(request_queue_size)
+        os.rename(tmp, path)
     server.serve_forever()
 
 
@@ -200,8 +213,8 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if args.kind == "socketserver":
-        serve_socketserver(args.path, args.backlog)
+    if args.kind.endswith("socketserver"):
+        serve_socketserver(args.kind, args.path, args.backlog)
     elif args.kind in HOSTED_KINDS:
         serve_hosted(args.kind, args.path, args.backlog)
     elif args.kind in HTTP_KINDS:

@@ -59,6 +59,7 @@ SCENARIOS = [
     Scenario("pp-1000", "ping-pong 64 B, 1,000 connections", "pingpong", 1000),
     Scenario("pp-16k", "ping-pong 16 KiB, 10 connections", "pingpong", 10, 16384),
     Scenario("connect", "connect rate (connect, 64 B echo, close; 8 concurrent)", "connect", 8),
+    Scenario("connect-16", "connect rate (connect, 64 B echo, close; 16 concurrent)", "connect", 16),
     Scenario("rss-1000", "RSS per idle connection, 1,000 held", "hold", 1000),
     Scenario("rss-10000", "RSS per idle connection, 10,000 held", "hold", 10000),
     Scenario("http-64", "uvicorn (httptools) hello-world ASGI app, GET / on 64 keep-alive HTTP/1.1 connections; "
@@ -403,6 +404,19 @@ def targets(summ: dict[tuple[str, str], dict[str, Any]]) -> list[tuple[str, str,
     for what, want, sc, ours, theirs in ASYNCIO_LAYER_TARGETS:
         r = ratio(g(sc, ours, "server_cpu_us_per_rt"), g(sc, theirs, "server_cpu_us_per_rt"))
         add(what, f"<= {want:g}x", r, None if r is None else r <= want)
+    # issue 10: the same handler on unixsrv.socketserver's ThreadingUnixStreamServer vs the stdlib's
+    new, old = "unixsrv-socketserver", "socketserver"
+    r = ratio(g("connect-16", new, "rate"), g("connect-16", old, "rate"))
+    add("unixsrv.socketserver connect rate vs socketserver, 16 slots", ">= 3x", r,
+        None if r is None else r >= 3.0, rate_of=("connect-16", (new, old)))
+    r = ratio(g("pp-100", new, "rate"), g("pp-100", old, "rate"))
+    add("unixsrv.socketserver rt/s vs socketserver, pp-100", ">= 0.95x", r, None if r is None else r >= 0.95,
+        rate_of=("pp-100", (new, old)))
+    r = ratio(g("pp-100", new, "server_cpu_us_per_rt"), g("pp-100", old, "server_cpu_us_per_rt"))
+    add("unixsrv.socketserver CPU/rt vs socketserver, pp-100", "(reported)", r, None)
+    r = ratio(g("rss-1000", new, "rss_per_conn_bytes"), g("rss-1000", old, "rss_per_conn_bytes"))
+    add("unixsrv.socketserver RSS per idle connection vs socketserver, 1,000", "<= 1x", r,
+        None if r is None else r <= 1.0)
     return rows
 
 
@@ -649,7 +663,7 @@ def render_png(data: dict[str, Any], summ: dict[tuple[str, str], dict[str, Any]]
     colors = {
         "unixsrv-event": "#d62728", "unixsrv-blocking": "#ff7f0e", "uvloop-protocol": "#1f77b4",
         "uvloop-streams": "#aec7e8", "asyncio-protocol": "#2ca02c", "asyncio-streams": "#98df8a",
-        "socketserver": "#9467bd", "c-epoll": "#7f7f7f",
+        "socketserver": "#9467bd", "c-epoll": "#7f7f7f", "unixsrv-socketserver": "#8c564b",
     }
     panels = [("server_cpu_us_per_rt", "server CPU per round trip (µs, log; lower is better)", scen),
               ("rate", "round trips/s (connect: connects/s; log; higher is better)", scen)]
