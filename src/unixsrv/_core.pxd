@@ -29,6 +29,7 @@ cdef extern from "<errno.h>" nogil:
         EPROTO
         ENOTCONN
         EADDRINUSE
+        ENOSYS
 
 
 cdef extern from "<string.h>" nogil:
@@ -134,6 +135,7 @@ cdef extern from "poller.h" nogil:
         US_READ
         US_WRITE
         US_EDGE
+        US_LISTEN
     ctypedef struct us_poll_event:
         pass
     int us_poller_create()
@@ -166,6 +168,9 @@ cdef extern from "compat.h" nogil:
     int us_peercred(int fd, long *pid, long *uid, long *gid)
     int us_is_socket_mode(mode_t m)
     int us_would_block(int e)
+    void *us_shared_alloc(size_t size)
+    int us_shared_free(void *p, size_t size)
+    int us_exit_with_parent(int sig)
 
 
 # --- used by the load generator (_client.pxi) only
@@ -306,7 +311,17 @@ cdef struct rec_t:
 
 
 cdef class Stats:
-    cdef us_stats s
+    # The counters: _own, or one slot of a SharedStats (Server(workers=N):
+    # each worker process adds to its own slot, the parent sums them).
+    cdef us_stats *s
+    cdef us_stats _own
+    cdef object _mapping     # the SharedStats whose slot s points into
+
+
+cdef class SharedStats:
+    cdef us_stats *slots
+    cdef size_t count
+    cdef size_t size
 
 
 cdef class Callbacks:
@@ -423,6 +438,7 @@ cdef class Loop:
     cdef object unlink_path
     cdef dev_t sock_dev
     cdef ino_t sock_ino
+    cdef readonly object sockname
     cdef object __weakref__
 
     cdef void _lock(self) noexcept nogil
@@ -453,3 +469,4 @@ cdef class Loop:
     cdef void _wake(self) noexcept
     cdef int _check_init(self) except -1
     cdef int _check_owner(self) except -1
+    cdef int _open_with(self, display, unlink_path, make_listener, tuple args) except -1

@@ -182,6 +182,11 @@ def open_listener(object address, object display, int backlog, int mode, long gi
         close(dirfd)
 
 
+def _adopted(int fd, dev_t dev, ino_t ino):
+    """The "listener factory" of Loop.adopt(): the socket exists already."""
+    return (fd, dev, ino)
+
+
 def unlink_if_same(bytes path, dev_t dev, ino_t ino):
     """Remove the socket file at ``path`` only if it is still the inode we
     created (a successor server may own the path by now).  Call it before

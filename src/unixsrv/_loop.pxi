@@ -119,6 +119,26 @@ cdef class Loop:
              bytes dir_path, bytes base, bytes tmp_name, bint use_proc):
         """Create the wakeup pipe, the poller and the listener.  On failure
         nothing is left open or on disk."""
+        self._open_with(display, unlink_path, open_listener,
+                        (address, display, backlog, mode, gid, dir_path, base, tmp_name, use_proc))
+        # What getsockname() reports for the listener: the final name, not
+        # the temporary one it was bound under (see _listener.pxi).
+        self.sockname = address if address[:1] == b"\0" else _os.fsdecode(address)
+
+    def adopt(self, int fd, object sockname, display, unlink_path, dev_t dev, ino_t ino):
+        """Serve a socket the caller bound (``fd`` is a duplicate that this
+        loop now owns and closes).  Its file is removed at stop only if
+        ``unlink_path`` is given and still names the inode (dev, ino); it is
+        never chmod-ed.  On failure fd is closed, unless the loop refused it
+        at once (not initialised, or already opened)."""
+        self._check_init()
+        if self.pfd >= 0 or self.closed or self.lfd >= 0:
+            raise RuntimeError("this Loop was already opened")
+        self.lfd = fd        # owned from here: _close_fds closes it on failure
+        self._open_with(display, unlink_path, _adopted, (fd, dev, ino))
+        self.sockname = sockname
+
+    cdef int _open_with(self, display, unlink_path, make_listener, tuple args) except -1:
         cdef int fds[2]
         self._check_init()
         if self.pfd >= 0 or self.closed:
@@ -133,10 +153,9 @@ cdef class Loop:
                 raise _oserror(errno)
             if us_poller_add(self.pfd, self.wake_r, TOKEN_WAKE, US_READ) < 0:
                 raise _oserror(errno)
-            self.lfd, self.sock_dev, self.sock_ino = open_listener(
-                address, display, backlog, mode, gid, dir_path, base, tmp_name, use_proc)
+            self.lfd, self.sock_dev, self.sock_ino = make_listener(*args)
             self.unlink_path = unlink_path
-            if us_poller_add(self.pfd, self.lfd, TOKEN_LISTEN, US_READ) < 0:
+            if us_poller_add(self.pfd, self.lfd, TOKEN_LISTEN, US_LISTEN) < 0:
                 raise _oserror(errno)
             self.accepting = True
         except BaseException:
@@ -147,6 +166,7 @@ cdef class Loop:
                 self._close_fds()
             raise
         _live_loops.add(self)
+        return 0
 
     @property
     def wakeup_fileno(self):
@@ -332,7 +352,7 @@ cdef class Loop:
         if self.idle_ns and self.now >= self.next_sweep_ns:
             self._sweep()
         if self.accept_paused and self.now >= self.accept_resume_ns and self.lfd >= 0:
-            if us_poller_modify(self.pfd, self.lfd, TOKEN_LISTEN, 0, US_READ) == 0:
+            if us_poller_modify(self.pfd, self.lfd, TOKEN_LISTEN, 0, US_LISTEN) == 0:
                 self.accept_paused = False
 
     cdef void _accept_batch(self) noexcept nogil:
@@ -353,14 +373,14 @@ cdef class Loop:
                 if not self.accept_reported:
                     self.accept_reported = True
                     self._push(REC_ACCEPT_ERROR, -1, 0, 0, err)
-                if us_poller_modify(self.pfd, self.lfd, TOKEN_LISTEN, US_READ, 0) == 0:
+                if us_poller_modify(self.pfd, self.lfd, TOKEN_LISTEN, US_LISTEN, 0) == 0:
                     self.accept_paused = True
                     self.accept_resume_ns = self.now + <int64_t>self.accept_backoff_ms * 1000000
                     self.accept_backoff_ms = min(self.accept_backoff_ms * 2, BACKOFF_MAX_MS)
                 return
             self.accept_backoff_ms = BACKOFF_MIN_MS
             self.accept_reported = False
-            if self.max_conns and _open_count(&self.stats.s) >= self.max_conns:
+            if self.max_conns and _open_count(self.stats.s) >= self.max_conns:
                 close(fd)          # over the limit: the client sees EOF at once
                 us_add_u64(&self.stats.s.rejected, 1)
                 continue
@@ -674,7 +694,7 @@ cdef class Loop:
         cdef bint waiting
         with cython.critical_section(self):
             waiting = self.drain_waiting
-        if waiting and _open_count(&self.stats.s) == 0:
+        if waiting and _open_count(self.stats.s) == 0:
             self.server._notify_drained()
         return 0
 
@@ -694,7 +714,7 @@ cdef class Loop:
                 unlink_if_same(self.unlink_path, self.sock_dev, self.sock_ino)
         finally:
             if self.pfd >= 0 and not forked:
-                us_poller_remove(self.pfd, self.lfd, 0 if self.accept_paused else US_READ)
+                us_poller_remove(self.pfd, self.lfd, 0 if self.accept_paused else US_LISTEN)
             close(self.lfd)
             self.lfd = -1
             self.accepting = False

@@ -10,7 +10,8 @@ line on stderr naming the file or option and the problem).
 Signals are race-free: the handlers, installed before anything else, only
 record the signal in a queue (``queue.SimpleQueue.put`` is safe in a signal
 handler); the main thread applies the requests once the server runs, so a
-signal at any moment of start-up stops the server.  From the first signal
+signal at any moment of start-up stops the server.  With ``--workers``,
+SIGHUP replaces the worker processes one by one (``Server.reload``).  From the first signal
 on the process never dies of SIGINT or SIGTERM: every later one is handled
 or, once the server has stopped, ignored; the exit status is the stop's.
 
@@ -89,6 +90,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", metavar="DURATION", default="10",
                        help="grace period on SIGINT/SIGTERM (default 10 s; inf = no limit)")
     serve.add_argument("--model", choices=["event", "blocking"], default="event", help="handler model for --echo")
+    serve.add_argument("--workers", metavar="N|auto",
+                       help="serve from N worker processes (auto: one per CPU); SIGHUP replaces them one by one")
     what = serve.add_mutually_exclusive_group(required=True)
     what.add_argument("--echo", action="store_true", help="serve the built-in echo")
     what.add_argument("--handler", metavar="MODULE:FUNCTION", help="blocking-model handler(conn)")
@@ -110,7 +113,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    stops = _StopRequests()  # first of all: from here on a SIGINT/SIGTERM is recorded, never lost
+    stops = _StopRequests(reload=args.workers is not None)  # first of all: from here on a SIGINT/SIGTERM is recorded, never lost
     try:
         _pause_for_test("handlers")
         timeout = _duration("--shutdown-timeout", args.shutdown_timeout, infinite=True)
@@ -127,17 +130,31 @@ def _serve(args: argparse.Namespace) -> int:
         stops.ignore_further()
 
 
+def _workers(text: str | None) -> int | str | None:
+    """--workers: None (one process), "auto", or a count."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--workers: expected a number or 'auto', not {text!r}") from None
+
+
 def _make_server(args: argparse.Namespace) -> tuple[Server, str]:
     """The Server the arguments describe, and what it serves (for the log)."""
     config = _config_from_args(args)
+    workers = _workers(args.workers)
     if args.echo:
-        server = Server(config, echo_handler) if args.model == "blocking" else Server(config, protocol=EchoProtocol)
+        if args.model == "blocking":
+            server = Server(config, echo_handler, workers=workers)
+        else:
+            server = Server(config, protocol=EchoProtocol, workers=workers)
         what = f"echo ({args.model} model)"
     elif args.handler:
-        server = Server(config, _import(args.handler))
+        server = Server(config, _import(args.handler), workers=workers)
         what = args.handler
     else:
-        server = Server(config, protocol=_import(args.protocol))
+        server = Server(config, protocol=_import(args.protocol), workers=workers)
         what = args.protocol
     if os.environ.get(_PAUSE_ENV) == "listening":
         # start() reports "starting listening socket" on its caller's thread
@@ -154,9 +171,10 @@ class _StopRequests:
     own code could deadlock on or find half set up.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, reload: bool) -> None:
         self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        for signum in _STOP_SIGNALS:
+        self._signals = (*_STOP_SIGNALS, signal.SIGHUP) if reload else _STOP_SIGNALS
+        for signum in self._signals:
             signal.signal(signum, self._record)
 
     def _record(self, signum: int, frame: object) -> None:
@@ -173,7 +191,9 @@ class _StopRequests:
         cut: int | None = None  # connections open when a second signal closed the server
         while (signum := self._queue.get()) is not None:
             name = signal.Signals(signum).name
-            if graceful is None:
+            if signum == signal.SIGHUP:
+                _reload(server)
+            elif graceful is None:
                 limit = "no time limit" if math.isinf(timeout) else f"up to {timeout:g} s"
                 logger.info("%s: shutting down gracefully (%s; repeat to stop at once)", name, limit)
                 graceful = _GracefulStop(server, timeout)
@@ -202,11 +222,25 @@ class _StopRequests:
 
     def ignore_further(self) -> None:
         """The server is stopped (or never ran): from now on SIGINT/SIGTERM
-        are ignored, so the process ends with the status it chose, even
-        while the interpreter shuts down (it resets only Python-level
-        handlers, not SIG_IGN)."""
-        for signum in _STOP_SIGNALS:
+        (and SIGHUP) are ignored, so the process ends with the status it
+        chose, even while the interpreter shuts down (it resets only
+        Python-level handlers, not SIG_IGN)."""
+        for signum in self._signals:
             signal.signal(signum, signal.SIG_IGN)
+
+
+def _reload(server: Server) -> None:
+    """SIGHUP (recorded only with --workers): replace the workers one by one,
+    on a thread, so the main thread stays free for a stop."""
+
+    def run() -> None:
+        try:
+            server.reload()
+        except UnixSrvError as exc:
+            logger.error("SIGHUP: reload failed: %s", exc)
+
+    logger.info("SIGHUP: replacing the workers one by one")
+    threading.Thread(target=run, name="unixsrv reload", daemon=True).start()
 
 
 class _GracefulStop(threading.Thread):

@@ -12,6 +12,9 @@ Both run on the same C loop (``unixsrv._core.Loop``): it owns the listener,
 the poller, the connection table and the counters.  This module decides when
 to start and stop it, runs the callbacks the user registered and keeps every
 callback's exception away from the server.
+
+``Server(..., workers=N)`` runs that loop in N forked worker processes
+sharing one listener, supervised by the parent (see unixsrv.prefork).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from . import _core
 from .config import ServerConfig
 from .connstate import ConnState
 from .errors import InvalidHandlerError, ServerClosedError, ShutdownTimeoutError
+from .prefork import Prefork, worker_count
 from .workers import WorkerPool
 
 __all__ = ["Server"]
@@ -69,6 +73,10 @@ class Server:
     accepted connection before the handler, with a ``socket.socket`` for
     getsockopt/setsockopt: a duplicate of the connection's fd, closed after
     the call.
+
+    ``workers=N`` (an int >= 1, or ``"auto"``: one per CPU) serves from N
+    forked processes sharing the listener, supervised by this one: see
+    :mod:`unixsrv.prefork`, :meth:`reload` and :meth:`worker_stats`.
     """
 
     def __init__(
@@ -78,6 +86,7 @@ class Server:
         *,
         protocol: Callable[[], Any] | None = None,
         update_conn: Callable[[socket.socket], Any] | None = None,
+        workers: int | str | None = None,
     ) -> None:
         if not isinstance(config, ServerConfig):
             raise TypeError(f"config must be a ServerConfig, not {type(config).__name__}")
@@ -109,6 +118,8 @@ class Server:
         self._setup_thread: int | None = None
         self._drained = threading.Condition(threading.Lock())
         self._owner_pid = os.getpid()
+        self._listen_fd: int | None = None  # in a worker process: the parent's listener
+        self._prefork = None if workers is None else Prefork(self, worker_count(workers))
 
     def __repr__(self) -> str:
         model = "blocking" if self._handler is not None else "event"
@@ -129,6 +140,8 @@ class Server:
     @property
     def is_running(self) -> bool:
         """True while the server accepts connections."""
+        if self._prefork is not None:
+            return self._prefork.is_running and not self._forked()
         return self._state is _State.RUNNING and not self._forked()
 
     @property
@@ -139,12 +152,34 @@ class Server:
     @property
     def open_connections(self) -> int:
         """Connections accepted and not yet closed."""
+        if self._prefork is not None:
+            return self._prefork.stats()["open"]
         return self._stats.open
 
     def stats(self) -> dict[str, int]:
         """Counters (cumulative over restarts): accepted, rejected, closed,
-        open, bytes_in, bytes_out, errors."""
+        open, bytes_in, bytes_out, errors.  With workers: the sum over every
+        worker process, those that ended included."""
+        if self._prefork is not None:
+            return self._prefork.stats()
         return self._stats.snapshot()
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """With workers: one row per live worker process (``slot``, ``pid``,
+        ``state``: starting/ready/stopping, and its counters); else []."""
+        return [] if self._prefork is None else self._prefork.worker_stats()
+
+    def reload(self, timeout: float = 30.0) -> None:
+        """With workers: replace every worker process, one at a time, without
+        refusing a connection: each new worker accepts before the one it
+        replaces is asked to drain (SIGTERM).  Raises WorkerError if a new
+        worker does not start within ``timeout`` seconds (the old one is then
+        kept), ServerClosedError if the server is not running, RuntimeError
+        without workers."""
+        timeout = _check_timeout(timeout)
+        if self._prefork is None:
+            raise RuntimeError("reload() needs Server(..., workers=N)")
+        self._prefork.reload(timeout)
 
     # ------------------------------------------------------------------ callbacks
 
@@ -179,6 +214,9 @@ class Server:
         returns with the server stopped.
         """
         self._check_not_forked()
+        if self._prefork is not None:
+            self._prefork.start()
+            return
         with self._start_lock:
             while True:
                 with self._lock:
@@ -216,6 +254,9 @@ class Server:
         """
         self._check_not_forked()
         if cancel is not None and cancel.is_set():
+            return
+        if self._prefork is not None:
+            self._prefork.serve_forever(cancel)
             return
         with self._start_lock:
             loop = self._open(foreground=True)
@@ -270,7 +311,13 @@ class Server:
             try:
                 if foreground:
                     loop.claim_thread()
-                loop.open(backlog=cfg.backlog, **_listener_args(cfg))
+                if self._listen_fd is None:
+                    loop.open(backlog=cfg.backlog, **_listener_args(cfg))
+                else:
+                    # A worker process: the parent's listener, whose file only
+                    # the parent unlinks (no unlink_path here, never chmod-ed).
+                    sockname = cfg.address if cfg.is_abstract else os.fsdecode(cfg.address)
+                    loop.adopt(os.dup(self._listen_fd), sockname, cfg.display_path, None, 0, 0)
                 with self._lock:
                     if not self._stop_requested:
                         self._loop = loop
@@ -362,6 +409,9 @@ class Server:
         timeout = _check_timeout(timeout)
         if self._forked():
             return
+        if self._prefork is not None:
+            self._prefork.stop(graceful=True, timeout=timeout)
+            return
         if self._on_server_thread():
             threading.Thread(target=self._shutdown_reporting, args=(timeout,), daemon=True).start()
             return
@@ -376,6 +426,9 @@ class Server:
         """
         if self._forked():
             return
+        if self._prefork is not None:
+            self._prefork.stop(graceful=False, timeout=0.0)
+            return
         loop = self._loop
         if loop is not None and loop.on_loop_thread():
             self._close_now(loop)  # from a callback: the loop exits after it
@@ -387,11 +440,14 @@ class Server:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the server is stopped, at most ``timeout`` seconds
         (None or math.inf: no limit); True if it is."""
+        if self._prefork is not None:
+            return self._prefork.wait(_finite(math.inf if timeout is None else _check_timeout(timeout)))
         return _wait_event(self._stopped, math.inf if timeout is None else _check_timeout(timeout))
 
     def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
         """Run ``callback(*args)`` on the loop thread (where transports may be
-        used).  Raises ServerClosedError if the server is not running."""
+        used).  Raises ServerClosedError if the server is not running (or
+        runs in worker processes: their loops are not in this one)."""
         loop = self._loop
         if loop is None or not loop.call_soon_threadsafe(lambda: callback(*args)):
             raise ServerClosedError("the server is not running")
@@ -521,6 +577,18 @@ class Server:
     def _check_not_forked(self) -> None:
         if self._forked():
             raise RuntimeError("this Server was inherited through fork(); create a new one in the child process")
+
+    def _worker_copy(self, stats: _core.Stats, listen_fd: int) -> Server:
+        """In a worker process of ``workers=N``: a single-process Server like
+        this one that serves the inherited listener ``listen_fd`` and counts
+        into ``stats`` (its slot of the shared counters).  Lifecycle messages
+        are the parent's: on_server_info is not copied."""
+        worker = Server(self._config, self._handler, protocol=self._protocol, update_conn=self._callbacks.update_conn)
+        worker._stats = stats
+        worker._listen_fd = listen_fd
+        worker._callbacks.on_error = self._callbacks.on_error
+        worker._callbacks.on_conn_state = self._callbacks.on_conn_state
+        return worker
 
     # ------------------------------------------------------------------ per connection
 
