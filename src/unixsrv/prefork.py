@@ -17,15 +17,17 @@ workers keep dying within ``MIN_UPTIME`` of their start; after
 ``CRASH_LOOP_LIMIT`` such deaths in a row the server reports
 :class:`~unixsrv.errors.WorkerCrashLoopError` and stops instead of spinning.
 
-Signals to a worker: SIGTERM = graceful shutdown (the worker drains, at most
-``WORKER_GRACE`` seconds on its own), SIGQUIT = close now; SIGINT and SIGHUP
-are ignored (a terminal's Ctrl-C reaches the whole process group: the parent
-decides what the workers do).  ``shutdown(timeout)`` in the parent removes
+Signals to a worker: SIGTERM = graceful shutdown (the worker stops
+accepting, dispatches what already arrived, then drains, at most
+``WORKER_GRACE`` seconds on its own), SIGUSR1 = the same after serving on
+for up to ``RETIRE_LINGER`` while connections are open (reload), SIGQUIT =
+close now; SIGINT and SIGHUP are ignored (a terminal's Ctrl-C reaches the
+whole process group: the parent decides what the workers do).  ``shutdown(timeout)`` in the parent removes
 the socket file, sends SIGTERM to every worker, waits up to ``timeout``,
 then sends SIGQUIT and, ``STOP_GRACE`` later, SIGKILL.  ``reload()`` replaces
 the workers one at a time: a new worker is forked and accepting before the
-old one is asked to drain, and the listener never closes, so no connection
-is refused.
+old one is asked to retire (SIGUSR1), and the listener never closes, so no
+connection is refused.
 
 Counters: every worker adds to its own slot of a
 :class:`unixsrv._core.SharedStats` (a ``MAP_SHARED`` anonymous mapping made
@@ -82,6 +84,10 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 2.0
 #: How long a worker drains on SIGTERM by itself (the parent's deadline usually ends it sooner).
 WORKER_GRACE = 30.0
+#: How long a worker replaced by reload() (SIGUSR1) serves on its open
+#: connections, no longer accepting, before it drains them: a client that
+#: connected just before and sends its request a moment later is answered.
+RETIRE_LINGER = 0.5
 #: After a stop's deadline: SIGQUIT, then SIGKILL this much later.
 STOP_GRACE = 1.0
 #: The supervisor also polls waitpid this often: a worker's status pipe can
@@ -358,7 +364,7 @@ class Prefork:
                     raise WorkerError("reload(): a new worker did not start") from request.failed
                 new.spare = False
                 if not w.ended:
-                    _kill(w.pid, signal.SIGTERM)
+                    _kill(w.pid, signal.SIGUSR1)
         self._server._info(f"reloaded {len(old)} workers")
 
     # ------------------------------------------------------------------ the supervisor thread
@@ -576,12 +582,14 @@ class Prefork:
         worker = self._server._worker_copy(self._shared.slot(slot), self._lfd)
 
         def graceful(signum: int, frame: object) -> None:
-            threading.Thread(target=_shutdown_quietly, args=(worker,), daemon=True).start()
+            linger = RETIRE_LINGER if signum == signal.SIGUSR1 else 0.0
+            threading.Thread(target=_shutdown_quietly, args=(worker, linger), daemon=True).start()
 
         def close_now(signum: int, frame: object) -> None:
             threading.Thread(target=worker.close, daemon=True).start()
 
         signal.signal(signal.SIGTERM, graceful)
+        signal.signal(signal.SIGUSR1, graceful)
         signal.signal(signal.SIGQUIT, close_now)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -591,7 +599,20 @@ class Prefork:
         return 0
 
 
-def _shutdown_quietly(worker: Server) -> None:
+def _shutdown_quietly(worker: Server, linger: float) -> None:
+    """SIGTERM (``linger`` 0) or SIGUSR1 in a worker: stop accepting, let one
+    loop pass dispatch what already arrived on the connections accepted
+    until then, serve on while connections are open for at most ``linger``
+    seconds, then drain."""
+    passed = threading.Event()
+    try:
+        worker._stop_accepting_then(passed.set)
+        passed.wait(STOP_GRACE)
+    except ServerClosedError:
+        pass  # not running (any more): shutdown() below is a no-op
+    end = time.monotonic() + linger
+    while worker.open_connections and time.monotonic() < end:
+        time.sleep(0.01)  # bounded by linger; the clients' closes are not signalled to this thread
     try:
         worker.shutdown(WORKER_GRACE)
     except ShutdownTimeoutError as exc:

@@ -172,10 +172,11 @@ class Server:
     def reload(self, timeout: float = 30.0) -> None:
         """With workers: replace every worker process, one at a time, without
         refusing a connection: each new worker accepts before the one it
-        replaces is asked to drain (SIGTERM).  Raises WorkerError if a new
-        worker does not start within ``timeout`` seconds (the old one is then
-        kept), ServerClosedError if the server is not running, RuntimeError
-        without workers."""
+        replaces is asked to retire (SIGUSR1: it stops accepting, serves on
+        for up to prefork.RETIRE_LINGER seconds, then drains).  Raises
+        WorkerError if a new worker does not start within ``timeout`` seconds
+        (the old one is then kept), ServerClosedError if the server is not
+        running, RuntimeError without workers."""
         timeout = _check_timeout(timeout)
         if self._prefork is None:
             raise RuntimeError("reload() needs Server(..., workers=N)")
@@ -577,6 +578,22 @@ class Server:
     def _check_not_forked(self) -> None:
         if self._forked():
             raise RuntimeError("this Server was inherited through fork(); create a new one in the child process")
+
+    def _stop_accepting_then(self, then: Callable[[], None]) -> None:
+        """A worker process retiring: stop accepting now (on the loop thread)
+        and call ``then()`` one loop pass later, once what clients already
+        sent on the connections accepted until now has been dispatched (an
+        event-model drain stops reading at once).  ServerClosedError if the
+        server is not running."""
+
+        def stop() -> None:
+            loop = self._loop
+            if loop is not None:
+                self._stop_accepting(loop)
+            # Queued from a callback: runs in the next dispatch, after a poll.
+            self.call_soon_threadsafe(then)
+
+        self.call_soon_threadsafe(stop)
 
     def _worker_copy(self, stats: _core.Stats, listen_fd: int) -> Server:
         """In a worker process of ``workers=N``: a single-process Server like
