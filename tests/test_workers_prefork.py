@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from conftest import DEADLINE, LINUX, connect, read_line, recv_exactly, wait_until
 
-from unixsrv import Server, ServerConfig, WorkerCrashLoopError, WorkerError
+from unixsrv import Server, ServerClosedError, ServerConfig, WorkerCrashLoopError, WorkerError
 from unixsrv.errors import ConfigError
 from unixsrv.prefork import MIN_UPTIME, worker_count
 
@@ -184,6 +184,30 @@ def test_worker_count() -> None:
             worker_count(bad)
     with pytest.raises(ConfigError):
         Server(ServerConfig(path="/tmp/x.sock"), _handler, workers=0)
+
+
+def test_single_process_server_has_no_workers(sock_path: str) -> None:
+    srv = Server(ServerConfig(path=sock_path), _handler)
+    assert srv.worker_stats() == []
+    with pytest.raises(RuntimeError):
+        srv.reload()
+
+
+def test_not_running(sock_path: str, workers_server: Callable[..., Server]) -> None:
+    srv = workers_server(sock_path, "event", 1, start=False)
+    assert not srv.is_running and srv.worker_stats() == [] and srv.open_connections == 0
+    with pytest.raises(ServerClosedError):
+        srv.reload()
+    srv.start()
+    with pytest.raises(ServerClosedError):  # the loops live in the workers
+        srv.call_soon_threadsafe(print)
+    srv.start()  # a no-op while running
+    assert len(srv.worker_stats()) == 1
+    srv.close()
+    srv.close()  # idempotent
+    assert not os.path.exists(sock_path)
+    srv.start()  # a stopped server starts again
+    assert srv.is_running and os.path.exists(sock_path)
 
 
 @pytest.mark.parametrize("model", MODELS)

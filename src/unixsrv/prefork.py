@@ -157,6 +157,8 @@ class Prefork:
         # (when, signal, past the deadline) to send every worker while stopping
         self._signals: list[tuple[float, int, bool]] = []
         self._stopping = False
+        self._starting = False  # start() is making the listener
+        self._stop_requested = False  # a stop came meanwhile
         self._forced = 0  # workers still running at the stop's deadline
         self._failure: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -210,41 +212,64 @@ class Prefork:
 
     def start(self) -> None:
         """Create the listener, fork the workers, return once every one
-        accepts.  A no-op while running."""
+        accepts.  A no-op while running; a stop called meanwhile wins (then
+        this returns with the server stopped, or raises what stopped it)."""
         with self._start_lock:
             if not self._stopped.is_set():
                 return
-            from .server import _listener_args
+            with self._cond:
+                self._starting = True
+                self._stop_requested = False
+            try:
+                self._open()
+            finally:
+                with self._cond:
+                    self._starting = False
+            if self._stopped.is_set():  # a stop came while the listener was made
+                return
+            self._thread = threading.Thread(target=self._supervise, name=f"unixsrv workers {self._server.path}")
+            self._thread.start()
+        try:
+            self._wait_started()
+        except BaseException:  # Ctrl-C while the workers start: none is left running
+            self.stop(graceful=False, timeout=0.0)
+            raise
 
-            cfg = self._server.config
-            args = _listener_args(cfg)
-            unlink_path = args.pop("unlink_path")
-            lfd, dev, ino = _core.open_listener(backlog=cfg.backlog, **args)
+    def _open(self) -> None:
+        """The listener, the shared counters and the wakeup pipe; on failure
+        (or a stop requested meanwhile) nothing is left open or on disk."""
+        from .server import _listener_args
+
+        cfg = self._server.config
+        args = _listener_args(cfg)
+        unlink_path = args.pop("unlink_path")
+        lfd, dev, ino = _core.open_listener(backlog=cfg.backlog, **args)
+        try:
             shared = _core.SharedStats(2 * self._count + 1)  # room for reload()'s overlap
             wake_r, wake_w = os.pipe()
-            os.set_blocking(wake_r, False)
-            os.set_blocking(wake_w, False)
-            with self._cond:
-                self._lfd, self._dev, self._ino, self._unlink_path = (
-                    lfd,
-                    dev,
-                    ino,
-                    unlink_path,
-                )
-                self._shared = shared
-                self._free = list(range(len(shared)))[::-1]
-                self._wake_r, self._wake_w = wake_r, wake_w
-                self._stopping = False
-                self._forced = 0
-                self._failure = None
-                self._crashes = 0
-                self._signals = []
-                self._requests = [_Spawn(0.0) for _ in range(self._count)]
-                self._ready.clear()
-                self._stopped.clear()
-            self._thread = threading.Thread(target=self._supervise, name=f"unixsrv workers {cfg.display_path}")
-            self._thread.start()
-        self._wait_started()
+        except BaseException:
+            _close_listener(lfd, unlink_path, dev, ino)
+            raise
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        with self._cond:
+            if self._stop_requested:
+                _close_listener(lfd, unlink_path, dev, ino)
+                os.close(wake_r)
+                os.close(wake_w)
+                return
+            self._lfd, self._dev, self._ino, self._unlink_path = lfd, dev, ino, unlink_path
+            self._shared = shared
+            self._free = list(range(len(shared)))[::-1]
+            self._wake_r, self._wake_w = wake_r, wake_w
+            self._stopping = False
+            self._forced = 0
+            self._failure = None
+            self._crashes = 0
+            self._signals = []
+            self._requests = [_Spawn(0.0) for _ in range(self._count)]
+            self._ready.clear()
+            self._stopped.clear()
 
     def _wait_started(self) -> None:
         with self._cond:
@@ -260,7 +285,6 @@ class Prefork:
         self._stopped.wait()
         if failure is not None:
             raise failure
-        raise ServerClosedError("the server was stopped while its workers started")
 
     def serve_forever(self, cancel: threading.Event | None) -> None:
         self.start()
@@ -293,35 +317,35 @@ class Prefork:
         deadline = now + timeout
         with self._cond:
             if self._stopped.is_set():
+                self._stop_requested = self._starting  # start() undoes itself
                 return
-            self._begin_stop(signal.SIGTERM if graceful else signal.SIGQUIT)
+            closed = self._begin_stop(signal.SIGTERM if graceful else signal.SIGQUIT)
             if not math.isinf(timeout):
                 self._signals.append((deadline, signal.SIGQUIT, True))
                 self._signals.append((deadline + STOP_GRACE, signal.SIGKILL, True))
             self._wake()
+        if closed:
+            self._server._info(f"closing listen socket 'unix {self._server.path}'")
         self._stopped.wait(None if math.isinf(timeout) else timeout + 3 * STOP_GRACE)
         with self._cond:
             forced = self._forced
         if graceful and forced:
             raise ShutdownTimeoutError(f"{forced} worker(s) still draining after {timeout:g} s were stopped")
 
-    def _begin_stop(self, first: int) -> None:
+    def _begin_stop(self, first: int) -> bool:
         """With _cond held: no more forks, the socket file removed and our
-        listener closed, ``first`` sent to every worker."""
+        listener closed, ``first`` sent to every worker.  True if this call
+        closed the listener (the caller reports it, without the lock)."""
         self._signals.insert(0, (0.0, first, False))
         if self._stopping:
-            return
+            return False
         self._stopping = True
         self._requests.clear()
-        if self._lfd >= 0:
-            try:
-                if self._unlink_path is not None:
-                    # Before our listener closes (its inode number cannot be reused meanwhile).
-                    _core.unlink_if_same(self._unlink_path, self._dev, self._ino)
-            finally:
-                os.close(self._lfd)
-                self._lfd = -1
-            self._server._info(f"closing listen socket 'unix {self._server.path}'")
+        if self._lfd < 0:
+            return False
+        lfd, self._lfd = self._lfd, -1
+        _close_listener(lfd, self._unlink_path, self._dev, self._ino)
+        return True
 
     # ------------------------------------------------------------------ reload
 
@@ -403,7 +427,7 @@ class Prefork:
             logger.exception("unixsrv %s: the worker supervisor failed", self._server.path)
             with self._cond:
                 self._failure = self._failure or exc
-                self._begin_stop(signal.SIGKILL)
+                self._begin_stop(signal.SIGKILL)  # the failure itself is logged above
                 self._send(signal.SIGKILL, late=False)
             for w in list(self._workers.values()):
                 _waitpid(w.pid, 0)
@@ -542,8 +566,10 @@ class Prefork:
             )
             with self._cond:
                 self._failure = failure
-                self._begin_stop(signal.SIGQUIT)
+                closed = self._begin_stop(signal.SIGQUIT)
                 self._signals.append((time.monotonic() + STOP_GRACE, signal.SIGKILL, False))
+            if closed:
+                self._server._info(f"closing listen socket 'unix {self._server.path}'")
             self._server._report(failure)
 
     # ------------------------------------------------------------------ in the worker
@@ -597,6 +623,17 @@ class Prefork:
         os.write(status_w, _READY)
         worker.wait()
         return 0
+
+
+def _close_listener(lfd: int, unlink_path: bytes | None, dev: int, ino: int) -> None:
+    """Remove the socket file if it is still ours, then close the listener
+    (in this order: while it is open its inode number cannot be reused by a
+    successor's socket file)."""
+    try:
+        if unlink_path is not None:
+            _core.unlink_if_same(unlink_path, dev, ino)
+    finally:
+        os.close(lfd)
 
 
 def _shutdown_quietly(worker: Server, linger: float) -> None:
