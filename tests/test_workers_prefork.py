@@ -23,7 +23,13 @@ from typing import Any
 import pytest
 from conftest import DEADLINE, LINUX, connect, read_line, recv_exactly, wait_until
 
-from unixsrv import Server, ServerClosedError, ServerConfig, WorkerCrashLoopError, WorkerError
+from unixsrv import (
+    Server,
+    ServerClosedError,
+    ServerConfig,
+    WorkerCrashLoopError,
+    WorkerError,
+)
 from unixsrv.errors import ConfigError
 from unixsrv.prefork import MIN_UPTIME, worker_count
 
