@@ -55,7 +55,10 @@ cdef class SharedStats:
     worker process a slot, which that worker's Loop adds to, and the parent
     reads every slot without a lock."""
 
-    def __cinit__(self, Py_ssize_t count):
+    def __init__(self, Py_ssize_t count):
+        # Not __cinit__: __new__ alone must give a valid (empty) object.
+        if self.slots != NULL:
+            raise RuntimeError("SharedStats.__init__ called twice")
         if count < 1:
             raise ValueError("count must be >= 1")
         self.size = sizeof(us_stats) * <size_t>count
