@@ -205,17 +205,18 @@ def end_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> int | None:
 
 @contextlib.contextmanager
 def running_server(name: str, log_dir: str | None = None, ready_timeout: float = 20.0,
-                   preexec: Any = None) -> Iterator[RunningServer]:
+                   preexec: Any = None, extra_args: Sequence[str] = ()) -> Iterator[RunningServer]:
     """Start server `name` on a fresh socket under /tmp, wait until its
     socket file exists (every server here creates it only once it listens),
-    yield it, then end it by PID and remove the socket directory."""
+    yield it, then end it by PID and remove the socket directory.
+    `extra_args` are appended to its command line (unixsrv options)."""
     sock_dir = tempfile.mkdtemp(prefix="ubench-", dir="/tmp")
     path = os.path.join(sock_dir, "echo.sock")
     log_dir = log_dir or os.path.join(BUILD, "logs")
     os.makedirs(log_dir, exist_ok=True)
     log_path = os.path.join(log_dir, f"{name}.log")
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(server_argv(name, path), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([*server_argv(name, path), *extra_args], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, cwd=ROOT, preexec_fn=preexec)
     server = RunningServer(name, path, proc, log_path, sock_dir)
     try:

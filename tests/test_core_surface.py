@@ -63,22 +63,25 @@ REPRODUCTIONS = {
         "L.__new__(L)._after_fork_in_child(); raise LookupError",
         "LookupError",
     ),
-    "Loop(stats=None)": (
-        "L(None, None, None, False, None, 0, 0, 256, 0, 0, 0)",
+    "Loop()": ("L()", "TypeError"),
+    "Loop(server arguments)": (
+        "L(None, _core.Stats(), _core.Callbacks(), False, None, 0, 0, 256, 0, 0, 0)",
         "TypeError",
     ),
-    "Loop.__init__ twice": (
-        "a = (None, _core.Stats(), _core.Callbacks(), False, None, 0, 0, 256, 0, 0, 0); L(*a).__init__(*a)",
-        "RuntimeError",
+    "Loop.__new__ then __init__": (
+        "L.__new__(L).__init__(None, _core.Stats(), _core.Callbacks(), False, None, 0, 0, 256, 0, 0, 0)",
+        "TypeError",
     ),
-    "Loop.__init__ out of memory": (
-        (
-            "a = (None, _core.Stats(), _core.Callbacks(), True, None, 0, 0, 2**60, 0, 0, 0)\n"
-            "loop = L.__new__(L)\n"
-            "try: loop.__init__(*a)\n"
-            "except MemoryError: pass\n"
-            "loop.run()"
-        ),
+    "new_loop(stats=None)": (
+        "_core.new_loop(None, None, None, False, None, 0, 0, 256, 0, 0, 0)",
+        "TypeError",
+    ),
+    "new_loop out of memory": (
+        "_core.new_loop(None, _core.Stats(), _core.Callbacks(), True, None, 0, 0, 2**60, 0, 0, 0)",
+        "MemoryError",
+    ),
+    "new_loop never opened: run": (
+        "_core.new_loop(None, _core.Stats(), _core.Callbacks(), True, None, 0, 0, 256, 0, 0, 0).run()",
         "RuntimeError",
     ),
     "LoadGen.__new__ result": (
@@ -179,7 +182,7 @@ def call_shapes(fn, shapes):
     attempt(fn)
     for s in shapes:
         attempt(fn, s)
-    # Every arity up to the longest signature (Loop.__init__: 11), all None
+    # Every arity up to the longest signature (new_loop: 11), all None
     # or all 0, to get past the argument count into the body.
     for n in range(2, 12):
         attempt(fn, *[None] * n)
@@ -203,8 +206,20 @@ def settable(t, name):
 # A foreign core object of every kind as one more argument shape.
 extras = [t.__new__(t) for t in core_types if t.__name__ != "Transport"]
 shapes = shapes_base + extras
+
+def instances_and_loops(t):
+    out = instances(t)
+    if t is _core.Loop:
+        # What new_loop() makes: set up, never opened (Loop() refuses).
+        for event_model in (False, True):
+            loop = _core.new_loop(None, _core.Stats(), _core.Callbacks(), event_model, None,
+                                  0, 0, 256, 0, 0, 0)
+            out.append(loop)
+            made.add("new_loop")
+    return out
+
 for t in core_types:
-    for obj in instances(t):
+    for obj in instances_and_loops(t):
         poke(obj, shapes)
         for name in names(t):
             if settable(t, name):
@@ -240,6 +255,7 @@ def test_fuzz_every_core_type_never_dies_of_a_signal(
         "Transport",
         "_ConnBase",
         "_Stream",
+        "new_loop",
     }, out
 
 
@@ -257,10 +273,15 @@ def test_repr_of_unattached_objects() -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["Connection", "_Stream", "_ConnBase", "Transport"])
-def test_connection_types_refuse_construction(name: str) -> None:
-    """The per-connection types exist only bound to a live connection: their
-    constructors raise TypeError (as uvloop's handles do)."""
+@pytest.mark.parametrize(
+    "name", ["Connection", "_Stream", "_ConnBase", "Transport", "Loop"]
+)
+def test_core_made_types_refuse_construction(name: str) -> None:
+    """The per-connection types exist only bound to a live connection, the
+    loop only as new_loop() sets it up: their constructors raise TypeError
+    (as uvloop's handles do).  Stats and Callbacks stay constructible: they
+    hold no pointer or fd, so an empty one is a valid one (the fuzz above
+    calls all they have)."""
     from unixsrv import _core
 
     cls = getattr(_core, name)

@@ -21,9 +21,18 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import (
+    DEADLINE,
+    Timed,
+    connect,
+    echo,
+    echo_once,
+    read_line,
+    recv_until_eof,
+    start_echo,
+    wait_until,
+)
 
-from conftest import (DEADLINE, Timed, connect, echo, echo_once, read_line, recv_until_eof, start_echo,
-                      wait_until)
 from unixsrv import Server, ServerConfig, ShutdownTimeoutError
 
 #: What a stop may take past its deadline (server._STOP_GRACE, 1 s) plus
@@ -156,6 +165,71 @@ def test_a_stop_during_start_up_does_not_wait_for_the_directory_lock(
         holder.release()
     starting.join(DEADLINE)
     assert not starting.is_alive() and starting.exc is None, starting.exc
+    assert not srv.is_running and srv.wait(0)
+    assert os.listdir(sock_dir) == []
+
+
+def test_ctrl_c_during_the_start_up_lock_wait_interrupts_it(
+    sock_dir: str, sock_path: str, make_server: Callable[..., Server], hold_dir_lock: Any,
+    interrupt_main: Any,
+) -> None:
+    """start() waits for the directory lock without the GIL, in slices with
+    Python's signal handlers run between them (they used to run only when
+    the 10 s wait ended): Ctrl-C raises KeyboardInterrupt from start() at
+    once, and nothing is left on disk."""
+    holder = hold_dir_lock(sock_dir)
+    try:
+        srv = make_server(sock_path, lambda conn: None, start=False)
+        interrupt_main(lambda: "starting" in repr(srv))
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            srv.start()
+        elapsed = time.monotonic() - t0
+    finally:
+        holder.release()
+    assert elapsed < MARGIN, f"Ctrl-C took {elapsed:.1f} s to interrupt the lock wait"
+    assert not srv.is_running and srv.wait(0)
+    assert os.listdir(sock_dir) == []
+
+
+def test_close_from_a_signal_handler_during_the_start_up_lock_wait(
+    sock_dir: str, sock_path: str, make_server: Callable[..., Server], hold_dir_lock: Any,
+) -> None:
+    """A signal handler that calls close() while start() waits for another
+    process's directory lock runs within a slice of the wait, and the stop
+    wins: once the lock is free, start() undoes itself (no error, nothing
+    on disk)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers run on the main thread only")
+    srv = make_server(sock_path, lambda conn: None, start=False)
+    handled = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        srv.close()
+        handled.set()
+
+    holder = hold_dir_lock(sock_dir)
+    main = threading.main_thread().ident or 0
+
+    def signal_then_release() -> None:
+        wait_until(lambda: "starting" in repr(srv))
+        signal.pthread_kill(main, signal.SIGUSR2)
+        handled.wait(DEADLINE)  # release even if the handler is late, so start() ends
+        holder.release()
+
+    previous = signal.signal(signal.SIGUSR2, on_signal)
+    helper = threading.Thread(target=signal_then_release, daemon=True)
+    try:
+        t0 = time.monotonic()
+        helper.start()
+        srv.start()
+        elapsed = time.monotonic() - t0
+    finally:
+        helper.join(DEADLINE)
+        holder.release()
+        signal.signal(signal.SIGUSR2, previous)
+    assert handled.is_set()
+    assert elapsed < MARGIN, f"the signal handler waited {elapsed:.1f} s for the lock wait"
     assert not srv.is_running and srv.wait(0)
     assert os.listdir(sock_dir) == []
 

@@ -461,5 +461,5 @@ cdef class Connection(_ConnBase):
         self._shutdown_fd(SHUT_RDWR)     # wakes any other thread using it
         self._unuse()                    # the lifetime use: closes the fd
         self._set_done()
-        self.loop._count_closed()
+        self.loop._count_closed(self.c.peer_uid)
         self.loop._conn_closed()

@@ -173,6 +173,16 @@ cdef extern from "compat.h" nogil:
     int us_exit_with_parent(int sig)
 
 
+cdef extern from "access.h" nogil:
+    ctypedef struct us_uid_counts:
+        pass
+    int us_id_listed(const uint32_t *a, size_t n, uint32_t x)
+    int us_peer_group_listed(int fd, const uint32_t *gids, size_t n)
+    int us_uid_take(us_uid_counts *t, uint32_t uid, uint32_t limit)
+    void us_uid_put(us_uid_counts *t, uint32_t uid)
+    void us_uid_counts_free(us_uid_counts *t)
+
+
 # --- used by the load generator (_client.pxi) only
 
 cdef extern from "<errno.h>" nogil:
@@ -250,10 +260,11 @@ cdef extern from * nogil:
 cdef struct us_stats:
     uint64_t accepted     # connections handed to a handler / protocol
     uint64_t closed       # accepted connections closed since (open = accepted - closed)
-    uint64_t rejected     # refused by max_connections
+    uint64_t rejected     # refused by max_connections or max_connections_per_uid
     uint64_t bytes_in
     uint64_t bytes_out
     uint64_t errors       # errors reported through on_error
+    uint64_t denied       # refused by the allow-lists or authorize=
 
 
 # Connection state bits (conn_t.state), set with us_or_u32.
@@ -300,6 +311,8 @@ cdef enum RecKind:
     REC_FLUSHED = 6       # output of a closing connection fully sent
     REC_IDLE = 7          # idle timeout expired
     REC_ACCEPT_ERROR = 8  # n = errno
+    REC_DENIED = 20       # a denied peer to log (pid/uid/gid); n = denials not logged before it
+    REC_DENIED_MORE = 21  # n = denials not logged since the last report
 
 
 cdef struct rec_t:
@@ -308,6 +321,9 @@ cdef struct rec_t:
     uint32_t seq
     size_t off
     ssize_t n
+    long pid              # REC_NEW, REC_DENIED: the peer (SO_PEERCRED), -1 = unknown
+    long uid
+    long gid
 
 
 cdef class Stats:
@@ -438,8 +454,26 @@ cdef class Loop:
     cdef object unlink_path
     cdef dev_t sock_dev
     cdef ino_t sock_ino
-    cdef readonly object sockname
     cdef object __weakref__
+    # Access control (Loop.set_access): allow-lists, authorize=, per-uid limit
+    cdef bint lists_on
+    cdef uint32_t *allow_uids       # NULL: no uid list (None)
+    cdef size_t n_allow_uids
+    cdef uint32_t *allow_gids       # NULL: no group list (None)
+    cdef size_t n_allow_gids
+    cdef bint has_authorize
+    cdef object authorize
+    cdef uint32_t max_per_uid       # 0: no per-uid limit
+    cdef us_uid_counts uid_counts
+    cdef pthread_mutex_t uid_mu     # guards uid_counts (worker threads close connections)
+    cdef int64_t deny_window_end    # rate limit of the WARNING per denied peer
+    cdef int deny_logged
+    cdef uint64_t deny_quiet
+    # Loop.set_tick: a callback run on the loop thread every tick_ns
+    cdef int64_t tick_ns
+    cdef int64_t next_tick_ns
+    cdef object tick
+    cdef readonly object sockname
 
     cdef void _lock(self) noexcept nogil
     cdef void _unlock(self) noexcept nogil
@@ -455,18 +489,29 @@ cdef class Loop:
     cdef void _flush(self, conn_t *c) noexcept nogil
     cdef void _sweep(self) noexcept nogil
     cdef int _dispatch(self) except -1
-    cdef void _drop_accepted(self, int fd) noexcept nogil
-    cdef int _open_connection(self, int fd, bint named) except -1
+    cdef void _drop_accepted(self, int fd, long uid) noexcept nogil
+    cdef int _open_connection(self, rec_t *r) except -1
     cdef object _lookup(self, int fd, uint32_t seq)
     cdef int _run_finalizing(self) except -1
     cdef int _finalize_unless_dispatching(self) except -1
     cdef int _run_pending(self) except -1
     cdef int _conn_closed(self) except -1
-    cdef void _count_closed(self) noexcept nogil
+    cdef void _count_closed(self, long uid) noexcept nogil
     cdef void _close_fds(self) noexcept
     cdef list _snapshot(self)
     cdef int _callback_error(self, object exc, object level=*) except -1
     cdef void _wake(self) noexcept
     cdef int _check_init(self) except -1
+    cdef int _setup(self, server, Stats stats, Callbacks callbacks, bint event_model, factory,
+                    double idle_timeout, size_t max_connections, size_t read_size,
+                    size_t high_water, size_t low_water, size_t max_write_buffer) except -1
     cdef int _check_owner(self) except -1
     cdef int _open_with(self, display, unlink_path, make_listener, tuple args) except -1
+    cdef void _push_peer(self, int kind, int fd, size_t off, ssize_t n, long pid, long uid, long gid) noexcept nogil
+    cdef bint _listed(self, int fd, long uid, long gid) noexcept nogil
+    cdef void _uid_put(self, long uid) noexcept nogil
+    cdef bint _note_denied(self, uint64_t *quiet) noexcept nogil
+    cdef bint _authorized(self, rec_t *r) except -1
+    cdef void _drop_new(self, rec_t *r) noexcept nogil
+    cdef int _log_denied(self, long pid, long uid, long gid, uint64_t quiet) except -1
+    cdef int _run_tick(self) except -1

@@ -1,7 +1,7 @@
 """Type stubs for the C extension unixsrv._core."""
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .peer import PeerCredentials
@@ -90,20 +90,6 @@ class Loop:
 
     display_path: str
     drain_waiting: bool
-    def __init__(
-        self,
-        server: Any,
-        stats: Stats,
-        callbacks: Callbacks,
-        event_model: bool,
-        factory: Callable[[], asyncio.BaseProtocol] | None,
-        idle_timeout: float,
-        max_connections: int,
-        read_size: int,
-        high_water: int,
-        low_water: int,
-        max_write_buffer: int,
-    ) -> None: ...
     def open(
         self,
         address: bytes,
@@ -122,6 +108,14 @@ class Loop:
     ) -> None: ...
     @property
     def sockname(self) -> str | bytes | None: ...
+    def set_access(
+        self,
+        allowed_uids: Sequence[int] | None,
+        allowed_gids: Sequence[int] | None,
+        max_per_uid: int,
+        authorize: Callable[[PeerCredentials], bool] | None,
+    ) -> None: ...
+    def set_tick(self, interval: float, callback: Callable[[], Any] | None) -> None: ...
     @property
     def wakeup_fileno(self) -> int: ...
     @property
@@ -136,6 +130,20 @@ class Loop:
     def begin_drain(self) -> None: ...
     def abort_all(self) -> None: ...
     def teardown(self) -> None: ...
+
+def new_loop(
+    server: Any,
+    stats: Stats,
+    callbacks: Callbacks,
+    event_model: bool,
+    factory: Callable[[], asyncio.BaseProtocol] | None,
+    idle_timeout: float,
+    max_connections: int,
+    read_size: int,
+    high_water: int,
+    low_water: int,
+    max_write_buffer: int,
+) -> Loop: ...
 
 def open_listener(
     address: bytes,

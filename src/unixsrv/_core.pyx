@@ -45,6 +45,7 @@ _DEBUG = _logging.DEBUG
 _WARNING = _logging.WARNING
 _ERROR = _logging.ERROR
 _transport_log = _logging.getLogger("unixsrv.transport")
+_access_log = _logging.getLogger("unixsrv.access")
 
 # Loops that may need retiring in a forked child.
 _live_loops = _weakref.WeakSet()

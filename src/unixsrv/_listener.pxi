@@ -98,21 +98,35 @@ cdef int _examine_existing(int dirfd, bytes base, bytes probe_addr, object displ
 # Skipping is safe: the file left behind is a socket nobody listens on,
 # which the next start removes as stale.  The bound is short because the
 # stop runs on the loop thread, which handles nothing else meanwhile.
+#
+# The start-up wait runs in slices of LOCK_SLICE_MS with Python's signal
+# handlers run between them: the GIL is released while waiting, so a Ctrl-C
+# (or a handler that stops the server) would otherwise wait the whole 10 s.
 cdef enum:
     START_LOCK_WAIT_MS = 10000
     STOP_LOCK_WAIT_MS = 250
+    LOCK_SLICE_MS = 50
 
 _listener_log = _logging.getLogger("unixsrv.listener")
 
 
-cdef int _lock_dir(bytes dir_path, int timeout_ms) noexcept:
+cdef int _lock_dir(bytes dir_path, int timeout_ms, bint run_signal_handlers=False) except -3:
     """flock the directory (see above): the locked fd, -1 when it cannot be
-    locked at all (then we go on unlocked), -2 after timeout_ms."""
+    locked at all (then we go on unlocked), -2 after timeout_ms.  With
+    run_signal_handlers, a handler that raises ends the wait with its
+    exception (nothing is held then)."""
     cdef const char *p = dir_path
-    cdef int fd
-    with nogil:
-        fd = us_lock_dir(p, timeout_ms)
-    return fd
+    cdef int fd, slice_ms
+    cdef int64_t left_ms
+    cdef int64_t deadline = us_now_ns() + <int64_t>timeout_ms * 1000000
+    while True:
+        left_ms = (max(deadline - us_now_ns(), 0) + 999999) // 1000000  # rounded up: never short
+        slice_ms = <int>min(left_ms, <int64_t>LOCK_SLICE_MS) if run_signal_handlers else timeout_ms
+        with nogil:
+            fd = us_lock_dir(p, slice_ms)
+        if fd != -2 or slice_ms >= left_ms:
+            return fd
+        PyErr_CheckSignals()
 
 
 def open_listener(object address, object display, int backlog, int mode, long gid,
@@ -135,7 +149,7 @@ def open_listener(object address, object display, int backlog, int mode, long gi
     if dirfd < 0:
         raise _oserror(errno, display)
     try:
-        lockfd = _lock_dir(dir_path, START_LOCK_WAIT_MS)
+        lockfd = _lock_dir(dir_path, START_LOCK_WAIT_MS, run_signal_handlers=True)
         if lockfd == -2:
             raise TimeoutError(
                 f"another process kept the directory of {display!r} locked for {START_LOCK_WAIT_MS // 1000} s")

@@ -30,9 +30,15 @@ cdef enum:
     # flush, one from the receive), one per accept, and what the idle sweep
     # may add (it stops at SWEEP_BATCH and resumes on the next wakeup).  So
     # the record array never grows and a record is never lost.
-    RECS_CAP = 2 * MAX_EVENTS + ACCEPT_BATCH + SWEEP_BATCH
+    # Plus one for the summary of denials not logged one by one (REC_DENIED_MORE).
+    RECS_CAP = 2 * MAX_EVENTS + ACCEPT_BATCH + SWEEP_BATCH + 1
     BACKOFF_MIN_MS = 10
     BACKOFF_MAX_MS = 1000
+    # A denied peer is logged one by one at most DENY_LOG_BURST times per
+    # DENY_LOG_WINDOW_NS; the rest are counted and reported as "N more".
+    DENY_LOG_BURST = 5
+
+cdef int64_t DENY_LOG_WINDOW_NS = 1000000000
 
 # Idle timeouts beyond this are treated as this (about 31 years), so that
 # "now + timeout" in nanoseconds can never overflow.
@@ -62,15 +68,19 @@ cdef class Loop:
         self.next_seq = 0
         self.next_sweep_ns = NEVER
         self.accept_backoff_ms = BACKOFF_MIN_MS
+        self.next_tick_ns = NEVER
         pthread_mutex_init(&self.mu, NULL)
+        pthread_mutex_init(&self.uid_mu, NULL)
 
-    def __init__(self, server, Stats stats not None, Callbacks callbacks not None, bint event_model, factory,
-                 double idle_timeout, size_t max_connections, size_t read_size,
-                 size_t high_water, size_t low_water, size_t max_write_buffer):
-        if self.table != NULL:
-            # A second call would swap the table and buffers under live
-            # connections (and leak the first ones).
-            raise RuntimeError("Loop.__init__ called twice")
+    def __init__(self, *args, **kwargs):
+        # new_loop() makes loops with __new__ (which skips __init__) and
+        # fills them in once; a second fill would swap the table and buffers
+        # under live connections, so Python gets no way to run it.
+        raise TypeError("Loop objects are created by the server (unixsrv._core.new_loop), not from Python")
+
+    cdef int _setup(self, server, Stats stats, Callbacks callbacks, bint event_model, factory,
+                    double idle_timeout, size_t max_connections, size_t read_size,
+                    size_t high_water, size_t low_water, size_t max_write_buffer) except -1:
         if read_size > <size_t>PY_SSIZE_T_MAX // 4:
             raise OverflowError("read_size is too large")
         self.server = server
@@ -104,6 +114,7 @@ cdef class Loop:
             self.events = self.recs = self.table = NULL
             self.rxbuf = NULL
             raise MemoryError()
+        return 0
 
     def __dealloc__(self):
         self._close_fds()
@@ -111,7 +122,11 @@ cdef class Loop:
         free(self.recs)
         free(self.rxbuf)
         free(self.table)
+        free(self.allow_uids)
+        free(self.allow_gids)
+        us_uid_counts_free(&self.uid_counts)
         pthread_mutex_destroy(&self.mu)
+        pthread_mutex_destroy(&self.uid_mu)
 
     # ---------------------------------------------------------------- set-up
 
@@ -168,6 +183,53 @@ cdef class Loop:
         _live_loops.add(self)
         return 0
 
+    def set_access(self, object allowed_uids, object allowed_gids, unsigned int max_per_uid, object authorize):
+        """Who may connect, checked at accept before any Python code sees
+        the peer: ``allowed_uids``/``allowed_gids`` (None, or sorted
+        sequences of ids: a peer is admitted if its uid is listed or its
+        primary or any supplementary group is), at most ``max_per_uid`` open
+        connections per uid (0 = no limit), then ``authorize(peer)`` on the
+        loop thread (None = none).  Call before open()."""
+        cdef uint32_t *arr
+        cdef Py_ssize_t k
+        self._check_init()
+        if self.pfd >= 0:
+            raise RuntimeError("set_access() must be called before the loop is opened")
+        if authorize is not None and not callable(authorize):
+            raise TypeError("authorize must be callable or None")
+        for ids, is_uids in ((allowed_uids, True), (allowed_gids, False)):
+            arr = NULL
+            if ids is not None:
+                ids = sorted(set(ids))
+                arr = <uint32_t *>malloc(sizeof(uint32_t) * max(len(ids), 1))
+                if arr == NULL:
+                    raise MemoryError()
+                for k in range(len(ids)):
+                    arr[k] = <uint32_t>ids[k]
+            if is_uids:
+                free(self.allow_uids)
+                self.allow_uids, self.n_allow_uids = arr, (0 if ids is None else len(ids))
+            else:
+                free(self.allow_gids)
+                self.allow_gids, self.n_allow_gids = arr, (0 if ids is None else len(ids))
+        self.lists_on = self.allow_uids != NULL or self.allow_gids != NULL
+        self.max_per_uid = max_per_uid
+        self.authorize = authorize
+        self.has_authorize = authorize is not None
+
+    def set_tick(self, double interval, object callback):
+        """Run ``callback()`` on the loop thread now and then every
+        ``interval`` seconds, from the loop's own dispatch (so a callback
+        that blocks the loop thread delays it: a liveness signal, see
+        unixsrv.systemd).  ``callback=None`` stops it."""
+        self._check_init()
+        if callback is not None and not (interval > 0):
+            raise ValueError("interval must be > 0")
+        self.tick = callback
+        self.tick_ns = <int64_t>(min(interval, IDLE_MAX_S) * 1e9) if callback is not None else 0
+        self.next_tick_ns = us_now_ns() if callback is not None else NEVER
+        self._wake()
+
     @property
     def wakeup_fileno(self):
         """Write end of the wakeup pipe (for signal.set_wakeup_fd)."""
@@ -208,6 +270,8 @@ cdef class Loop:
         self._check_init()
         if self.closed:
             raise RuntimeError("this loop is closed")
+        if self.pfd < 0:
+            raise RuntimeError("this loop was not opened")
         # One thread at a time: two would share the record array and the
         # receive buffer (a callback calling run() would reuse them under
         # the dispatch walking them).
@@ -258,10 +322,10 @@ cdef class Loop:
             write(self.wake_w, &b, 1)   # EAGAIN: the pipe is full, a wakeup is pending
 
     cdef int _check_init(self) except -1:
-        # Loop.__new__(Loop) skips __init__: no table, buffers or stats,
+        # Loop.__new__(Loop) skips _setup(): no table, buffers or stats,
         # which every method below the guard dereferences.
         if self.table == NULL:
-            raise RuntimeError("this Loop was not initialised (Loop.__init__ did not run)")
+            raise RuntimeError("this Loop was not initialised (made through Loop.__new__, not new_loop())")
         return 0
 
     cdef int _check_owner(self) except -1:
@@ -281,6 +345,10 @@ cdef class Loop:
             deadline = self.next_sweep_ns
         if self.accept_paused and self.accept_resume_ns < deadline:
             deadline = self.accept_resume_ns
+        if self.tick_ns and self.next_tick_ns < deadline:
+            deadline = self.next_tick_ns
+        if self.deny_quiet and self.deny_window_end < deadline:
+            deadline = self.deny_window_end
         if deadline == NEVER:
             return -1
         now = us_now_ns()
@@ -317,6 +385,13 @@ cdef class Loop:
         self.recs[self.nrecs].n = n
         self.nrecs += 1
 
+    cdef void _push_peer(self, int kind, int fd, size_t off, ssize_t n, long pid, long uid, long gid) noexcept nogil:
+        """A record about a peer just accepted (REC_NEW, REC_DENIED)."""
+        self._push(kind, fd, 0, off, n)
+        self.recs[self.nrecs - 1].pid = pid
+        self.recs[self.nrecs - 1].uid = uid
+        self.recs[self.nrecs - 1].gid = gid
+
     cdef conn_t *_table_get(self, int fd, uint32_t seq) noexcept nogil:
         cdef conn_t *c
         if fd < 0 or fd >= self.table_cap:
@@ -351,12 +426,20 @@ cdef class Loop:
                     self._recv_one(c)
         if self.idle_ns and self.now >= self.next_sweep_ns:
             self._sweep()
+        if self.deny_quiet and self.now >= self.deny_window_end:
+            self._push(REC_DENIED_MORE, -1, 0, 0, <ssize_t>self.deny_quiet)
+            self.deny_quiet = 0
         if self.accept_paused and self.now >= self.accept_resume_ns and self.lfd >= 0:
             if us_poller_modify(self.pfd, self.lfd, TOKEN_LISTEN, 0, US_LISTEN) == 0:
                 self.accept_paused = False
 
     cdef void _accept_batch(self) noexcept nogil:
-        cdef int k, fd, err, named
+        cdef int k, fd, err, named, taken
+        cdef long pid, uid, gid
+        cdef uint64_t quiet
+        # With authorize=, accepted is counted in the dispatch (only for the
+        # peers it admits); the limit counts this batch's waiting ones too.
+        cdef size_t waiting = 0
         for k in range(ACCEPT_BATCH):
             fd = us_accept(self.lfd, self.event_model, &named)
             if fd < 0:
@@ -380,12 +463,69 @@ cdef class Loop:
                 return
             self.accept_backoff_ms = BACKOFF_MIN_MS
             self.accept_reported = False
-            if self.max_conns and _open_count(self.stats.s) >= self.max_conns:
+            if self.max_conns and _open_count(self.stats.s) + waiting >= self.max_conns:
                 close(fd)          # over the limit: the client sees EOF at once
                 us_add_u64(&self.stats.s.rejected, 1)
                 continue
-            us_add_u64(&self.stats.s.accepted, 1)
-            self._push(REC_NEW, fd, 0, named, 0)
+            # Who the peer is, recorded while the fd is certainly open, so it
+            # stays readable after a close (connection_lost, on_conn_state CLOSE).
+            if us_peercred(fd, &pid, &uid, &gid) < 0:
+                pid = uid = gid = -1
+            if self.lists_on and not self._listed(fd, uid, gid):
+                # Counted before the close, so a client that sees EOF sees the count.
+                if self._note_denied(&quiet):
+                    self._push_peer(REC_DENIED, -1, 0, <ssize_t>quiet, pid, uid, gid)
+                close(fd)          # before any Python code sees it
+                continue
+            if self.max_per_uid and uid >= 0:
+                pthread_mutex_lock(&self.uid_mu)
+                taken = us_uid_take(&self.uid_counts, <uint32_t>uid, self.max_per_uid)
+                pthread_mutex_unlock(&self.uid_mu)
+                if taken != 1:       # over this uid's limit (or no memory to count it)
+                    us_add_u64(&self.stats.s.rejected, 1)
+                    close(fd)
+                    continue
+            if self.has_authorize:
+                waiting += 1
+            else:
+                us_add_u64(&self.stats.s.accepted, 1)
+            self._push_peer(REC_NEW, fd, named, 0, pid, uid, gid)
+
+    cdef bint _listed(self, int fd, long uid, long gid) noexcept nogil:
+        """The allow-lists admit this peer: its uid is listed, or its primary
+        or one of its supplementary groups.  Unknown credentials are denied."""
+        if uid < 0:
+            return False
+        if self.allow_uids != NULL and us_id_listed(self.allow_uids, self.n_allow_uids, <uint32_t>uid):
+            return True
+        if self.allow_gids == NULL or self.n_allow_gids == 0:
+            return False
+        if gid >= 0 and us_id_listed(self.allow_gids, self.n_allow_gids, <uint32_t>gid):
+            return True
+        return us_peer_group_listed(fd, self.allow_gids, self.n_allow_gids) == 1
+
+    cdef bint _note_denied(self, uint64_t *quiet) noexcept nogil:
+        """Count a denied peer (loop thread); True if it is to be logged, with
+        *quiet set to the denials not logged before it.  A flood of denied
+        connects thus costs a counter, not a log record, per peer."""
+        us_add_u64(&self.stats.s.denied, 1)
+        if self.now >= self.deny_window_end:
+            self.deny_window_end = self.now + DENY_LOG_WINDOW_NS
+            self.deny_logged = 0
+        if self.deny_logged >= DENY_LOG_BURST:
+            self.deny_quiet += 1   # reported when the window ends (_collect)
+            return False
+        self.deny_logged += 1
+        quiet[0] = self.deny_quiet
+        self.deny_quiet = 0
+        return True
+
+    cdef void _uid_put(self, long uid) noexcept nogil:
+        """A connection counted by the per-uid limit is gone (any thread)."""
+        if self.max_per_uid and uid >= 0:
+            pthread_mutex_lock(&self.uid_mu)
+            us_uid_put(&self.uid_counts, <uint32_t>uid)
+            pthread_mutex_unlock(&self.uid_mu)
 
     cdef void _recv_one(self, conn_t *c) noexcept nogil:
         cdef ssize_t r
@@ -488,7 +628,11 @@ cdef class Loop:
                 r = &self.recs[i]
                 i += 1
                 if r.kind == REC_NEW:
-                    self._open_connection(r.fd, r.off)
+                    self._open_connection(r)
+                elif r.kind == REC_DENIED:
+                    self._log_denied(r.pid, r.uid, r.gid, <uint64_t>r.n)
+                elif r.kind == REC_DENIED_MORE:
+                    _access_log.warning("unixsrv %s: %d more connection(s) denied", self.display_path, r.n)
                 elif r.kind == REC_ACCEPT_ERROR:
                     # Resource exhaustion the server rides out (it backs off
                     # and recovers): a warning, not an error.
@@ -504,11 +648,13 @@ cdef class Loop:
             self._run_finalizing()
             self._run_pending()
             self._run_finalizing()     # what the queued callbacks closed
+            if self.tick_ns and self.now >= self.next_tick_ns:
+                self._run_tick()
         except BaseException:
             # Never leak the fds of connections accepted in this batch.
             while i < self.nrecs:
                 if self.recs[i].kind == REC_NEW:
-                    self._drop_accepted(self.recs[i].fd)
+                    self._drop_new(&self.recs[i])
                 i += 1
             raise
         finally:
@@ -523,14 +669,61 @@ cdef class Loop:
             raise exc
         return 0
 
-    cdef void _drop_accepted(self, int fd) noexcept nogil:
+    cdef void _drop_accepted(self, int fd, long uid) noexcept nogil:
         """An accepted fd that never got its connection object."""
         close(fd)
-        self._count_closed()
+        self._count_closed(uid)
 
-    cdef int _open_connection(self, int fd, bint named) except -1:
+    cdef void _drop_new(self, rec_t *r) noexcept nogil:
+        """A REC_NEW the dispatch did not reach (a callback raised)."""
+        if self.has_authorize:         # not counted as accepted yet
+            close(r.fd)
+            self._uid_put(r.uid)
+        else:
+            self._drop_accepted(r.fd, r.uid)
+
+    cdef bint _authorized(self, rec_t *r) except -1:
+        """authorize(peer) on the loop thread, after the lists and before
+        anything else sees the connection: only ``True`` admits; False,
+        anything else, or an exception (reported) denies and closes."""
+        cdef bint ok = False, log
+        cdef uint64_t quiet
+        if r.uid >= 0:
+            try:
+                ok = self.authorize(PeerCredentials(r.pid, r.uid, r.gid)) is True
+            except BaseException as exc:
+                self._callback_error(exc)
+        if ok:
+            us_add_u64(&self.stats.s.accepted, 1)
+            return True
+        self._uid_put(r.uid)
+        log = self._note_denied(&quiet)
+        close(r.fd)
+        if log:
+            self._log_denied(r.pid, r.uid, r.gid, quiet)
+        return False
+
+    cdef int _log_denied(self, long pid, long uid, long gid, uint64_t quiet) except -1:
+        more = f" ({quiet} more denied before it)" if quiet else ""
+        _access_log.warning("unixsrv %s: denied a connection from pid %d uid %d gid %d%s",
+                            self.display_path, pid, uid, gid, more)
+        return 0
+
+    cdef int _run_tick(self) except -1:
+        self.next_tick_ns = self.now + self.tick_ns
+        try:
+            self.tick()
+        except BaseException as exc:
+            self._callback_error(exc)
+        return 0
+
+    cdef int _open_connection(self, rec_t *r) except -1:
         cdef _ConnBase conn
         cdef int err
+        cdef int fd = r.fd
+        cdef bint named = r.off != 0
+        if self.has_authorize and not self._authorized(r):
+            return 0
         self.next_seq = (self.next_seq + 1) & 0x7FFFFFFF
         if self.next_seq == 0:
             self.next_seq = 1
@@ -543,13 +736,10 @@ cdef class Loop:
             conn.c.high = self.high_water
             conn.c.low = self.low_water
             conn.c.last_active = self.now
-            # Who the peer is, recorded while the fd is certainly open, so it
-            # stays readable after a close (connection_lost, on_conn_state CLOSE).
-            if us_peercred(fd, &conn.c.peer_pid, &conn.c.peer_uid, &conn.c.peer_gid) < 0:
-                conn.c.peer_pid = conn.c.peer_uid = conn.c.peer_gid = -1
+            conn.c.peer_pid, conn.c.peer_uid, conn.c.peer_gid = r.pid, r.uid, r.gid
             self._table_put(&conn.c)
         except BaseException:
-            self._drop_accepted(fd)     # nothing else knows this fd yet
+            self._drop_accepted(fd, r.uid)     # nothing else knows this fd yet
             raise
         if not named:
             conn._remote = ""
@@ -682,7 +872,9 @@ cdef class Loop:
             self.stash_exc = exc
         return 0
 
-    cdef void _count_closed(self) noexcept nogil:
+    cdef void _count_closed(self, long uid) noexcept nogil:
+        """An accepted connection of the peer `uid` is closed (any thread)."""
+        self._uid_put(uid)
         us_add_u64_release(&self.stats.s.closed, 1)
 
     cdef int _conn_closed(self) except -1:
@@ -788,6 +980,7 @@ cdef class Loop:
         # Only the forking thread exists here; the mutex may have been held
         # by another thread at fork() time and would never be released.
         pthread_mutex_init(&self.mu, NULL)
+        pthread_mutex_init(&self.uid_mu, NULL)
         self._close_fds()
         if self.table == NULL:
             return
@@ -795,3 +988,14 @@ cdef class Loop:
             if self.table[fd] != NULL and self.table[fd].fd >= 0:
                 close(self.table[fd].fd)
                 self.table[fd].fd = -1
+
+
+def new_loop(server, Stats stats not None, Callbacks callbacks not None, bint event_model, factory,
+             double idle_timeout, size_t max_connections, size_t read_size,
+             size_t high_water, size_t low_water, size_t max_write_buffer):
+    """The loop of one server run, not yet opened (unixsrv.Server's only way
+    to make one: Loop() itself raises TypeError)."""
+    cdef Loop loop = Loop.__new__(Loop)
+    loop._setup(server, stats, callbacks, event_model, factory, idle_timeout, max_connections,
+                read_size, high_water, low_water, max_write_buffer)
+    return loop

@@ -26,7 +26,7 @@ cdef class Stats:
         self.s = &self._own
 
     def snapshot(self):
-        """A dict: accepted, rejected, closed, open, bytes_in, bytes_out, errors."""
+        """A dict: accepted, rejected, closed, open, bytes_in, bytes_out, errors, denied."""
         cdef uint64_t accepted, closed
         cdef uint64_t open_ = _open_count(self.s, &accepted, &closed)
         return {
@@ -37,6 +37,7 @@ cdef class Stats:
             "bytes_in": us_load_u64(&self.s.bytes_in),
             "bytes_out": us_load_u64(&self.s.bytes_out),
             "errors": us_load_u64(&self.s.errors),
+            "denied": us_load_u64(&self.s.denied),
         }
 
     @property

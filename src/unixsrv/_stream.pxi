@@ -241,7 +241,7 @@ cdef class _Stream(_ConnBase):
             close(c.fd)
         loop._table_del(c)
         _obuf_free(c)
-        loop._count_closed()
+        loop._count_closed(c.peer_uid)
         proto, exc = self.protocol, self._lost_exc
         self.protocol = self._lost_exc = self._held = None
         if proto is not None:

@@ -1,17 +1,20 @@
 """The ``unixsrv`` command (also ``python -m unixsrv``).
 
 ``unixsrv serve`` runs a server until SIGINT or SIGTERM, then shuts down
-gracefully (a second signal closes at once).  Exit status: 0 after a stop
+gracefully (a second signal closes at once).  Under systemd it serves the
+socket passed by socket activation when no --socket is given, and always
+reports readiness, watchdog pings, status and stopping through
+``$NOTIFY_SOCKET`` (see unixsrv.systemd).  Exit status: 0 after a stop
 that cut no connection, 1 when the stop had to force-close connections (the
 graceful stop timed out, or a second signal closed them) or the server
 stopped by itself, 2 for a usage, configuration or start-up error (one
 line on stderr naming the file or option and the problem).
 
-Signals are race-free: the handlers, installed before anything else, only
-record the signal in a queue (``queue.SimpleQueue.put`` is safe in a signal
-handler); the main thread applies the requests once the server runs, so a
-signal at any moment of start-up stops the server.  With ``--workers``,
-SIGHUP replaces the worker processes one by one (``Server.reload``).  From the first signal
+Signals are race-free: installed before anything else, they are recorded
+in a pipe (``signal.set_wakeup_fd``) whichever thread receives them, and the
+main thread applies the requests once the server runs, so a signal at any
+moment of start-up stops the server.  With ``--workers``, SIGHUP replaces
+the worker processes one by one (``Server.reload``).  From the first signal
 on the process never dies of SIGINT or SIGTERM: every later one is handled
 or, once the server has stopped, ignored; the exit status is the stop's.
 
@@ -34,8 +37,8 @@ import json
 import logging
 import math
 import os
-import queue
 import re
+import select
 import signal
 import sys
 import threading
@@ -96,6 +99,16 @@ def _build_parser() -> argparse.ArgumentParser:
     what.add_argument("--echo", action="store_true", help="serve the built-in echo")
     what.add_argument("--handler", metavar="MODULE:FUNCTION", help="blocking-model handler(conn)")
     what.add_argument("--protocol", metavar="MODULE:FACTORY", help="event-model asyncio.Protocol factory")
+    serve.add_argument("--allow-uid", action="append", metavar="USER",
+                       help="admit this user (name or uid; repeat or comma-separate); default: anyone")
+    serve.add_argument("--allow-gid", action="append", metavar="GROUP",
+                       help="admit members of this group (name or gid, supplementary groups count; repeatable)")
+    serve.add_argument("--max-connections-per-uid", type=int, metavar="N", help="open connections one user may have")
+    serve.add_argument("--authorize", metavar="MODULE:FUNCTION", help="authorize(peer) -> bool, after the lists")
+    serve.add_argument("--socket-name", metavar="NAME",
+                       help="socket activation: the passed socket with this FileDescriptorName=")
+    serve.add_argument("--metrics", metavar="HOST:PORT|PATH",
+                       help="serve Prometheus metrics over HTTP on HOST:PORT or on a Unix socket PATH")
     serve.set_defaults(func=_serve)
 
     from .bench import add_bench_parser
@@ -118,12 +131,17 @@ def _serve(args: argparse.Namespace) -> int:
         _pause_for_test("handlers")
         timeout = _duration("--shutdown-timeout", args.shutdown_timeout, infinite=True)
         server, what = _make_server(args)
-        _pause_for_test("built")
-        server.start()
-        _pause_for_test("started")
-        logger.info("serving %s on %s; SIGINT or SIGTERM stops it", what, server.path)
-        status = stops.serve_until_stopped(server, timeout)
-        logger.info("stopped: %s", ", ".join(f"{k}={v}" for k, v in server.stats().items()))
+        endpoint = _serve_metrics(args.metrics, server) if args.metrics else None
+        try:
+            _pause_for_test("built")
+            server.start()
+            _pause_for_test("started")
+            logger.info("serving %s on %s; SIGINT or SIGTERM stops it", what, server.path)
+            status = stops.serve_until_stopped(server, timeout)
+            logger.info("stopped: %s", ", ".join(f"{k}={v}" for k, v in server.stats().items()))
+        finally:
+            if endpoint is not None:
+                endpoint.close()
         _pause_for_test("stopped")
         return status
     finally:
@@ -143,19 +161,17 @@ def _workers(text: str | None) -> int | str | None:
 def _make_server(args: argparse.Namespace) -> tuple[Server, str]:
     """The Server the arguments describe, and what it serves (for the log)."""
     config = _config_from_args(args)
-    workers = _workers(args.workers)
+    authorize = _import(args.authorize) if args.authorize else None
     if args.echo:
-        if args.model == "blocking":
-            server = Server(config, echo_handler, workers=workers)
-        else:
-            server = Server(config, protocol=EchoProtocol, workers=workers)
+        handler, factory = (echo_handler, None) if args.model == "blocking" else (None, EchoProtocol)
         what = f"echo ({args.model} model)"
     elif args.handler:
-        server = Server(config, _import(args.handler), workers=workers)
+        handler, factory = _import(args.handler), None
         what = args.handler
     else:
-        server = Server(config, protocol=_import(args.protocol), workers=workers)
+        handler, factory = None, _import(args.protocol)
         what = args.protocol
+    server = Server(config, handler, protocol=factory, authorize=authorize, workers=_workers(args.workers))
     if os.environ.get(_PAUSE_ENV) == "listening":
         # start() reports "starting listening socket" on its caller's thread
         # once the socket accepts and before it returns.
@@ -164,32 +180,47 @@ def _make_server(args: argparse.Namespace) -> tuple[Server, str]:
 
 
 class _StopRequests:
-    """SIGINT/SIGTERM, recorded by the signal handler, applied by the main thread.
+    """SIGINT/SIGTERM, recorded in a pipe, applied by the main thread.
 
-    The handler only puts the signal number in a SimpleQueue: no lock, no
-    server method, nothing a signal landing in the middle of the server's
-    own code could deadlock on or find half set up.
+    ``signal.set_wakeup_fd`` makes CPython's C-level handler write each
+    signal's number to the pipe on whichever thread the kernel delivers it
+    to: a process-directed signal goes to any thread that does not block it
+    (signal(7)), often the loop or a worker thread.  Python runs the
+    Python-level handler later, on the main thread, and only a signal
+    delivered to the main thread itself interrupts a wait there: the main
+    thread used to wait in a queue that only that handler filled, so such a
+    signal was lost and the server kept serving.  A read of the pipe always
+    wakes.  The Python-level handlers do nothing (installing them only
+    replaces the default actions: death, KeyboardInterrupt); no lock, no
+    server method runs in them.  The watcher that sees the server stop
+    writes 0, which no signal number is.
     """
 
     def __init__(self, *, reload: bool) -> None:
-        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        # SIGHUP (--workers) replaces the workers; without them it keeps its default action.
         self._signals = (*_STOP_SIGNALS, signal.SIGHUP) if reload else _STOP_SIGNALS
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)  # set_wakeup_fd requires it; a full pipe drops a byte, never blocks
+        # The pipe before the handlers: a signal between the two would run a
+        # handler that records nothing.
+        self._previous_wakeup = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        self._watching = False  # a watcher thread may still write to the pipe
         for signum in self._signals:
-            signal.signal(signum, self._record)
-
-    def _record(self, signum: int, frame: object) -> None:
-        self._queue.put(signum)
+            signal.signal(signum, _recorded_in_the_pipe)
 
     def serve_until_stopped(self, server: Server, timeout: float) -> int:
         """Apply the stop requests to the running ``server`` until it has
         stopped; return the exit status.  The first request shuts down
         gracefully (on a thread, so this one stays free for the next), the
         second closes at once, later ones are only logged."""
+        self._watching = True
         threading.Thread(target=self._put_when_stopped, args=(server,), name="unixsrv stop watcher",
                          daemon=True).start()
         graceful: _GracefulStop | None = None
         cut: int | None = None  # connections open when a second signal closed the server
-        while (signum := self._queue.get()) is not None:
+        while (signum := os.read(self._r, 1)[0]) != 0:
+            if signum not in self._signals:
+                continue  # a signal some other Python handler (the user's module) receives
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
                 _reload(server)
@@ -203,6 +234,7 @@ class _StopRequests:
                 server.close()
             else:
                 logger.info("%s: already closing", name)
+        self._watching = False  # its 0 was read: it has returned or is returning
         if graceful is None:
             logger.error("the server stopped without a stop request (see the errors above)")
             return 1
@@ -218,15 +250,30 @@ class _StopRequests:
 
     def _put_when_stopped(self, server: Server) -> None:
         server.wait()
-        self._queue.put(None)
+        while True:
+            try:
+                os.write(self._w, b"\0")
+                return
+            except BlockingIOError:  # a flood of signals filled the pipe: the main thread drains it
+                select.select([], [self._w], [])
 
     def ignore_further(self) -> None:
         """The server is stopped (or never ran): from now on SIGINT/SIGTERM
-        (and SIGHUP) are ignored, so the process ends with the status it
-        chose, even while the interpreter shuts down (it resets only
-        Python-level handlers, not SIG_IGN)."""
+        are ignored, so the process ends with the status it chose, even
+        while the interpreter shuts down (it resets only Python-level
+        handlers, not SIG_IGN)."""
         for signum in self._signals:
             signal.signal(signum, signal.SIG_IGN)
+        signal.set_wakeup_fd(self._previous_wakeup)
+        if not self._watching:  # else (an error ended serve early) the process exits with the pipe open
+            os.close(self._r)
+            os.close(self._w)
+
+
+def _recorded_in_the_pipe(signum: int, frame: object) -> None:
+    """The Python-level handler of SIGINT/SIGTERM (and SIGHUP with
+    --workers) under ``serve``: nothing to do, the C-level handler has
+    written the signal to the pipe."""
 
 
 def _reload(server: Server) -> None:
@@ -281,7 +328,7 @@ def _config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.config:
         base = _load_config_file(args.config)
         data.update({k: getattr(base, k) for k in base.__dataclass_fields__})
-        if base.is_abstract:  # an abstract name has no mode or group: the defaults apply to a --socket file
+        if base.is_abstract or base.fd is not None:  # no file of ours: the defaults apply to a --socket file
             del data["mode"], data["group"]
     overrides = {
         "path": args.path,
@@ -290,11 +337,33 @@ def _config_from_args(args: argparse.Namespace) -> ServerConfig:
         "idle_timeout": None if args.idle_timeout is None else _duration("--idle-timeout", args.idle_timeout),
         "max_connections": args.max_connections,
         "backlog": args.backlog,
+        "allowed_uids": ",".join(args.allow_uid) if args.allow_uid else None,
+        "allowed_gids": ",".join(args.allow_gid) if args.allow_gid else None,
+        "max_connections_per_uid": args.max_connections_per_uid,
     }
     data.update({k: v for k, v in overrides.items() if v is not None})
+    data["sd_notify"] = True  # a no-op unless systemd (or a test) set $NOTIFY_SOCKET
+    activated = "path" not in data and os.environ.get("LISTEN_FDS")
+    if args.socket_name is not None and not activated:
+        raise ConfigError("--socket-name picks a socket passed by socket activation: no $LISTEN_FDS, or --socket given")
+    if activated:
+        # Socket activation: the socket's mode is the .socket unit's (SocketMode=).
+        for key in ("mode", "group"):
+            if overrides[key] is None:
+                data.pop(key, None)
+        return ServerConfig.from_systemd(args.socket_name, **data)
     if "path" not in data:
         raise ConfigError("give --socket PATH or a --config file with an address")
     return ServerConfig(**data)
+
+
+def _serve_metrics(address: str, server: Server) -> Any:
+    """Start the --metrics endpoint for ``server`` (a MetricsEndpoint: close() stops it)."""
+    try:
+        from .metrics import collect_servers, serve_metrics
+    except ImportError as exc:
+        raise ConfigError(f"--metrics needs prometheus_client (pip install 'unixsrv[metrics]'): {exc}") from None
+    return serve_metrics(address, collect_servers([server]))
 
 
 def _load_config_file(path: str) -> ServerConfig:

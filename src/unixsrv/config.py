@@ -13,12 +13,14 @@ import datetime
 import grp
 import math
 import os
+import pwd
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
+from . import systemd
 from ._core import HAVE_ABSTRACT, SUN_PATH_MAX
 from .errors import ConfigError, InvalidGroupError, InvalidModeError, InvalidPathError
 
@@ -61,10 +63,25 @@ class ServerConfig:
     ``max_write_buffer``: hard cap on one connection's unsent output; a write
     beyond it aborts that connection (a peer that never reads cannot exhaust
     memory even if the protocol ignores ``pause_writing``).
+    ``allowed_uids`` / ``allowed_gids``: ``None`` (anyone the file mode lets
+    in) or collections of ids or names (resolved here; a string may list
+    several, comma-separated).  A peer is admitted if its uid is listed or its
+    primary or any supplementary group is; checked in C at accept, before any
+    Python code sees the peer.  uid 0 is not special.
+    ``max_connections_per_uid``: open connections one uid may have; over it a
+    client is accepted and closed at once (counted as ``rejected``).
+    ``fd``: serve this inherited, already listening ``AF_UNIX`` stream socket
+    (systemd socket activation, see :meth:`from_systemd`) instead of creating
+    one; ``path`` must be its address.  It is never chmod-ed or unlinked, so
+    ``mode`` and ``group`` must stay ``None`` (the fields then hold 0 and
+    ``None``, as for an abstract name).
+    ``sd_notify``: tell systemd READY=1, WATCHDOG=1, STATUS= and STOPPING=1
+    through ``$NOTIFY_SOCKET`` (nothing happens where it is unset).
 
     The fields hold the normalised values, and are typed so: ``path`` is
     ``str | bytes``, ``mode`` an int, ``group`` a gid or ``None``,
-    ``idle_timeout`` seconds or ``None``, ``write_buffer_low`` an int.  The
+    ``idle_timeout`` seconds or ``None``, ``write_buffer_low`` an int,
+    ``allowed_uids``/``allowed_gids`` sorted tuples of ids or ``None``.  The
     constructor (written out below rather than generated, so that it can
     take the wider input types) accepts everything documented above.
     """
@@ -79,6 +96,11 @@ class ServerConfig:
     write_buffer_high: int
     write_buffer_low: int
     max_write_buffer: int
+    allowed_uids: tuple[int, ...] | None
+    allowed_gids: tuple[int, ...] | None
+    max_connections_per_uid: int | None
+    fd: int | None
+    sd_notify: bool
 
     def __init__(
         self,
@@ -93,7 +115,14 @@ class ServerConfig:
         write_buffer_high: int = 65536,
         write_buffer_low: int | None = None,
         max_write_buffer: int = 16 * 1024 * 1024,
+        allowed_uids: Collection[int | str] | str | int | None = None,
+        allowed_gids: Collection[int | str] | str | int | None = None,
+        max_connections_per_uid: int | None = None,
+        fd: int | None = None,
+        sd_notify: bool = False,
     ) -> None:
+        if fd is not None and (mode is not None or group is not None):
+            raise ConfigError("an inherited socket (fd=) is never chmod-ed: mode and group must be None")
         normalised_path, abstract = _normalise_path(path)
         _set(self, "path", normalised_path)
         if abstract:
@@ -101,6 +130,9 @@ class ServerConfig:
                 raise InvalidModeError("an abstract socket has no file: mode must be None")
             if group is not None:
                 raise InvalidGroupError("an abstract socket has no file: group must be None")
+            _set(self, "mode", 0)
+            _set(self, "group", None)
+        elif fd is not None:  # systemd's socket: its file is the .socket unit's
             _set(self, "mode", 0)
             _set(self, "group", None)
         else:
@@ -124,6 +156,42 @@ class ServerConfig:
             ("max_write_buffer", max_write_buffer),
         ):
             _set(self, name, value)
+        _set(self, "allowed_uids", _parse_ids(allowed_uids, "allowed_uids", _uid_by_name))
+        _set(self, "allowed_gids", _parse_ids(allowed_gids, "allowed_gids", _gid_by_name))
+        if max_connections_per_uid is not None:
+            _check_int("max_connections_per_uid", max_connections_per_uid, 1, 1 << 30)
+        _set(self, "max_connections_per_uid", max_connections_per_uid)
+        if not isinstance(sd_notify, bool):
+            raise ConfigError(f"sd_notify must be a bool, not {sd_notify!r}")
+        _set(self, "sd_notify", sd_notify)
+        _set(self, "fd", fd)
+        if fd is not None:
+            _check_int("fd", fd, 0, (1 << 31) - 1)
+            try:
+                bound = systemd.listening_address(fd)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"fd {fd}: {exc}") from None
+            if bound != self.address:
+                raise InvalidPathError(f"fd {fd} is bound to {bound!r}, not to the path {self.display_path!r}")
+
+    @classmethod
+    def from_systemd(cls, name: str | None = None, **fields: Any) -> ServerConfig:
+        """A config serving the listening socket systemd passed to this
+        process (socket activation: ``$LISTEN_FDS``, ``$LISTEN_PID``,
+        ``$LISTEN_FDNAMES``, see sd_listen_fds(3)); ``name`` picks one by its
+        ``FileDescriptorName=`` when several are passed.  ``path`` is the
+        socket's address; ``sd_notify`` defaults to True; other fields as
+        given.  The three variables are unset afterwards (so child processes
+        do not take the sockets for theirs).  Not socket-activated, or no
+        such socket: ConfigError."""
+        fields.setdefault("sd_notify", True)
+        try:
+            fd = systemd.listen_fd(name)
+            address = systemd.listening_address(fd)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"systemd socket activation: {exc}") from None
+        path = address if address[:1] == b"\0" else os.fsdecode(address)
+        return cls(path=path, fd=fd, **fields)
 
     # ---------------------------------------------------------------- derived
 
@@ -354,6 +422,48 @@ def _parse_group(value: Any) -> int | None:
     if not 0 <= value <= MAX_GID:
         raise InvalidGroupError(f"gid {value} is out of range 0..{MAX_GID}")
     return value
+
+
+def _uid_by_name(name: str) -> int:
+    return pwd.getpwnam(name).pw_uid
+
+
+def _gid_by_name(name: str) -> int:
+    return grp.getgrnam(name).gr_gid
+
+
+def _parse_ids(value: Any, field: str, by_name: Any) -> tuple[int, ...] | None:
+    """An allow-list: None, or ids and names (a string may hold several,
+    comma-separated) -> sorted unique ids."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        items: list[Any] = [part for part in value.split(",") if part.strip()]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        items = [value]
+    elif isinstance(value, Collection) and not isinstance(value, (bytes, Mapping)):
+        items = list(value)
+    else:
+        raise ConfigError(f"{field} must be None or a collection of ids or names, not {value!r}")
+    ids = set()
+    for item in items:
+        if isinstance(item, str):
+            name = item.strip()
+            try:
+                ident = by_name(name)
+            except KeyError:
+                if not name.isdigit():
+                    error = InvalidGroupError if field == "allowed_gids" else ConfigError
+                    raise error(f"{field}: unknown name {item!r}") from None
+                ident = int(name)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            ident = item
+        else:
+            raise ConfigError(f"{field}: expected an id or a name, got {item!r}")
+        if not 0 <= ident <= MAX_GID:
+            raise ConfigError(f"{field}: id {ident} is out of range 0..{MAX_GID}")
+        ids.add(ident)
+    return tuple(sorted(ids))
 
 
 def _parse_timeout(value: Any) -> float | None:

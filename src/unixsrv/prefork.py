@@ -94,15 +94,7 @@ STOP_GRACE = 1.0
 #: outlive it when the worker forked a child of its own.
 _REAP_EVERY = 0.1
 _READY = b"R"
-_COUNTERS = (
-    "accepted",
-    "rejected",
-    "closed",
-    "open",
-    "bytes_in",
-    "bytes_out",
-    "errors",
-)
+_COUNTERS = tuple(_core.Stats().snapshot())  # accepted, rejected, closed, open, ...
 
 
 def worker_count(workers: object) -> int:
@@ -591,6 +583,9 @@ class Prefork:
             os._exit(code)
 
     def _worker_main(self, slot: int, status_r: int, status_w: int) -> int:
+        # A wakeup fd the parent set (unixsrv serve reads its stop signals
+        # from one) would carry the signals sent to this worker to the parent.
+        signal.set_wakeup_fd(-1)
         if not _core.exit_with_parent(signal.SIGTERM):
             threading.Thread(target=_watch_parent, args=(self._orphan_r,), daemon=True).start()
         if os.getppid() != self._parent_pid:  # the parent died before the prctl

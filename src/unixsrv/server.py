@@ -31,10 +31,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _core
+from . import _core, systemd
 from .config import ServerConfig
 from .connstate import ConnState
 from .errors import InvalidHandlerError, ServerClosedError, ShutdownTimeoutError
+from .peer import PeerCredentials
 from .prefork import Prefork, worker_count
 from .workers import WorkerPool
 
@@ -72,7 +73,10 @@ class Server:
     ``asyncio.Protocol`` objects).  ``update_conn(sock)`` runs once per
     accepted connection before the handler, with a ``socket.socket`` for
     getsockopt/setsockopt: a duplicate of the connection's fd, closed after
-    the call.
+    the call.  ``authorize(peer: PeerCredentials) -> bool`` runs on the loop
+    thread for each peer the allow-lists admit, before anything else sees the
+    connection: only ``True`` admits; anything else, or an exception
+    (reported through on_error), closes it and counts it as ``denied``.
 
     ``workers=N`` (an int >= 1, or ``"auto"``: one per CPU) serves from N
     forked processes sharing the listener, supervised by this one: see
@@ -86,6 +90,7 @@ class Server:
         *,
         protocol: Callable[[], Any] | None = None,
         update_conn: Callable[[socket.socket], Any] | None = None,
+        authorize: Callable[[PeerCredentials], bool] | None = None,
         workers: int | str | None = None,
     ) -> None:
         if not isinstance(config, ServerConfig):
@@ -98,6 +103,10 @@ class Server:
             raise InvalidHandlerError(f"protocol must be a callable protocol factory, not {type(protocol).__name__}")
         if update_conn is not None and not callable(update_conn):
             raise InvalidHandlerError(f"update_conn must be callable, not {type(update_conn).__name__}")
+        if authorize is not None and not callable(authorize):
+            raise InvalidHandlerError(f"authorize must be callable, not {type(authorize).__name__}")
+        self._authorize = authorize
+        self._notifier: systemd.Notifier | None = None
         self._config = config
         self._handler = handler
         self._protocol = protocol
@@ -119,6 +128,7 @@ class Server:
         self._drained = threading.Condition(threading.Lock())
         self._owner_pid = os.getpid()
         self._listen_fd: int | None = None  # in a worker process: the parent's listener
+        self._info_level = logging.INFO  # a worker's own lifecycle: DEBUG (the parent reports it)
         self._prefork = None if workers is None else Prefork(self, worker_count(workers))
 
     def __repr__(self) -> str:
@@ -158,8 +168,9 @@ class Server:
 
     def stats(self) -> dict[str, int]:
         """Counters (cumulative over restarts): accepted, rejected, closed,
-        open, bytes_in, bytes_out, errors.  With workers: the sum over every
-        worker process, those that ended included."""
+        open, bytes_in, bytes_out, errors, denied (refused by the allow-lists
+        or authorize).  With workers: the sum over every worker process,
+        those that ended included."""
         if self._prefork is not None:
             return self._prefork.stats()
         return self._stats.snapshot()
@@ -296,7 +307,7 @@ class Server:
         cfg = self._config
         self._setup_thread = threading.get_ident()
         try:
-            loop = _core.Loop(
+            loop = _core.new_loop(
                 self,
                 self._stats,
                 self._callbacks,
@@ -312,13 +323,7 @@ class Server:
             try:
                 if foreground:
                     loop.claim_thread()
-                if self._listen_fd is None:
-                    loop.open(backlog=cfg.backlog, **_listener_args(cfg))
-                else:
-                    # A worker process: the parent's listener, whose file only
-                    # the parent unlinks (no unlink_path here, never chmod-ed).
-                    sockname = cfg.address if cfg.is_abstract else os.fsdecode(cfg.address)
-                    loop.adopt(os.dup(self._listen_fd), sockname, cfg.display_path, None, 0, 0)
+                self._open_listener(loop)
                 with self._lock:
                     if not self._stop_requested:
                         self._loop = loop
@@ -335,6 +340,34 @@ class Server:
                 if self._state is _State.STARTING:
                     self._state = _State.STOPPED
             self._setup_thread = None
+
+    def _open_listener(self, loop: _core.Loop) -> None:
+        """Access control, the listener (created, or the inherited fd=), and
+        the systemd notifications of this run."""
+        cfg = self._config
+        loop.set_access(cfg.allowed_uids, cfg.allowed_gids, cfg.max_connections_per_uid or 0, self._authorize)
+        # A worker process of workers=N serves the parent's listener, whose
+        # file only the parent unlinks (no unlink_path, never chmod-ed).
+        inherited = cfg.fd if self._listen_fd is None else self._listen_fd
+        if inherited is None:
+            loop.open(backlog=cfg.backlog, **_listener_args(cfg))
+        else:
+            # A duplicate per run: stopping closes it, the inherited fd stays
+            # open and listening for a restart (and for systemd).  The accept
+            # loop needs it non-blocking; systemd passes it blocking.
+            fd = os.dup(inherited)
+            try:
+                os.set_blocking(fd, False)
+            except BaseException:
+                os.close(fd)
+                raise
+            sockname = cfg.address if cfg.is_abstract else os.fsdecode(cfg.address)
+            loop.adopt(fd, sockname, cfg.display_path, None, 0, 0)
+        wanted = cfg.sd_notify and self._listen_fd is None and systemd.Notifier.wanted()  # not from workers
+        self._notifier = systemd.Notifier() if wanted else None
+        if self._notifier is not None:
+            notifier, stats = self._notifier, self._stats
+            loop.set_tick(notifier.interval, lambda: notifier.tick(stats.open))
 
     def _run_in_background(self, loop: _core.Loop, ready: threading.Event) -> None:
         ready.set()
@@ -533,6 +566,8 @@ class Server:
 
     def _stop_accepting(self, loop: _core.Loop) -> None:
         if loop.stop_accepting():
+            if self._notifier is not None:
+                self._notifier.stopping()
             self._info(f"closing listen socket 'unix {self.path}'")
 
     def _post(self, loop: _core.Loop, fn: Callable[[], None]) -> None:
@@ -600,9 +635,16 @@ class Server:
         this one that serves the inherited listener ``listen_fd`` and counts
         into ``stats`` (its slot of the shared counters).  Lifecycle messages
         are the parent's: on_server_info is not copied."""
-        worker = Server(self._config, self._handler, protocol=self._protocol, update_conn=self._callbacks.update_conn)
+        worker = Server(
+            self._config,
+            self._handler,
+            protocol=self._protocol,
+            update_conn=self._callbacks.update_conn,
+            authorize=self._authorize,
+        )
         worker._stats = stats
         worker._listen_fd = listen_fd
+        worker._info_level = logging.DEBUG
         worker._callbacks.on_error = self._callbacks.on_error
         worker._callbacks.on_conn_state = self._callbacks.on_conn_state
         return worker
@@ -685,7 +727,7 @@ class Server:
             self._user_error(exc)
 
     def _info(self, message: str) -> None:
-        logger.info("%s", message)
+        logger.log(self._info_level, "%s", message)
         fn = self._callbacks.on_server_info
         if fn is not None:
             try:
