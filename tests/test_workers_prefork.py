@@ -74,10 +74,10 @@ class _Protocol:
         pass
 
 
-def _server(path: str, model: str, workers: int | str = 2, **fields: Any) -> Server:
+def _server(path: str, model: str, workers: int | str = 2, handler: Any = _handler, **fields: Any) -> Server:
     cfg = ServerConfig(path=path, **fields)
     if model == "blocking":
-        return Server(cfg, _handler, workers=workers)
+        return Server(cfg, handler, workers=workers)
     return Server(cfg, protocol=_Protocol, workers=workers)
 
 
@@ -103,8 +103,10 @@ def workers_server() -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
     pids: set[int] = set()
 
-    def factory(path: str, model: str, workers: int | str = 2, *, start: bool = True, **fields: Any) -> Server:
-        srv = _server(path, model, workers, **fields)
+    def factory(
+        path: str, model: str, workers: int | str = 2, *, start: bool = True, handler: Any = _handler, **fields: Any
+    ) -> Server:
+        srv = _server(path, model, workers, handler, **fields)
         servers.append(srv)
         srv.on_server_info(lambda message: pids.update(w["pid"] for w in srv.worker_stats()))
         if start:
@@ -463,6 +465,30 @@ def test_crash_loop_stops_the_server(sock_path: str, workers_server: Callable[..
     assert len(crash) == 1 and f"{MIN_UPTIME:g} s" in str(crash[0])
     assert len(killed) == 5  # CRASH_LOOP_LIMIT: no more forks after the loop was seen
     assert all(_gone(pid) for pid in killed)
+
+
+def _sigterm_to_this_thread(conn: Any) -> None:
+    conn.write(b"%d\n" % os.getpid())
+    # Thread-directed (pthread_kill), as the kernel may deliver a
+    # process-directed SIGTERM to any thread of the worker (signal(7)).
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+
+def test_a_signal_landing_on_another_thread_of_a_worker_is_handled(
+    sock_path: str, workers_server: Callable[..., Server]
+) -> None:
+    """A worker's Python signal handlers run on its main thread, which waits
+    while the loop and the handlers run on others: a SIGTERM delivered to a
+    handler thread must still make the worker stop (it used to be lost: the
+    worker kept running until the parent's deadline)."""
+    srv = workers_server(sock_path, "blocking", 1, handler=_sigterm_to_this_thread)
+    errors: list[BaseException] = []
+    srv.on_error(errors.append)
+    s, pid = _greeted(sock_path)
+    s.close()
+    wait_until(lambda: _gone(pid))  # it stopped by itself (status 0) ...
+    wait_until(lambda: len(_pids(srv)) == 1 and pid not in _pids(srv))  # ... and was replaced
+    assert any(isinstance(e, WorkerError) and "status 0" in str(e) for e in errors), errors
 
 
 @pytest.mark.linux("PR_SET_PDEATHSIG")

@@ -370,10 +370,11 @@ class Prefork:
                     self._cond.wait(left)
                 new = request.worker
                 if new is None or not new.ready:
-                    w.retiring = False
-                    if w.ended:  # it died meanwhile: replace it the usual way
+                    if w.ended:  # it died meanwhile (not replaced: it was retiring): replace it now
                         self._requests.append(_Spawn(time.monotonic()))
                         self._wake()
+                    else:
+                        w.retiring = False  # it stays
                     if new is not None and not new.ended:
                         new.retiring = True  # too late: it goes
                         _kill(new.pid, signal.SIGQUIT)
@@ -517,12 +518,17 @@ class Prefork:
             worker.status_fd = -1
 
     def _reap(self) -> None:
+        # waitpid under _cond, where every kill() is sent and checks
+        # `ended`: once reaped, the pid may belong to another process.
+        ended = []
         with self._cond:
-            pids = list(self._workers)
-        for pid in pids:
-            status = _waitpid(pid, os.WNOHANG)
-            if status is not None:
-                self._ended(pid, status)
+            for pid, w in self._workers.items():
+                status = _waitpid(pid, os.WNOHANG)
+                if status is not None:
+                    w.ended = True
+                    ended.append((pid, status))
+        for pid, status in ended:
+            self._ended(pid, status)
 
     def _ended(self, pid: int, status: int) -> None:
         now = time.monotonic()
@@ -583,9 +589,15 @@ class Prefork:
             os._exit(code)
 
     def _worker_main(self, slot: int, status_r: int, status_w: int) -> int:
-        # A wakeup fd the parent set (unixsrv serve reads its stop signals
-        # from one) would carry the signals sent to this worker to the parent.
-        signal.set_wakeup_fd(-1)
+        # Python runs signal handlers on the main thread, which waits below
+        # while the loop runs on another; a signal the kernel delivers to
+        # that other thread (signal(7): any thread may get it) would not
+        # wake it.  The wakeup fd does, whichever thread gets the signal.  It
+        # also replaces one the parent set (unixsrv serve reads its own stop
+        # signals from one): ours must not reach the parent's pipe.
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         if not _core.exit_with_parent(signal.SIGTERM):
             threading.Thread(target=_watch_parent, args=(self._orphan_r,), daemon=True).start()
         if os.getppid() != self._parent_pid:  # the parent died before the prctl
@@ -616,7 +628,14 @@ class Prefork:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         worker.start()
         os.write(status_w, _READY)
-        worker.wait()
+
+        def stopped() -> None:
+            worker.wait()
+            os.write(wake_w, b"\0")
+
+        threading.Thread(target=stopped, daemon=True).start()
+        while not worker.wait(0):
+            os.read(wake_r, 64)  # a signal (its handler runs right after) or the stop
         return 0
 
 
