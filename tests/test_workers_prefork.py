@@ -252,6 +252,23 @@ def test_listener_registered_exclusive(sock_path: str, workers_server: Callable[
         assert any(m & 0x10000000 for m in masks), f"no EPOLLEXCLUSIVE registration in worker {pid}: {masks}"
 
 
+@pytest.mark.linux("EPOLLEXCLUSIVE")
+@pytest.mark.parametrize("model", MODELS)
+def test_idle_workers_take_turns(model: str, sock_path: str, workers_server: Callable[..., Server]) -> None:
+    """EPOLLEXCLUSIVE wakes the first idle worker in the listener's queue;
+    each worker re-registers after accepting (goes to the back), so one
+    connection after another is spread over the idle workers instead of all
+    going to the same one."""
+    srv = workers_server(sock_path, model, 2)
+    greeters = []
+    for _ in range(20):
+        s, greeter = _greeted(sock_path)
+        s.close()
+        greeters.append(greeter)
+    counts = sorted(greeters.count(pid) for pid in _pids(srv))
+    assert counts[0] >= 5, greeters
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_kill9_worker_is_replaced(model: str, sock_path: str, workers_server: Callable[..., Server]) -> None:
     srv = workers_server(sock_path, model, 2)

@@ -414,6 +414,7 @@ cdef class Loop:
     cdef bint accepting
     cdef bint accept_paused
     cdef bint accept_reported
+    cdef bint rotate_listener     # shared with other processes' loops (workers=N)
     cdef bint exiting
     cdef bint closed
     cdef bint drain_waiting
@@ -507,6 +508,7 @@ cdef class Loop:
                     size_t high_water, size_t low_water, size_t max_write_buffer) except -1
     cdef int _check_owner(self) except -1
     cdef int _open_with(self, display, unlink_path, make_listener, tuple args) except -1
+    cdef void _rotate_listener(self) noexcept nogil
     cdef void _push_peer(self, int kind, int fd, size_t off, ssize_t n, long pid, long uid, long gid) noexcept nogil
     cdef bint _listed(self, int fd, long uid, long gid) noexcept nogil
     cdef void _uid_put(self, long uid) noexcept nogil

@@ -140,6 +140,24 @@ cdef class Loop:
         # the temporary one it was bound under (see _listener.pxi).
         self.sockname = address if address[:1] == b"\0" else _os.fsdecode(address)
 
+    def share_listener(self):
+        """The listener is shared with other processes' loops
+        (Server(workers=N)): after each accept batch, go to the back of the
+        queue of pollers it wakes (see _rotate_listener)."""
+        self.rotate_listener = True
+
+    cdef void _rotate_listener(self) noexcept nogil:
+        # EPOLLEXCLUSIVE wakes the first idle poller in the listener's wait
+        # queue: the same worker every time while it keeps up, and the others
+        # idle.  Registering again puts this one at the tail (an exclusive
+        # waiter is added there, epoll_ctl(2)), so idle workers take turns.
+        # If the new registration fails, the accept back-off re-adds it.
+        if us_poller_modify(self.pfd, self.lfd, TOKEN_LISTEN, US_LISTEN, 0) < 0:
+            return
+        if us_poller_modify(self.pfd, self.lfd, TOKEN_LISTEN, 0, US_LISTEN) < 0:
+            self.accept_paused = True
+            self.accept_resume_ns = self.now + <int64_t>BACKOFF_MIN_MS * 1000000
+
     def adopt(self, int fd, object sockname, display, unlink_path, dev_t dev, ino_t ino):
         """Serve a socket the caller bound (``fd`` is a duplicate that this
         loop now owns and closes).  Its file is removed at stop only if
@@ -416,6 +434,8 @@ cdef class Loop:
             elif tok == TOKEN_LISTEN:
                 if self.accepting and not self.accept_paused:
                     self._accept_batch()
+                    if self.rotate_listener and not self.accept_paused:
+                        self._rotate_listener()
             else:
                 c = self._table_get(<int>(tok & 0xFFFFFFFFULL), <uint32_t>(tok >> 32))
                 if c == NULL:

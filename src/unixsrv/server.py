@@ -363,6 +363,8 @@ class Server:
                 raise
             sockname = cfg.address if cfg.is_abstract else os.fsdecode(cfg.address)
             loop.adopt(fd, sockname, cfg.display_path, None, 0, 0)
+            if self._listen_fd is not None:
+                loop.share_listener()
         wanted = cfg.sd_notify and self._listen_fd is None and systemd.Notifier.wanted()  # not from workers
         self._notifier = systemd.Notifier() if wanted else None
         if self._notifier is not None:
