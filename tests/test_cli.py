@@ -495,6 +495,18 @@ def test_handler_and_echo_are_exclusive(cli, sock_path):
     assert not os.path.lexists(sock_path)
 
 
+def test_workers_refused_with_protocol(cli, sock_path, tmp_path):
+    """--workers pre-forks Server (--echo, --handler); --protocol runs on an
+    asyncio loop in one process: the pair is a configuration error (exit 2,
+    one line naming both options, no traceback, nothing created)."""
+    write_module(tmp_path, "cliworkers_mod", "import asyncio\nProto = asyncio.Protocol\n")
+    status, _, err = finish(cli("serve", "--socket", sock_path, "--protocol", "cliworkers_mod:Proto", "--workers", "2"))
+    assert status == 2, err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if "--workers" in line and "--protocol" in line], err
+    assert not os.path.lexists(sock_path)
+
+
 # ---------------------------------------------------------------------- misc
 
 

@@ -29,6 +29,8 @@ from .errors import (
     ServerClosedError,
     ShutdownTimeoutError,
     UnixSrvError,
+    WorkerCrashLoopError,
+    WorkerError,
 )
 from .peer import PeerCredentials
 from .protocol import Protocol
@@ -55,6 +57,8 @@ __all__ = [
     "ShutdownTimeoutError",
     "ServerClosedError",
     "IdleTimeoutError",
+    "WorkerError",
+    "WorkerCrashLoopError",
     "__version__",
 ]
 

@@ -29,6 +29,7 @@ cdef extern from "<errno.h>" nogil:
         EPROTO
         ENOTCONN
         EADDRINUSE
+        ENOSYS
 
 
 cdef extern from "<string.h>" nogil:
@@ -134,6 +135,7 @@ cdef extern from "poller.h" nogil:
         US_READ
         US_WRITE
         US_EDGE
+        US_LISTEN
     ctypedef struct us_poll_event:
         pass
     int us_poller_create()
@@ -166,6 +168,9 @@ cdef extern from "compat.h" nogil:
     int us_peercred(int fd, long *pid, long *uid, long *gid)
     int us_is_socket_mode(mode_t m)
     int us_would_block(int e)
+    void *us_shared_alloc(size_t size)
+    int us_shared_free(void *p, size_t size)
+    int us_exit_with_parent(int sig)
 
 
 cdef extern from "access.h" nogil:
@@ -325,7 +330,17 @@ cdef struct rec_t:
 
 
 cdef class Stats:
-    cdef us_stats s
+    # The counters: _own, or one slot of a SharedStats (Server(workers=N):
+    # each worker process adds to its own slot, the parent sums them).
+    cdef us_stats *s
+    cdef us_stats _own
+    cdef object _mapping     # the SharedStats whose slot s points into
+
+
+cdef class SharedStats:
+    cdef us_stats *slots
+    cdef size_t count
+    cdef size_t size
 
 
 cdef class Callbacks:
@@ -407,6 +422,7 @@ cdef class Loop:
     cdef bint accepting
     cdef bint accept_paused
     cdef bint accept_reported
+    cdef bint rotate_listener     # shared with other processes' loops (workers=N)
     cdef bint exiting
     cdef bint closed
     cdef bint drain_waiting
@@ -509,6 +525,7 @@ cdef class Loop:
                     double idle_timeout, size_t max_connections, size_t read_size,
                     size_t high_water, size_t low_water, size_t max_write_buffer) except -1
     cdef int _check_owner(self) except -1
+    cdef void _rotate_listener(self) noexcept nogil
     cdef void _push_peer(self, int kind, int fd, size_t off, ssize_t n, long pid, long uid, long gid) noexcept nogil
     cdef bint _listed(self, int fd, long uid, long gid) noexcept nogil
     cdef void _uid_put(self, long uid) noexcept nogil

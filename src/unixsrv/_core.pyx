@@ -94,3 +94,14 @@ def _after_fork_in_child():
 
 
 _os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def exit_with_parent(int sig):
+    """Have the kernel send ``sig`` to this process once the thread that
+    forked it exits (Linux PR_SET_PDEATHSIG, prctl(2)).  False where the
+    platform has no such call (the caller then watches a pipe instead)."""
+    if us_exit_with_parent(sig) == 0:
+        return True
+    if errno == ENOSYS:
+        return False
+    raise _oserror(errno)

@@ -149,6 +149,24 @@ cdef class Loop:
         # the temporary one it was bound under (see _listener.pxi).
         self.sockname = address if address[:1] == b"\0" else _os.fsdecode(address)
 
+    def share_listener(self):
+        """The listener is shared with other processes' loops
+        (Server(workers=N)): after each accept batch, go to the back of the
+        queue of pollers it wakes (see _rotate_listener)."""
+        self.rotate_listener = True
+
+    cdef void _rotate_listener(self) noexcept nogil:
+        # EPOLLEXCLUSIVE wakes the first idle poller in the listener's wait
+        # queue: the same worker every time while it keeps up, and the others
+        # idle.  Registering again puts this one at the tail (an exclusive
+        # waiter is added there, epoll_ctl(2)), so idle workers take turns.
+        # If the new registration fails, the accept back-off re-adds it.
+        if us_poller_modify(self.pfd, self.lfd, TOKEN_LISTEN, US_LISTEN, 0) < 0:
+            return
+        if us_poller_modify(self.pfd, self.lfd, TOKEN_LISTEN, 0, US_LISTEN) < 0:
+            self.accept_paused = True
+            self.accept_resume_ns = self.now + <int64_t>BACKOFF_MIN_MS * 1000000
+
     def adopt(self, int fd, object sockname, display, unlink_path, dev_t dev, ino_t ino):
         """Serve a socket the caller bound (``fd`` is a duplicate that this
         loop now owns and closes).  Its file is removed at stop only if
@@ -181,7 +199,7 @@ cdef class Loop:
                 raise _oserror(errno)
             self.lfd, self.sock_dev, self.sock_ino = make_listener(*args)
             self.unlink_path = unlink_path
-            if us_poller_add(self.pfd, self.lfd, TOKEN_LISTEN, US_READ) < 0:
+            if us_poller_add(self.pfd, self.lfd, TOKEN_LISTEN, US_LISTEN) < 0:
                 raise _oserror(errno)
             self.accepting = True
         except BaseException:
@@ -498,6 +516,8 @@ cdef class Loop:
             elif tok == TOKEN_LISTEN:
                 if self.accepting and not self.accept_paused:
                     self._accept_batch()
+                    if self.rotate_listener and not self.accept_paused:
+                        self._rotate_listener()
             else:
                 c = self._table_get(<int>(tok & 0xFFFFFFFFULL), <uint32_t>(tok >> 32))
                 if c == NULL:
@@ -517,7 +537,7 @@ cdef class Loop:
             self._push(REC_DENIED_MORE, -1, 0, 0, <ssize_t>self.deny_quiet)
             self.deny_quiet = 0
         if self.accept_paused and self.now >= self.accept_resume_ns and self.lfd >= 0:
-            if us_poller_modify(self.pfd, self.lfd, TOKEN_LISTEN, 0, US_READ) == 0:
+            if us_poller_modify(self.pfd, self.lfd, TOKEN_LISTEN, 0, US_LISTEN) == 0:
                 self.accept_paused = False
 
     cdef void _accept_batch(self) noexcept nogil:
@@ -543,14 +563,14 @@ cdef class Loop:
                 if not self.accept_reported:
                     self.accept_reported = True
                     self._push(REC_ACCEPT_ERROR, -1, 0, 0, err)
-                if us_poller_modify(self.pfd, self.lfd, TOKEN_LISTEN, US_READ, 0) == 0:
+                if us_poller_modify(self.pfd, self.lfd, TOKEN_LISTEN, US_LISTEN, 0) == 0:
                     self.accept_paused = True
                     self.accept_resume_ns = self.now + <int64_t>self.accept_backoff_ms * 1000000
                     self.accept_backoff_ms = min(self.accept_backoff_ms * 2, BACKOFF_MAX_MS)
                 return
             self.accept_backoff_ms = BACKOFF_MIN_MS
             self.accept_reported = False
-            if self.max_conns and _open_count(&self.stats.s) + waiting >= self.max_conns:
+            if self.max_conns and _open_count(self.stats.s) + waiting >= self.max_conns:
                 # Counted before the client can see its EOF, so whoever saw
                 # the EOF also sees the count.
                 us_add_u64(&self.stats.s.rejected, 1)
@@ -975,7 +995,7 @@ cdef class Loop:
         cdef bint waiting
         with cython.critical_section(self):
             waiting = self.drain_waiting
-        if waiting and _open_count(&self.stats.s) == 0:
+        if waiting and _open_count(self.stats.s) == 0:
             self.server._notify_drained()
         return 0
 
@@ -995,7 +1015,7 @@ cdef class Loop:
                 unlink_if_same(self.unlink_path, self.sock_dev, self.sock_ino)
         finally:
             if self.pfd >= 0 and not forked:
-                us_poller_remove(self.pfd, self.lfd, 0 if self.accept_paused else US_READ)
+                us_poller_remove(self.pfd, self.lfd, 0 if self.accept_paused else US_LISTEN)
             close(self.lfd)
             self.lfd = -1
             self.accepting = False

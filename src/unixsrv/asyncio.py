@@ -159,7 +159,7 @@ class UnixServer(CallbackHost, base_events.Server):
         core = self._live_core()
         self._set_access(core)
         if cfg.fd is not None:
-            _adopt_inherited(core, cfg)
+            _adopt_inherited(core, cfg, cfg.fd)
         else:
             args = _listener_args(cfg)
             if not cleanup_socket:

@@ -19,7 +19,8 @@ other models.
 Signals are race-free: installed before anything else, they are recorded
 in a pipe (``signal.set_wakeup_fd``) whichever thread receives them, and the
 main thread applies the requests once the server runs, so a signal at any
-moment of start-up stops the server.  From the first signal
+moment of start-up stops the server.  With ``--workers``, SIGHUP replaces
+the worker processes one by one (``Server.reload``).  From the first signal
 on the process never dies of SIGINT or SIGTERM: every later one is handled
 or, once the server has stopped, ignored; the exit status is the stop's.
 
@@ -102,6 +103,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", metavar="DURATION", default="10",
                        help="grace period on SIGINT/SIGTERM (default 10 s; inf = no limit)")
     serve.add_argument("--model", choices=["event", "blocking"], default="event", help="handler model for --echo")
+    serve.add_argument("--workers", metavar="N|auto",
+                       help="serve from N worker processes (auto: one per CPU); SIGHUP replaces them one by one")
     what = serve.add_mutually_exclusive_group(required=True)
     what.add_argument("--echo", action="store_true", help="serve the built-in echo")
     what.add_argument("--handler", metavar="MODULE:FUNCTION", help="blocking-model handler(conn)")
@@ -133,7 +136,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    stops = _StopRequests()  # first of all: from here on a SIGINT/SIGTERM is recorded, never lost
+    stops = _StopRequests(reload=args.workers is not None)  # first of all: from here on a SIGINT/SIGTERM is recorded, never lost
     try:
         _pause_for_test("handlers")
         timeout = _duration("--shutdown-timeout", args.shutdown_timeout, infinite=True)
@@ -155,12 +158,24 @@ def _serve(args: argparse.Namespace) -> int:
         stops.ignore_further()
 
 
+def _workers(text: str | None) -> int | str | None:
+    """--workers: None (one process), "auto", or a count."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--workers: expected a number or 'auto', not {text!r}") from None
+
+
 def _make_server(args: argparse.Namespace) -> tuple[Server | _HostedServer, str]:
     """The Server the arguments describe, and what it serves (for the log)."""
     config = _config_from_args(args)
     authorize = _import(args.authorize) if args.authorize else None
     server: Server | _HostedServer
     if args.protocol:
+        if args.workers is not None:
+            raise ConfigError("--workers serves --echo or --handler; --protocol runs in one process")
         server = _HostedServer(config, _import(args.protocol), args.protocol, authorize)
         what = args.protocol
     else:
@@ -170,7 +185,7 @@ def _make_server(args: argparse.Namespace) -> tuple[Server | _HostedServer, str]
         else:
             handler, factory = _import(args.handler), None
             what = args.handler
-        server = Server(config, handler, protocol=factory, authorize=authorize)
+        server = Server(config, handler, protocol=factory, authorize=authorize, workers=_workers(args.workers))
     if os.environ.get(_PAUSE_ENV) == "listening":
         # start() reports "starting listening socket" on its caller's thread
         # once the socket accepts and before it returns.
@@ -195,14 +210,16 @@ class _StopRequests:
     writes 0, which no signal number is.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, reload: bool) -> None:
+        # SIGHUP (--workers) replaces the workers; without them it keeps its default action.
+        self._signals = (*_STOP_SIGNALS, signal.SIGHUP) if reload else _STOP_SIGNALS
         self._r, self._w = os.pipe()
         os.set_blocking(self._w, False)  # set_wakeup_fd requires it; a full pipe drops a byte, never blocks
         # The pipe before the handlers: a signal between the two would run a
         # handler that records nothing.
         self._previous_wakeup = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
         self._watching = False  # a watcher thread may still write to the pipe
-        for signum in _STOP_SIGNALS:
+        for signum in self._signals:
             signal.signal(signum, _recorded_in_the_pipe)
 
     def serve_until_stopped(self, server: Server | _HostedServer, timeout: float) -> int:
@@ -216,10 +233,13 @@ class _StopRequests:
         graceful: _GracefulStop | None = None
         cut: int | None = None  # connections open when a second signal closed the server
         while (signum := os.read(self._r, 1)[0]) != 0:
-            if signum not in _STOP_SIGNALS:
+            if signum not in self._signals:
                 continue  # a signal some other Python handler (the user's module) receives
             name = signal.Signals(signum).name
-            if graceful is None:
+            if signum == signal.SIGHUP:
+                assert isinstance(server, Server)  # recorded only with --workers, refused with --protocol
+                _reload(server)
+            elif graceful is None:
                 limit = "no time limit" if math.isinf(timeout) else f"up to {timeout:g} s"
                 logger.info("%s: shutting down gracefully (%s; repeat to stop at once)", name, limit)
                 graceful = _GracefulStop(server, timeout)
@@ -257,7 +277,7 @@ class _StopRequests:
         are ignored, so the process ends with the status it chose, even
         while the interpreter shuts down (it resets only Python-level
         handlers, not SIG_IGN)."""
-        for signum in _STOP_SIGNALS:
+        for signum in self._signals:
             signal.signal(signum, signal.SIG_IGN)
         signal.set_wakeup_fd(self._previous_wakeup)
         if not self._watching:  # else (an error ended serve early) the process exits with the pipe open
@@ -266,8 +286,23 @@ class _StopRequests:
 
 
 def _recorded_in_the_pipe(signum: int, frame: object) -> None:
-    """The Python-level handler of SIGINT/SIGTERM under ``serve``: nothing to
-    do, the C-level handler has written the signal to the pipe."""
+    """The Python-level handler of SIGINT/SIGTERM (and SIGHUP with
+    --workers) under ``serve``: nothing to do, the C-level handler has
+    written the signal to the pipe."""
+
+
+def _reload(server: Server) -> None:
+    """SIGHUP (recorded only with --workers): replace the workers one by one,
+    on a thread, so the main thread stays free for a stop."""
+
+    def run() -> None:
+        try:
+            server.reload()
+        except UnixSrvError as exc:
+            logger.error("SIGHUP: reload failed: %s", exc)
+
+    logger.info("SIGHUP: replacing the workers one by one")
+    threading.Thread(target=run, name="unixsrv reload", daemon=True).start()
 
 
 class _GracefulStop(threading.Thread):

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -25,6 +26,9 @@
 
 #if defined(__APPLE__)
 #include <sys/ucred.h>
+#endif
+#if defined(__linux__)
+#include <sys/prctl.h>
 #endif
 
 #ifndef MSG_NOSIGNAL
@@ -334,5 +338,33 @@ static inline size_t us_sun_path_len(socklen_t sl) {
 static inline int us_would_block(int e) { return e == EAGAIN || e == EWOULDBLOCK; }
 
 static inline int us_is_socket_mode(mode_t m) { return S_ISSOCK(m); }
+
+/* Memory shared with the processes forked after it is mapped: the counters
+ * of Server(workers=N) (one us_stats slot per worker, written by the worker
+ * with the same lock-free atomics as in one process, summed by the parent).
+ * mmap(2): a MAP_SHARED | MAP_ANONYMOUS mapping is inherited by fork(2) and
+ * stays shared, zero-filled.  NULL on failure (errno set). */
+static inline void *us_shared_alloc(size_t size) {
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANON, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static inline int us_shared_free(void *p, size_t size) { return munmap(p, size); }
+
+/* A worker process must not outlive its parent.  Linux: the kernel sends
+ * `sig` when the thread that forked us exits (prctl(2) PR_SET_PDEATHSIG).
+ * Returns 0 when armed, -1/ENOSYS elsewhere (the caller then watches a
+ * pipe whose write end only the parent holds).  The caller compares
+ * getppid() with the parent's pid afterwards: a parent that died before
+ * the prctl call would never trigger it. */
+static inline int us_exit_with_parent(int sig) {
+#if defined(__linux__)
+    return prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0, 0, 0);
+#else
+    (void)sig;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
 
 #endif /* UNIXSRV_COMPAT_H */

@@ -26,6 +26,8 @@ __all__ = [
     "ShutdownTimeoutError",
     "ServerClosedError",
     "IdleTimeoutError",
+    "WorkerError",
+    "WorkerCrashLoopError",
 ]
 
 
@@ -78,3 +80,13 @@ class ServerClosedError(UnixSrvError, ConnectionError):
 
 class IdleTimeoutError(UnixSrvError, TimeoutError):
     """Given to ``Protocol.connection_lost`` when the idle timeout closed the connection."""
+
+
+class WorkerError(UnixSrvError, ChildProcessError):
+    """A worker process of ``Server(..., workers=N)`` ended without being
+    asked to (it is replaced), or a new one could not be started."""
+
+
+class WorkerCrashLoopError(WorkerError):
+    """Workers kept dying right after they started: the server stopped
+    instead of restarting them for ever."""

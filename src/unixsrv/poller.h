@@ -21,6 +21,16 @@
 /* Edge-triggered (epoll EPOLLET, kqueue EV_CLEAR): only the load generator
  * uses it, on sockets it reads until a short read. */
 #define US_EDGE 4
+/* For a listening socket shared by several processes (Server(workers=N)):
+ * wake one of the pollers watching it per incoming connection, not all of
+ * them.  Linux: EPOLLEXCLUSIVE (epoll_ctl(2), since 4.5), which is accepted
+ * only by EPOLL_CTL_ADD; us_poller_modify() only ever adds or deletes a
+ * registration carrying it (the listener's interest goes between nothing and
+ * US_LISTEN).  kqueue has no equivalent: every worker's kevent() returns for
+ * a new connection, one accept(2) wins and the others get EAGAIN (the
+ * "thundering herd", harmless but a wasted wakeup per worker). */
+#define US_EXCLUSIVE 8
+#define US_LISTEN (US_READ | US_EXCLUSIVE)
 
 /* An fd with no interest is not registered at all, rather than kept with
  * an empty mask: epoll_ctl(2) "will always wait for" EPOLLHUP and EPOLLERR,
@@ -54,6 +64,11 @@ static inline uint32_t us__epoll_mask(int interest) {
     if (interest & US_READ) m |= EPOLLIN | EPOLLRDHUP;
     if (interest & US_WRITE) m |= EPOLLOUT;
     if (m && (interest & US_EDGE)) m |= EPOLLET;
+#ifdef EPOLLEXCLUSIVE
+    /* EPOLLEXCLUSIVE takes EPOLLIN but not EPOLLRDHUP (EINVAL, epoll_ctl(2));
+     * a listening socket never reports a read hang-up anyway. */
+    if (m && (interest & US_EXCLUSIVE)) m = (m & ~(uint32_t)EPOLLRDHUP) | EPOLLEXCLUSIVE;
+#endif
     return m;
 }
 

@@ -12,6 +12,9 @@ Both run on the same C loop (``unixsrv._core.Loop``): it owns the listener,
 the poller, the connection table and the counters.  This module decides when
 to start and stop it, runs the callbacks the user registered and keeps every
 callback's exception away from the server.
+
+``Server(..., workers=N)`` runs that loop in N forked worker processes
+sharing one listener, supervised by the parent (see unixsrv.prefork).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .config import ServerConfig
 from .connstate import ConnState
 from .errors import InvalidHandlerError, ServerClosedError, ShutdownTimeoutError
 from .peer import PeerCredentials
+from .prefork import Prefork, worker_count
 from .workers import WorkerPool
 
 __all__ = ["Server"]
@@ -75,6 +79,7 @@ class CallbackHost:
     _callbacks: _core.Callbacks
     _stats: _core.Stats
     _workers: threading.local
+    _info_level = logging.INFO  # a prefork worker's own lifecycle: DEBUG (its parent reports it)
 
     @property
     def path(self) -> str:
@@ -172,7 +177,7 @@ class CallbackHost:
             self._user_error(exc)
 
     def _info(self, message: str) -> None:
-        logger.info("%s", message)
+        logger.log(self._info_level, "%s", message)
         fn = self._callbacks.on_server_info
         if fn is not None:
             try:
@@ -227,6 +232,10 @@ class Server(CallbackHost):
     thread for each peer the allow-lists admit, before anything else sees the
     connection: only ``True`` admits; anything else, or an exception
     (reported through on_error), closes it and counts it as ``denied``.
+
+    ``workers=N`` (an int >= 1, or ``"auto"``: one per CPU) serves from N
+    forked processes sharing the listener, supervised by this one: see
+    :mod:`unixsrv.prefork`, :meth:`reload` and :meth:`worker_stats`.
     """
 
     def __init__(
@@ -237,6 +246,7 @@ class Server(CallbackHost):
         protocol: Callable[[], Any] | None = None,
         update_conn: Callable[[socket.socket], Any] | None = None,
         authorize: Callable[[PeerCredentials], bool] | None = None,
+        workers: int | str | None = None,
     ) -> None:
         if not isinstance(config, ServerConfig):
             raise TypeError(f"config must be a ServerConfig, not {type(config).__name__}")
@@ -270,6 +280,8 @@ class Server(CallbackHost):
         self._setup_thread: int | None = None
         self._drained = threading.Condition(threading.Lock())
         self._owner_pid = os.getpid()
+        self._listen_fd: int | None = None  # in a worker process: the parent's listener
+        self._prefork = None if workers is None else Prefork(self, worker_count(workers))
 
     def __repr__(self) -> str:
         model = "blocking" if self._handler is not None else "event"
@@ -290,12 +302,48 @@ class Server(CallbackHost):
     @property
     def is_running(self) -> bool:
         """True while the server accepts connections."""
+        if self._prefork is not None:
+            return self._prefork.is_running and not self._forked()
         return self._state is _State.RUNNING and not self._forked()
 
     @property
     def is_gone(self) -> bool:
         """True before the first start and from the moment a stop begins."""
         return not self.is_running
+
+    @property
+    def open_connections(self) -> int:
+        """Connections accepted and not yet closed."""
+        if self._prefork is not None:
+            return self._prefork.stats()["open"]
+        return self._stats.open
+
+    def stats(self) -> dict[str, int]:
+        """Counters (cumulative over restarts): accepted, rejected, closed,
+        open, bytes_in, bytes_out, errors, denied (refused by the allow-lists
+        or authorize).  With workers: the sum over every worker process,
+        those that ended included."""
+        if self._prefork is not None:
+            return self._prefork.stats()
+        return self._stats.snapshot()
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """With workers: one row per live worker process (``slot``, ``pid``,
+        ``state``: starting/ready/stopping, and its counters); else []."""
+        return [] if self._prefork is None else self._prefork.worker_stats()
+
+    def reload(self, timeout: float = 30.0) -> None:
+        """With workers: replace every worker process, one at a time, without
+        refusing a connection: each new worker accepts before the one it
+        replaces is asked to retire (SIGUSR1: it stops accepting, serves on
+        for up to prefork.RETIRE_LINGER seconds, then drains).  Raises
+        WorkerError if a new worker does not start within ``timeout`` seconds
+        (the old one is then kept), ServerClosedError if the server is not
+        running, RuntimeError without workers."""
+        timeout = _check_timeout(timeout)
+        if self._prefork is None:
+            raise RuntimeError("reload() needs Server(..., workers=N)")
+        self._prefork.reload(timeout)
 
     # ------------------------------------------------------------------ starting
 
@@ -308,6 +356,9 @@ class Server(CallbackHost):
         returns with the server stopped.
         """
         self._check_not_forked()
+        if self._prefork is not None:
+            self._prefork.start()
+            return
         with self._start_lock:
             while True:
                 with self._lock:
@@ -345,6 +396,9 @@ class Server(CallbackHost):
         """
         self._check_not_forked()
         if cancel is not None and cancel.is_set():
+            return
+        if self._prefork is not None:
+            self._prefork.serve_forever(cancel)
             return
         with self._start_lock:
             loop = self._open(foreground=True)
@@ -410,11 +464,17 @@ class Server(CallbackHost):
         the systemd notifications of this run."""
         cfg = self._config
         loop.set_access(cfg.allowed_uids, cfg.allowed_gids, cfg.max_connections_per_uid or 0, self._authorize)
-        if cfg.fd is None:
+        # A worker process of workers=N serves the parent's listener, whose
+        # file only the parent unlinks (no unlink_path, never chmod-ed).
+        inherited = cfg.fd if self._listen_fd is None else self._listen_fd
+        if inherited is None:
             loop.open(backlog=cfg.backlog, **_listener_args(cfg))
         else:
-            _adopt_inherited(loop, cfg)
-        self._notifier = systemd.Notifier() if cfg.sd_notify and systemd.Notifier.wanted() else None
+            _adopt_inherited(loop, cfg, inherited)
+            if self._listen_fd is not None:
+                loop.share_listener()
+        wanted = cfg.sd_notify and self._listen_fd is None and systemd.Notifier.wanted()  # not from workers
+        self._notifier = systemd.Notifier() if wanted else None
         if self._notifier is not None:
             notifier, stats = self._notifier, self._stats
             loop.set_tick(notifier.interval, lambda: notifier.tick(stats.open))
@@ -493,6 +553,9 @@ class Server(CallbackHost):
         timeout = _check_timeout(timeout)
         if self._forked():
             return
+        if self._prefork is not None:
+            self._prefork.stop(graceful=True, timeout=timeout)
+            return
         if self._on_server_thread():
             threading.Thread(target=self._shutdown_reporting, args=(timeout,), daemon=True).start()
             return
@@ -507,6 +570,9 @@ class Server(CallbackHost):
         """
         if self._forked():
             return
+        if self._prefork is not None:
+            self._prefork.stop(graceful=False, timeout=0.0)
+            return
         loop = self._loop
         if loop is not None and loop.on_loop_thread():
             self._close_now(loop)  # from a callback: the loop exits after it
@@ -518,11 +584,14 @@ class Server(CallbackHost):
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the server is stopped, at most ``timeout`` seconds
         (None or math.inf: no limit); True if it is."""
+        if self._prefork is not None:
+            return self._prefork.wait(_finite(math.inf if timeout is None else _check_timeout(timeout)))
         return _wait_event(self._stopped, math.inf if timeout is None else _check_timeout(timeout))
 
     def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
         """Run ``callback(*args)`` on the loop thread (where transports may be
-        used).  Raises ServerClosedError if the server is not running."""
+        used).  Raises ServerClosedError if the server is not running (or
+        runs in worker processes: their loops are not in this one)."""
         loop = self._loop
         if loop is None or not loop.call_soon_threadsafe(lambda: callback(*args)):
             raise ServerClosedError("the server is not running")
@@ -655,6 +724,41 @@ class Server(CallbackHost):
         if self._forked():
             raise RuntimeError("this Server was inherited through fork(); create a new one in the child process")
 
+    def _stop_accepting_then(self, then: Callable[[], None]) -> None:
+        """A worker process retiring: stop accepting now (on the loop thread)
+        and call ``then()`` one loop pass later, once what clients already
+        sent on the connections accepted until now has been dispatched (an
+        event-model drain stops reading at once).  ServerClosedError if the
+        server is not running."""
+
+        def stop() -> None:
+            loop = self._loop
+            if loop is not None:
+                self._stop_accepting(loop)
+            # Queued from a callback: runs in the next dispatch, after a poll.
+            self.call_soon_threadsafe(then)
+
+        self.call_soon_threadsafe(stop)
+
+    def _worker_copy(self, stats: _core.Stats, listen_fd: int) -> Server:
+        """In a worker process of ``workers=N``: a single-process Server like
+        this one that serves the inherited listener ``listen_fd`` and counts
+        into ``stats`` (its slot of the shared counters).  Lifecycle messages
+        are the parent's: on_server_info is not copied."""
+        worker = Server(
+            self._config,
+            self._handler,
+            protocol=self._protocol,
+            update_conn=self._callbacks.update_conn,
+            authorize=self._authorize,
+        )
+        worker._stats = stats
+        worker._listen_fd = listen_fd
+        worker._info_level = logging.DEBUG
+        worker._callbacks.on_error = self._callbacks.on_error
+        worker._callbacks.on_conn_state = self._callbacks.on_conn_state
+        return worker
+
     # ------------------------------------------------------------------ per connection
 
     def _spawn(self, conn: _core.Connection) -> None:
@@ -747,13 +851,13 @@ def _callable_or_none(fn: Any, name: str) -> Any:
     return fn
 
 
-def _adopt_inherited(loop: _core.Loop, cfg: ServerConfig) -> None:
-    """Serve the inherited listening socket ``cfg.fd`` (never unlinked)."""
-    assert cfg.fd is not None
+def _adopt_inherited(loop: _core.Loop, cfg: ServerConfig, inherited: int) -> None:
+    """Serve the inherited listening socket ``inherited`` (``cfg.fd``, or a
+    worker process's copy of the parent's listener; never unlinked)."""
     # A duplicate per run: stopping closes it, the inherited fd stays
     # open and listening for a restart (and for systemd).  The accept
     # loop needs it non-blocking; systemd passes it blocking.
-    fd = os.dup(cfg.fd)
+    fd = os.dup(inherited)
     try:
         os.set_blocking(fd, False)
     except BaseException:
