@@ -161,6 +161,18 @@ def _only(srv: Server, pid: int) -> Iterator[None]:
             os.kill(p, signal.SIGCONT)
 
 
+_EPOLL_WAIT = {"do_epoll_wait", "ep_poll"}  # a thread asleep in epoll_wait(2), by kernel version
+
+
+def _wchans(pid: int) -> set[str]:
+    """Where each thread of ``pid`` sleeps in the kernel (/proc/PID/task/TID/wchan)."""
+    found = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/wchan") as f:
+            found.add(f.read())
+    return found
+
+
 def _greeted(path: str) -> tuple[socket.socket, int]:
     """A connection and the pid of the worker that greeted it."""
     s = connect(path)
@@ -260,8 +272,15 @@ def test_idle_workers_take_turns(model: str, sock_path: str, workers_server: Cal
     connection after another is spread over the idle workers instead of all
     going to the same one."""
     srv = workers_server(sock_path, model, 2)
+    pids = _pids(srv)
+    if not any(_wchans(pid) - {"0"} for pid in pids):
+        pytest.skip("/proc/PID/task/TID/wchan hides where threads sleep here")
     greeters = []
     for _ in range(20):
+        # "Idle" literally: every worker's loop thread asleep in epoll_wait.
+        # On a loaded machine a worker still busy with its last connection
+        # (or not yet scheduled after it) is passed over by the kernel.
+        wait_until(lambda: all(_wchans(pid) & _EPOLL_WAIT for pid in pids))
         s, greeter = _greeted(sock_path)
         s.close()
         greeters.append(greeter)
