@@ -19,6 +19,7 @@ import pathlib
 import stat
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 from conftest import connect, echo_handler, echo_once, recv_exactly
@@ -666,9 +667,15 @@ class TestTyping:
         snippet = tmp_path / "typed_use.py"
         snippet.write_text(_TYPED_USE, encoding="utf-8")
         src = os.path.dirname(os.path.dirname(os.path.abspath(unixsrv.__file__)))  # the tree under test
+        env = dict(os.environ)
+        installed = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")}
+        if os.path.realpath(src) not in installed:
+            # A source tree (PYTHONPATH=src): point mypy at it.  An installed
+            # package mypy finds by itself, and it refuses site-packages in MYPYPATH.
+            env["MYPYPATH"] = src
         result = subprocess.run(
             [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", os.devnull, str(snippet)],
-            check=False, capture_output=True, text=True, env={**os.environ, "MYPYPATH": src}, cwd=tmp_path, timeout=300,
+            check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
         )
         assert result.returncode == 0, result.stdout + result.stderr
 
