@@ -590,12 +590,21 @@ class _Job:
     thread-like (``daemon``, ``is_alive()``, ``join()``), so the stdlib's own
     list reaps and joins it."""
 
-    __slots__ = ("_running", "daemon")
+    __slots__ = ("_running", "_started", "daemon")
 
     def __init__(self, daemon: bool) -> None:
         self.daemon = daemon
         self._running = _thread.allocate_lock()
         self._running.acquire()
+        self._started = _thread.allocate_lock()
+        self._started.acquire()
+
+    def start(self) -> None:
+        """Called by the worker that took the job."""
+        self._started.release()
+
+    def wait_started(self) -> None:
+        self._started.acquire()
 
     def is_alive(self) -> bool:
         return self._running.locked()
@@ -654,11 +663,10 @@ class ThreadingMixIn(_std.ThreadingMixIn):
             _running_requests.discard(job)
             job.done()
             raise
-        # Unlike Thread.start(), this does not wait until the request runs:
-        # submit() has given it a thread of its own already, and the job is
-        # alive (in _threads, joined by server_close()) from now on.  The
-        # wait would cost the serving thread a sleep and a wake-up per
-        # request, and queueing for the GIL after it.
+        # As Thread.start() does: return once the request runs.  The serve
+        # loop then never gets ahead of its workers (however busy the
+        # machine, _threads only keeps requests that really are running).
+        job.wait_started()
 
     def _run_request(self, item: tuple[_Job, Any, Any]) -> None:
         """A worker runs one request.  In a process the handler forked, the
@@ -668,6 +676,7 @@ class ThreadingMixIn(_std.ThreadingMixIn):
         job, request, client_address = item
         pid = os.getpid()
         ended: BaseException | None = None
+        job.start()
         try:
             self.process_request_thread(request, client_address)
         except BaseException as exc:  # noqa: BLE001 - as a thread's run(): anything that escapes goes to the hook
