@@ -858,3 +858,27 @@ def test_forking_server_serves_many(sock_path: str) -> None:
     assert answers == [b"N%d\n" % i for i in range(5)]
     assert not server.active_children
     assert server.stats()["accepted"] == server.stats()["closed"] == 5
+
+
+def test_request_io_without_and_with_waiting(sock_path: str) -> None:
+    """recv/sendall try first without waiting, keeping the GIL
+    (unixsrv/_request.pxi); flags (MSG_WAITALL) go to the socket module's call,
+    and a sendall larger than the socket buffer sends what fits at once and
+    waits for the rest: the client gets every byte, in order, and every
+    byte is counted."""
+    size = 4 * 1024 * 1024
+    big = bytes(range(256)) * (size // 256)
+
+    class Mixed(ss.BaseRequestHandler):
+        def handle(self) -> None:
+            r = self.request
+            first = r.recv(2, socket.MSG_WAITALL) + r.recv(3)
+            r.sendall(bytearray(first))
+            r.sendall(memoryview(big))
+
+    server = ss.ThreadingUnixStreamServer(sock_path, Mixed)
+    with serving(server), connect(sock_path) as c:
+        c.sendall(b"hello")
+        assert recv_until_eof(c) == b"hello" + big
+    assert server.stats()["bytes_in"] == 5
+    assert server.stats()["bytes_out"] == 5 + size

@@ -371,9 +371,16 @@ cdef class Connection(_ConnBase):
         ``socket.socket`` that user code reads and writes itself
         (unixsrv.socketserver's request).  ServerClosedError once our side
         closed the connection (idle timeout, server close)."""
+        cdef int fd
         self._use()
         try:
-            return _os.dup(self.c.fd)
+            # fcntl(2) F_DUPFD_CLOEXEC, as os.dup() does, but keeping the
+            # GIL: the serving thread would queue to get it back from the
+            # request threads (see _request.pxi); the call never blocks.
+            fd = fcntl(self.c.fd, F_DUPFD_CLOEXEC, 0)
+            if fd < 0:
+                raise _oserror(errno)
+            return fd
         finally:
             self._unuse()
 

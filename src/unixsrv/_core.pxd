@@ -56,8 +56,10 @@ cdef extern from "<unistd.h>" nogil:
 
 
 cdef extern from "<fcntl.h>" nogil:
+    int fcntl(int fd, int cmd, ...)
     enum:
         AT_SYMLINK_NOFOLLOW
+        F_DUPFD_CLOEXEC
 
 
 cdef extern from "<sys/stat.h>" nogil:

@@ -160,7 +160,7 @@ class _RequestSocket(_core.NamedSocket):
     The core keeps its own fd of the connection, to shut it down at the idle
     timeout; the bytes moved here are reported to it (counters, idle
     clock): recv, recv_into, send and sendall, the hot path, in C
-    (unixsrv/_request.pxi).  Closing (or detaching) this socket closes the
+    (unixsrv/_request.pxi), as are shutdown and the close of the fd.  Closing (or detaching) this socket closes the
     connection for the core: counted once, its fd closed, never shut down,
     since a forked child may still be serving the socket through its copy.
     """
@@ -178,6 +178,7 @@ class _RequestSocket(_core.NamedSocket):
     recv_into = _core.request_recv_into
     send = _core.request_send
     sendall = _core.request_sendall
+    shutdown = _core.request_shutdown
 
     def _note(self, n_in: int, n_out: int) -> None:
         conn = self._conn
@@ -228,9 +229,9 @@ class _RequestSocket(_core.NamedSocket):
         self._release()
         return fd
 
-    def _real_close(self, _ss: Any = _socket.socket) -> None:
+    def _real_close(self) -> None:
         try:
-            _ss.close(self)
+            _core.request_close_fd(self)
         finally:
             self._release()
 
@@ -297,7 +298,7 @@ class _Pending:
             if not self._closed:
                 self._items.append(conn)
                 if len(self._items) == 1:
-                    os.write(self._w, b"\0")
+                    _core.flag_fd_set(self._w)
                 return
         conn._finish()  # the server was closed meanwhile: the client sees EOF
 
@@ -307,7 +308,7 @@ class _Pending:
                 raise BlockingIOError(errno.EAGAIN, "no connection is waiting")
             conn = self._items.popleft()
             if not self._items:
-                os.read(self._r, 1)
+                _core.flag_fd_clear(self._r)
         return conn
 
     def close(self) -> None:
