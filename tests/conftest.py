@@ -517,11 +517,17 @@ def reap(pid: int, timeout: float = DEADLINE) -> int:
     return os.waitstatus_to_exitcode(status[0])
 
 
+def env_without_preload() -> dict[str, str]:
+    """This environment less LD_PRELOAD, for the system tools a test runs
+    (curl, pgrep): built without ASan, they die or hang under the suite's
+    inherited ASan preload."""
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
 def child_pids(pid: int | None = None) -> set[int]:
     """PIDs of the children of ``pid`` (default: this process), live or
-    unreaped, as ``pgrep -P`` lists them (Linux and macOS).  pgrep runs
-    without LD_PRELOAD: it dies under an inherited ASan preload."""
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    unreaped, as ``pgrep -P`` lists them (Linux and macOS)."""
+    env = env_without_preload()
     parent = os.getpid() if pid is None else pid
     out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True, check=False, env=env)
     return {int(p) for p in out.stdout.split()}

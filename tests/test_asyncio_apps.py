@@ -57,6 +57,7 @@ from conftest import (
     child_pids,
     connect,
     end_processes,
+    env_without_preload,
     finish,
     payload,
     sha,
@@ -89,8 +90,7 @@ def curl(path: str, *args: str) -> str:
     if exe is None:
         pytest.skip("curl is not installed (the tests talk to the servers with curl --unix-socket)")
     argv = [exe, "--silent", "--show-error", "--fail", "--max-time", str(DEADLINE), "--unix-socket", path, *args]
-    # curl runs without LD_PRELOAD: it is not built for an inherited ASan preload.
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env = env_without_preload()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=DEADLINE + 5, check=False, env=env)
     assert done.returncode == 0, f"{argv}: exit {done.returncode}: {done.stderr}"
     return done.stdout

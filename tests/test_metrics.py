@@ -22,6 +22,7 @@ from conftest import (
     connect,
     echo,
     echo_once,
+    env_without_preload,
     finish,
     read_line,
     wait_until,
@@ -62,8 +63,7 @@ def parse(text: str) -> dict[str, dict[str, float]]:
 
 def curl(*args: str) -> str:
     assert CURL is not None
-    # curl without an inherited ASan preload (under the sanitiser run it would die or hang).
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env = env_without_preload()
     done = subprocess.run(
         [CURL, "-sS", "--max-time", str(DEADLINE), *args],
         capture_output=True,

@@ -38,6 +38,7 @@ from conftest import (
     Timed,
     child_pids,
     connect,
+    env_without_preload,
     idle_eof_after,
     recv_until_eof,
     run_threads,
@@ -212,7 +213,7 @@ def test_http_server_serves_files_to_curl(file_site: FileSite) -> None:
     for url, out in zip(urls, outs):
         argv += [url, "--output", out]
     done = subprocess.run(
-        argv, capture_output=True, text=True, timeout=DEADLINE * 3, check=False
+        argv, capture_output=True, text=True, timeout=DEADLINE * 3, check=False, env=env_without_preload()
     )
     assert done.returncode == 0, done.stderr
     error_page = os.path.getsize(outs[4])

@@ -30,6 +30,7 @@ from conftest import (
     echo,
     echo_handler,
     echo_once,
+    env_without_preload,
     finish,
     is_listening,
     wait_until,
@@ -318,7 +319,7 @@ def test_cli_under_systemd_socket_activate(sock_dir: str, sock_path: str, notify
         "--allow-uid",
         str(os.getuid()),
     ]
-    own_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    own_env = env_without_preload()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=own_env)
     try:
         # It binds the path, then starts (execs) the service at the first connection.
