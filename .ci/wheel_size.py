@@ -18,9 +18,7 @@ def main(wheels: list[str]) -> int:
     status = 0
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as zf:
-            extensions = [
-                i for i in zf.infolist() if i.filename.endswith((".so", ".pyd"))
-            ]
+            extensions = [i for i in zf.infolist() if i.filename.endswith((".so", ".pyd"))]
         if not extensions:
             print(f"{wheel}: no compiled extension", file=sys.stderr)
             status = 1

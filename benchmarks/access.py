@@ -56,7 +56,12 @@ def round_trip_cpu(extra: list[str], duration: float, warmup: float) -> float | 
     """Server CPU (µs) per ping-pong round trip."""
     with harness.running_server(SERVER, extra_args=extra) as srv:
         result = harness.run_bench(
-            srv.path, timeout=duration + 120.0, connections=100, duration=duration, warmup=warmup, server_pid=srv.pid
+            srv.path,
+            timeout=duration + 120.0,
+            connections=100,
+            duration=duration,
+            warmup=warmup,
+            server_pid=srv.pid,
         )
     value = result.get("server_cpu_us_per_rt")
     return None if value is None else float(value)
@@ -121,11 +126,17 @@ def _measure_flood(srv: harness.RunningServer, duration: float, warmup: float) -
     before = harness.proc_cpu_s(srv.pid)
     cycles = flood(srv.path, 16, duration)
     after = harness.proc_cpu_s(srv.pid)
-    return None if not cycles or before is None or after is None else round((after - before) / cycles * 1e6, 3)
+    return (
+        None
+        if not cycles or before is None or after is None
+        else round((after - before) / cycles * 1e6, 3)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=0.5)
@@ -136,7 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.duration, args.warmup = 1, 0.5, 0.1
     uid, gid = os.getuid(), os.getgid()
     lists = ["--allow-uid", str(UNLISTED_UID), "--allow-gid", f"{gid}"]  # admitted by its group
-    runs: dict[str, list[float]] = {"rt off": [], "rt lists": [], "flood accept+close": [], "flood denied": []}
+    runs: dict[str, list[float]] = {
+        "rt off": [],
+        "rt lists": [],
+        "flood accept+close": [],
+        "flood denied": [],
+    }
     for r in range(args.rounds):
         order = [0, 1] if r % 2 == 0 else [1, 0]
         for i in order:

@@ -57,16 +57,21 @@ SERVERS: dict[str, str] = {
 }
 
 #: The servers that speak HTTP (load: http_load.c), not echo (load: unixsrv bench).
-HTTP_SERVERS = frozenset({"uvicorn-asyncio", "uvicorn-uvloop", "unixsrv.asyncio-uvicorn-asyncio",
-                          "unixsrv.asyncio-uvicorn-uvloop"})
+HTTP_SERVERS = frozenset(
+    {
+        "uvicorn-asyncio",
+        "uvicorn-uvloop",
+        "unixsrv.asyncio-uvicorn-asyncio",
+        "unixsrv.asyncio-uvicorn-uvloop",
+    }
+)
 
 
 def compile_c(source: str, binary: str, cc: str = "cc") -> str:
     """Compile `source` with ``cc -O2`` into `binary` (when the source is
     newer than the binary); returns the binary's path."""
     os.makedirs(BUILD, exist_ok=True)
-    if (not os.path.exists(binary)
-            or os.path.getmtime(binary) < os.path.getmtime(source)):
+    if not os.path.exists(binary) or os.path.getmtime(binary) < os.path.getmtime(source):
         tmp = f"{binary}.{os.getpid()}"
         subprocess.run([cc, "-O2", "-Wall", "-o", tmp, source], check=True)
         os.replace(tmp, binary)
@@ -87,8 +92,21 @@ def server_argv(name: str, path: str) -> list[str]:
     """The command line of server `name` listening on `path`."""
     if name in ("unixsrv-event", "unixsrv-blocking"):
         model = name.split("-", 1)[1]
-        return [PYTHON, "-m", "unixsrv", "--log-level", "WARNING", "serve", "--socket", path,
-                "--echo", "--model", model, "--backlog", str(BACKLOG)]
+        return [
+            PYTHON,
+            "-m",
+            "unixsrv",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--socket",
+            path,
+            "--echo",
+            "--model",
+            model,
+            "--backlog",
+            str(BACKLOG),
+        ]
     if name == "c-epoll":
         return [C_BINARY, path, str(BACKLOG)]
     if name in SERVERS:
@@ -115,7 +133,7 @@ def proc_cpu_s(pid: int) -> float | None:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rindex(b")") + 2:].split()
+    fields = data[data.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
@@ -180,8 +198,12 @@ class CpuSnapshot:
         v = [int(x) for x in parts] + [0] * 10
         user, nice, system, _idle, _iowait, irq, softirq, steal = v[:8]
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return cls(time.monotonic(), (user + nice + system + irq + softirq) / CLK_TCK,
-                   steal / CLK_TCK, ru.ru_utime + ru.ru_stime)
+        return cls(
+            time.monotonic(),
+            (user + nice + system + irq + softirq) / CLK_TCK,
+            steal / CLK_TCK,
+            ru.ru_utime + ru.ru_stime,
+        )
 
 
 # ------------------------------------------------------------------ servers
@@ -229,8 +251,13 @@ def end_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> int | None:
 
 
 @contextlib.contextmanager
-def running_server(name: str, log_dir: str | None = None, ready_timeout: float = 20.0,
-                   preexec: Any = None, extra_args: Sequence[str] = ()) -> Iterator[RunningServer]:
+def running_server(
+    name: str,
+    log_dir: str | None = None,
+    ready_timeout: float = 20.0,
+    preexec: Any = None,
+    extra_args: Sequence[str] = (),
+) -> Iterator[RunningServer]:
     """Start server `name` on a fresh socket under /tmp, wait until its
     socket file exists (every server here creates it only once it listens),
     yield it, then end it by PID and remove the socket directory.
@@ -241,14 +268,22 @@ def running_server(name: str, log_dir: str | None = None, ready_timeout: float =
     os.makedirs(log_dir, exist_ok=True)
     log_path = os.path.join(log_dir, f"{name}.log")
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([*server_argv(name, path), *extra_args], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, cwd=ROOT, preexec_fn=preexec)
+        proc = subprocess.Popen(
+            [*server_argv(name, path), *extra_args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
+            preexec_fn=preexec,
+        )
     server = RunningServer(name, path, proc, log_path, sock_dir)
     try:
         end = time.monotonic() + ready_timeout
         while not os.path.exists(path):
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with status {proc.returncode}: {server.log_tail()}")
+                raise RuntimeError(
+                    f"{name} exited with status {proc.returncode}: {server.log_tail()}"
+                )
             if time.monotonic() > end:
                 raise RuntimeError(f"{name} did not create its socket within {ready_timeout} s")
             time.sleep(0.01)
@@ -261,15 +296,48 @@ def running_server(name: str, log_dir: str | None = None, ready_timeout: float =
 # ------------------------------------------------------------------ the generator
 
 
-def bench_argv(path: str, *, mode: str = "pingpong", connections: int = 1, size: int = 64,
-               pipeline: int = 1, duration: float | None = None, requests: int | None = None,
-               warmup: float = 0.5, processes: int = 1, server_pid: int | None = None,
-               connect_timeout: float = 60.0, stall_timeout: float = 10.0) -> list[str]:
-    argv = [PYTHON, "-m", "unixsrv", "--log-level", "WARNING", "bench", path, "--json", "--quiet",
-            "--mode", mode, "--connections", str(connections), "--size", str(size),
-            "--pipeline", str(pipeline), "--warmup", repr(warmup),
-            "--processes", str(processes), "--connect-timeout", repr(connect_timeout),
-            "--stall-timeout", repr(stall_timeout)]
+def bench_argv(
+    path: str,
+    *,
+    mode: str = "pingpong",
+    connections: int = 1,
+    size: int = 64,
+    pipeline: int = 1,
+    duration: float | None = None,
+    requests: int | None = None,
+    warmup: float = 0.5,
+    processes: int = 1,
+    server_pid: int | None = None,
+    connect_timeout: float = 60.0,
+    stall_timeout: float = 10.0,
+) -> list[str]:
+    argv = [
+        PYTHON,
+        "-m",
+        "unixsrv",
+        "--log-level",
+        "WARNING",
+        "bench",
+        path,
+        "--json",
+        "--quiet",
+        "--mode",
+        mode,
+        "--connections",
+        str(connections),
+        "--size",
+        str(size),
+        "--pipeline",
+        str(pipeline),
+        "--warmup",
+        repr(warmup),
+        "--processes",
+        str(processes),
+        "--connect-timeout",
+        repr(connect_timeout),
+        "--stall-timeout",
+        repr(stall_timeout),
+    ]
     if duration is not None:
         argv += ["--duration", repr(duration)]
     if requests is not None:
@@ -295,11 +363,27 @@ def pin_to_other_cpu() -> None:
     os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
 
 
-def run_http_load(path: str, timeout: float, preexec: Any = None, *, connections: int, duration: float,
-                  warmup: float, server_pid: int | None = None, requests: int | None = None) -> dict[str, Any]:
+def run_http_load(
+    path: str,
+    timeout: float,
+    preexec: Any = None,
+    *,
+    connections: int,
+    duration: float,
+    warmup: float,
+    server_pid: int | None = None,
+    requests: int | None = None,
+) -> dict[str, Any]:
     """One http_load.c run (keep-alive GET / on `connections` connections);
     its JSON result, with the keys run_bench's result has for ping-pong."""
-    argv = [HTTP_LOAD_BINARY, path, str(connections), repr(duration), repr(warmup), str(server_pid or 0)]
+    argv = [
+        HTTP_LOAD_BINARY,
+        path,
+        str(connections),
+        repr(duration),
+        repr(warmup),
+        str(server_pid or 0),
+    ]
     if requests is not None:
         argv.append(str(requests))
     return _json_result(argv, timeout, preexec)
@@ -327,14 +411,22 @@ def run_bench(path: str, timeout: float, preexec: Any = None, **options: Any) ->
 def _json_result(argv: list[str], timeout: float, preexec: Any) -> dict[str, Any]:
     """Run a generator that prints its result as a JSON line (exit status 1 =
     errors were counted: the result still comes back)."""
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=ROOT, preexec_fn=preexec)
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        preexec_fn=preexec,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         end_process(proc, grace=5.0)
         out, err = proc.communicate()
-        raise BenchError(f"generator did not finish within {timeout} s: {err.decode()[-500:]}") from None
+        raise BenchError(
+            f"generator did not finish within {timeout} s: {err.decode()[-500:]}"
+        ) from None
     finally:
         end_process(proc)
     lines = [line for line in out.decode().splitlines() if line.startswith("{")]
@@ -354,7 +446,9 @@ class Hold:
     lines: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _read_json_line(proc: subprocess.Popen[bytes], deadline: float, buf: bytearray) -> dict[str, Any] | None:
+def _read_json_line(
+    proc: subprocess.Popen[bytes], deadline: float, buf: bytearray
+) -> dict[str, Any] | None:
     """The next JSON line of proc's stdout before `deadline` (None: EOF or
     the deadline passed)."""
     assert proc.stdout is not None
@@ -365,7 +459,7 @@ def _read_json_line(proc: subprocess.Popen[bytes], deadline: float, buf: bytearr
             nl = buf.find(b"\n")
             if nl >= 0:
                 line = bytes(buf[:nl])
-                del buf[:nl + 1]
+                del buf[: nl + 1]
                 if line.startswith(b"{"):
                     obj: dict[str, Any] = json.loads(line)
                     return obj
@@ -380,18 +474,35 @@ def _read_json_line(proc: subprocess.Popen[bytes], deadline: float, buf: bytearr
 
 
 @contextlib.contextmanager
-def hold(path: str, connections: int, *, processes: int = 1, server_pid: int | None = None,
-         size: int = 64, max_hold: float = 300.0, connect_timeout: float = 120.0) -> Iterator[Hold]:
+def hold(
+    path: str,
+    connections: int,
+    *,
+    processes: int = 1,
+    server_pid: int | None = None,
+    size: int = 64,
+    max_hold: float = 300.0,
+    connect_timeout: float = 120.0,
+) -> Iterator[Hold]:
     """Open `connections` connections with ``bench --mode hold`` (each does one
     verified round trip), yield once all are established, then end the hold
     (EOF on the generator's stdin) and collect its result into
     ``Hold.result``.  The hold is bounded by `max_hold` seconds anyway, and
     the generator is ended by PID whatever happens."""
-    argv = bench_argv(path, mode="hold", connections=connections, size=size, duration=max_hold,
-                      processes=processes, server_pid=server_pid, connect_timeout=connect_timeout,
-                      warmup=0.0)
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=ROOT)
+    argv = bench_argv(
+        path,
+        mode="hold",
+        connections=connections,
+        size=size,
+        duration=max_hold,
+        processes=processes,
+        server_pid=server_pid,
+        connect_timeout=connect_timeout,
+        warmup=0.0,
+    )
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+    )
     buf = bytearray()
     try:
         deadline = time.monotonic() + connect_timeout + 30.0
@@ -399,8 +510,10 @@ def hold(path: str, connections: int, *, processes: int = 1, server_pid: int | N
         if first is None or first.get("event") != "established":
             end_process(proc, grace=5.0)
             assert proc.stderr is not None
-            raise BenchError(f"hold: no 'established' line (exit {proc.returncode}): "
-                             f"{first} {proc.stderr.read().decode()[-1000:]}")
+            raise BenchError(
+                f"hold: no 'established' line (exit {proc.returncode}): "
+                f"{first} {proc.stderr.read().decode()[-1000:]}"
+            )
         h = Hold(proc, first)
         yield h
         assert proc.stdin is not None

@@ -57,11 +57,26 @@ import socket
 import socketserver
 from typing import Any
 
-KINDS = ("uvloop-protocol", "uvloop-streams", "asyncio-protocol", "asyncio-streams", "socketserver",
-         "unixsrv-socketserver")
-HOSTED_KINDS = ("unixsrv.asyncio-protocol", "unixsrv.asyncio-uvloop-protocol", "unixsrv.asyncio-streams",
-                "unixsrv.asyncio-uvloop-streams")
-HTTP_KINDS = ("uvicorn-asyncio", "uvicorn-uvloop", "unixsrv.asyncio-uvicorn-asyncio", "unixsrv.asyncio-uvicorn-uvloop")
+KINDS = (
+    "uvloop-protocol",
+    "uvloop-streams",
+    "asyncio-protocol",
+    "asyncio-streams",
+    "socketserver",
+    "unixsrv-socketserver",
+)
+HOSTED_KINDS = (
+    "unixsrv.asyncio-protocol",
+    "unixsrv.asyncio-uvloop-protocol",
+    "unixsrv.asyncio-streams",
+    "unixsrv.asyncio-uvloop-streams",
+)
+HTTP_KINDS = (
+    "uvicorn-asyncio",
+    "uvicorn-uvloop",
+    "unixsrv.asyncio-uvicorn-asyncio",
+    "unixsrv.asyncio-uvicorn-uvloop",
+)
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -119,9 +134,13 @@ def serve_asyncio(kind: str, path: str, backlog: int) -> None:
     sock = listening_socket(path, backlog)
     tmp = sock.getsockname()
     if kind.endswith("protocol"):
-        server = loop.run_until_complete(loop.create_unix_server(EchoProtocol, sock=sock, backlog=backlog))
+        server = loop.run_until_complete(
+            loop.create_unix_server(EchoProtocol, sock=sock, backlog=backlog)
+        )
     else:
-        server = loop.run_until_complete(asyncio.start_unix_server(echo_stream, sock=sock, backlog=backlog))
+        server = loop.run_until_complete(
+            asyncio.start_unix_server(echo_stream, sock=sock, backlog=backlog)
+        )
     os.rename(tmp, path)
     try:
         loop.run_until_complete(server.serve_forever())
@@ -163,8 +182,13 @@ def serve_hosted(kind: str, path: str, backlog: int) -> None:
 
 async def hello_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """The hello-world ASGI application of the HTTP rows."""
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"13")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"13")],
+        }
+    )
     await send({"type": "http.response.body", "body": b"Hello, world!"})
 
 
@@ -172,8 +196,15 @@ def serve_uvicorn(kind: str, path: str, backlog: int) -> None:
     """uvicorn (httptools) serving hello_app on PATH; SIGTERM stops it (uvicorn's handler)."""
     import uvicorn
 
-    config = uvicorn.Config(hello_app, uds=path, http="httptools", lifespan="off", access_log=False,
-                            log_level="warning", backlog=backlog)
+    config = uvicorn.Config(
+        hello_app,
+        uds=path,
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        backlog=backlog,
+    )
     loop = new_loop(kind)
     asyncio.set_event_loop(loop)
     try:
@@ -192,7 +223,9 @@ def serve_socketserver(kind: str, path: str, backlog: int) -> None:
         base = unixsrv_socketserver.ThreadingUnixStreamServer
     else:
         base = socketserver.ThreadingUnixStreamServer
-    echo_server = type("EchoUnixServer", (base,), {"daemon_threads": True, "request_queue_size": backlog})
+    echo_server = type(
+        "EchoUnixServer", (base,), {"daemon_threads": True, "request_queue_size": backlog}
+    )
     if kind == "unixsrv-socketserver":
         # unixsrv binds under a temporary name, listens, then renames onto
         # PATH (README "The socket file"): PATH appears only once it accepts.

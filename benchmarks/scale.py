@@ -35,10 +35,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import harness  # noqa: E402
+import harness
 
-PER_PROCESS = 5000          # connections per generator process
-FD_MARGIN = 32              # fds kept free in the server besides its base ones
+PER_PROCESS = 5000  # connections per generator process
+FD_MARGIN = 32  # fds kept free in the server besides its base ones
 
 
 def log(msg: str) -> None:
@@ -53,12 +53,19 @@ def scale_model(model: str, targets: list[int | str], idle_s: float) -> dict[str
         harness.run_bench(srv.path, timeout=60.0, connections=1, requests=200, warmup=0.0)
         base = harness.settled_rss(srv.pid)
         base_fds = harness.open_fds(srv.pid) or 0
-        limit = _nofile_soft(srv.pid) or hard     # inherited from us: raised to the hard limit
+        limit = _nofile_soft(srv.pid) or hard  # inherited from us: raised to the hard limit
         max_conns = limit - base_fds - FD_MARGIN
-        out.update(rss_before_kib=base, server_fds_before=base_fds, server_nofile=limit,
-                   max_connections=max_conns, threads_before=harness.threads(srv.pid))
-        log(f"{name}: pid {srv.pid}, RSS {base} KiB, {base_fds} fds open, fd limit {limit}: "
-            f"aiming at {max_conns:,} connections")
+        out.update(
+            rss_before_kib=base,
+            server_fds_before=base_fds,
+            server_nofile=limit,
+            max_connections=max_conns,
+            threads_before=harness.threads(srv.pid),
+        )
+        log(
+            f"{name}: pid {srv.pid}, RSS {base} KiB, {base_fds} fds open, fd limit {limit}: "
+            f"aiming at {max_conns:,} connections"
+        )
         held = 0
         prev_rss = base
         for t in targets:
@@ -70,8 +77,11 @@ def scale_model(model: str, targets: list[int | str], idle_s: float) -> dict[str
             t0 = time.monotonic()
             step: dict[str, Any] = {"target": goal, "added": add, "processes": procs}
             try:
-                h = holds.enter_context(harness.hold(srv.path, add, processes=procs,
-                                                     connect_timeout=120.0, max_hold=900.0))
+                h = holds.enter_context(
+                    harness.hold(
+                        srv.path, add, processes=procs, connect_timeout=120.0, max_hold=900.0
+                    )
+                )
             except harness.BenchError as exc:
                 step["failure"] = str(exc)[:500]
                 out["steps"].append(step)
@@ -81,24 +91,36 @@ def scale_model(model: str, targets: list[int | str], idle_s: float) -> dict[str
             held += est["connections"]
             rss = harness.settled_rss(srv.pid, timeout=10.0)
             step.update(
-                established=est["connections"], failed=est["failed"], errors=est["errors"],
-                held=held, setup_s=round(time.monotonic() - t0, 2),
-                rss_kib=rss, threads=harness.threads(srv.pid), server_fds=harness.open_fds(srv.pid),
-                per_conn_bytes=round((rss - base) * 1024 / held, 1) if rss and base and held else None,
-                marginal_bytes=(round((rss - prev_rss) * 1024 / est["connections"], 1)
-                                if rss and prev_rss and est["connections"] else None),
+                established=est["connections"],
+                failed=est["failed"],
+                errors=est["errors"],
+                held=held,
+                setup_s=round(time.monotonic() - t0, 2),
+                rss_kib=rss,
+                threads=harness.threads(srv.pid),
+                server_fds=harness.open_fds(srv.pid),
+                per_conn_bytes=round((rss - base) * 1024 / held, 1)
+                if rss and base and held
+                else None,
+                marginal_bytes=(
+                    round((rss - prev_rss) * 1024 / est["connections"], 1)
+                    if rss and prev_rss and est["connections"]
+                    else None
+                ),
             )
             prev_rss = rss
             out["steps"].append(step)
-            log(f"{name}: {held:,} held ({est['connections']:,} added in {step['setup_s']} s over "
+            log(
+                f"{name}: {held:,} held ({est['connections']:,} added in {step['setup_s']} s over "
                 f"{procs} generator(s), {est['failed']} failed, {est['errors']} errors): RSS {rss:,} KiB, "
                 f"{step['per_conn_bytes']} B/conn, marginal {step['marginal_bytes']} B/conn, "
-                f"{step['threads']} threads")
+                f"{step['threads']} threads"
+            )
             if est["connections"] < add:
                 break
         if held and idle_s > 0:
             cpu0 = harness.proc_cpu_s(srv.pid)
-            time.sleep(idle_s)           # let time pass: CPU of idle connections
+            time.sleep(idle_s)  # let time pass: CPU of idle connections
             cpu1 = harness.proc_cpu_s(srv.pid)
             if cpu0 is not None and cpu1 is not None:
                 out["idle_cpu_share"] = round((cpu1 - cpu0) / idle_s, 4)
@@ -120,53 +142,73 @@ def _nofile_soft(pid: int) -> int | None:
 
 def render(data: dict[str, Any]) -> str:
     m = data["machine"]
-    L = ["# unixsrv connection scale", "",
-         "Generated by `benchmarks/scale.py` (see [benchmarks/README.md](../benchmarks/README.md)); "
-         "do not edit by hand.", "", "```", data["command"], "```", "",
-         f"- **Date**: {m['date']}; wall time {data['wall_s']:.0f} s.",
-         f"- **Machine**: {m['nproc']} CPUs, Linux {m['kernel']}, Python {m['python']}, "
-         f"hard RLIMIT_NOFILE {m['nofile_hard']} (cannot be raised here, not even as root); "
-         f"before the run {m['busy_before']:.2f} cores were in use (3 s sample of /proc/stat), load average "
-         f"{m['load_before']} (it counts threads: a previous 10,000-thread run keeps it up for minutes).",
-         "",
-         "One server process per model (`python -m unixsrv serve --echo --model M --backlog 4096`, soft "
-         "fd limit raised to the hard one). Baseline = VmRSS after one short warm-up connection. Each step "
-         "adds connections with `unixsrv bench --mode hold --processes K` (each connection does one "
-         "verified 64 B echo before it counts); earlier steps stay connected. *per conn* = (RSS − "
-         "baseline) / connections held; *marginal* = RSS growth of the step / connections it added. "
-         "Kernel socket memory is not part of RSS.",
-         ""]
+    L = [
+        "# unixsrv connection scale",
+        "",
+        "Generated by `benchmarks/scale.py` (see [benchmarks/README.md](../benchmarks/README.md)); "
+        "do not edit by hand.",
+        "",
+        "```",
+        data["command"],
+        "```",
+        "",
+        f"- **Date**: {m['date']}; wall time {data['wall_s']:.0f} s.",
+        f"- **Machine**: {m['nproc']} CPUs, Linux {m['kernel']}, Python {m['python']}, "
+        f"hard RLIMIT_NOFILE {m['nofile_hard']} (cannot be raised here, not even as root); "
+        f"before the run {m['busy_before']:.2f} cores were in use (3 s sample of /proc/stat), load average "
+        f"{m['load_before']} (it counts threads: a previous 10,000-thread run keeps it up for minutes).",
+        "",
+        "One server process per model (`python -m unixsrv serve --echo --model M --backlog 4096`, soft "
+        "fd limit raised to the hard one). Baseline = VmRSS after one short warm-up connection. Each step "
+        "adds connections with `unixsrv bench --mode hold --processes K` (each connection does one "
+        "verified 64 B echo before it counts); earlier steps stay connected. *per conn* = (RSS − "
+        "baseline) / connections held; *marginal* = RSS growth of the step / connections it added. "
+        "Kernel socket memory is not part of RSS.",
+        "",
+    ]
     for res in data["models"]:
         L.append(f"## {res['model']} model")
         L.append("")
-        L.append(f"Baseline RSS {res.get('rss_before_kib', 0) / 1024:.1f} MiB, "
-                 f"{res.get('server_fds_before')} fds open, fd limit {res.get('server_nofile')}: "
-                 f"at most {res.get('max_connections', 0):,} connections.")
+        L.append(
+            f"Baseline RSS {res.get('rss_before_kib', 0) / 1024:.1f} MiB, "
+            f"{res.get('server_fds_before')} fds open, fd limit {res.get('server_nofile')}: "
+            f"at most {res.get('max_connections', 0):,} connections."
+        )
         L.append("")
-        L.append("| connections held | added (generators) | setup s | failed / errors | RSS MiB | per conn B "
-                 "| marginal B | threads | server fds |")
+        L.append(
+            "| connections held | added (generators) | setup s | failed / errors | RSS MiB | per conn B "
+            "| marginal B | threads | server fds |"
+        )
         L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for s in res["steps"]:
             if "failure" in s:
-                L.append(f"| (step to {s['target']:,} failed: {s['failure'][:120]}) | | | | | | | | |")
+                L.append(
+                    f"| (step to {s['target']:,} failed: {s['failure'][:120]}) | | | | | | | | |"
+                )
                 continue
-            L.append(f"| {s['held']:,} | {s['added']:,} ({s['processes']}) | {s['setup_s']} "
-                     f"| {s['failed']} / {s['errors']} | {s['rss_kib'] / 1024:.1f} "
-                     f"| {s['per_conn_bytes']:,.0f} | {s['marginal_bytes']:,.0f} | {s['threads']:,} "
-                     f"| {s['server_fds']:,} |")
+            L.append(
+                f"| {s['held']:,} | {s['added']:,} ({s['processes']}) | {s['setup_s']} "
+                f"| {s['failed']} / {s['errors']} | {s['rss_kib'] / 1024:.1f} "
+                f"| {s['per_conn_bytes']:,.0f} | {s['marginal_bytes']:,.0f} | {s['threads']:,} "
+                f"| {s['server_fds']:,} |"
+            )
         L.append("")
         ok = [s for s in res["steps"] if "failure" not in s and s.get("per_conn_bytes")]
         if ok:
             pcs = [s["per_conn_bytes"] for s in ok]
             margs = [s["marginal_bytes"] for s in ok[1:] if s.get("marginal_bytes") is not None]
-            line = (f"Most held: **{ok[-1]['held']:,}** connections, **{ok[-1]['per_conn_bytes']:,.0f} B** each "
-                    f"(per conn ranges {min(pcs):,.0f}–{max(pcs):,.0f} B over the steps")
+            line = (
+                f"Most held: **{ok[-1]['held']:,}** connections, **{ok[-1]['per_conn_bytes']:,.0f} B** each "
+                f"(per conn ranges {min(pcs):,.0f}–{max(pcs):,.0f} B over the steps"
+            )
             if margs:
                 line += f"; marginal cost of the later steps {min(margs):,.0f}–{max(margs):,.0f} B"
             line += ")."
             if "idle_cpu_share" in res:
-                line += (f" Server CPU while holding them idle: {res['idle_cpu_share'] * 100:.2f} % of a core "
-                         f"over {data['idle_s']:g} s.")
+                line += (
+                    f" Server CPU while holding them idle: {res['idle_cpu_share'] * 100:.2f} % of a core "
+                    f"over {data['idle_s']:g} s."
+                )
             if not res.get("survived", True):
                 line += " **The server exited during the run.**"
             L.append(line)
@@ -181,40 +223,66 @@ def render(data: dict[str, Any]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="steps 1,000 and 5,000 only; output under benchmarks/.build/")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="steps 1,000 and 5,000 only; output under benchmarks/.build/",
+    )
     p.add_argument("--models", default="event,blocking")
-    p.add_argument("--event-steps", default="1000,10000,max",
-                   help="cumulative connection counts for the event model ('max' = the fd limit)")
-    p.add_argument("--blocking-steps", default="1000,10000,max",
-                   help="the same for the blocking model (one thread per connection)")
-    p.add_argument("--idle", type=float, default=3.0, help="seconds of idle CPU measurement at the top step")
-    p.add_argument("--out", help="markdown output (default docs/scale.md; --quick benchmarks/.build/scale.md)")
+    p.add_argument(
+        "--event-steps",
+        default="1000,10000,max",
+        help="cumulative connection counts for the event model ('max' = the fd limit)",
+    )
+    p.add_argument(
+        "--blocking-steps",
+        default="1000,10000,max",
+        help="the same for the blocking model (one thread per connection)",
+    )
+    p.add_argument(
+        "--idle", type=float, default=3.0, help="seconds of idle CPU measurement at the top step"
+    )
+    p.add_argument(
+        "--out", help="markdown output (default docs/scale.md; --quick benchmarks/.build/scale.md)"
+    )
     args = p.parse_args()
     if args.quick:
         args.event_steps = args.blocking_steps = "1000,5000"
         args.idle = 1.0
-    out = args.out or (os.path.join(harness.BUILD, "scale.md") if args.quick
-                       else os.path.join(harness.ROOT, "docs", "scale.md"))
-    command = "python benchmarks/scale.py" + ("" if len(sys.argv) < 2 else " " + " ".join(sys.argv[1:]))
+    out = args.out or (
+        os.path.join(harness.BUILD, "scale.md")
+        if args.quick
+        else os.path.join(harness.ROOT, "docs", "scale.md")
+    )
+    command = "python benchmarks/scale.py" + (
+        "" if len(sys.argv) < 2 else " " + " ".join(sys.argv[1:])
+    )
     hard = harness.raise_nofile_limit()
     t0 = time.monotonic()
     load = tuple(round(x, 2) for x in os.getloadavg())
     a = harness.CpuSnapshot.take()
-    time.sleep(3.0)                      # let time pass: sample the machine's CPU use
+    time.sleep(3.0)  # let time pass: sample the machine's CPU use
     b = harness.CpuSnapshot.take()
     busy = (b.busy - a.busy) / (b.wall - a.wall)
     data: dict[str, Any] = {
         "command": command,
         "idle_s": args.idle,
-        "machine": {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-                    "nofile_hard": hard, "load_before": "/".join(map(str, load)),
-                    "busy_before": round(busy, 3),
-                    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
+        "machine": {
+            "nproc": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+            "nofile_hard": hard,
+            "load_before": "/".join(map(str, load)),
+            "busy_before": round(busy, 3),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        },
         "models": [],
     }
     for model in args.models.split(","):
-        steps: list[int | str] = [s if s == "max" else int(s)
-                                  for s in (args.event_steps if model == "event" else args.blocking_steps).split(",")]
+        steps: list[int | str] = [
+            s if s == "max" else int(s)
+            for s in (args.event_steps if model == "event" else args.blocking_steps).split(",")
+        ]
         data["models"].append(scale_model(model, steps, args.idle))
     data["wall_s"] = round(time.monotonic() - t0, 1)
     data["notes"] = [

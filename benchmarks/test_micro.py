@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import harness  # noqa: E402
+import harness
 
 SERVERS = ["unixsrv-event", "unixsrv-blocking", "c-epoll"]
 PAYLOAD = bytes(range(64))
@@ -45,7 +45,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[harness.RunningServer]:
         harness.compile_c_server()
     with harness.running_server(request.param) as srv:
         yield srv
-    assert srv.proc.returncode is not None      # ended and reaped
+    assert srv.proc.returncode is not None  # ended and reaped
 
 
 def test_round_trip_64b(benchmark, server: harness.RunningServer) -> None:

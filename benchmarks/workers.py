@@ -154,7 +154,16 @@ def _serve_stdlib(workers: int, path: str, iters: int) -> None:
 def _measure(kind: str, workers: int, cpu_us: float, **bench: Any) -> dict[str, Any]:
     sock_dir = tempfile.mkdtemp(prefix="uwork-", dir="/tmp")
     path = os.path.join(sock_dir, "w.sock")
-    argv = [PYTHON, os.path.abspath(__file__), "--serve", kind, str(workers), path, "--cpu-us", repr(cpu_us)]
+    argv = [
+        PYTHON,
+        os.path.abspath(__file__),
+        "--serve",
+        kind,
+        str(workers),
+        path,
+        "--cpu-us",
+        repr(cpu_us),
+    ]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, cwd=ROOT)
     try:
         end = time.monotonic() + 30
@@ -174,15 +183,29 @@ def _measure(kind: str, workers: int, cpu_us: float, **bench: Any) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--serve", nargs=3, metavar=("KIND", "N", "PATH"), help=argparse.SUPPRESS)
-    p.add_argument("--cpu-us", type=float, default=200.0, help="Python CPU per request, µs (default 200)")
+    p.add_argument(
+        "--cpu-us", type=float, default=200.0, help="Python CPU per request, µs (default 200)"
+    )
     p.add_argument("--connections", type=int, default=64, help="ping-pong clients (default 64)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run (default 10)")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per run (default 2)")
-    p.add_argument("--short", type=int, default=10000, help="short connections for fairness (default 10000)")
-    p.add_argument("--kinds", default=",".join(KINDS), help=f"servers to compare (default {','.join(KINDS)})")
-    p.add_argument("--smoke", action="store_true", help="tiny counts: only checks that everything runs")
+    p.add_argument(
+        "--duration", type=float, default=10.0, help="seconds per throughput run (default 10)"
+    )
+    p.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of warm-up per run (default 2)"
+    )
+    p.add_argument(
+        "--short", type=int, default=10000, help="short connections for fairness (default 10000)"
+    )
+    p.add_argument(
+        "--kinds", default=",".join(KINDS), help=f"servers to compare (default {','.join(KINDS)})"
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny counts: only checks that everything runs"
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.serve:
@@ -192,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.connections, args.duration, args.warmup, args.short = 4, 0.5, 0.1, 200
     results: dict[str, Any] = {"throughput": [], "fairness": None, "options": vars(args)}
-    print(f"CPU-bound handler ~{args.cpu_us:g} µs/request, {args.connections} ping-pong connections")
+    print(
+        f"CPU-bound handler ~{args.cpu_us:g} µs/request, {args.connections} ping-pong connections"
+    )
     print(f"{'server':<18} {'workers':>7} {'req/s':>10} {'x 1 worker':>10}")
     for kind in args.kinds.split(","):
         base = None
@@ -209,14 +234,25 @@ def main(argv: list[str] | None = None) -> int:
             rate = m["result"]["round_trips_per_s"]
             base = base or rate
             results["throughput"].append(
-                {"kind": kind, "workers": workers, "requests_per_s": rate, "errors": m["result"]["errors"]}
+                {
+                    "kind": kind,
+                    "workers": workers,
+                    "requests_per_s": rate,
+                    "errors": m["result"]["errors"],
+                }
             )
             print(f"{kind:<18} {workers:>7} {rate:>10,.0f} {rate / base:>10.2f}")
-    m = _measure("unixsrv-event", 2, 0.0, mode="connect", connections=8, requests=args.short, warmup=0.0)
+    m = _measure(
+        "unixsrv-event", 2, 0.0, mode="connect", connections=8, requests=args.short, warmup=0.0
+    )
     accepted = [row["accepted"] for row in m["worker_rows"]]
     total = sum(accepted) or 1
     shares = [round(100 * a / total, 1) for a in accepted]
-    results["fairness"] = {"connections": args.short, "accepted_per_worker": accepted, "percent": shares}
+    results["fairness"] = {
+        "connections": args.short,
+        "accepted_per_worker": accepted,
+        "percent": shares,
+    }
     print(f"accept fairness, {args.short} short connections to 2 workers: {accepted} = {shares} %")
     if args.json:
         with open(args.json, "w") as f:

@@ -100,9 +100,14 @@ def _linux_reasons(item: pytest.Item) -> list[str]:
     its parametrisation's, its class's and its module's)."""
     reasons = []
     for marker in item.iter_markers("linux"):
-        if len(marker.args) != 1 or marker.kwargs or not isinstance(marker.args[0], str) or not marker.args[0].strip():
+        if (
+            len(marker.args) != 1
+            or marker.kwargs
+            or not isinstance(marker.args[0], str)
+            or not marker.args[0].strip()
+        ):
             raise pytest.UsageError(
-                f"{item.nodeid}: use @pytest.mark.linux(\"<the Linux-only facility>\"), got args={marker.args!r} "
+                f'{item.nodeid}: use @pytest.mark.linux("<the Linux-only facility>"), got args={marker.args!r} '
                 f"kwargs={marker.kwargs!r}"
             )
         if marker.args[0] not in reasons:
@@ -125,10 +130,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.get_closest_marker("root") is not None and os.geteuid() != 0:
             # chown to an arbitrary group and setuid()/setgid() in a forked
             # child need privileges; CI runners are not root, this machine is.
-            item.add_marker(pytest.mark.skip(reason="needs root (uid 0) to change ownership or uid"))
+            item.add_marker(
+                pytest.mark.skip(reason="needs root (uid 0) to change ownership or uid")
+            )
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = DEADLINE, interval: float = 0.002) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = DEADLINE, interval: float = 0.002
+) -> Any:
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout``."""
     end = time.monotonic() + timeout
     while True:
@@ -145,6 +154,7 @@ def process_cpu_over(seconds: float) -> float:
     calling thread waits `seconds`: what the server's threads burn in a
     window where nothing should happen.  CPU time, not wall time, so the
     bound a test puts on it holds on a loaded machine."""
+
     def used() -> float:
         ru = resource.getrusage(resource.RUSAGE_SELF)
         return ru.ru_utime + ru.ru_stime
@@ -263,7 +273,12 @@ def echo_handler(conn: Any) -> None:
 
 
 def serve_model(
-    make_server: Callable[..., Server], path: str | bytes, model: str, handler: Any, protocol: Any, **kwargs: Any
+    make_server: Callable[..., Server],
+    path: str | bytes,
+    model: str,
+    handler: Any,
+    protocol: Any,
+    **kwargs: Any,
 ) -> Server:
     """A server (from the ``make_server`` fixture) in ``model``: ``handler``
     for "blocking", the protocol factory ``protocol`` for "event".  ``kwargs``
@@ -273,7 +288,9 @@ def serve_model(
     return make_server(path, protocol=protocol, **kwargs)
 
 
-def start_echo(make_server: Callable[..., Server], path: str | bytes, model: str, **kwargs: Any) -> Server:
+def start_echo(
+    make_server: Callable[..., Server], path: str | bytes, model: str, **kwargs: Any
+) -> Server:
     """An echo server in ``model`` (golib's echoHandler): ``echo_handler`` or
     ``unixsrv.echo.EchoProtocol``; ``kwargs`` as for ``serve_model``."""
     return serve_model(make_server, path, model, echo_handler, EchoProtocol, **kwargs)
@@ -342,7 +359,9 @@ def idle_eof_after(s: socket.socket, last_active: float, idle: float) -> float:
     (the timeout counts from the last byte), at most ``idle + IDLE_LATE``."""
     assert recv_until_eof(s) == b""
     elapsed = time.monotonic() - last_active
-    assert idle <= elapsed <= idle + IDLE_LATE, f"idle close {elapsed:.3f} s after the last byte (timeout {idle} s)"
+    assert idle <= elapsed <= idle + IDLE_LATE, (
+        f"idle close {elapsed:.3f} s after the last byte (timeout {idle} s)"
+    )
     return elapsed
 
 
@@ -451,11 +470,15 @@ def read_line(proc: subprocess.Popen[Any], timeout: float = DEADLINE) -> str:
     while b"\n" not in buf:
         left = end - time.monotonic()
         if left <= 0:
-            raise AssertionError(f"no line from pid {proc.pid} within {timeout} s (so far {bytes(buf)!r})")
+            raise AssertionError(
+                f"no line from pid {proc.pid} within {timeout} s (so far {bytes(buf)!r})"
+            )
         if select.select([proc.stdout], [], [], left)[0]:
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
-                raise AssertionError(f"pid {proc.pid} closed its stdout before a line{_exit_report(proc)}")
+                raise AssertionError(
+                    f"pid {proc.pid} closed its stdout before a line{_exit_report(proc)}"
+                )
             buf += chunk
     line, _, rest = bytes(buf).partition(b"\n")
     buf[:] = rest
@@ -529,7 +552,9 @@ def child_pids(pid: int | None = None) -> set[int]:
     unreaped, as ``pgrep -P`` lists them (Linux and macOS)."""
     env = env_without_preload()
     parent = os.getpid() if pid is None else pid
-    out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True, check=False, env=env)
+    out = subprocess.run(
+        ["pgrep", "-P", str(parent)], capture_output=True, text=True, check=False, env=env
+    )
     return {int(p) for p in out.stdout.split()}
 
 
@@ -802,8 +827,13 @@ def strace_unusable(strace: str = "strace") -> str | None:
     if shutil.which(strace) is None:
         return f"{strace} is not installed"
     try:
-        probe = subprocess.run([strace, "-f", "-qq", "-o", "/dev/null", "true"], capture_output=True, text=True,
-                               timeout=DEADLINE, check=False)
+        probe = subprocess.run(
+            [strace, "-f", "-qq", "-o", "/dev/null", "true"],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{strace} cannot run: {exc}"
     if probe.returncode != 0:
@@ -831,14 +861,27 @@ def run_traced() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """
     procs: list[subprocess.Popen[bytes]] = []
 
-    def factory(strace_args: list[str], code: str, *args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+    def factory(
+        strace_args: list[str], code: str, *args: str, **kwargs: Any
+    ) -> subprocess.Popen[bytes]:
         reason = strace_reason()
         if reason is not None:
             pytest.skip(reason)
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
         kwargs.setdefault("stdin", subprocess.PIPE)
-        argv = ["strace", "-f", "-qq", "-o", "/dev/null", *strace_args, sys.executable, "-c", code, *args]
+        argv = [
+            "strace",
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            *strace_args,
+            sys.executable,
+            "-c",
+            code,
+            *args,
+        ]
         proc = subprocess.Popen(argv, **kwargs)
         procs.append(proc)
         return proc

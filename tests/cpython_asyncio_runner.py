@@ -89,7 +89,9 @@ def _install_tcp_redirect() -> None:
     open_connection = asyncio.open_connection
     count = 0
 
-    async def start_server(client_connected_cb: Any, host: Any = None, port: Any = None, **kwds: Any) -> Any:
+    async def start_server(
+        client_connected_cb: Any, host: Any = None, port: Any = None, **kwds: Any
+    ) -> Any:
         nonlocal count
         count += 1
         path = os.path.join(_tmpdir, f"s{count}")
@@ -158,11 +160,17 @@ def main(group: str) -> int:
         "selected": len(tests),
         "ran": result.testsRun,
         "failures": [_test_id(t) for t, _ in result.failures],
-        "errors": [_test_id(t) if isinstance(t, unittest.TestCase) else str(t) for t, _ in result.errors],
+        "errors": [
+            _test_id(t) if isinstance(t, unittest.TestCase) else str(t) for t, _ in result.errors
+        ],
         "skipped": [_test_id(t) for t, _ in result.skipped],
         "servers": len(_servers),
         "accepted": sum(s.stats()["accepted"] for s in _servers),
-        "excluded": {k: v for k, v in EXCLUDED.items() if k.split(".")[0] in {type(t).__name__ for t in tests}},
+        "excluded": {
+            k: v
+            for k, v in EXCLUDED.items()
+            if k.split(".")[0] in {type(t).__name__ for t in tests}
+        },
     }
     print(json.dumps(report))
     return 0 if result.wasSuccessful() else 1

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
 from conftest import (
     DEADLINE,
     Echo,
@@ -33,7 +34,6 @@ from conftest import (
     reap,
     wait_until,
 )
-
 from unixsrv import (
     ConfigError,
     InvalidGroupError,
@@ -73,7 +73,9 @@ class Seen:
 
     def update_conn(self, sock: socket.socket) -> None:
         self.add("update_conn")
-        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        _pid, uid, _gid = struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        )
         with self._lock:
             self.uids.append(uid)
 
@@ -105,7 +107,9 @@ def serve(sock_path: str, model: str) -> Iterator[Callable[..., tuple[Server, Se
         if model == "blocking":
             srv = Server(cfg, seen.handler, update_conn=seen.update_conn, authorize=authorize)
         else:
-            srv = Server(cfg, protocol=seen.factory, update_conn=seen.update_conn, authorize=authorize)
+            srv = Server(
+                cfg, protocol=seen.factory, update_conn=seen.update_conn, authorize=authorize
+            )
         srv.on_conn_state(seen.on_conn_state)
         srv.on_error(seen.on_error)
         servers.append(srv)
@@ -146,7 +150,7 @@ def connect_as(path: str, uid: int, gid: int, groups: list[int]) -> str:
             s.settimeout(DEADLINE)
             s.connect(path)
             result = outcome(s)
-        except BaseException as exc:  # noqa: BLE001 - the child reports whatever ended it
+        except BaseException as exc:
             result = f"error {exc!r}"
         finally:
             os.write(w, result.encode())
@@ -170,7 +174,9 @@ def own_outcome(path: str) -> str:
         s.close()
 
 
-def assert_untouched_by_denied(srv: Server, seen: Seen, model: str, admitted_uids: list[int], denied: int) -> None:
+def assert_untouched_by_denied(
+    srv: Server, seen: Seen, model: str, admitted_uids: list[int], denied: int
+) -> None:
     """Every callback ran once per admitted peer and never for a denied one."""
     n = len(admitted_uids)
     wait_until(lambda: srv.stats()["closed"] == n and seen.calls["state 7"] == n)
@@ -189,10 +195,16 @@ def assert_untouched_by_denied(srv: Server, seen: Seen, model: str, admitted_uid
 class TestConfig:
     def test_none_is_the_default(self, sock_path: str) -> None:
         cfg = ServerConfig(path=sock_path)
-        assert cfg.allowed_uids is None and cfg.allowed_gids is None and cfg.max_connections_per_uid is None
+        assert (
+            cfg.allowed_uids is None
+            and cfg.allowed_gids is None
+            and cfg.max_connections_per_uid is None
+        )
 
     def test_names_and_ids_resolve_sorted_unique(self, sock_path: str) -> None:
-        cfg = ServerConfig(path=sock_path, allowed_uids=["root", 5, "5", 0], allowed_gids={"root", 7})
+        cfg = ServerConfig(
+            path=sock_path, allowed_uids=["root", 5, "5", 0], allowed_gids={"root", 7}
+        )
         assert cfg.allowed_uids == (0, 5) and cfg.allowed_gids == (0, 7)
 
     def test_a_string_lists_comma_separated_names(self, sock_path: str) -> None:
@@ -220,9 +232,18 @@ class TestConfig:
 
     def test_config_file_keys(self, sock_path: str) -> None:
         cfg = ServerConfig.from_mapping(
-            {"address": sock_path, "allowed_uids": ["root"], "allowed_gids": [0, 9], "max_connections_per_uid": 3}
+            {
+                "address": sock_path,
+                "allowed_uids": ["root"],
+                "allowed_gids": [0, 9],
+                "max_connections_per_uid": 3,
+            }
         )
-        assert (cfg.allowed_uids, cfg.allowed_gids, cfg.max_connections_per_uid) == ((0,), (0, 9), 3)
+        assert (cfg.allowed_uids, cfg.allowed_gids, cfg.max_connections_per_uid) == (
+            (0,),
+            (0, 9),
+            3,
+        )
 
     def test_authorize_must_be_callable(self, sock_path: str) -> None:
         with pytest.raises(TypeError):
@@ -232,7 +253,9 @@ class TestConfig:
 # --------------------------------------------------------------------------- the lists (this process's own ids)
 
 
-def test_own_uid_listed_is_admitted(serve: Callable[..., tuple[Server, Seen]], sock_path: str, model: str) -> None:
+def test_own_uid_listed_is_admitted(
+    serve: Callable[..., tuple[Server, Seen]], sock_path: str, model: str
+) -> None:
     srv, seen = serve(allowed_uids=[os.getuid()])
     assert own_outcome(sock_path) == "admitted"
     assert_untouched_by_denied(srv, seen, model, [os.getuid()], denied=0)
@@ -334,7 +357,9 @@ def test_authorize_raising_denies_and_is_reported(
     assert srv.stats()["errors"] == 1
 
 
-def test_authorize_runs_after_the_lists(serve: Callable[..., tuple[Server, Seen]], sock_path: str) -> None:
+def test_authorize_runs_after_the_lists(
+    serve: Callable[..., tuple[Server, Seen]], sock_path: str
+) -> None:
     called: list[PeerCredentials] = []
     srv, _seen = serve(authorize=lambda peer: called.append(peer) or True, allowed_uids=[U1])
     assert own_outcome(sock_path) == "denied"
@@ -384,7 +409,9 @@ def test_per_uid_limit(serve: Callable[..., tuple[Server, Seen]], sock_path: str
         b.close()
 
 
-def test_per_uid_slot_returned_when_authorize_denies(serve: Callable[..., tuple[Server, Seen]], sock_path: str) -> None:
+def test_per_uid_slot_returned_when_authorize_denies(
+    serve: Callable[..., tuple[Server, Seen]], sock_path: str
+) -> None:
     verdicts = iter([False, False, False, True])
     srv, _seen = serve(authorize=lambda peer: next(verdicts), max_connections_per_uid=1)
     for _ in range(3):
@@ -420,7 +447,9 @@ def test_lists_decide_for_other_ids(
 
 
 @pytest.mark.root
-def test_per_uid_limit_is_per_uid(serve: Callable[..., tuple[Server, Seen]], open_dir: str, sock_path: str) -> None:
+def test_per_uid_limit_is_per_uid(
+    serve: Callable[..., tuple[Server, Seen]], open_dir: str, sock_path: str
+) -> None:
     """root holds its one slot; other uids still get theirs."""
     srv, _seen = serve(max_connections_per_uid=1)
     mine = connect(sock_path)
@@ -438,7 +467,9 @@ def test_per_uid_limit_is_per_uid(serve: Callable[..., tuple[Server, Seen]], ope
 
 
 @pytest.mark.parametrize("how", ["flags", "config file"])
-def test_cli_allow_lists(sock_dir: str, sock_path: str, spawn: Callable[..., Any], how: str) -> None:
+def test_cli_allow_lists(
+    sock_dir: str, sock_path: str, spawn: Callable[..., Any], how: str
+) -> None:
     """unixsrv serve --allow-uid/--allow-gid/--max-connections-per-uid, or the
     same keys in a --config file: an unlisted peer is denied."""
     if how == "flags":
@@ -456,7 +487,13 @@ def test_cli_allow_lists(sock_dir: str, sock_path: str, spawn: Callable[..., Any
         conf = os.path.join(sock_dir, "conf.json")
         with open(conf, "w") as f:
             json.dump(
-                {"address": sock_path, "allowed_uids": [U1], "allowed_gids": [G1, G2], "max_connections_per_uid": 3}, f
+                {
+                    "address": sock_path,
+                    "allowed_uids": [U1],
+                    "allowed_gids": [G1, G2],
+                    "max_connections_per_uid": 3,
+                },
+                f,
             )
         args = ["--config", conf]
     code = "import sys; from unixsrv.cli import main; sys.exit(main(sys.argv[1:]))"

@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+
+import unixsrv.asyncio as ua
 from conftest import (
     DEADLINE,
     Echo,
@@ -31,8 +33,6 @@ from conftest import (
     read_line,
     sha,
 )
-
-import unixsrv.asyncio as ua
 from unixsrv import (
     AddressInUseError,
     ConnState,
@@ -46,7 +46,8 @@ HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
 
 def arun(
-    main: Callable[[], Awaitable[Any]], loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    main: Callable[[], Awaitable[Any]],
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
 ) -> Any:
     """Run main() on a fresh event loop (asyncio's, or loop_factory's), bounded by DEADLINE."""
     loop = loop_factory() if loop_factory is not None else asyncio.new_event_loop()
@@ -186,7 +187,9 @@ def test_stdlib_start_unix_server_on_new_event_loop_and_run(sock_path: str) -> N
     assert server.stats()["accepted"] == 1 and not os.path.exists(sock_path)
     loop = ua.new_event_loop()
     loop.close()
-    assert isinstance(loop, asyncio.SelectorEventLoop) and type(loop) is ua.loop_class(asyncio.SelectorEventLoop)
+    assert isinstance(loop, asyncio.SelectorEventLoop) and type(loop) is ua.loop_class(
+        asyncio.SelectorEventLoop
+    )
     assert arun(main, ua.new_event_loop).stats()["closed"] == 1
 
 
@@ -292,9 +295,13 @@ def test_ssl_through_asyncios_sslprotocol(sock_path: str, cert: tuple[str, str])
 
     async def main() -> None:
         handled.append(asyncio.get_running_loop().create_future())
-        server = await ua.start_unix_server(handle, sock_path, ssl=server_ctx, ssl_handshake_timeout=DEADLINE)
+        server = await ua.start_unix_server(
+            handle, sock_path, ssl=server_ctx, ssl_handshake_timeout=DEADLINE
+        )
         async with server:
-            reader, writer = await asyncio.open_unix_connection(sock_path, ssl=client_ctx, server_hostname="localhost")
+            reader, writer = await asyncio.open_unix_connection(
+                sock_path, ssl=client_ctx, server_hostname="localhost"
+            )
             writer.write(b"secret " * 10_000)
             await writer.drain()
             got = await reader.readexactly(70_000)
@@ -308,7 +315,9 @@ def test_ssl_through_asyncios_sslprotocol(sock_path: str, cert: tuple[str, str])
     arun(main)
 
 
-def test_ssl_handshake_failure_reaches_no_app_protocol(sock_path: str, cert: tuple[str, str]) -> None:
+def test_ssl_handshake_failure_reaches_no_app_protocol(
+    sock_path: str, cert: tuple[str, str]
+) -> None:
     certfile, keyfile = cert
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(certfile, keyfile)
@@ -323,8 +332,12 @@ def test_ssl_handshake_failure_reaches_no_app_protocol(sock_path: str, cert: tup
         async with server:
             untrusting = ssl.create_default_context()  # no CA: the handshake fails
             with pytest.raises(ssl.SSLError):
-                await asyncio.open_unix_connection(sock_path, ssl=untrusting, server_hostname="localhost")
-            await until(lambda: server.open_connections == 0)  # the server side gave up its half too
+                await asyncio.open_unix_connection(
+                    sock_path, ssl=untrusting, server_hostname="localhost"
+                )
+            await until(
+                lambda: server.open_connections == 0
+            )  # the server side gave up its half too
             for _ in range(3):  # asyncio's client transport finishes in call_soon() callbacks
                 await asyncio.sleep(0)
             assert server.stats()["accepted"] == 1
@@ -333,7 +346,9 @@ def test_ssl_handshake_failure_reaches_no_app_protocol(sock_path: str, cert: tup
     arun(main)
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="StreamWriter.start_tls() is new in Python 3.11")
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="StreamWriter.start_tls() is new in Python 3.11"
+)
 def test_start_tls_upgrades_a_hosted_connection(sock_path: str, cert: tuple[str, str]) -> None:
     """STARTTLS: plain text first, then loop.start_tls() on unixsrv's transport."""
     certfile, keyfile = cert
@@ -434,7 +449,9 @@ def test_sock_adoption(sock_path: str) -> None:
     assert stat.S_IMODE(os.lstat(sock_path).st_mode) == 0o600  # never chmod-ed, not removed
 
 
-@pytest.mark.skipif(sys.version_info >= (3, 13), reason="from 3.13 on asyncio removes an adopted socket's file")
+@pytest.mark.skipif(
+    sys.version_info >= (3, 13), reason="from 3.13 on asyncio removes an adopted socket's file"
+)
 def test_sock_adoption_never_unlinks_before_313(sock_path: str) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(sock_path)
@@ -450,8 +467,14 @@ def test_sock_adoption_never_unlinks_before_313(sock_path: str) -> None:
 
 def test_sock_adoption_checks(sock_path: str) -> None:
     async def main() -> None:
-        for family, kind in ((socket.AF_INET, socket.SOCK_STREAM), (socket.AF_UNIX, socket.SOCK_DGRAM)):
-            with socket.socket(family, kind) as sock, pytest.raises(ValueError, match="UNIX Domain Stream"):
+        for family, kind in (
+            (socket.AF_INET, socket.SOCK_STREAM),
+            (socket.AF_UNIX, socket.SOCK_DGRAM),
+        ):
+            with (
+                socket.socket(family, kind) as sock,
+                pytest.raises(ValueError, match="UNIX Domain Stream"),
+            ):
                 await ua.create_unix_server(Echo, sock=sock)
         with socket.socket(socket.AF_UNIX) as sock:
             sock.bind(sock_path)
@@ -524,7 +547,10 @@ def test_close_keeps_connections_and_wait_closed_waits(sock_path: str) -> None:
         assert await reader.readexactly(3) == b"two"
         waiting = asyncio.create_task(server.wait_closed())
         await asyncio.sleep(0)
-        if sys.version_info >= (3, 12):  # asyncio's wait_closed waits for the connections from 3.12 on
+        if sys.version_info >= (
+            3,
+            12,
+        ):  # asyncio's wait_closed waits for the connections from 3.12 on
             assert not waiting.done()
         writer.close()
         await writer.wait_closed()
@@ -586,7 +612,12 @@ def test_shutdown_graceful_and_timeout(sock_path: str) -> None:
         assert 0.2 <= loop.time() - start < 0.2 + DEADLINE
         assert hoarding.open_connections == 0
         writer.close()
-        for bad, err in ((math.nan, ValueError), (-1, ValueError), ("1", TypeError), (None, TypeError)):
+        for bad, err in (
+            (math.nan, ValueError),
+            (-1, ValueError),
+            ("1", TypeError),
+            (None, TypeError),
+        ):
             with pytest.raises(err):
                 await hoarding.shutdown(bad)  # type: ignore[arg-type]
 
@@ -665,7 +696,9 @@ def test_stats_conn_state_and_server_info(sock_path: str) -> None:
     info: list[str] = []
 
     async def main() -> ua.UnixServer:
-        server = await ua.create_unix_server(Echo, sock_path, start_serving=False, max_connections=1)
+        server = await ua.create_unix_server(
+            Echo, sock_path, start_serving=False, max_connections=1
+        )
         server.on_conn_state(lambda local, remote, state: states.append((local, state)))
         server.on_server_info(info.append)
         await server.start_serving()
@@ -680,7 +713,10 @@ def test_stats_conn_state_and_server_info(sock_path: str) -> None:
         "accepted": 3, "rejected": 0, "closed": 3, "open": 0, "bytes_in": 6, "bytes_out": 6, "errors": 0, "denied": 0,
     }  # fmt: skip
     assert states == [(sock_path, ConnState.NEW), (sock_path, ConnState.CLOSE)] * 3
-    assert info == [f"starting listening socket 'unix {sock_path}'", f"closing listen socket 'unix {sock_path}'"]
+    assert info == [
+        f"starting listening socket 'unix {sock_path}'",
+        f"closing listen socket 'unix {sock_path}'",
+    ]
 
 
 def test_fds_released_after_close(sock_path: str) -> None:
@@ -849,7 +885,9 @@ _HOSTED_CHILD = textwrap.dedent(
 
 
 @pytest.mark.linux("strace (system-call error injection)")
-def test_accept_back_off_runs_on_the_loops_timers(sock_path: str, run_traced: Callable[..., Any]) -> None:
+def test_accept_back_off_runs_on_the_loops_timers(
+    sock_path: str, run_traced: Callable[..., Any]
+) -> None:
     """accept4 failing with EMFILE five times in a row: the hosted server
     reports it once to the loop's exception handler, stops polling the
     listener and resumes from a loop timer (call_at) - every client is served."""
@@ -862,7 +900,10 @@ def test_accept_back_off_runs_on_the_loops_timers(sock_path: str, run_traced: Ca
     assert json.loads(out.strip().splitlines()[-1]) == [["OSError", errno.EMFILE]]
 
 
-@pytest.mark.skipif(sys.version_info < (3, 13), reason="Server.close_clients()/abort_clients() are new in Python 3.13")
+@pytest.mark.skipif(
+    sys.version_info < (3, 13),
+    reason="Server.close_clients()/abort_clients() are new in Python 3.13",
+)
 def test_close_clients_and_abort_clients(sock_path: str) -> None:
     async def main() -> None:
         server = await ua.create_unix_server(Hoarder, sock_path)
@@ -925,7 +966,9 @@ def test_access_control_and_inherited_fd_apply_when_hosted(sock_path: str) -> No
             inherited.bind(sock_path)
             inherited.listen()
             before = os.stat(sock_path)
-            server = await ua.create_unix_server(factory, config=ServerConfig(path=sock_path, fd=inherited.fileno()))
+            server = await ua.create_unix_server(
+                factory, config=ServerConfig(path=sock_path, fd=inherited.fileno())
+            )
             async with server:
                 assert await roundtrip(sock_path, b"fd") == b"fd"
             after = os.stat(sock_path)
@@ -960,7 +1003,9 @@ def test_authorize_runs_at_accept_when_hosted(sock_path: str) -> None:
             async with server:
                 if denied:
                     reader, writer = await asyncio.open_unix_connection(sock_path)
-                    assert await asyncio.wait_for(reader.read(), DEADLINE) == b""  # closed at accept
+                    assert (
+                        await asyncio.wait_for(reader.read(), DEADLINE) == b""
+                    )  # closed at accept
                     writer.close()
                     await until(lambda s=server: s.stats()["denied"] == 1)
                     assert server.stats()["accepted"] == 0

@@ -51,6 +51,7 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
 
 import pytest
+
 from conftest import (
     DEADLINE,
     MiB,
@@ -89,9 +90,21 @@ def curl(path: str, *args: str) -> str:
     exe = shutil.which("curl")
     if exe is None:
         pytest.skip("curl is not installed (the tests talk to the servers with curl --unix-socket)")
-    argv = [exe, "--silent", "--show-error", "--fail", "--max-time", str(DEADLINE), "--unix-socket", path, *args]
+    argv = [
+        exe,
+        "--silent",
+        "--show-error",
+        "--fail",
+        "--max-time",
+        str(DEADLINE),
+        "--unix-socket",
+        path,
+        *args,
+    ]
     env = env_without_preload()
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=DEADLINE + 5, check=False, env=env)
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=DEADLINE + 5, check=False, env=env
+    )
     assert done.returncode == 0, f"{argv}: exit {done.returncode}: {done.stderr}"
     return done.stdout
 
@@ -110,7 +123,9 @@ def curl_upload(path: str, tmp_dir: str) -> dict[str, Any]:
     file = os.path.join(tmp_dir, "upload.bin")
     with open(file, "wb") as f:
         f.write(body)
-    answer: dict[str, Any] = json.loads(curl(path, "--data-binary", f"@{file}", "http://localhost/upload"))
+    answer: dict[str, Any] = json.loads(
+        curl(path, "--data-binary", f"@{file}", "http://localhost/upload")
+    )
     assert answer == {"sha": sha(body), "len": MiB}
     return answer
 
@@ -146,7 +161,9 @@ def python_client_session(path: str) -> None:
         assert conn.fetch("GET", "/") == b"hello timer"
         up = payload(BIG, seed=2)
         # An iterable body without a length: http.client sends it chunked.
-        answer = json.loads(conn.fetch("POST", "/upload", (up[i : i + CHUNK] for i in range(0, BIG, CHUNK))))
+        answer = json.loads(
+            conn.fetch("POST", "/upload", (up[i : i + CHUNK] for i in range(0, BIG, CHUNK)))
+        )
         assert answer == {"sha": sha(up), "len": BIG}
         conn.request("GET", f"/download/{BIG}")
         resp = conn.getresponse()
@@ -222,7 +239,9 @@ def aiohttp_app(web: Any, static_file: str) -> Any:
 
 
 @contextlib.contextmanager
-def loop_thread(loop: asyncio.AbstractEventLoop) -> Iterator[Callable[[Coroutine[Any, Any, Any]], Any]]:
+def loop_thread(
+    loop: asyncio.AbstractEventLoop,
+) -> Iterator[Callable[[Coroutine[Any, Any, Any]], Any]]:
     """Run ``loop`` on a thread; yield ``run(coro)`` (runs it there, waits
     at most DEADLINE for its result); at the end stop the loop, join the
     thread (bounded) and close the loop."""
@@ -249,9 +268,13 @@ def test_aiohttp_unix_site(sock_path: str, sock_dir: str, base: str) -> None:
     under it answers curl and http.client (keep-alive, streamed bodies, a
     static file), counts their connections, and ``runner.cleanup()`` stops
     it cleanly (file removed, every connection closed)."""
-    web = pytest.importorskip("aiohttp.web", reason="aiohttp is not installed (pip install '.[compat]')")
+    web = pytest.importorskip(
+        "aiohttp.web", reason="aiohttp is not installed (pip install '.[compat]')"
+    )
     if base == "uvloop":
-        uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed (pip install '.[bench]')")
+        uvloop = pytest.importorskip(
+            "uvloop", reason="uvloop is not installed (pip install '.[bench]')"
+        )
         loop = unixsrv_asyncio().new_event_loop(uvloop.Loop)
         assert isinstance(loop, uvloop.Loop)
     else:
@@ -489,7 +512,9 @@ def test_uvicorn_cli_loop_option(
     import uvicorn
 
     if tuple(int(p) for p in uvicorn.__version__.split(".")[:2]) < (0, 36):
-        pytest.skip(f"uvicorn {uvicorn.__version__} has no loop factories in --loop (0.36 added them)")
+        pytest.skip(
+            f"uvicorn {uvicorn.__version__} has no loop factories in --loop (0.36 added them)"
+        )
     proc = uvicorn_app(
         sock_path,
         "-m",

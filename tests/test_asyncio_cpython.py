@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import finish
 
 import unixsrv
+from conftest import finish
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SRC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(unixsrv.__file__)))
@@ -49,7 +49,9 @@ sys.exit(cpython_asyncio_runner.main(sys.argv[1]))
 
 
 @pytest.mark.parametrize("group", sorted(MINIMUM))
-def test_cpython_unix_server_tests_pass_on_unixsrv(group: str, sock_dir: str, spawn: Callable[..., Any]) -> None:
+def test_cpython_unix_server_tests_pass_on_unixsrv(
+    group: str, sock_dir: str, spawn: Callable[..., Any]
+) -> None:
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([SRC_DIR, os.environ.get("PYTHONPATH", "")]),

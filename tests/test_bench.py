@@ -15,15 +15,15 @@ import os
 import threading
 
 import pytest
+
 from conftest import DEADLINE, child_pids, wait_until
-
-#: The load generator reads a server's CPU time from /proc/<pid>/stat.
-PROC_STAT = os.path.exists(f"/proc/{os.getpid()}/stat")
-
 from unixsrv import _core
 from unixsrv.bench import RESULT_KEYS, BenchOptions, run, run_builtin
 from unixsrv.echo import EchoProtocol
 from unixsrv.errors import ConfigError
+
+#: The load generator reads a server's CPU time from /proc/<pid>/stat.
+PROC_STAT = os.path.exists(f"/proc/{os.getpid()}/stat")
 
 CLI = "import sys; from unixsrv.cli import main; raise SystemExit(main(sys.argv[1:]))"
 
@@ -142,7 +142,9 @@ def test_stop_fd_ends_the_run_early_with_a_report(sock_path, make_server):
     timer = threading.Timer(0.3, os.write, (w_fd, b"x"))
     try:
         timer.start()
-        r = run(BenchOptions(path=sock_path, connections=2, duration=60.0, warmup=0.0), stop_fd=r_fd)
+        r = run(
+            BenchOptions(path=sock_path, connections=2, duration=60.0, warmup=0.0), stop_fd=r_fd
+        )
     finally:
         timer.cancel()
         os.close(r_fd)
@@ -202,10 +204,19 @@ def test_hold_mode_establishes_then_holds(echo_server):
         seen.append(info)
         wait_until(lambda: echo_server.open_connections == 20)
 
-    r = run(BenchOptions(path=echo_server.path, mode="hold", connections=20, duration=0.2),
-            on_established=established)
-    assert seen == [{"event": "established", "connections": 20, "failed": 0,
-                     "seconds": seen[0]["seconds"], "errors": 0}]
+    r = run(
+        BenchOptions(path=echo_server.path, mode="hold", connections=20, duration=0.2),
+        on_established=established,
+    )
+    assert seen == [
+        {
+            "event": "established",
+            "connections": 20,
+            "failed": 0,
+            "seconds": seen[0]["seconds"],
+            "errors": 0,
+        }
+    ]
     assert r["round_trips"] == 20
     assert r["errors"] == 0
     assert r["duration_s"] >= 0.2
@@ -218,8 +229,11 @@ def test_hold_ends_when_the_watched_fd_reaches_eof(sock_path, make_server):
     make_server(sock_path, protocol=EchoProtocol)
     r_fd, w_fd = os.pipe()
     try:
-        r = run(BenchOptions(path=sock_path, mode="hold", connections=3, duration=60.0),
-                on_established=lambda info: os.close(w_fd), watch_fd=r_fd)
+        r = run(
+            BenchOptions(path=sock_path, mode="hold", connections=3, duration=60.0),
+            on_established=lambda info: os.close(w_fd),
+            watch_fd=r_fd,
+        )
     finally:
         os.close(r_fd)
     assert r["stopped_early"]
@@ -262,14 +276,26 @@ def test_cli_json_has_every_key(echo_server, spawn):
     assert r["path"] == echo_server.path
     assert (r["mode"], r["connections"], r["round_trips"], r["errors"]) == ("pingpong", 2, 200, 0)
     assert r["server_cpu_s"] is None and r["server_cpu_us_per_rt"] is None
-    assert "\r" not in err          # --json: no progress line
+    assert "\r" not in err  # --json: no progress line
 
 
 @pytest.mark.linux("/proc/<pid>/stat (the server's CPU time)")
 def test_cli_server_pid_reports_server_cpu(echo_server, spawn):
     """With --server-pid the server's CPU over the window is reported."""
-    proc = spawn(CLI, "bench", echo_server.path, "--json", "-c", "2", "-n", "2000", "--warmup", "0",
-                 "--server-pid", str(os.getpid()))
+    proc = spawn(
+        CLI,
+        "bench",
+        echo_server.path,
+        "--json",
+        "-c",
+        "2",
+        "-n",
+        "2000",
+        "--warmup",
+        "0",
+        "--server-pid",
+        str(os.getpid()),
+    )
     out, err = proc.communicate(timeout=DEADLINE)
     assert proc.returncode == 0, err
     r = json.loads(out)
@@ -281,7 +307,9 @@ def test_cli_server_pid_reports_server_cpu(echo_server, spawn):
 def test_cli_exit_status_reports_errors(sock_path, make_server, spawn):
     """The CLI exits 1 when errors were counted (the report is still printed)."""
     make_server(sock_path, protocol=FlipProtocol)
-    proc = spawn(CLI, "bench", sock_path, "--json", "-c", "2", "-n", "10", "-d", "5", "--warmup", "0")
+    proc = spawn(
+        CLI, "bench", sock_path, "--json", "-c", "2", "-n", "10", "-d", "5", "--warmup", "0"
+    )
     out, err = proc.communicate(timeout=DEADLINE)
     assert proc.returncode == 1, err
     assert json.loads(out)["errors"] == 2
@@ -298,7 +326,7 @@ def test_no_path_runs_both_models_and_ends_its_servers():
         assert r["errors"] == 0, r["errors_by_kind"]
         assert r["round_trips"] > 0
         assert (r["server_cpu_s"] is not None) == PROC_STAT
-        with pytest.raises(ChildProcessError):      # already reaped by run_builtin
+        with pytest.raises(ChildProcessError):  # already reaped by run_builtin
             os.waitpid(r["server_pid"], os.WNOHANG)
         assert not os.path.exists(r["path"])
     assert child_pids() - before == set()
@@ -312,7 +340,7 @@ def test_cli_no_path_prints_both_models(spawn):
     results = [json.loads(line) for line in out.splitlines()]
     assert [r["server"] for r in results] == ["unixsrv-event", "unixsrv-blocking"]
     for r in results:
-        with pytest.raises(ProcessLookupError):      # ended (and reaped by the CLI)
+        with pytest.raises(ProcessLookupError):  # ended (and reaped by the CLI)
             os.kill(r["server_pid"], 0)
 
 
@@ -359,7 +387,7 @@ def test_histogram_percentiles_merge_by_adding_counts():
     p50, p99, p999 = _core.hist_percentiles(merged, (0.5, 0.99, 0.999))
     assert abs(p50 - 1_000) / 1_000 < 0.01
     assert abs(p99 - 1_000) / 1_000 < 0.01
-    assert abs(p999 - 1_000) / 1_000 < 0.01        # 999 of 1000 samples at 1 us
+    assert abs(p999 - 1_000) / 1_000 < 0.01  # 999 of 1000 samples at 1 us
     assert _core.hist_percentiles(merged, (1.0,))[0] > 4_900_000
     assert _core.hist_percentiles({}, (0.5,)) == [None]
 

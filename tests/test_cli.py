@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
+import unixsrv
 from conftest import (
     connect,
     echo,
@@ -33,8 +35,6 @@ from conftest import (
     recv_until_eof,
     wait_until,
 )
-
-import unixsrv
 
 Cli = Callable[..., subprocess.Popen]
 
@@ -54,7 +54,11 @@ def cli(tmp_path) -> Iterator[Cli]:
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("stderr", subprocess.PIPE)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "unixsrv", *args], stdout=subprocess.PIPE, text=True, env=env, **kwargs
+            [sys.executable, "-m", "unixsrv", *args],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            **kwargs,
         )
         procs.append(proc)
         return proc
@@ -69,7 +73,9 @@ def wait_serving(proc: subprocess.Popen, path: str) -> None:
     def ready() -> bool:
         if proc.poll() is not None:
             out, err = proc.communicate()
-            raise AssertionError(f"unixsrv exited with {proc.returncode} before serving:\n{out}\n{err}")
+            raise AssertionError(
+                f"unixsrv exited with {proc.returncode} before serving:\n{out}\n{err}"
+            )
         if not os.path.exists(path):
             return False
         try:
@@ -174,7 +180,7 @@ def test_sigterm_as_soon_as_socket_appears(cli, sock_path):
     file gone.  Tried several times, signalling the moment the file exists."""
     for _ in range(5):
         proc = cli("serve", "--socket", sock_path, "--echo")
-        wait_until(lambda: os.path.exists(sock_path) or proc.poll() is not None, interval=0.0)
+        wait_until(lambda p=proc: os.path.exists(sock_path) or p.poll() is not None, interval=0.0)
         terminate(proc)
         assert not os.path.lexists(sock_path)
 
@@ -244,11 +250,25 @@ def test_flags_override_config_file(cli, sock_dir, tmp_path):
     flag_path = os.path.join(sock_dir, "from-flag.sock")
     cfg = tmp_path / "server.json"
     cfg.write_text(
-        json.dumps({"network": "unix", "address": file_path, "perm-file": "0600", "con-idle-timeout": "1h"}),
+        json.dumps(
+            {"network": "unix", "address": file_path, "perm-file": "0600", "con-idle-timeout": "1h"}
+        ),
         encoding="utf-8",
     )
-    proc = cli("serve", "--config", str(cfg), "--socket", flag_path, "--mode", "0640", "--idle-timeout", "0.3",
-               "--echo", "--model", "blocking")
+    proc = cli(
+        "serve",
+        "--config",
+        str(cfg),
+        "--socket",
+        flag_path,
+        "--mode",
+        "0640",
+        "--idle-timeout",
+        "0.3",
+        "--echo",
+        "--model",
+        "blocking",
+    )
     wait_serving(proc, flag_path)
     assert not os.path.lexists(file_path)
     assert stat.S_IMODE(os.lstat(flag_path).st_mode) == 0o640
@@ -378,7 +398,10 @@ GREETING = b"hi from a task\n"
 def stopped_stats(err: str) -> dict[str, int]:
     """The counters of the "stopped: accepted=N, ..." log line."""
     [line] = [line for line in err.splitlines() if "stopped: " in line]
-    return {k: int(v) for k, v in (item.split("=") for item in line.split("stopped: ", 1)[1].split(", "))}
+    return {
+        k: int(v)
+        for k, v in (item.split("=") for item in line.split("stopped: ", 1)[1].split(", "))
+    }
 
 
 def test_protocol_using_the_loop(cli, sock_path, tmp_path):
@@ -387,7 +410,15 @@ def test_protocol_using_the_loop(cli, sock_path, tmp_path):
     line; SIGTERM stops it gracefully (an idle client gets EOF), exit 0, the
     socket file is removed and the final stats are logged."""
     write_module(tmp_path, "cliloop_mod", LOOP_PROTOCOL)
-    proc = cli("serve", "--socket", sock_path, "--protocol", "cliloop_mod:Delayed", "--shutdown-timeout", "5")
+    proc = cli(
+        "serve",
+        "--socket",
+        sock_path,
+        "--protocol",
+        "cliloop_mod:Delayed",
+        "--shutdown-timeout",
+        "5",
+    )
     wait_serving(proc, sock_path)
     with connect(sock_path) as s, connect(sock_path) as idle:
         assert recv_exactly(s, len(GREETING)) == GREETING
@@ -404,7 +435,9 @@ def test_protocol_using_the_loop(cli, sock_path, tmp_path):
     assert "SIGTERM: shutting down gracefully" in err
     assert "Traceback" not in err and "exception" not in err.lower(), err
     stats = stopped_stats(err)
-    assert stats["accepted"] >= 3 and stats["closed"] == stats["accepted"] and stats["open"] == 0, stats
+    assert stats["accepted"] >= 3 and stats["closed"] == stats["accepted"] and stats["open"] == 0, (
+        stats
+    )
     assert stats["errors"] == 0, stats
 
 
@@ -418,8 +451,16 @@ def test_protocol_stop_that_cannot_drain_exits_1(cli, sock_path, tmp_path, stop)
     test_second_signal_cutting_connections_exits_1)."""
     write_module(tmp_path, "cliflood_mod", LOOP_PROTOCOL)
     grace = "1h" if stop == "second-signal" else "200ms"
-    proc = cli("serve", "--socket", sock_path, "--protocol", "cliflood_mod:Delayed", "--shutdown-timeout", grace,
-               stderr=subprocess.STDOUT)
+    proc = cli(
+        "serve",
+        "--socket",
+        sock_path,
+        "--protocol",
+        "cliflood_mod:Delayed",
+        "--shutdown-timeout",
+        grace,
+        stderr=subprocess.STDOUT,
+    )
     wait_serving(proc, sock_path)
     with connect(sock_path) as s:
         assert recv_exactly(s, len(GREETING)) == GREETING
@@ -500,7 +541,9 @@ def test_workers_refused_with_protocol(cli, sock_path, tmp_path):
     asyncio loop in one process: the pair is a configuration error (exit 2,
     one line naming both options, no traceback, nothing created)."""
     write_module(tmp_path, "cliworkers_mod", "import asyncio\nProto = asyncio.Protocol\n")
-    status, _, err = finish(cli("serve", "--socket", sock_path, "--protocol", "cliworkers_mod:Proto", "--workers", "2"))
+    status, _, err = finish(
+        cli("serve", "--socket", sock_path, "--protocol", "cliworkers_mod:Proto", "--workers", "2")
+    )
     assert status == 2, err
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if "--workers" in line and "--protocol" in line], err
@@ -528,7 +571,9 @@ def test_console_script_entry_point():
     """The `unixsrv` console script points at unixsrv.cli:main."""
     from importlib.metadata import entry_points
 
-    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name == "unixsrv"}
+    scripts = {
+        ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name == "unixsrv"
+    }
     assert scripts == {"unixsrv": "unixsrv.cli:main"}
 
 
@@ -546,7 +591,9 @@ def error_line(err: str) -> str:
 def pausing(cli: Cli, point: str, *args: str) -> subprocess.Popen:
     """``unixsrv ARGS`` with the CLI's test hook (UNIXSRV_TEST_PAUSE_AT, see
     cli.py) set to stop at ``point``; its stderr is merged into stdout."""
-    return cli(*args, env={"UNIXSRV_TEST_PAUSE_AT": point}, stdin=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return cli(
+        *args, env={"UNIXSRV_TEST_PAUSE_AT": point}, stdin=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 def wait_paused(proc: subprocess.Popen, point: str) -> None:
@@ -635,7 +682,15 @@ def test_graceful_stop_that_times_out_exits_1(cli, sock_path, tmp_path):
     """Issue 8 finding 8: a graceful stop that times out (a handler ignores
     it) exits 1, not 0, and says why."""
     write_module(tmp_path, "clistubborn_mod", _STUBBORN)
-    proc = cli("serve", "--socket", sock_path, "--handler", "clistubborn_mod:handle", "--shutdown-timeout", "200ms")
+    proc = cli(
+        "serve",
+        "--socket",
+        sock_path,
+        "--handler",
+        "clistubborn_mod:handle",
+        "--shutdown-timeout",
+        "200ms",
+    )
     wait_serving(proc, sock_path)
     with connect(sock_path) as s:
         assert recv_exactly(s, 1) == b"r"
@@ -653,8 +708,16 @@ def test_second_signal_cutting_connections_exits_1(cli, sock_path, tmp_path, tim
     still gives way to the second signal."""
     module = f"clistubborn2_{timeout}_mod"
     write_module(tmp_path, module, _STUBBORN)
-    proc = cli("serve", "--socket", sock_path, "--handler", f"{module}:handle", "--shutdown-timeout", timeout,
-               stderr=subprocess.STDOUT)
+    proc = cli(
+        "serve",
+        "--socket",
+        sock_path,
+        "--handler",
+        f"{module}:handle",
+        "--shutdown-timeout",
+        timeout,
+        stderr=subprocess.STDOUT,
+    )
     # Ready once it says it serves: wait_serving's probe connection would be
     # served by the stubborn handler too and count as a second open one.
     while "SIGINT or SIGTERM stops it" not in read_line(proc):
@@ -711,14 +774,23 @@ def test_idle_timeout_takes_config_durations(cli, sock_path, value):
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--shutdown-timeout", "nan"), ("--shutdown-timeout", "-1"), ("--shutdown-timeout", "-1s"),
-     ("--shutdown-timeout", "soon"), ("--idle-timeout", "inf"), ("--idle-timeout", "-5"), ("--idle-timeout", "1x")],
+    [
+        ("--shutdown-timeout", "nan"),
+        ("--shutdown-timeout", "-1"),
+        ("--shutdown-timeout", "-1s"),
+        ("--shutdown-timeout", "soon"),
+        ("--idle-timeout", "inf"),
+        ("--idle-timeout", "-5"),
+        ("--idle-timeout", "1x"),
+    ],
 )
 def test_bad_duration_refused_at_startup(cli, sock_path, option, value):
     """NaN, negatives and garbage are refused before anything is created:
     one line naming the option, exit 2 (`-1` used to be accepted and give a
     traceback at SIGTERM)."""
-    status, _, err = finish(cli("serve", "--socket", sock_path, "--echo", f"{option}={value}"))  # "=": "-1s" is no option
+    status, _, err = finish(
+        cli("serve", "--socket", sock_path, "--echo", f"{option}={value}")
+    )  # "=": "-1s" is no option
     assert status == 2, err
     assert option in error_line(err)
     assert not os.path.lexists(sock_path)
@@ -737,9 +809,14 @@ def test_shutdown_timeout_inf_means_no_limit(cli, sock_path):
 
 @pytest.mark.parametrize(
     ("content", "problem"),
-    [(b"{not json", "not valid JSON"), (b'{"address": "/tmp/x\xff"}', "not UTF-8"), (b"[1, 2]", "JSON object"),
-     (b'"/tmp/x.sock"', "JSON object"), (b"", "not valid JSON"),
-     (b'{"address": "SOCK", "tls": {"enable": true}}', "'enable'")],
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"address": "/tmp/x\xff"}', "not UTF-8"),
+        (b"[1, 2]", "JSON object"),
+        (b'"/tmp/x.sock"', "JSON object"),
+        (b"", "not valid JSON"),
+        (b'{"address": "SOCK", "tls": {"enable": true}}', "'enable'"),
+    ],
 )
 def test_unreadable_config_file_is_one_line(cli, sock_path, tmp_path, content, problem):
     """Issue 8 finding 8: a config file that is not JSON, not UTF-8, not an
@@ -757,15 +834,20 @@ def test_unreadable_config_file_is_one_line(cli, sock_path, tmp_path, content, p
 
 @pytest.mark.parametrize(
     ("source", "problem"),
-    [("def handle(conn)\n    pass\n", "SyntaxError"), ("raise RuntimeError('no config here')\n", "no config here"),
-     ("import no_such_module_unixsrv_dep\n", "no_such_module_unixsrv_dep")],
+    [
+        ("def handle(conn)\n    pass\n", "SyntaxError"),
+        ("raise RuntimeError('no config here')\n", "no config here"),
+        ("import no_such_module_unixsrv_dep\n", "no_such_module_unixsrv_dep"),
+    ],
 )
 def test_broken_handler_module_is_one_line(cli, sock_path, tmp_path, source, problem):
     """Issue 8 finding 8: a handler module with a syntax error, or that raises
     at import (a missing dependency included): one line naming the module's
     file and the problem, exit 2, nothing created."""
     (tmp_path / "clibroken_mod.py").write_text(source, encoding="utf-8")
-    status, _, err = finish(cli("serve", "--socket", sock_path, "--handler", "clibroken_mod:handle"))
+    status, _, err = finish(
+        cli("serve", "--socket", sock_path, "--handler", "clibroken_mod:handle")
+    )
     assert status == 2, err
     line = error_line(err)
     assert str(tmp_path / "clibroken_mod.py") in line
@@ -781,8 +863,15 @@ def test_handler_module_from_the_current_directory(cli, sock_path, tmp_path):
     app = tmp_path / "app"
     app.mkdir()
     write_module(app, "clicwd_mod", "def handle(conn):\n    conn.write(b'from cwd')\n")
-    proc = cli("serve", "--socket", sock_path, "--handler", "clicwd_mod:handle", cwd=str(app),
-               env={"PYTHONSAFEPATH": "1"})
+    proc = cli(
+        "serve",
+        "--socket",
+        sock_path,
+        "--handler",
+        "clicwd_mod:handle",
+        cwd=str(app),
+        env={"PYTHONSAFEPATH": "1"},
+    )
     wait_serving(proc, sock_path)
     with connect(sock_path) as s:
         assert recv_until_eof(s) == b"from cwd"

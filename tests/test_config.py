@@ -22,11 +22,14 @@ import sys
 import sysconfig
 
 import pytest
-from conftest import connect, echo_handler, echo_once, recv_exactly
 
 import unixsrv
+from conftest import connect, echo_handler, echo_once, recv_exactly
 from unixsrv import ConfigError, InvalidGroupError, InvalidPathError, ServerConfig
-from unixsrv._core import HAVE_ABSTRACT, SUN_PATH_MAX  # 107 on Linux (sun_path 108), 103 on macOS (104)
+from unixsrv._core import (
+    HAVE_ABSTRACT,
+    SUN_PATH_MAX,
+)  # 107 on Linux (sun_path 108), 103 on macOS (104)
 from unixsrv.config import DEFAULT_MODE, MAX_GID, parse_duration, parse_mode
 from unixsrv.errors import InvalidModeError
 
@@ -205,7 +208,18 @@ class TestMode:
 
     @pytest.mark.parametrize(
         "value",
-        [0o660, "0660", "660", "0o660", "rw-rw----", "srw-rw----", "-rw-rw----", " 0660 ", '"0660"', "'rw-rw----'"],
+        [
+            0o660,
+            "0660",
+            "660",
+            "0o660",
+            "rw-rw----",
+            "srw-rw----",
+            "-rw-rw----",
+            " 0660 ",
+            '"0660"',
+            "'rw-rw----'",
+        ],
     )
     def test_mode_forms(self, sock_path, value):
         """docs/design.md: int or "0660"/"660"/"rw-rw----"; golib a.3 also strips quotes and
@@ -216,8 +230,17 @@ class TestMode:
 
     @pytest.mark.parametrize(
         ("value", "expected"),
-        [("rwxr-x---", 0o750), ("rwx------", 0o700), ("---------", 0), ("rwxrwxrwx", 0o777), ("0600", 0o600),
-         ("7", 0o7), (0o600, 0o600), (0, 0), ("0777", 0o777)],
+        [
+            ("rwxr-x---", 0o750),
+            ("rwx------", 0o700),
+            ("---------", 0),
+            ("rwxrwxrwx", 0o777),
+            ("0600", 0o600),
+            ("7", 0o7),
+            (0o600, 0o600),
+            (0, 0),
+            ("0777", 0o777),
+        ],
     )
     def test_mode_values(self, sock_path, value, expected):
         """Octal and symbolic permissions parse to the matching bits."""
@@ -226,8 +249,26 @@ class TestMode:
 
     @pytest.mark.parametrize(
         "value",
-        [0o1000, 0o4755, -1, "1777", "0o1777", "999", "0668", "rw-rw-rw", "rw-rw-rw--", "xrw-rw----", "rwxrwxrwz",
-         "", "0x1b6", "abc", "0o", 1.5, b"0660", [0o660]],
+        [
+            0o1000,
+            0o4755,
+            -1,
+            "1777",
+            "0o1777",
+            "999",
+            "0668",
+            "rw-rw-rw",
+            "rw-rw-rw--",
+            "xrw-rw----",
+            "rwxrwxrwz",
+            "",
+            "0x1b6",
+            "abc",
+            "0o",
+            1.5,
+            b"0660",
+            [0o660],
+        ],
     )
     def test_bad_modes_rejected(self, sock_path, value):
         """Out of range (setuid/sticky bits included), malformed or wrong type -> InvalidModeError."""
@@ -288,7 +329,9 @@ class TestGroup:
         assert "no-such-group-unixsrv" in str(exc)
         assert os.listdir(sock_dir) == []
 
-    @pytest.mark.parametrize(("text", "gid"), [("65534", 65534), ("4294967294", MAX_GID), ("40000", 40000)])
+    @pytest.mark.parametrize(
+        ("text", "gid"), [("65534", 65534), ("4294967294", MAX_GID), ("40000", 40000)]
+    )
     def test_numeric_string_is_a_gid(self, sock_path, text, gid):
         """A numeric string that names no group is a gid."""
         try:
@@ -316,9 +359,18 @@ class TestIdleTimeout:
 
     @pytest.mark.parametrize(
         ("value", "seconds"),
-        [(0.05, 0.05), (0.5, 0.5), (2, 2.0), (300, 300.0), (datetime.timedelta(seconds=1.5), 1.5),
-         (datetime.timedelta(milliseconds=250), 0.25), ("5m", 300.0), ("1m30s", 90.0), ("500ms", 0.5),
-         ("250ms", 0.25)],
+        [
+            (0.05, 0.05),
+            (0.5, 0.5),
+            (2, 2.0),
+            (300, 300.0),
+            (datetime.timedelta(seconds=1.5), 1.5),
+            (datetime.timedelta(milliseconds=250), 0.25),
+            ("5m", 300.0),
+            ("1m30s", 90.0),
+            ("500ms", 0.5),
+            ("250ms", 0.25),
+        ],
     )
     def test_values(self, sock_path, value, seconds):
         """Sub-second values are kept (W18); timedelta and Go duration strings work."""
@@ -328,7 +380,18 @@ class TestIdleTimeout:
 
     @pytest.mark.parametrize(
         "value",
-        [-1, -0.001, "-1s", datetime.timedelta(seconds=-1), float("nan"), float("inf"), "soon", "5", True, [1]],
+        [
+            -1,
+            -0.001,
+            "-1s",
+            datetime.timedelta(seconds=-1),
+            float("nan"),
+            float("inf"),
+            "soon",
+            "5",
+            True,
+            [1],
+        ],
     )
     def test_bad_values_rejected(self, sock_path, value):
         """Negative, non-finite, unit-less or unparsable durations -> ConfigError."""
@@ -351,8 +414,12 @@ class TestLimits:
 
     @pytest.mark.parametrize(
         ("field", "good"),
-        [("backlog", [1, 128, 1 << 20]), ("max_connections", [None, 1, 10_000, 1 << 30]),
-         ("read_buffer_size", [256, 4096, 16 * 1024 * 1024]), ("write_buffer_high", [0, 1, 65536, 1 << 20])],
+        [
+            ("backlog", [1, 128, 1 << 20]),
+            ("max_connections", [None, 1, 10_000, 1 << 30]),
+            ("read_buffer_size", [256, 4096, 16 * 1024 * 1024]),
+            ("write_buffer_high", [0, 1, 65536, 1 << 20]),
+        ],
     )
     def test_accepted_bounds(self, sock_path, field, good):
         """Values at and inside the documented bounds are accepted unchanged."""
@@ -361,12 +428,14 @@ class TestLimits:
 
     @pytest.mark.parametrize(
         ("field", "bad"),
-        [("backlog", [0, -1, (1 << 20) + 1, True, 1.5, "10", None]),
-         ("max_connections", [0, -1, (1 << 30) + 1, True, 2.0, "10"]),
-         ("read_buffer_size", [0, 255, 16 * 1024 * 1024 + 1, True, 4096.0]),
-         ("write_buffer_high", [-1, (1 << 30) + 1, False, 1.0]),
-         ("write_buffer_low", [-1, 65537, True, 1.0]),
-         ("max_write_buffer", [0, 65535, (1 << 30) + 1, True, 1.0])],
+        [
+            ("backlog", [0, -1, (1 << 20) + 1, True, 1.5, "10", None]),
+            ("max_connections", [0, -1, (1 << 30) + 1, True, 2.0, "10"]),
+            ("read_buffer_size", [0, 255, 16 * 1024 * 1024 + 1, True, 4096.0]),
+            ("write_buffer_high", [-1, (1 << 30) + 1, False, 1.0]),
+            ("write_buffer_low", [-1, 65537, True, 1.0]),
+            ("max_write_buffer", [0, 65535, (1 << 30) + 1, True, 1.0]),
+        ],
     )
     def test_rejected_values(self, sock_path, field, bad):
         """Out-of-range, bool, float and string sizes -> ConfigError naming the field."""
@@ -376,11 +445,19 @@ class TestLimits:
 
     def test_water_marks(self, sock_path):
         """low <= high is required; an explicit low is kept."""
-        cfg = ServerConfig(path=sock_path, write_buffer_high=1000, write_buffer_low=1000, max_write_buffer=1000)
-        assert (cfg.write_buffer_low, cfg.write_buffer_high, cfg.max_write_buffer) == (1000, 1000, 1000)
+        cfg = ServerConfig(
+            path=sock_path, write_buffer_high=1000, write_buffer_low=1000, max_write_buffer=1000
+        )
+        assert (cfg.write_buffer_low, cfg.write_buffer_high, cfg.max_write_buffer) == (
+            1000,
+            1000,
+            1000,
+        )
         assert ServerConfig(path=sock_path, write_buffer_high=1000).write_buffer_low == 250
         rejects(ConfigError, path=sock_path, write_buffer_high=1000, write_buffer_low=1001)
-        rejects(ConfigError, path=sock_path, write_buffer_high=1 << 20, max_write_buffer=(1 << 20) - 1)
+        rejects(
+            ConfigError, path=sock_path, write_buffer_high=1 << 20, max_write_buffer=(1 << 20) - 1
+        )
 
 
 # ---------------------------------------------------------------------- dataclass shape
@@ -421,7 +498,11 @@ class TestShape:
         """is_abstract / address / display_path for each kind of path (where
         there are no abstract names, both abstract forms are InvalidPathError)."""
         fs = ServerConfig(path=sock_path)
-        assert (fs.is_abstract, fs.address, fs.display_path) == (False, os.fsencode(sock_path), sock_path)
+        assert (fs.is_abstract, fs.address, fs.display_path) == (
+            False,
+            os.fsencode(sock_path),
+            sock_path,
+        )
         if not HAVE_ABSTRACT:
             for name in ("@svc.name", b"\0svc\xff"):
                 with pytest.raises(InvalidPathError, match="abstract"):
@@ -450,16 +531,34 @@ class TestParseMode:
 class TestParseDuration:
     @pytest.mark.parametrize(
         ("text", "seconds"),
-        [("1m30s", 90.0), ("500ms", 0.5), ("1h", 3600.0), ("1d", 86400.0), ("1.5s", 1.5), ("0", 0.0),
-         ("2us", 2e-6), ("2µs", 2e-6), ("2μs", 2e-6), ("3ns", 3e-9), ("1h2m3s4ms", 3723.004), ("+5s", 5.0),
-         (".5s", 0.5), ("1.s", 1.0), ("2h45m", 9900.0), ('"5m"', 300.0), ("0s", 0.0), ("5m0s", 300.0)],
+        [
+            ("1m30s", 90.0),
+            ("500ms", 0.5),
+            ("1h", 3600.0),
+            ("1d", 86400.0),
+            ("1.5s", 1.5),
+            ("0", 0.0),
+            ("2us", 2e-6),
+            ("2µs", 2e-6),
+            ("2μs", 2e-6),
+            ("3ns", 3e-9),
+            ("1h2m3s4ms", 3723.004),
+            ("+5s", 5.0),
+            (".5s", 0.5),
+            ("1.s", 1.0),
+            ("2h45m", 9900.0),
+            ('"5m"', 300.0),
+            ("0s", 0.0),
+            ("5m0s", 300.0),
+        ],
     )
     def test_go_strings(self, text, seconds):
         """Go time.ParseDuration syntax (plus golib's 'd' unit)."""
         assert parse_duration(text) == pytest.approx(seconds, rel=1e-12, abs=1e-15)
 
     @pytest.mark.parametrize(
-        ("value", "seconds"), [(0, 0.0), (90, 90.0), (0.25, 0.25), (datetime.timedelta(minutes=2), 120.0)]
+        ("value", "seconds"),
+        [(0, 0.0), (90, 90.0), (0.25, 0.25), (datetime.timedelta(minutes=2), 120.0)],
     )
     def test_numbers_are_seconds(self, value, seconds):
         """Numbers and timedeltas are seconds."""
@@ -467,7 +566,22 @@ class TestParseDuration:
 
     @pytest.mark.parametrize(
         "value",
-        ["garbage", "5", "1x", "s", "ms", "1m 30s", "1s garbage", "1.2.3s", "--1s", "1e3s", True, None, [1], b"1s"],
+        [
+            "garbage",
+            "5",
+            "1x",
+            "s",
+            "ms",
+            "1m 30s",
+            "1s garbage",
+            "1.2.3s",
+            "--1s",
+            "1e3s",
+            True,
+            None,
+            [1],
+            b"1s",
+        ],
     )
     def test_garbage_rejected(self, value):
         """Unparsable durations -> ConfigError (a ValueError)."""
@@ -475,7 +589,9 @@ class TestParseDuration:
             parse_duration(value)
         assert isinstance(info.value, ValueError)
 
-    @pytest.mark.parametrize("value", ["-1s", "-500ms", -1, -0.5, datetime.timedelta(seconds=-3), float("inf")])
+    @pytest.mark.parametrize(
+        "value", ["-1s", "-500ms", -1, -0.5, datetime.timedelta(seconds=-3), float("inf")]
+    )
     def test_negative_or_infinite_rejected(self, value):
         """A duration must be finite and >= 0."""
         with pytest.raises(ConfigError):
@@ -511,7 +627,9 @@ class TestFromMapping:
     @pytest.mark.parametrize("network", ["unix", "Unix", " unix ", '"unix"'])
     def test_network_unix_accepted(self, sock_path, network):
         """golib protocol.Parse lowercases, trims spaces and quotes."""
-        assert ServerConfig.from_mapping({"network": network, "address": sock_path}).path == sock_path
+        assert (
+            ServerConfig.from_mapping({"network": network, "address": sock_path}).path == sock_path
+        )
 
     @pytest.mark.parametrize("network", ["tcp", "tcp4", "udp", "ip", "unixgram", "", "bogus", 1])
     def test_other_networks_rejected(self, sock_path, network):
@@ -525,8 +643,16 @@ class TestFromMapping:
         """spec a.2: perm-file 0 means 'use default 0770'."""
         assert ServerConfig.from_mapping({"address": sock_path, "perm-file": perm}).mode == 0o770
 
-    @pytest.mark.parametrize(("perm", "mode"), [("0660", 0o660), ("660", 0o660), ("rw-------", 0o600), (0o640, 0o640),
-                                                ("srw-rw----", 0o660)])
+    @pytest.mark.parametrize(
+        ("perm", "mode"),
+        [
+            ("0660", 0o660),
+            ("660", 0o660),
+            ("rw-------", 0o600),
+            (0o640, 0o640),
+            ("srw-rw----", 0o660),
+        ],
+    )
     def test_perm_file_values(self, sock_path, perm, mode):
         """perm-file takes golib's string forms (and ints)."""
         assert ServerConfig.from_mapping({"address": sock_path, "perm-file": perm}).mode == mode
@@ -555,8 +681,18 @@ class TestFromMapping:
 
     @pytest.mark.parametrize(
         ("value", "seconds"),
-        [("5m", 300.0), ("1m30s", 90.0), ("500ms", 0.5), ("1h", 3600.0), ("1d", 86400.0), (2, 2.0), (0.25, 0.25),
-         (0, None), ("0", None), ("0s", None)],
+        [
+            ("5m", 300.0),
+            ("1m30s", 90.0),
+            ("500ms", 0.5),
+            ("1h", 3600.0),
+            ("1d", 86400.0),
+            (2, 2.0),
+            (0.25, 0.25),
+            (0, None),
+            ("0", None),
+            ("0s", None),
+        ],
     )
     def test_con_idle_timeout(self, sock_path, value, seconds):
         """con-idle-timeout: Go duration strings or seconds as numbers; 0 = off."""
@@ -572,10 +708,12 @@ class TestFromMapping:
     @pytest.mark.parametrize("tls", [{"enabled": True}, {"enabled": True, "config": {}}, True])
     def test_tls_enabled_rejected(self, sock_path, tls):
         """docs/design.md: an enabled tls is a ConfigError (never silently run without TLS)."""
-        with pytest.raises(ConfigError, match="(?i)tls"):
+        with pytest.raises(ConfigError, match=r"(?i)tls"):
             ServerConfig.from_mapping({"network": "unix", "address": sock_path, "tls": tls})
 
-    @pytest.mark.parametrize("tls", [{"enabled": False}, {"enabled": False, "config": {"x": 1}}, {}, False, None])
+    @pytest.mark.parametrize(
+        "tls", [{"enabled": False}, {"enabled": False, "config": {"x": 1}}, {}, False, None]
+    )
     def test_tls_disabled_fine(self, sock_path, tls):
         """A disabled tls section is accepted and ignored."""
         assert ServerConfig.from_mapping({"address": sock_path, "tls": tls}).path == sock_path
@@ -596,8 +734,12 @@ class TestFromMapping:
 
     @pytest.mark.parametrize(
         "extra",
-        [{"path": "/tmp/other.sock"}, {"mode": "0600", "perm-file": "0660"}, {"group": 0, "group-perm": 1},
-         {"idle_timeout": 1, "con-idle-timeout": "1s"}],
+        [
+            {"path": "/tmp/other.sock"},
+            {"mode": "0600", "perm-file": "0660"},
+            {"group": 0, "group-perm": 1},
+            {"idle_timeout": 1, "con-idle-timeout": "1s"},
+        ],
     )
     def test_duplicate_settings_rejected(self, sock_path, extra):
         """A golib key and the field it maps to may not both be given."""
@@ -618,7 +760,13 @@ class TestFromMapping:
     def test_field_names_accepted(self, sock_path):
         """ServerConfig's own field names work too."""
         cfg = ServerConfig.from_mapping(
-            {"path": sock_path, "mode": "0600", "backlog": 16, "max_connections": 5, "idle_timeout": "2s"}
+            {
+                "path": sock_path,
+                "mode": "0600",
+                "backlog": 16,
+                "max_connections": 5,
+                "idle_timeout": "2s",
+            }
         )
         assert (cfg.mode, cfg.backlog, cfg.max_connections, cfg.idle_timeout) == (0o600, 16, 5, 2.0)
 
@@ -633,7 +781,9 @@ class TestFromMapping:
     @pytest.mark.linux("abstract socket names")
     def test_abstract_address(self):
         """golib W6: an '@name' address works and keeps mode/group unset."""
-        cfg = ServerConfig.from_mapping({"network": "unix", "address": "@golib", "perm-file": 0, "group-perm": -1})
+        cfg = ServerConfig.from_mapping(
+            {"network": "unix", "address": "@golib", "perm-file": 0, "group-perm": -1}
+        )
         assert cfg.is_abstract and cfg.mode == 0 and cfg.group is None
 
 
@@ -666,7 +816,9 @@ class TestTyping:
             pytest.skip("mypy is not installed in this interpreter")
         snippet = tmp_path / "typed_use.py"
         snippet.write_text(_TYPED_USE, encoding="utf-8")
-        src = os.path.dirname(os.path.dirname(os.path.abspath(unixsrv.__file__)))  # the tree under test
+        src = os.path.dirname(
+            os.path.dirname(os.path.abspath(unixsrv.__file__))
+        )  # the tree under test
         env = dict(os.environ)
         installed = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")}
         if os.path.realpath(src) not in installed:
@@ -674,8 +826,22 @@ class TestTyping:
             # package mypy finds by itself, and it refuses site-packages in MYPYPATH.
             env["MYPYPATH"] = src
         result = subprocess.run(
-            [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", os.devnull, str(snippet)],
-            check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "mypy",
+                "--strict",
+                "--no-incremental",
+                "--cache-dir",
+                os.devnull,
+                str(snippet),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=300,
         )
         assert result.returncode == 0, result.stdout + result.stderr
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import stat
 
-import conftest
 import pytest
+
+import conftest
 from conftest import strace_unusable
 
 
@@ -26,8 +27,10 @@ def test_strace_missing_is_a_reason(tmp_path):
 def test_strace_that_cannot_trace_is_a_reason(tmp_path):
     """strace present but ptrace forbidden (as in a container without
     CAP_SYS_PTRACE): its own message becomes the reason."""
-    fake = _script(tmp_path / "strace", 'echo "strace: attach: ptrace(PTRACE_SEIZE, 1): Operation not permitted" >&2\n'
-                                        "exit 1\n")
+    fake = _script(
+        tmp_path / "strace",
+        'echo "strace: attach: ptrace(PTRACE_SEIZE, 1): Operation not permitted" >&2\nexit 1\n',
+    )
     reason = strace_unusable(fake)
     assert reason is not None
     assert "Operation not permitted" in reason
@@ -42,6 +45,8 @@ def test_strace_that_traces_is_usable(tmp_path):
 def test_run_traced_skips_with_the_reason(run_traced, monkeypatch):
     """run_traced skips the test, naming the reason, instead of starting an
     strace that cannot trace (the test used to fail)."""
-    monkeypatch.setattr(conftest, "strace_reason", lambda: "strace cannot trace here: Operation not permitted")
+    monkeypatch.setattr(
+        conftest, "strace_reason", lambda: "strace cannot trace here: Operation not permitted"
+    )
     with pytest.raises(pytest.skip.Exception, match="Operation not permitted"):
         run_traced([], "pass")

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, IDLE_LATE, connect, recv_exactly, wait_until
 
+from conftest import DEADLINE, IDLE_LATE, connect, recv_exactly, wait_until
 from unixsrv import Server, ServerClosedError
 
 SIZES = [1, 100, 2047, 2048, 2049, 5000, 65536, 70000, 3, 16384, 16384, 10, 2048, 1]
@@ -53,7 +53,9 @@ def test_read_returns_exactly_what_arrived_across_size_changes(
 
 
 @pytest.mark.parametrize("n", [1, 2048, 4096, 65536])
-def test_read_never_returns_more_than_asked(n: int, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_read_never_returns_more_than_asked(
+    n: int, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """read(n) returns at most n bytes even when far more is waiting."""
     sizes: list[int] = []
     done = threading.Event()
@@ -158,7 +160,9 @@ def test_reset_right_after_a_full_small_read_is_raised_by_the_next_read(
     assert results == [2048, "reset"]
 
 
-def test_read_without_a_size_reads_up_to_read_buffer_size(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_read_without_a_size_reads_up_to_read_buffer_size(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """read() with no argument reads up to the configured read_buffer_size
     (the README's configuration table), however much is waiting; read(n)
     still takes an explicit size above it."""
@@ -191,7 +195,10 @@ def test_read_without_a_size_reads_up_to_read_buffer_size(sock_path: str, make_s
 
 
 def _idle_write(
-    sock_path: str, make_server: Callable[..., Server], idle: float, read_client: Callable[[socket.socket], int]
+    sock_path: str,
+    make_server: Callable[..., Server],
+    idle: float,
+    read_client: Callable[[socket.socket], int],
 ) -> tuple[Any, float, int]:
     """A blocking handler writes 8 MiB in one conn.write() under
     idle_timeout=idle while read_client(sock) consumes it; returns what the

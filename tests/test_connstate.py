@@ -12,8 +12,8 @@ import enum
 import os
 
 import pytest
-from conftest import DEADLINE, connect, recv_until_eof
 
+from conftest import DEADLINE, connect, recv_until_eof
 from unixsrv import ConnState, PeerCredentials
 
 #: golib's table (spec a.1), with "Stream" spelled correctly.
@@ -51,7 +51,7 @@ def test_member(name, value, text):
     assert int(member) == value
     assert str(member) == text
     assert f"{member}" == text
-    assert "{}".format(member) == text
+    assert f"{member}" == text
 
 
 def test_write_is_spelled_correctly():

@@ -15,8 +15,8 @@ import subprocess
 from collections.abc import Callable
 
 import pytest
-from conftest import DEADLINE, Collect, Recorder, connect, finish, on_loop, wait_until
 
+from conftest import DEADLINE, Collect, Recorder, connect, finish, on_loop, wait_until
 from unixsrv import Server
 
 #: Each finding of the hardening issue (issue 8, finding 1) that crashed the
@@ -115,9 +115,7 @@ def _run_child(
 ) -> tuple[int, str, str]:
     # Under AddressSanitizer (setup.py) a too-big allocation aborts unless it
     # may return NULL, as the allocator does without it (a MemoryError here).
-    asan = ":".join(
-        filter(None, [os.environ.get("ASAN_OPTIONS"), "allocator_may_return_null=1"])
-    )
+    asan = ":".join(filter(None, [os.environ.get("ASAN_OPTIONS"), "allocator_may_return_null=1"]))
     proc = spawn(_PRELUDE + code, cwd=cwd, env={**os.environ, "ASAN_OPTIONS": asan})
     code_, out, err = finish(proc, timeout=6 * DEADLINE)
     assert code_ >= 0, f"the child died of signal {-code_}; stderr:\n{err}"
@@ -134,9 +132,7 @@ def test_misuse_raises_instead_of_crashing(
     returncode, _, err = _run_child(spawn, code)
     last = err.strip().splitlines()[-1] if err.strip() else ""
     assert returncode == 1, f"exit {returncode}; stderr:\n{err}"
-    assert last.split(":")[0].rsplit(".", 1)[-1] == expected, (
-        f"expected {expected}; stderr:\n{err}"
-    )
+    assert last.split(":")[0].rsplit(".", 1)[-1] == expected, f"expected {expected}; stderr:\n{err}"
 
 
 #: The fuzzer, run in a child: every type defined by unixsrv._core (and its
@@ -263,19 +259,14 @@ def test_repr_of_unattached_objects() -> None:
     """repr() works on anything Python can make (debuggers and logs call it)."""
     from unixsrv import _core
 
-    assert (
-        repr(_core.Transport.__new__(_core.Transport))
-        == "<unixsrv.Transport not attached>"
-    )
+    assert repr(_core.Transport.__new__(_core.Transport)) == "<unixsrv.Transport not attached>"
     assert (
         repr(_core.Connection.__new__(_core.Connection))
         == "<unixsrv.Connection id=0 fd=-1 closed=False>"
     )
 
 
-@pytest.mark.parametrize(
-    "name", ["Connection", "_Stream", "_ConnBase", "Transport", "Loop"]
-)
+@pytest.mark.parametrize("name", ["Connection", "_Stream", "_ConnBase", "Transport", "Loop"])
 def test_core_made_types_refuse_construction(name: str) -> None:
     """The per-connection types exist only bound to a live connection, the
     loop only as new_loop() sets it up: their constructors raise TypeError

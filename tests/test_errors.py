@@ -169,7 +169,11 @@ def test_address_in_use_for_regular_file(sock_path, make_server):
 def test_invalid_handler_error_from_server(sock_path):
     """docs/design.md: exactly one of handler / protocol, else InvalidHandlerError (a ConfigError and a TypeError)."""
     cfg = ServerConfig(path=sock_path)
-    for args, kwargs in [((), {}), ((lambda c: None,), {"protocol": asyncio.Protocol}), ((42,), {})]:
+    for args, kwargs in [
+        ((), {}),
+        ((lambda c: None,), {"protocol": asyncio.Protocol}),
+        ((42,), {}),
+    ]:
         with pytest.raises(InvalidHandlerError) as info:
             Server(cfg, *args, **kwargs)
         assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
@@ -214,7 +218,14 @@ def test_transport_subclasses_asyncio_transport():
 
 def test_public_classes_are_classes():
     """Server, ServerConfig, Connection, Transport, ConnState and PeerCredentials are types."""
-    for name in ["Server", "ServerConfig", "Connection", "Transport", "ConnState", "PeerCredentials"]:
+    for name in [
+        "Server",
+        "ServerConfig",
+        "Connection",
+        "Transport",
+        "ConnState",
+        "PeerCredentials",
+    ]:
         assert isinstance(getattr(unixsrv, name), type), name
 
 

@@ -25,10 +25,30 @@ import time
 from typing import Any
 
 import pytest
-from conftest import (DEADLINE, BigWriter, Collect, Echo, MiB, Recorder, Timed, connect, connected, echo,
-                      echo_once, idle_eof_after, keep_talking, on_loop, payload, recv_exactly, recv_until_eof, sha,
-                      shutdown_times_out, squash, wait_until)
 
+from conftest import (
+    DEADLINE,
+    BigWriter,
+    Collect,
+    Echo,
+    MiB,
+    Recorder,
+    Timed,
+    connect,
+    connected,
+    echo,
+    echo_once,
+    idle_eof_after,
+    keep_talking,
+    on_loop,
+    payload,
+    recv_exactly,
+    recv_until_eof,
+    sha,
+    shutdown_times_out,
+    squash,
+    wait_until,
+)
 from unixsrv import ConnState, IdleTimeoutError
 
 
@@ -108,7 +128,9 @@ def test_unmodified_asyncio_protocol(runner, sock_path, make_server):
         async def main() -> tuple[bytes, bytes]:
             loop = asyncio.get_running_loop()
             results = []
-            for i, (factory, client) in enumerate(((UpperEchoProtocol, upper_client), (EchoServerProtocol, docs_client))):
+            for i, (factory, client) in enumerate(
+                ((UpperEchoProtocol, upper_client), (EchoServerProtocol, docs_client))
+            ):
                 path = f"{sock_path}.{i}"  # asyncio >= 3.13 removes its file on close, older ones keep it
                 server = await loop.create_unix_server(factory, path)
                 async with server:
@@ -141,7 +163,9 @@ def test_callback_order_and_thread(sock_path, make_server):
     threads = set()
     for proto in factory.built:
         assert squash(proto.names) == ["made", "data", "eof", "lost"]
-        assert proto.names.count("made") == proto.names.count("eof") == proto.names.count("lost") == 1
+        assert (
+            proto.names.count("made") == proto.names.count("eof") == proto.names.count("lost") == 1
+        )
         assert proto.received == data
         assert proto.lost_calls() == [None]
         threads |= proto.threads
@@ -239,7 +263,10 @@ def test_thousand_concurrent_clients(sock_path, make_server):
     n = 1000
     factory = Collect(EchoRecorder)
     srv = make_server(sock_path, protocol=factory)
-    messages = [f"<client {i}>".encode() + hashlib.sha256(str(i).encode()).hexdigest().encode() * 4 for i in range(n)]
+    messages = [
+        f"<client {i}>".encode() + hashlib.sha256(str(i).encode()).hexdigest().encode() * 4
+        for i in range(n)
+    ]
     clients: list[socket.socket] = []
     try:
         for _ in range(n):
@@ -585,7 +612,13 @@ def test_update_conn_runs_once_before_connection_made(sock_path, make_server):
 
     def update_conn(sock):
         calls.append(sock)
-        log.append(("update", isinstance(sock, socket.socket) and sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > 0))
+        log.append(
+            (
+                "update",
+                isinstance(sock, socket.socket)
+                and sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > 0,
+            )
+        )
         if len(calls) == 2:
             raise boom
 
@@ -604,7 +637,14 @@ def test_update_conn_runs_once_before_connection_made(sock_path, make_server):
     srv.on_error(errors.append)
     srv.on_conn_state(lambda local, remote, state: log.append((state,)))
     srv.start()
-    ok = [(ConnState.NEW,), ("update", True), ("factory",), ("made",), ("lost",), (ConnState.CLOSE,)]
+    ok = [
+        (ConnState.NEW,),
+        ("update", True),
+        ("factory",),
+        ("made",),
+        ("lost",),
+        (ConnState.CLOSE,),
+    ]
     for k in range(3):
         log.clear()
         with connect(srv.path) as s:
@@ -622,7 +662,6 @@ def test_update_conn_runs_once_before_connection_made(sock_path, make_server):
     assert errors == [boom]
     assert len(calls) == 3
     assert srv.stats()["accepted"] == 3
-
 
 
 def test_idle_timeout_counts_bytes_sent(sock_path, make_server):

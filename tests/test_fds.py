@@ -17,9 +17,25 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from conftest import (DEADLINE, FD_DIR, LINUX, connect, connected, echo, echo_handler, fd_count, fd_identity,
-                      finish, is_listening, make_room, open_fds, read_line, recv_until_eof, start_echo,
-                      wait_until)
+from conftest import (
+    DEADLINE,
+    FD_DIR,
+    LINUX,
+    connect,
+    connected,
+    echo,
+    echo_handler,
+    fd_count,
+    fd_identity,
+    finish,
+    is_listening,
+    make_room,
+    open_fds,
+    read_line,
+    recv_until_eof,
+    start_echo,
+    wait_until,
+)
 from unixsrv import AddressInUseError, Server, ServerConfig
 
 # As /proc/<pid>/fdinfo prints them on Linux (0o2000000, 0o4000); fd_flags
@@ -78,7 +94,9 @@ def fd_kind(fd: int) -> str:
 
 
 @pytest.fixture
-def served(model: str, sock_path: str, make_server: Callable[..., Server]) -> Iterator[tuple[Server, dict[str, list[int]], list[socket.socket]]]:
+def served(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> Iterator[tuple[Server, dict[str, list[int]], list[socket.socket]]]:
     """A running server with 5 connected clients, and its own fds sorted by
     kind: listener, connection, poller, pipe, other."""
     before = open_fds()
@@ -88,7 +106,13 @@ def served(model: str, sock_path: str, make_server: Callable[..., Server]) -> It
             echo(c, b"client %d" % i)
         wait_until(lambda: srv.stats()["accepted"] == 5)
         mine = {c.fileno() for c in clients}
-        kinds: dict[str, list[int]] = {"listener": [], "connection": [], "poller": [], "pipe": [], "other": []}
+        kinds: dict[str, list[int]] = {
+            "listener": [],
+            "connection": [],
+            "poller": [],
+            "pipe": [],
+            "other": [],
+        }
         for fd in sorted(open_fds() - before - mine):
             kinds[fd_kind(fd)].append(fd)
         yield srv, kinds, clients
@@ -113,7 +137,9 @@ sys.stdin.read()
 
 
 @pytest.mark.linux("/proc/self/fdinfo, epoll")
-def test_poller_fd_is_nonblocking(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_poller_fd_is_nonblocking(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 33 ("create every fd with CLOEXEC and O_NONBLOCK ... the
     listener, connections, epoll and wakeup fds"): the epoll fd is
     O_NONBLOCK too (epoll_create1 takes only EPOLL_CLOEXEC: poller.h sets
@@ -123,10 +149,14 @@ def test_poller_fd_is_nonblocking(model: str, sock_path: str, make_server: Calla
     pollers = [fd for fd in sorted(open_fds() - before) if fd_kind(fd) == "poller"]
     assert pollers, "no epoll fd found"
     for fd in pollers:
-        assert fd_flags(fd) & O_NONBLOCK_FLAG, f"epoll fd {fd}: flags {fd_flags(fd):o} lack O_NONBLOCK"
+        assert fd_flags(fd) & O_NONBLOCK_FLAG, (
+            f"epoll fd {fd}: flags {fd_flags(fd):o} lack O_NONBLOCK"
+        )
 
 
-def test_every_server_fd_is_close_on_exec(model: str, served: tuple[Server, dict[str, list[int]], list[socket.socket]]) -> None:
+def test_every_server_fd_is_close_on_exec(
+    model: str, served: tuple[Server, dict[str, list[int]], list[socket.socket]]
+) -> None:
     """Checklist 33: the listener, every accepted connection, the poller
     and the wakeup pipe are created with FD_CLOEXEC (O_CLOEXEC in fdinfo)."""
     _srv, kinds, _clients = served
@@ -136,7 +166,9 @@ def test_every_server_fd_is_close_on_exec(model: str, served: tuple[Server, dict
     assert len(kinds["pipe"]) >= 2  # the wakeup pipe's two ends
     for kind, fds in kinds.items():
         for fd in fds:
-            assert fd_flags(fd) & O_CLOEXEC_FLAG, f"{kind} fd {fd} ({fd_identity(fd)}) lacks O_CLOEXEC"
+            assert fd_flags(fd) & O_CLOEXEC_FLAG, (
+                f"{kind} fd {fd} ({fd_identity(fd)}) lacks O_CLOEXEC"
+            )
             assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
 
 
@@ -159,7 +191,9 @@ def test_listener_and_event_connections_are_nonblocking(
 
 
 def test_child_process_inherits_no_server_fd(
-    model: str, served: tuple[Server, dict[str, list[int]], list[socket.socket]], spawn: Callable[..., subprocess.Popen[str]]
+    model: str,
+    served: tuple[Server, dict[str, list[int]], list[socket.socket]],
+    spawn: Callable[..., subprocess.Popen[str]],
 ) -> None:
     """Checklist 33 (a child holding the listener keeps the socket "alive"):
     a Popen(close_fds=False) child holds none of the server's fds (the child
@@ -201,7 +235,9 @@ def _cycle(path: str, kind: int) -> None:
 PLAIN_CYCLES, DENIALS, TIMEOUT_BATCHES, TIMEOUT_BATCH = 7500, 2000, 10, 50
 
 
-def test_no_fd_leak_over_10000_cycles(model: str, sock_dir: str, make_server: Callable[..., Server]) -> None:
+def test_no_fd_leak_over_10000_cycles(
+    model: str, sock_dir: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 34: 10,000 connect/disconnect cycles in random order, of
     every kind: closed at once, closed with unread data (a reset), a round
     trip, a half-close (on a plain echo server); a client denied by
@@ -213,7 +249,11 @@ def test_no_fd_leak_over_10000_cycles(model: str, sock_dir: str, make_server: Ca
     limited = start_echo(make_server, os.path.join(sock_dir, "l.sock"), model, max_connections=1)
     idle = start_echo(make_server, os.path.join(sock_dir, "i.sock"), model, idle_timeout=0.05)
     rng = random.Random(34)
-    plan = [rng.randrange(4) for _ in range(PLAIN_CYCLES)] + ["deny"] * DENIALS + ["idle"] * TIMEOUT_BATCHES
+    plan = (
+        [rng.randrange(4) for _ in range(PLAIN_CYCLES)]
+        + ["deny"] * DENIALS
+        + ["idle"] * TIMEOUT_BATCHES
+    )
     rng.shuffle(plan)
     assert PLAIN_CYCLES + DENIALS + TIMEOUT_BATCHES * TIMEOUT_BATCH == 10_000
     with connect(limited.path) as held:
@@ -256,10 +296,18 @@ def immutable_dir(sock_dir: str) -> Iterator[str]:
 
 @pytest.mark.parametrize(
     "where",
-    ["missing directory", "file as directory", "not a socket",
-     pytest.param("under /proc", marks=pytest.mark.linux("/proc, a directory that cannot hold sockets"))],
+    [
+        "missing directory",
+        "file as directory",
+        "not a socket",
+        pytest.param(
+            "under /proc", marks=pytest.mark.linux("/proc, a directory that cannot hold sockets")
+        ),
+    ],
 )
-def test_failed_starts_leak_no_fd(where: str, sock_dir: str, make_server: Callable[..., Server]) -> None:
+def test_failed_starts_leak_no_fd(
+    where: str, sock_dir: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 35 (CPython test_tcpserver_bind_leak): 1,024 failed starts
     leave the fd count unchanged, whether start() fails before anything is
     created (missing directory, a file in the directory's place), at the
@@ -286,7 +334,9 @@ def test_failed_starts_leak_no_fd(where: str, sock_dir: str, make_server: Callab
 
 @pytest.mark.root
 @pytest.mark.linux("chattr +i (an immutable directory)")
-def test_failed_starts_in_an_unwritable_directory_leak_no_fd(immutable_dir: str, make_server: Callable[..., Server]) -> None:
+def test_failed_starts_in_an_unwritable_directory_leak_no_fd(
+    immutable_dir: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 35: 1,024 starts in a directory where bind() fails (EPERM:
     immutable, so even root cannot create the socket) leave the fd count
     unchanged and nothing on disk."""
@@ -300,7 +350,9 @@ def test_failed_starts_in_an_unwritable_directory_leak_no_fd(immutable_dir: str,
     assert os.listdir(immutable_dir) == []
 
 
-def test_failed_starts_against_a_live_server_leak_no_fd(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_failed_starts_against_a_live_server_leak_no_fd(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 35 (and 2): 1,024 starts refused because a live server holds
     the path (each one probes it) leave the fd count unchanged."""
     live = make_server(sock_path, echo_handler)

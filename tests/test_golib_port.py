@@ -31,9 +31,22 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import (DEADLINE, connect, connected, default_gid, echo, echo_handler, echo_once, keep_talking,
-                      recv_until_eof, run_threads, serve_model, start_echo, wait_until)
 
+from conftest import (
+    DEADLINE,
+    connect,
+    connected,
+    default_gid,
+    echo,
+    echo_handler,
+    echo_once,
+    keep_talking,
+    recv_until_eof,
+    run_threads,
+    serve_model,
+    start_echo,
+    wait_until,
+)
 from unixsrv import (
     ConfigError,
     Connection,
@@ -141,7 +154,9 @@ class TestCreation:
         """golib creation: should create server with UpdateConn callback
         (here also: it is called exactly once per connection, with a socket)."""
         calls: list[Any] = []
-        srv = make_server(sock_path, echo_handler, update_conn=lambda s: calls.append((type(s), s.family)))
+        srv = make_server(
+            sock_path, echo_handler, update_conn=lambda s: calls.append((type(s), s.family))
+        )
         assert srv.open_connections == 0
         echo_once(sock_path, b"ping")
         assert calls == [(socket.socket, socket.AF_UNIX)]
@@ -212,7 +227,9 @@ class TestCreation:
             ServerConfig.from_mapping({"network": "tcp", "address": ":8080"})
         assert not os.path.lexists(":8080")
 
-    def test_register_socket_updates(self, sock_path: str, sock_dir: str, make_server: Callable[..., Server]) -> None:
+    def test_register_socket_updates(
+        self, sock_path: str, sock_dir: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib RegisterSocket method: should update socket configuration
         (the config is immutable; a new one is derived and validated)."""
         cfg = ServerConfig(path=sock_path, mode=0o600)
@@ -262,8 +279,12 @@ class TestCreation:
         unixsrv has no SetTLS; TLS asked for in a config is refused, never
         silently dropped."""
         with pytest.raises(ConfigError):
-            ServerConfig.from_mapping({"network": "unix", "address": sock_path, "tls": {"enabled": True}})
-        cfg = ServerConfig.from_mapping({"network": "unix", "address": sock_path, "tls": {"enabled": False}})
+            ServerConfig.from_mapping(
+                {"network": "unix", "address": sock_path, "tls": {"enabled": True}}
+            )
+        cfg = ServerConfig.from_mapping(
+            {"network": "unix", "address": sock_path, "tls": {"enabled": False}}
+        )
         assert cfg.path == sock_path
         assert not hasattr(Server, "set_tls")
 
@@ -281,7 +302,9 @@ class TestBasic:
         assert srv.is_gone is False
         assert srv.path == sock_path
 
-    def test_accept_connections(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_accept_connections(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib basic: should accept connections when running."""
         srv = start_echo(make_server, sock_path, model)
         with connect(sock_path):
@@ -292,7 +315,9 @@ class TestBasic:
         """golib basic: should echo messages correctly."""
         echo_once(echo_server.path, b"Hello, Unix Socket!")
 
-    def test_stop_with_cancellation(self, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_stop_with_cancellation(
+        self, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib basic: should stop server with context cancellation."""
         srv = make_server(sock_path, echo_handler, start=False)
         t = ServeThread.running(srv)
@@ -302,7 +327,9 @@ class TestBasic:
         assert srv.is_running is False
         assert not os.path.lexists(sock_path)
 
-    def test_track_multiple_connections(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_track_multiple_connections(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib basic: should track multiple connections (exact: 1, 2, 3)."""
         srv = start_echo(make_server, sock_path, model)
         clients = []
@@ -316,7 +343,9 @@ class TestBasic:
                 c.close()
         wait_until(lambda: srv.open_connections == 0)
 
-    def test_decrement_on_close(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_decrement_on_close(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib basic: should decrement count when connection closes."""
         srv = start_echo(make_server, sock_path, model)
         c = connect(sock_path)
@@ -325,7 +354,9 @@ class TestBasic:
         wait_until(lambda: srv.open_connections == 0)
         assert srv.stats()["closed"] == 1
 
-    def test_rapid_open_close(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_rapid_open_close(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib basic: should handle rapid connection open/close cycles."""
         srv = start_echo(make_server, sock_path, model)
         for _ in range(10):
@@ -334,7 +365,9 @@ class TestBasic:
         assert srv.open_connections == 0
         assert srv.stats()["accepted"] == 10  # no probe connection of our own
 
-    def test_graceful_shutdown(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_graceful_shutdown(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib basic: should shutdown gracefully with Shutdown()."""
         srv = start_echo(make_server, sock_path, model)
         c = connect(sock_path)
@@ -345,7 +378,9 @@ class TestBasic:
         assert srv.open_connections == 0
         assert not os.path.lexists(sock_path)
 
-    def test_close_immediately(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_close_immediately(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib basic: should close immediately with Close() (here: even with
         a client connected, which sees EOF)."""
         srv = start_echo(make_server, sock_path, model)
@@ -356,14 +391,18 @@ class TestBasic:
             assert recv_until_eof(c) == b""
         wait_until(lambda: srv.open_connections == 0)  # the handler thread returns right after
 
-    def test_is_gone_after_shutdown(self, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_is_gone_after_shutdown(
+        self, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib basic: should set IsGone flag after shutdown."""
         srv = make_server(sock_path, echo_handler)
         assert srv.is_gone is False
         srv.shutdown(5.0)
         assert srv.is_gone is True
 
-    def test_cancelled_before_listen(self, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_cancelled_before_listen(
+        self, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib basic: should handle context cancellation during Listen
         (golib binds, then fails with ctx.Err(); here an already-set cancel
         returns at once without binding anything)."""
@@ -414,7 +453,9 @@ class TestContext:
             for i in range(5):
                 echo(s, f"Message {i}".encode())
 
-    def test_error_after_close(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_error_after_close(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib context: should return error after connection close (W17:
         ServerClosedError, a ConnectionError, not io.ErrClosedPipe)."""
         outcome: list[Any] = []
@@ -461,7 +502,9 @@ class TestContext:
             assert done.wait(DEADLINE)
         assert seen == [(True, False), (False, True)]
 
-    def test_addresses(self, model: str, sock_path: str, sock_dir: str, make_server: Callable[..., Server]) -> None:
+    def test_addresses(
+        self, model: str, sock_path: str, sock_dir: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib context: should report remote and local addresses (golib:
         "<path>(unix)" and "@(unix)"; here the path and "" for an unnamed
         client, the client's path for a bound one)."""
@@ -472,7 +515,9 @@ class TestContext:
 
         class P(asyncio.Protocol):
             def connection_made(self, transport: Any) -> None:
-                seen.append((transport.get_extra_info("sockname"), transport.get_extra_info("peername")))
+                seen.append(
+                    (transport.get_extra_info("sockname"), transport.get_extra_info("peername"))
+                )
                 transport.close()
 
         serve_model(make_server, sock_path, model, handler, P)
@@ -486,7 +531,9 @@ class TestContext:
             assert recv_until_eof(s) == b""
         assert seen == [(sock_path, ""), (sock_path, client_path)]
 
-    def test_respects_cancellation(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_respects_cancellation(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib context: should respect context cancellation (the handler's
         Done fires when the Listen ctx is cancelled)."""
         entered = threading.Event()
@@ -514,7 +561,9 @@ class TestContext:
         else:
             assert log == ["made", ("lost", None)]
 
-    def test_error_after_cancellation(self, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_error_after_cancellation(
+        self, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib context: should provide context error after cancellation
         (after Done, I/O raises ServerClosedError; closed is True)."""
         entered = threading.Event()
@@ -543,7 +592,9 @@ class TestContext:
         assert after[0] is True
         assert isinstance(after[1], ServerClosedError)
 
-    def test_context_methods(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_context_methods(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib context: should handle context methods correctly (Deadline,
         Value, Ref/Inc/Get have no Python meaning; what a handler gets instead:
         peer credentials, a connection id, its fd and a context manager)."""
@@ -581,7 +632,9 @@ class TestContext:
         else:
             assert seen["family"] == socket.AF_UNIX
 
-    def test_client_disconnect(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_client_disconnect(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib context: should handle client disconnect gracefully (W15:
         EOF is b"", is_connected turns False, the server keeps running)."""
         result: list[Any] = []
@@ -597,7 +650,9 @@ class TestContext:
                 result.append(exc)
             finished.set()
 
-        srv = serve_model(make_server, sock_path, model, handler, lambda: RecordingProtocol(log, finished))
+        srv = serve_model(
+            make_server, sock_path, model, handler, lambda: RecordingProtocol(log, finished)
+        )
         connect(sock_path).close()
         assert srv.is_running and not srv.is_gone
         assert finished.wait(DEADLINE)
@@ -681,7 +736,9 @@ class TestConcurrency:
         assert counter.value == 20
         assert srv.stats()["accepted"] == 20
 
-    def test_rapid_cycles(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_rapid_cycles(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib concurrency: should handle rapid connection cycles (a handler
         that closes at once; 30 concurrent dial+close)."""
 
@@ -699,19 +756,25 @@ class TestConcurrency:
         wait_until(lambda: srv.stats()["closed"] == 30)
         assert srv.open_connections == 0
 
-    def test_concurrent_is_running(self, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_concurrent_is_running(
+        self, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib concurrency: should handle concurrent IsRunning calls."""
         srv = make_server(sock_path, echo_handler)
         assert run_threads(lambda i: (srv.is_running, srv.is_gone), 10) == [(True, False)] * 10
 
-    def test_concurrent_open_connections(self, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_concurrent_open_connections(
+        self, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib concurrency: should handle concurrent OpenConnections calls."""
         srv = make_server(sock_path, echo_handler)
         with connected(sock_path, 3):
             wait_until(lambda: srv.open_connections == 3)
             assert run_threads(lambda i: srv.open_connections, 20) == [3] * 20
 
-    def test_concurrent_register_error(self, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_concurrent_register_error(
+        self, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib concurrency: should handle concurrent RegisterFuncError (the
         registrations race; one wins and it alone sees the error, once)."""
         calls: list[tuple[int, BaseException]] = []
@@ -793,7 +856,9 @@ class TestRobustness:
         wait_until(lambda: errors)
         assert errors == [boom]
 
-    def test_info_callback(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_info_callback(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib robustness: should call info callback on connection events
         (exactly NEW then CLOSE, with the server path and "" for the client)."""
         events: list[tuple[str, str, ConnState]] = []
@@ -812,9 +877,14 @@ class TestRobustness:
         srv.start()
         assert msgs == [f"starting listening socket 'unix {sock_path}'"]
         srv.close()
-        assert msgs == [f"starting listening socket 'unix {sock_path}'", f"closing listen socket 'unix {sock_path}'"]
+        assert msgs == [
+            f"starting listening socket 'unix {sock_path}'",
+            f"closing listen socket 'unix {sock_path}'",
+        ]
 
-    def test_idle_connection_closed(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_idle_connection_closed(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib robustness: should close idle connections after timeout (1 s)."""
         srv = start_echo(make_server, sock_path, model, idle_timeout=1.0)
         start = time.monotonic()
@@ -825,7 +895,9 @@ class TestRobustness:
         wait_until(lambda: srv.open_connections == 0)
         assert srv.is_running
 
-    def test_active_connection_kept(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_active_connection_kept(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib robustness: should not timeout active connections (golib:
         1 s timeout, five echoes 400 ms apart, 2 s in all; here 0.6 s and
         pings every 0.05 s, so a stalled test process cannot pass for an
@@ -867,7 +939,9 @@ class TestRobustness:
         assert stat.S_ISSOCK(st.st_mode)
         assert stat.S_IMODE(st.st_mode) == 0o600
 
-    def test_client_sends_nothing(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_client_sends_nothing(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib robustness: should handle client that doesn't send data."""
         finished = threading.Event()
         got: list[bytes] = []
@@ -879,7 +953,9 @@ class TestRobustness:
 
         log: list[Any] = []
 
-        srv = serve_model(make_server, sock_path, model, read_only, lambda: RecordingProtocol(log, finished))
+        srv = serve_model(
+            make_server, sock_path, model, read_only, lambda: RecordingProtocol(log, finished)
+        )
         connect(sock_path).close()
         assert finished.wait(DEADLINE)
         assert got == []
@@ -887,7 +963,9 @@ class TestRobustness:
             assert log == ["made", "eof", ("lost", None)]
         assert srv.is_running
 
-    def test_client_only_reads(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_client_only_reads(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib robustness: should handle client that only sends data (the
         server only writes; W12: the handler's return closes, the client reads
         the message then EOF)."""
@@ -897,7 +975,9 @@ class TestRobustness:
                 transport.write(b"Server message")
                 transport.close()
 
-        srv = serve_model(make_server, sock_path, model, lambda conn: conn.write(b"Server message"), P)
+        srv = serve_model(
+            make_server, sock_path, model, lambda conn: conn.write(b"Server message"), P
+        )
         with connect(sock_path) as s:
             assert recv_until_eof(s) == b"Server message"
         assert srv.is_running
@@ -922,7 +1002,9 @@ class TestRobustness:
             for c in clients:
                 assert recv_until_eof(c) == b""
 
-    def test_multiple_listen(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_multiple_listen(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib robustness: should handle multiple Listen attempts."""
         srv = start_echo(make_server, sock_path, model, start=False)
         for cycle in range(2):
@@ -940,23 +1022,31 @@ class TestRobustness:
 class TestExamples:
     """golib's runnable Examples whose behaviour means something here."""
 
-    def test_example(self, sock_path: str, make_server: Callable[..., Server],
-                     capsys: pytest.CaptureFixture[str]) -> None:
+    def test_example(
+        self, sock_path: str, make_server: Callable[..., Server], capsys: pytest.CaptureFixture[str]
+    ) -> None:
         """golib Example: echo server, Listen, Shutdown; prints nothing."""
         srv = make_server(sock_path, echo_handler)
         echo_once(sock_path, b"example")
         srv.shutdown(5.0)
         assert capsys.readouterr() == ("", "")
 
-    def test_example_complete(self, sock_path: str, make_server: Callable[..., Server],
-                              capsys: pytest.CaptureFixture[str]) -> None:
+    def test_example_complete(
+        self, sock_path: str, make_server: Callable[..., Server], capsys: pytest.CaptureFixture[str]
+    ) -> None:
         """golib Example_complete: 0660, 5 min idle timeout, callbacks; prints
         the connection count, then stops gracefully."""
         errors: list[BaseException] = []
         states: list[ConnState] = []
         infos: list[str] = []
         cfg = ServerConfig.from_mapping(
-            {"network": "unix", "address": sock_path, "perm-file": "0660", "group-perm": -1, "con-idle-timeout": "5m"}
+            {
+                "network": "unix",
+                "address": sock_path,
+                "perm-file": "0660",
+                "group-perm": -1,
+                "con-idle-timeout": "5m",
+            }
         )
         srv = make_server(cfg, echo_handler, start=False)
         srv.on_error(errors.append)
@@ -972,9 +1062,15 @@ class TestExamples:
             print(f"Shutdown error: {exc}")
         else:
             print("Server stopped gracefully")
-        assert capsys.readouterr().out == "Server running with 0 connections\nServer stopped gracefully\n"
+        assert (
+            capsys.readouterr().out
+            == "Server running with 0 connections\nServer stopped gracefully\n"
+        )
         assert errors == [] and states == []
-        assert infos == [f"starting listening socket 'unix {sock_path}'", f"closing listen socket 'unix {sock_path}'"]
+        assert infos == [
+            f"starting listening socket 'unix {sock_path}'",
+            f"closing listen socket 'unix {sock_path}'",
+        ]
 
     def test_example_listen(self, sock_path: str, make_server: Callable[..., Server]) -> None:
         """golib ExampleServerUnix_Listen: a cancellable Listen; "Server is running"."""
@@ -984,7 +1080,9 @@ class TestExamples:
         t.finish()
         assert not srv.is_running
 
-    def test_example_is_running_and_open_connections(self, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_example_is_running_and_open_connections(
+        self, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib ExampleServerUnix_IsRunning / _OpenConnections / _RegisterFuncError:
         not running, Shutdown before Listen is a no-op, then running with 0
         connections."""
@@ -996,7 +1094,9 @@ class TestExamples:
         assert srv.is_running is True
         assert srv.open_connections == 0
 
-    def test_example_idle_timeout(self, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_example_idle_timeout(
+        self, model: str, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib ExampleServerUnix_idleTimeout: 100 ms idle timeout, silently
         disabled in golib; here it works (W18)."""
         srv = start_echo(make_server, sock_path, model, idle_timeout=0.1)
@@ -1005,15 +1105,21 @@ class TestExamples:
         wait_until(lambda: srv.open_connections == 0)
         assert srv.is_running
 
-    def test_example_with_update_conn(self, sock_path: str, make_server: Callable[..., Server]) -> None:
+    def test_example_with_update_conn(
+        self, sock_path: str, make_server: Callable[..., Server]
+    ) -> None:
         """golib ExampleNew_withUpdateConn: UpdateConn sets 8 KiB buffers."""
         sizes: list[tuple[int, int]] = []
 
         def update(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-            sizes.append((sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
-                          sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)))
+            sizes.append(
+                (
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+                )
+            )
 
         make_server(sock_path, echo_handler, update_conn=update)
         echo_once(sock_path, b"custom buffers")
@@ -1043,13 +1149,28 @@ def test_conn_state_order(model: str, sock_path: str, make_server: Callable[...,
             log.append(("closed at CLOSE", conns[0].closed, conns[0].fileno()))
         log.append(state)
 
-    srv = serve_model(make_server, sock_path, model, handler, lambda: RecordingProtocol(log), start=False)
+    srv = serve_model(
+        make_server, sock_path, model, handler, lambda: RecordingProtocol(log), start=False
+    )
     srv.on_conn_state(on_state)
     srv.start()
     echo_once(sock_path, b"order")
     wait_until(lambda: ConnState.CLOSE in log)
     wait_until(lambda: srv.open_connections == 0)
     if model == "blocking":
-        assert log == [ConnState.NEW, "handler start", "handler end", ("closed at CLOSE", True, -1), ConnState.CLOSE]
+        assert log == [
+            ConnState.NEW,
+            "handler start",
+            "handler end",
+            ("closed at CLOSE", True, -1),
+            ConnState.CLOSE,
+        ]
     else:
-        assert log == [ConnState.NEW, "made", ("data", b"order"), "eof", ("lost", None), ConnState.CLOSE]
+        assert log == [
+            ConnState.NEW,
+            "made",
+            ("data", b"order"),
+            "eof",
+            ("lost", None),
+            ConnState.CLOSE,
+        ]

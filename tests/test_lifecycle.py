@@ -20,9 +20,29 @@ from typing import Any
 
 import pytest
 
-from conftest import (DEADLINE, Timed, connect, connect_socket, connected, echo, echo_handler, echo_once,
-                      fd_identity, fork_quietly, is_listening, make_room, open_fds, reap, recv_exactly,
-                      recv_until_eof, run_threads, serve_model, shutdown_times_out, start_echo, wait_until)
+from conftest import (
+    DEADLINE,
+    Timed,
+    connect,
+    connect_socket,
+    connected,
+    echo,
+    echo_handler,
+    echo_once,
+    fd_identity,
+    fork_quietly,
+    is_listening,
+    make_room,
+    open_fds,
+    reap,
+    recv_exactly,
+    recv_until_eof,
+    run_threads,
+    serve_model,
+    shutdown_times_out,
+    start_echo,
+    wait_until,
+)
 from unixsrv import ConnState, Server, ServerClosedError, ShutdownTimeoutError
 from unixsrv._core import HAVE_ABSTRACT
 from unixsrv.echo import EchoProtocol
@@ -69,7 +89,9 @@ BIG = b"0123456789abcdef" * (1 << 18)  # 4 MiB: far more than the socket buffers
 # ---------------------------------------------------------------------------- 37: close
 
 
-def test_close_stops_accepting_at_once(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_close_stops_accepting_at_once(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 37 (benoitc/gunicorn#922): once close() returns, the path is
     gone, a new connect() fails at once with ENOENT (or ECONNREFUSED), the
     listening fd is closed and connected clients see EOF."""
@@ -96,7 +118,9 @@ def test_close_stops_accepting_at_once(model: str, sock_path: str, make_server: 
 # ---------------------------------------------------------------------------- 38: graceful drain
 
 
-def test_shutdown_drains_blocking_handlers(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_shutdown_drains_blocking_handlers(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 38 (docs/design.md shutdown(timeout); python/cpython#104344): an idle
     client (its handler parked in read()) gets EOF at once, the socket file
     is gone at once, a client in the middle of a response gets all of it,
@@ -131,7 +155,9 @@ def test_shutdown_drains_blocking_handlers(sock_path: str, make_server: Callable
     assert not srv.is_running
 
 
-def test_shutdown_flushes_event_model_output(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_shutdown_flushes_event_model_output(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 38, event model (docs/design.md: stop reading, flush pending output,
     close): an idle client gets EOF at once; a client with 4 MiB of output
     still buffered on the server gets every byte before its EOF, and
@@ -286,7 +312,7 @@ def test_shutdown_with_idle_mid_response_and_non_reading_clients(
         assert idle.recv(100) == b""
         idle_eof = time.monotonic()
         assert not os.path.lexists(sock_path)
-        assert recv_until_eof(mid) == BIG[len(head):]
+        assert recv_until_eof(mid) == BIG[len(head) :]
         stopper.join(DEADLINE)
         assert not stopper.is_alive() and isinstance(stopper.exc, ShutdownTimeoutError), stopper.exc
         assert 0.9 <= stopper.elapsed <= 2.0, stopper.elapsed
@@ -305,7 +331,9 @@ def test_shutdown_with_idle_mid_response_and_non_reading_clients(
 
 
 @pytest.mark.parametrize("calls", ["close", "close and shutdown"])
-def test_eight_threads_stop_at_once(calls: str, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_eight_threads_stop_at_once(
+    calls: str, model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 39: 8 threads stopping the server at the same moment (all
     close(), or close() and shutdown() mixed) raise nothing; every call
     returns, the server is stopped, its file gone, its clients at EOF."""
@@ -371,7 +399,9 @@ def test_wait_returns_in_time_with_a_silent_client(
     assert not srv.is_running and not os.path.lexists(sock_path)
 
 
-def test_stop_calls_on_a_never_started_server_are_noops(sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_stop_calls_on_a_never_started_server_are_noops(
+    sock_dir: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 39 (docs/design.md State): close()/shutdown() on a server that never
     started do nothing and raise nothing; nothing appears on disk."""
     srv = make_server(sock_path, echo_handler, start=False)
@@ -384,7 +414,9 @@ def test_stop_calls_on_a_never_started_server_are_noops(sock_dir: str, sock_path
 
 
 @pytest.mark.parametrize("first", ["close", "shutdown"])
-def test_stop_is_idempotent(first: str, model: str, sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_stop_is_idempotent(
+    first: str, model: str, sock_dir: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 39: after a stop, more close()/shutdown() calls are no-ops."""
     srv = start_echo(make_server, sock_path, model)
     echo_once(sock_path, b"once")
@@ -396,7 +428,9 @@ def test_stop_is_idempotent(first: str, model: str, sock_dir: str, sock_path: st
     assert not srv.is_running and os.listdir(sock_dir) == []
 
 
-def test_restart_after_stop_on_the_same_path(model: str, sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_restart_after_stop_on_the_same_path(
+    model: str, sock_dir: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """docs/design.md State: a stopped Server can be started again on its path (after
     close() and after shutdown()); stats are cumulative; start() on a running
     server is a no-op."""
@@ -495,16 +529,27 @@ def test_conn_state_new_and_close_once_each_in_order(
     for remote, what in list(events):
         per_conn.setdefault(remote, []).append(what)
     assert sorted(per_conn) == sorted(names)
-    bad = {r: seq for r, seq in per_conn.items() if seq != [ConnState.NEW, "start", "end", ConnState.CLOSE]}
+    bad = {
+        r: seq
+        for r, seq in per_conn.items()
+        if seq != [ConnState.NEW, "start", "end", ConnState.CLOSE]
+    }
     assert bad == {}
     assert locals_seen == {sock_path}
     stats = srv.stats()
     states = [st for _, st in events if isinstance(st, ConnState)]
-    assert states.count(ConnState.NEW) == states.count(ConnState.CLOSE) == stats["accepted"] == N_CLIENTS
+    assert (
+        states.count(ConnState.NEW)
+        == states.count(ConnState.CLOSE)
+        == stats["accepted"]
+        == N_CLIENTS
+    )
     assert stats["closed"] == N_CLIENTS
 
 
-@pytest.mark.parametrize("which", ["on_conn_state", "on_server_info", "update_conn", "handler", "on_error"])
+@pytest.mark.parametrize(
+    "which", ["on_conn_state", "on_server_info", "update_conn", "handler", "on_error"]
+)
 def test_raising_callback_does_not_stop_the_server(
     which: str, model: str, sock_path: str, make_server: Callable[..., Server]
 ) -> None:
@@ -556,11 +601,19 @@ def test_raising_callback_does_not_stop_the_server(
                 assert recv_until_eof(s) == b""
             else:
                 echo(s, b"msg %d" % i)
-    expected = {"on_conn_state": 10, "on_error": 10, "update_conn": 5, "handler": 5, "on_server_info": 1}[which]
+    expected = {
+        "on_conn_state": 10,
+        "on_error": 10,
+        "update_conn": 5,
+        "handler": 5,
+        "on_server_info": 1,
+    }[which]
     wait_until(lambda: len(reported) >= expected and srv.stats()["open"] == 0)
     assert srv.is_running
     assert len(reported) == expected
-    assert all(isinstance(e, RuntimeError) and str(e) == f"boom from {which}" for e in reported), reported
+    assert all(isinstance(e, RuntimeError) and str(e) == f"boom from {which}" for e in reported), (
+        reported
+    )
     failing[0] = False
     echo_once(sock_path, b"still serving")
     wait_until(lambda: srv.stats()["open"] == 0)
@@ -571,7 +624,9 @@ def test_raising_callback_does_not_stop_the_server(
 
 
 @pytest.mark.parametrize("how", ["shutdown", "close"])
-def test_stop_from_inside_a_handler(how: str, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_stop_from_inside_a_handler(
+    how: str, model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """docs/design.md shutdown(): called from a handler or protocol callback it
     starts the stop and returns at once (it never waits for its own
     caller); the server then stops and removes its file.  The same for
@@ -618,7 +673,9 @@ def test_stop_from_inside_a_handler(how: str, model: str, sock_path: str, make_s
 # ---------------------------------------------------------------------------- serve_forever
 
 
-def test_serve_forever_returns_when_cancel_is_set(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_serve_forever_returns_when_cancel_is_set(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """golib Listen(ctx) / docs/design.md serve_forever(cancel): setting the event
     stops the server (like close()) and serve_forever returns None."""
     srv = start_echo(make_server, sock_path, model, start=False)
@@ -637,7 +694,9 @@ def test_serve_forever_returns_when_cancel_is_set(model: str, sock_path: str, ma
 
 
 @pytest.mark.parametrize("how", ["shutdown", "close"])
-def test_serve_forever_returns_after_a_stop(how: str, model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_serve_forever_returns_after_a_stop(
+    how: str, model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """docs/design.md serve_forever: returns None after shutdown() or close() from
     another thread."""
     srv = start_echo(make_server, sock_path, model, start=False)
@@ -653,7 +712,9 @@ def test_serve_forever_returns_after_a_stop(how: str, model: str, sock_path: str
     assert not os.path.lexists(sock_path)
 
 
-def test_serve_forever_with_cancel_already_set(sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_serve_forever_with_cancel_already_set(
+    sock_dir: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """A cancel that is already set: serve_forever returns at once and binds nothing."""
     srv = make_server(sock_path, echo_handler, start=False)
     cancel = threading.Event()
@@ -662,7 +723,9 @@ def test_serve_forever_with_cancel_already_set(sock_dir: str, sock_path: str, ma
     assert os.listdir(sock_dir) == [] and not srv.is_running
 
 
-def test_serve_forever_restores_the_wakeup_fd(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_serve_forever_restores_the_wakeup_fd(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 41: serve_forever on the main thread installs its own wakeup
     fd and puts the previous one back afterwards."""
     assert threading.current_thread() is threading.main_thread()
@@ -723,7 +786,9 @@ _CTRL_C = textwrap.dedent(
 
 
 @pytest.mark.parametrize("how", ["os.kill", "helper thread"])
-def test_ctrl_c_stops_cleanly_and_reraises(how: str, model: str, sock_path: str, spawn: Callable[..., Any]) -> None:
+def test_ctrl_c_stops_cleanly_and_reraises(
+    how: str, model: str, sock_path: str, spawn: Callable[..., Any]
+) -> None:
     """Checklist 41 and 42 (docs/design.md: Ctrl-C cleans up, then re-raises
     KeyboardInterrupt; the wakeup fd makes Python handlers run promptly):
     SIGINT to the process, or pthread_kill'ed to a helper thread while the
@@ -844,7 +909,9 @@ def test_update_conn_cannot_take_the_connections_fd(
         echo_handler(conn)
 
     EchoUntilEof.lost = []
-    srv = serve_model(make_server, sock_path, model, handler, EchoUntilEof, update_conn=update_conn, start=False)
+    srv = serve_model(
+        make_server, sock_path, model, handler, EchoUntilEof, update_conn=update_conn, start=False
+    )
     srv.on_error(errors.append)
     states: list[ConnState] = []
     srv.on_conn_state(lambda local, remote, st: states.append(st))
@@ -858,7 +925,9 @@ def test_update_conn_cannot_take_the_connections_fd(
         k.close()
     assert errors == []
     assert states.count(ConnState.NEW) == states.count(ConnState.CLOSE) == 3
-    assert all(states[:k].count(ConnState.CLOSE) <= states[:k].count(ConnState.NEW) for k in range(7))
+    assert all(
+        states[:k].count(ConnState.CLOSE) <= states[:k].count(ConnState.NEW) for k in range(7)
+    )
     stats = srv.stats()
     assert (stats["accepted"], stats["closed"], stats["open"]) == (3, 3, 0)
     if model == "event":
@@ -869,7 +938,9 @@ def test_update_conn_cannot_take_the_connections_fd(
     wait_until(lambda: len(open_fds()) <= before)
 
 
-def test_close_is_announced_only_after_new(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_close_is_announced_only_after_new(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """NEW and CLOSE come in pairs: an on_conn_state registered while a
     connection is open sees neither for that connection, but both for the
     next one."""
@@ -908,7 +979,9 @@ def on_loop_idle(srv: Server) -> None:
     assert done.wait(DEADLINE)
 
 
-def test_close_from_data_received_defers_connection_lost(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_close_from_data_received_defers_connection_lost(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """docs/design.md: close() called from a protocol callback stops the server, but
     connection_lost() never runs inside another callback: it follows after
     data_received() returned."""
@@ -941,7 +1014,9 @@ def test_close_from_data_received_defers_connection_lost(sock_path: str, make_se
     assert len(errors) == 1 and isinstance(errors[0], ServerClosedError)
 
 
-def test_system_exit_from_a_callback_during_teardown_is_raised(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_system_exit_from_a_callback_during_teardown_is_raised(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """A callback raising KeyboardInterrupt stops serve_forever() with
     another connection still open; tearing down finalizes that transport,
     and its connection_lost() raises SystemExit.  That exception is not

@@ -19,8 +19,25 @@ from typing import Any
 
 import pytest
 
-from conftest import (CHILD_LOG_LINES, DEADLINE, MiB, connect, connected, echo, echo_once, finish, idle_eof_after, keep_talking,
-                      make_room, proc_stat, read_line, recv_exactly, sha, start_echo, wait_until)
+from conftest import (
+    CHILD_LOG_LINES,
+    DEADLINE,
+    MiB,
+    connect,
+    connected,
+    echo,
+    echo_once,
+    finish,
+    idle_eof_after,
+    keep_talking,
+    make_room,
+    proc_stat,
+    read_line,
+    recv_exactly,
+    sha,
+    start_echo,
+    wait_until,
+)
 from unixsrv import Server
 
 # Facilities of the Linux-only tests (see conftest: @pytest.mark.linux).
@@ -69,7 +86,9 @@ _SERVER = textwrap.dedent(
 # ---------------------------------------------------------------------------- 22: max_connections
 
 
-def test_max_connections_rejects_the_eleventh(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_max_connections_rejects_the_eleventh(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 22 (docs/design.md stats()): with max_connections=10 the 11th client
     is accepted and closed at once (EOF within 0.5 s of starting to connect,
     having sent nothing), counted in 'rejected' and not in
@@ -101,13 +120,16 @@ def test_max_connections_rejects_the_eleventh(model: str, sock_path: str, make_s
 
 
 @pytest.mark.linux("/proc/<pid>/fd and /proc/<pid>/stat of another process")
-def test_emfile_backs_off_and_recovers(model: str, sock_path: str, spawn: Callable[..., Any]) -> None:
+def test_emfile_backs_off_and_recovers(
+    model: str, sock_path: str, spawn: Callable[..., Any]
+) -> None:
     """Checklist 23 (python/cpython#151615, libuv emfile trick): a server with
     RLIMIT_NOFILE=64 and 200 clients runs out of fds; it must not spin on the
     readable listener (under 10 % CPU over 2 s) and must serve a new client
     once the others are gone."""
-    proc = spawn(_SERVER, sock_path, model, json.dumps({"nofile": 64}),
-                 text=False, stdin=subprocess.PIPE)
+    proc = spawn(
+        _SERVER, sock_path, model, json.dumps({"nofile": 64}), text=False, stdin=subprocess.PIPE
+    )
     line = read_line(proc)
     assert line.startswith("ready")
     pid = proc.pid
@@ -129,13 +151,21 @@ def test_emfile_backs_off_and_recovers(model: str, sock_path: str, spawn: Callab
 
 
 def _serve_through_failing_accepts(
-    run_traced: Callable[..., Any], err: str, when: str, clients: int, path: str, model: str, *opts: str
+    run_traced: Callable[..., Any],
+    err: str,
+    when: str,
+    clients: int,
+    path: str,
+    model: str,
+    *opts: str,
 ) -> str:
     """The _SERVER child under strace, its accept4 calls number ``when``
     (strace's first..last+step) failing with ``err``: ``clients`` clients,
     one after the other, each get their echo, and the child exits 0 once
     told to; its stderr."""
-    proc = run_traced(["-e", f"inject=accept4:error={err}:when={when}"], _SERVER, path, model, *opts)
+    proc = run_traced(
+        ["-e", f"inject=accept4:error={err}:when={when}"], _SERVER, path, model, *opts
+    )
     assert read_line(proc).startswith("ready")
     for i in range(clients):
         echo_once(path, b"client %d" % i)
@@ -170,7 +200,13 @@ RESOURCE_PATTERNS = [("1..5", 5, 1), ("2..40+2", 20, 20)]
 @pytest.mark.parametrize("err", ["ENOBUFS", "ENOMEM", "EMFILE"])
 @pytest.mark.linux(STRACE)
 def test_resource_accept_errors_back_off_and_recover(
-    err: str, when: str, failures: int, episodes: int, model: str, sock_path: str, run_traced: Callable[..., Any]
+    err: str,
+    when: str,
+    failures: int,
+    episodes: int,
+    model: str,
+    sock_path: str,
+    run_traced: Callable[..., Any],
 ) -> None:
     """Checklist 24 (docs/design.md: accept errors such as EMFILE back off instead of
     spinning): accept4 failing with a resource error (see
@@ -180,9 +216,14 @@ def test_resource_accept_errors_back_off_and_recover(
     that errno and the path, without flooding: at most once per back-off
     episode, so once for the 5 failures in a row; nothing else is logged
     at WARNING or above."""
-    stderr = _serve_through_failing_accepts(run_traced, err, when, failures + 4, sock_path, model,
-                                            json.dumps({"on_error": True}))
-    reports = [json.loads(line.split(" ", 1)[1]) for line in stderr.splitlines() if line.startswith("on_error ")]
+    stderr = _serve_through_failing_accepts(
+        run_traced, err, when, failures + 4, sock_path, model, json.dumps({"on_error": True})
+    )
+    reports = [
+        json.loads(line.split(" ", 1)[1])
+        for line in stderr.splitlines()
+        if line.startswith("on_error ")
+    ]
     assert 1 <= len(reports) <= episodes, stderr
     for info in reports:
         assert info["errno"] == getattr(errno, err) and info["filename"] == sock_path, info
@@ -216,7 +257,9 @@ def test_resource_accept_errors_log_nothing_above_warning(
     callback registered: the server logs such accept errors at WARNING (it
     rides them out: it backs off and recovers), never at ERROR, and serves
     every client."""
-    proc = run_traced(["-e", f"inject=accept4:error={err}:when=2..10+2"], _SERVER_NO_ON_ERROR, sock_path, model)
+    proc = run_traced(
+        ["-e", f"inject=accept4:error={err}:when=2..10+2"], _SERVER_NO_ON_ERROR, sock_path, model
+    )
     assert read_line(proc) == "ready"
     for i in range(8):
         echo_once(sock_path, b"client %d" % i)
@@ -224,8 +267,10 @@ def test_resource_accept_errors_log_nothing_above_warning(
     assert code == 0
     lines = stderr.splitlines()
     text = os.strerror(getattr(errno, err))
-    assert any(line.startswith(f"WARNING unixsrv.server: unixsrv {sock_path}: ") and text in line
-               for line in lines), stderr
+    assert any(
+        line.startswith(f"WARNING unixsrv.server: unixsrv {sock_path}: ") and text in line
+        for line in lines
+    ), stderr
     assert [line for line in lines if not line.startswith("WARNING ")] == [], stderr
 
 
@@ -312,7 +357,9 @@ _SIGPIPE_SERVER = CHILD_LOG_LINES + textwrap.dedent(
 )
 
 
-def test_writing_to_a_vanished_peer_does_not_kill(model: str, sock_path: str, spawn: Callable[..., Any]) -> None:
+def test_writing_to_a_vanished_peer_does_not_kill(
+    model: str, sock_path: str, spawn: Callable[..., Any]
+) -> None:
     """Checklist 30 (docs/design.md: SIGPIPE never kills, MSG_NOSIGNAL): with SIGPIPE
     at SIG_DFL, writing 1 MB to a client that connected and closed gives
     BrokenPipeError (blocking) / connection_lost(BrokenPipeError) (event)
@@ -329,7 +376,9 @@ def test_writing_to_a_vanished_peer_does_not_kill(model: str, sock_path: str, sp
             pass  # connect and close at once
         if model == "event":  # the transport logs the failure, then tells the protocol
             logged = read_line(proc)
-            assert logged.startswith(f"LOG DEBUG unixsrv {sock_path}: connection {i + 1}: [Errno "), logged
+            assert logged.startswith(
+                f"LOG DEBUG unixsrv {sock_path}: connection {i + 1}: [Errno "
+            ), logged
         failed = read_line(proc)
         assert failed in ("write-error BrokenPipeError", "write-error ConnectionResetError")
         text = "[Errno 32] Broken pipe" if failed.endswith("BrokenPipeError") else "[Errno 104]"
@@ -342,7 +391,9 @@ def test_writing_to_a_vanished_peer_does_not_kill(model: str, sock_path: str, sp
     echo_once(sock_path, b"still here")
     code, out, _err = finish(proc)
     assert code == 0
-    assert [line for line in out.splitlines() if not line.startswith(("LOG INFO ", "LOG DEBUG "))] == []
+    assert [
+        line for line in out.splitlines() if not line.startswith(("LOG INFO ", "LOG DEBUG "))
+    ] == []
 
 
 # ---------------------------------------------------------------------------- 31: resets
@@ -358,7 +409,9 @@ def test_resets_are_normal_disconnects(
     caplog.set_level(logging.DEBUG)
     srv = start_echo(make_server, sock_path, model)
     closes = []
-    srv.on_conn_state(lambda local, remote, state: closes.append(state) if state.name == "CLOSE" else None)
+    srv.on_conn_state(
+        lambda local, remote, state: closes.append(state) if state.name == "CLOSE" else None
+    )
     payload = os.urandom(32 * 1024)
     for _ in range(1000):
         with connect(sock_path) as s:
@@ -385,7 +438,7 @@ def _exchange_big(path: str, payloads: list[bytes]) -> None:
         for payload in payloads:
             errors: list[BaseException] = []
 
-            def send() -> None:
+            def send(payload: bytes = payload, errors: list[BaseException] = errors) -> None:
                 try:
                     s.sendall(payload)
                 except BaseException as exc:  # pragma: no cover - reported below
@@ -519,7 +572,9 @@ _EINTR_SERVER = textwrap.dedent(
 EINTR_CONNECTIONS, EINTR_EXCHANGES = 4, 1000
 
 
-def test_eintr_storm_with_partial_writes(model: str, sock_path: str, spawn: Callable[..., Any]) -> None:
+def test_eintr_storm_with_partial_writes(
+    model: str, sock_path: str, spawn: Callable[..., Any]
+) -> None:
     """Checklist 32: inside the server process a helper thread
     pthread_kill()s the loop thread (SIGUSR1) and every thread running a
     handler (SIGUSR2) each millisecond; the handlers are installed without
@@ -536,11 +591,17 @@ def test_eintr_storm_with_partial_writes(model: str, sock_path: str, spawn: Call
     rng = random.Random(33)
     per_conn = EINTR_EXCHANGES // EINTR_CONNECTIONS
     for c in range(EINTR_CONNECTIONS):
-        payloads = [rng.randbytes(MiB if (c * per_conn + i) % 16 == 0 else rng.randrange(1, 64 * 1024))
-                    for i in range(per_conn)]
+        payloads = [
+            rng.randbytes(MiB if (c * per_conn + i) % 16 == 0 else rng.randrange(1, 64 * 1024))
+            for i in range(per_conn)
+        ]
         _exchange_big(sock_path, payloads)
         # Reported by the server once it saw this connection end.
-        assert read_line(proc).split() == ["conn", sha(b"".join(payloads)), str(sum(map(len, payloads)))]
+        assert read_line(proc).split() == [
+            "conn",
+            sha(b"".join(payloads)),
+            str(sum(map(len, payloads))),
+        ]
     assert proc.poll() is None
     code, out, err = finish(proc)
     assert code == 0, err

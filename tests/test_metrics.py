@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
+
 from conftest import (
     CHILD_LOG_LINES,
     DEADLINE,
@@ -27,7 +28,6 @@ from conftest import (
     read_line,
     wait_until,
 )
-
 from unixsrv import PeerCredentials, Server, ServerConfig
 
 prometheus_client = pytest.importorskip(
@@ -86,7 +86,9 @@ def busy(sock_path: str) -> Iterator[tuple[Server, socket.socket]]:
     def authorize(peer: PeerCredentials) -> bool:
         return next(verdicts)
 
-    srv = Server(ServerConfig(path=sock_path, max_connections_per_uid=2), protocol=Echo, authorize=authorize)
+    srv = Server(
+        ServerConfig(path=sock_path, max_connections_per_uid=2), protocol=Echo, authorize=authorize
+    )
     srv.start()
     try:
         denied = connect(sock_path)
@@ -118,7 +120,10 @@ def test_collector_reports_every_server(make_server: Callable[..., Server], sock
         collector.add(servers[1])
         got = parse(prometheus_client.generate_latest(registry).decode())
         assert got["unixsrv_connections_accepted"] == {paths[0]: 0, paths[1]: 1}
-        assert got["unixsrv_received_bytes"][paths[1]] == 3 and got["unixsrv_open_connections"][paths[1]] == 1
+        assert (
+            got["unixsrv_received_bytes"][paths[1]] == 3
+            and got["unixsrv_open_connections"][paths[1]] == 1
+        )
         collector.remove(servers[0])
         got = parse(prometheus_client.generate_latest(registry).decode())
         assert list(got["unixsrv_connections_accepted"]) == [paths[1]]
@@ -128,18 +133,30 @@ def test_collector_reports_every_server(make_server: Callable[..., Server], sock
 
 @needs_curl
 @pytest.mark.parametrize("where", ["tcp", "unix"])
-def test_endpoint_scraped_with_curl_equals_stats(busy: tuple[Server, socket.socket], sock_dir: str, where: str) -> None:
+def test_endpoint_scraped_with_curl_equals_stats(
+    busy: tuple[Server, socket.socket], sock_dir: str, where: str
+) -> None:
     srv, _open_client = busy
     address = "127.0.0.1:0" if where == "tcp" else os.path.join(sock_dir, "m.sock")
     endpoint = serve_metrics(address, collect_servers([srv]))
     try:
-        args = [endpoint.url] if where == "tcp" else ["--unix-socket", address, "http://localhost/metrics"]
+        args = (
+            [endpoint.url]
+            if where == "tcp"
+            else ["--unix-socket", address, "http://localhost/metrics"]
+        )
         stats = srv.stats()
         got = parse(curl(*args))
         for name, key in KEYS.items():
             assert got[name][srv.path] == stats[key], name
         assert got["unixsrv_open_connections"][srv.path] == stats["open"]
-        assert (stats["denied"], stats["accepted"], stats["open"], stats["rejected"], stats["bytes_in"]) == (
+        assert (
+            stats["denied"],
+            stats["accepted"],
+            stats["open"],
+            stats["rejected"],
+            stats["bytes_in"],
+        ) == (
             1,
             2,
             1,
@@ -153,7 +170,9 @@ def test_endpoint_scraped_with_curl_equals_stats(busy: tuple[Server, socket.sock
 
 
 @needs_curl
-def test_unix_endpoint_answers_http_errors(make_server: Callable[..., Server], sock_dir: str) -> None:
+def test_unix_endpoint_answers_http_errors(
+    make_server: Callable[..., Server], sock_dir: str
+) -> None:
     srv = make_server(os.path.join(sock_dir, "s.sock"), protocol=Echo)
     metrics_path = os.path.join(sock_dir, "m.sock")
     endpoint = serve_metrics(metrics_path, collect_servers([srv]))
@@ -169,7 +188,9 @@ def test_unix_endpoint_answers_http_errors(make_server: Callable[..., Server], s
 @needs_curl
 def test_cli_metrics_flag(sock_path: str, spawn: Callable[..., subprocess.Popen[str]]) -> None:
     """unixsrv serve --metrics HOST:PORT: the served counters, scraped while it runs."""
-    code = CHILD_LOG_LINES + "import sys; from unixsrv.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = (
+        CHILD_LOG_LINES + "import sys; from unixsrv.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     proc = spawn(code, "serve", "--socket", sock_path, "--echo", "--metrics", "127.0.0.1:0")
     url = ""
     while not url:
@@ -178,7 +199,10 @@ def test_cli_metrics_flag(sock_path: str, spawn: Callable[..., subprocess.Popen[
     wait_until(lambda: os.path.exists(sock_path))
     echo_once(sock_path, b"ping\n")
     got = parse(curl(url))
-    assert got["unixsrv_connections_accepted"][sock_path] == 1 and got["unixsrv_received_bytes"][sock_path] == 5
+    assert (
+        got["unixsrv_connections_accepted"][sock_path] == 1
+        and got["unixsrv_received_bytes"][sock_path] == 5
+    )
     proc.terminate()
     rc, _out, err = finish(proc)
     assert rc == 0, err

@@ -47,9 +47,7 @@ def test_cibuildwheel_selects_every_wheel_of_the_matrix() -> None:
     cibw = _pyproject()["tool"]["cibuildwheel"]
     wanted = [f"{py}-{plat}" for py in PYTHONS for plat in PLATFORMS]
     missing = [
-        i
-        for i in wanted
-        if not _selected(cibw["build"], i) or _selected(cibw.get("skip", ""), i)
+        i for i in wanted if not _selected(cibw["build"], i) or _selected(cibw.get("skip", ""), i)
     ]
     assert missing == []
     assert "{project}/tests" in cibw["test-command"]  # each wheel runs the suite
@@ -74,8 +72,7 @@ def test_classifiers_and_project_urls() -> None:
     for minor in range(11, 16):
         assert f"Programming Language :: Python :: 3.{minor}" in classifiers
     assert any(
-        c.startswith("Programming Language :: Python :: Free Threading :: ")
-        for c in classifiers
+        c.startswith("Programming Language :: Python :: Free Threading :: ") for c in classifiers
     )
     urls = project["urls"]
     for key in ("Source", "Documentation", "Changelog", "Issues"):
@@ -87,9 +84,7 @@ def test_readme_links_are_absolute() -> None:
     """The package index renders the README away from the repository: a
     relative link to a file breaks there (in-page #anchors still work)."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    targets = re.findall(r"\]\(([^)\s]+)", text) + re.findall(
-        r"(?:src|href)=\"([^\"]+)\"", text
-    )
+    targets = re.findall(r"\]\(([^)\s]+)", text) + re.findall(r"(?:src|href)=\"([^\"]+)\"", text)
     assert targets, "no links found: the pattern is broken"
     relative = [t for t in targets if not re.match(r"(https://|http://|mailto:|#)", t)]
     assert relative == []
@@ -123,9 +118,7 @@ def test_sdist_contains_every_source_the_build_needs(tmp_path: pathlib.Path) -> 
         try:  # installed distributions: a build/ directory in the cwd is not `build`
             importlib.metadata.distribution(dist)
         except importlib.metadata.PackageNotFoundError:
-            pytest.skip(
-                f"building an sdist without isolation needs the {dist!r} package"
-            )
+            pytest.skip(f"building an sdist without isolation needs the {dist!r} package")
     # Built from a copy: setuptools writes egg-info into the tree it builds,
     # and ships whatever an old egg-info's SOURCES.txt lists on the next run.
     tree = tmp_path / "tree"
@@ -152,9 +145,7 @@ def test_sdist_contains_every_source_the_build_needs(tmp_path: pathlib.Path) -> 
         members = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     assert sorted(_sources() - members) == []
     # Generated or built files never ship: the sdist must build from its sources.
-    assert [
-        m for m in members if m.endswith((".so", ".o")) or m == "src/unixsrv/_core.c"
-    ] == []
+    assert [m for m in members if m.endswith((".so", ".o")) or m == "src/unixsrv/_core.c"] == []
 
 
 @pytest.mark.skipif(

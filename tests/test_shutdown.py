@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
 from conftest import (
     DEADLINE,
     Timed,
@@ -32,7 +33,6 @@ from conftest import (
     start_echo,
     wait_until,
 )
-
 from unixsrv import Server, ServerConfig, ShutdownTimeoutError
 
 #: What a stop may take past its deadline (server._STOP_GRACE, 1 s) plus
@@ -73,7 +73,11 @@ def hold_dir_lock(spawn: Callable[..., Any]) -> Iterator[Callable[[str], Any]]:
 
 
 def test_close_returns_at_once_while_another_process_holds_the_directory_lock(
-    model: str, sock_dir: str, sock_path: str, make_server: Callable[..., Server], hold_dir_lock: Any,
+    model: str,
+    sock_dir: str,
+    sock_path: str,
+    make_server: Callable[..., Server],
+    hold_dir_lock: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Issue 8 finding 2: close() closes every connection and returns; the
@@ -88,12 +92,16 @@ def test_close_returns_at_once_while_another_process_holds_the_directory_lock(
             closing = Timed(srv.close)
             closing.start()
             closing.join(MARGIN)
-            assert not closing.is_alive(), "close() hangs while another process holds the directory lock"
+            assert not closing.is_alive(), (
+                "close() hangs while another process holds the directory lock"
+            )
             assert closing.exc is None
             assert recv_until_eof(client) == b""
             assert srv.wait(DEADLINE) and srv.is_gone
         assert any(
-            r.name == "unixsrv.listener" and r.levelno == logging.WARNING and "locked" in r.getMessage()
+            r.name == "unixsrv.listener"
+            and r.levelno == logging.WARNING
+            and "locked" in r.getMessage()
             for r in caplog.records
         )
         assert os.path.exists(sock_path)  # skipped, not waited for
@@ -117,7 +125,9 @@ def test_shutdown_keeps_its_deadline_while_another_process_holds_the_directory_l
         stopping = Timed(lambda: srv.shutdown(timeout=2))
         stopping.start()
         stopping.join(2 + MARGIN)
-        assert not stopping.is_alive(), "shutdown(2) overran its deadline while the directory was locked"
+        assert not stopping.is_alive(), (
+            "shutdown(2) overran its deadline while the directory was locked"
+        )
         assert stopping.exc is None
         assert srv.wait(0) and srv.open_connections == 0
     finally:
@@ -159,7 +169,9 @@ def test_a_stop_during_start_up_does_not_wait_for_the_directory_lock(
         stopping = Timed(getattr(srv, stop))
         stopping.start()
         stopping.join(MARGIN)
-        assert not stopping.is_alive(), f"{stop}() waits for a start that waits for another process's lock"
+        assert not stopping.is_alive(), (
+            f"{stop}() waits for a start that waits for another process's lock"
+        )
         assert stopping.exc is None, stopping.exc
     finally:
         holder.release()
@@ -170,7 +182,10 @@ def test_a_stop_during_start_up_does_not_wait_for_the_directory_lock(
 
 
 def test_ctrl_c_during_the_start_up_lock_wait_interrupts_it(
-    sock_dir: str, sock_path: str, make_server: Callable[..., Server], hold_dir_lock: Any,
+    sock_dir: str,
+    sock_path: str,
+    make_server: Callable[..., Server],
+    hold_dir_lock: Any,
     interrupt_main: Any,
 ) -> None:
     """start() waits for the directory lock without the GIL, in slices with
@@ -193,7 +208,10 @@ def test_ctrl_c_during_the_start_up_lock_wait_interrupts_it(
 
 
 def test_close_from_a_signal_handler_during_the_start_up_lock_wait(
-    sock_dir: str, sock_path: str, make_server: Callable[..., Server], hold_dir_lock: Any,
+    sock_dir: str,
+    sock_path: str,
+    make_server: Callable[..., Server],
+    hold_dir_lock: Any,
 ) -> None:
     """A signal handler that calls close() while start() waits for another
     process's directory lock runs within a slice of the wait, and the stop
@@ -390,7 +408,9 @@ class Blocker(asyncio.Protocol):
 
 
 @pytest.fixture
-def blocked_loop(sock_path: str, make_server: Callable[..., Server]) -> Iterator[tuple[Server, socket.socket]]:
+def blocked_loop(
+    sock_path: str, make_server: Callable[..., Server]
+) -> Iterator[tuple[Server, socket.socket]]:
     """An event-model server whose loop thread is blocked in data_received,
     and the client that sent the data; the block ends with the test."""
     Blocker.entered.clear()

@@ -24,8 +24,20 @@ from typing import Any
 
 import pytest
 
-from conftest import (DEADLINE, connect, echo, echo_handler, echo_once, fork_quietly, listening_socket,
-                      proc_stat, read_line, reap, recv_until_eof, wait_until)
+from conftest import (
+    DEADLINE,
+    connect,
+    echo,
+    echo_handler,
+    echo_once,
+    fork_quietly,
+    listening_socket,
+    proc_stat,
+    read_line,
+    reap,
+    recv_until_eof,
+    wait_until,
+)
 from unixsrv import AddressInUseError, InvalidPathError, Server, ServerConfig
 from unixsrv._core import SUN_PATH_MAX
 
@@ -57,7 +69,15 @@ def snapshot(root: str) -> dict[str, tuple[Any, ...]]:
             elif stat.S_ISLNK(st.st_mode):
                 content = os.readlink(p)
             out[os.path.relpath(p, root)] = (
-                st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_nlink, content,
+                st.st_dev,
+                st.st_ino,
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_nlink,
+                content,
             )
     return out
 
@@ -102,7 +122,14 @@ def _plant(kind: str, path: str, sock_dir: str) -> None:
 
 @pytest.mark.parametrize(
     "kind",
-    ["regular file", "directory", "symlink to a file", "dangling symlink", "symlink to a stale socket", "fifo"],
+    [
+        "regular file",
+        "directory",
+        "symlink to a file",
+        "dangling symlink",
+        "symlink to a stale socket",
+        "fifo",
+    ],
 )
 def test_non_socket_at_path_is_refused_and_left_untouched(
     kind: str, sock_dir: str, sock_path: str, make_server: Callable[..., Server]
@@ -125,7 +152,9 @@ def test_non_socket_at_path_is_refused_and_left_untouched(
 # ---------------------------------------------------------------------------- 2, 3: live servers
 
 
-def test_live_server_is_not_taken_over(sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_live_server_is_not_taken_over(
+    sock_dir: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 2 (python/cpython#121252): a second server on the path of a
     live one gets AddressInUseError; the file stays the first server's and a
     client still reaches the first server."""
@@ -142,8 +171,12 @@ def test_live_server_is_not_taken_over(sock_dir: str, sock_path: str, make_serve
             assert recv_until_eof(s) == b"first"
 
 
-@pytest.mark.linux("EAGAIN from connect() to a full listen backlog (macOS refuses it: ECONNREFUSED)")
-def test_full_backlog_counts_as_live(sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+@pytest.mark.linux(
+    "EAGAIN from connect() to a full listen backlog (macOS refuses it: ECONNREFUSED)"
+)
+def test_full_backlog_counts_as_live(
+    sock_dir: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 3: a listener whose backlog is full answers the liveness
     probe with EAGAIN; that means "alive", so start() refuses and keeps the
     file (and the pending clients stay queued)."""
@@ -212,7 +245,10 @@ def test_stale_socket_of_a_killed_server_is_replaced(
     proc.wait(DEADLINE)
     old = os.lstat(sock_path)
     assert stat.S_ISSOCK(old.st_mode)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, pytest.raises(ConnectionRefusedError):
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s,
+        pytest.raises(ConnectionRefusedError),
+    ):
         s.connect(sock_path)  # precondition: it really is stale
     srv = make_server(sock_path, echo_handler)
     assert srv.is_running
@@ -272,9 +308,15 @@ _RACE = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("at_path", ["nothing", pytest.param("a stale socket", marks=pytest.mark.linux(STRACE))])
+@pytest.mark.parametrize(
+    "at_path", ["nothing", pytest.param("a stale socket", marks=pytest.mark.linux(STRACE))]
+)
 def test_one_of_sixteen_racing_starters_wins(
-    at_path: str, sock_dir: str, sock_path: str, spawn: Callable[..., Any], run_traced: Callable[..., Any]
+    at_path: str,
+    sock_dir: str,
+    sock_path: str,
+    spawn: Callable[..., Any],
+    run_traced: Callable[..., Any],
 ) -> None:
     """Checklist 5 (and 4 under contention): 16 processes released by one
     multiprocessing.Barrier start on the same path: exactly one serves, 15
@@ -348,7 +390,13 @@ def test_stale_socket_removal_never_removes_a_live_successor(
         s.bind(sock_path)  # stale: nobody listens
     a = spawn(_TAKEOVER, sock_path, "A", "on request", text=False, stdin=subprocess.PIPE)
     assert read_line(a).startswith("go")
-    hold = ["--seccomp-bpf", "-e", "trace=unlinkat", "-e", "inject=unlinkat:delay_enter=1500000:when=1"]
+    hold = [
+        "--seccomp-bpf",
+        "-e",
+        "trace=unlinkat",
+        "-e",
+        "inject=unlinkat:delay_enter=1500000:when=1",
+    ]
     b = run_traced(hold, _TAKEOVER, sock_path, "B", "at once", stdin=subprocess.PIPE)
     b_pid = int(read_line(b).split()[1])
 
@@ -375,7 +423,9 @@ def test_stale_socket_removal_never_removes_a_live_successor(
 # ---------------------------------------------------------------------------- 6: unlink on close
 
 
-def test_close_removes_the_socket_file(sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_close_removes_the_socket_file(
+    sock_dir: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 6a (python/cpython#111246): a normal close removes the file."""
     srv = make_server(sock_path, echo_handler)
     assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
@@ -445,7 +495,7 @@ def _listeners_of(pid: int) -> set[int]:
         except FileNotFoundError:
             continue
         if target.startswith("socket:["):
-            held.add(int(target[len("socket:["):-1]))
+            held.add(int(target[len("socket:[") : -1]))
     listening = set()
     with open(f"/proc/{pid}/net/unix") as f:
         next(f)
@@ -457,7 +507,9 @@ def _listeners_of(pid: int) -> set[int]:
 
 
 @pytest.mark.linux(STRACE + "; /proc/<pid>/net/unix")
-def test_close_keeps_a_successor_bound_during_the_check(sock_path: str, run_traced: Callable[..., Any]) -> None:
+def test_close_keeps_a_successor_bound_during_the_check(
+    sock_path: str, run_traced: Callable[..., Any]
+) -> None:
     """Checklist 6b (libuv unlinks *before* close() because "the other way
     around introduces a race where our process unlinks a socket ... just
     created by another process"): our file was deleted behind our back, and
@@ -470,7 +522,14 @@ def test_close_keeps_a_successor_bound_during_the_check(sock_path: str, run_trac
     inode number (asserted; once our listener were closed, ext4 could hand
     the successor our number and the check would remove it).  The
     successor's socket survives our close and still accepts."""
-    hold = ["-P", sock_path, "-e", "trace=newfstatat,lstat", "-e", "inject=newfstatat,lstat:delay_enter=1500000:when=1"]
+    hold = [
+        "-P",
+        sock_path,
+        "-e",
+        "trace=newfstatat,lstat",
+        "-e",
+        "inject=newfstatat,lstat:delay_enter=1500000:when=1",
+    ]
     srv = run_traced(hold, _CLOSE_ON_REQUEST, sock_path, stdin=subprocess.PIPE)
     pid = int(read_line(srv).split()[1])
     ours = os.lstat(sock_path).st_ino
@@ -488,7 +547,9 @@ def test_close_keeps_a_successor_bound_during_the_check(sock_path: str, run_trac
         assert theirs != ours
         assert read_line(srv) == "closed"
         assert _listeners_of(pid) == set()
-        assert os.path.lexists(sock_path), f"our close() removed the successor's socket (inode {theirs})"
+        assert os.path.lexists(sock_path), (
+            f"our close() removed the successor's socket (inode {theirs})"
+        )
         assert os.lstat(sock_path).st_ino == theirs
         with connect(sock_path):
             pass
@@ -496,7 +557,9 @@ def test_close_keeps_a_successor_bound_during_the_check(sock_path: str, run_trac
     assert srv.wait(DEADLINE) == 0
 
 
-def test_close_when_the_file_is_already_gone(sock_dir: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_close_when_the_file_is_already_gone(
+    sock_dir: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 6c (MagicStack/uvloop#28): the file was removed behind our
     back; close() raises nothing and creates nothing."""
     srv = make_server(sock_path, echo_handler)
@@ -544,11 +607,19 @@ def test_forked_child_closing_the_server_keeps_the_parents_socket(
 
 @pytest.mark.parametrize(
     "layout",
-    ["long file name",
-     pytest.param("long directory",
-                  marks=pytest.mark.linux("/proc/self/fd/N/ to bind in a directory too deep for sun_path"))],
+    [
+        "long file name",
+        pytest.param(
+            "long directory",
+            marks=pytest.mark.linux(
+                "/proc/self/fd/N/ to bind in a directory too deep for sun_path"
+            ),
+        ),
+    ],
 )
-def test_path_of_107_bytes_binds(layout: str, sock_dir: str, make_server: Callable[..., Server]) -> None:
+def test_path_of_107_bytes_binds(
+    layout: str, sock_dir: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 9: a path of SUN_PATH_MAX bytes (sun_path - 1: 107 on
     Linux, 103 on macOS) works, also when the directory itself is so deep
     that a temporary name beside the socket would not fit (Linux: reached
@@ -634,14 +705,18 @@ _MODES = textwrap.dedent(
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
-def test_mode_is_exact_whatever_the_umask(umask: int, sock_path: str, spawn: Callable[..., Any]) -> None:
+def test_mode_is_exact_whatever_the_umask(
+    umask: int, sock_path: str, spawn: Callable[..., Any]
+) -> None:
     """Checklist 12 and 16 (docs/design.md: default 0o770, golib's): under umask
     000, 022 and 077 the file gets exactly the configured mode, the default
     is 0o770, and the process umask is unchanged afterwards (checklist 13)."""
     result = child_json(spawn(_MODES, sock_path, f"{umask:o}", text=False))
     expected = {str(m): m for m in (0o600, 0o640, 0o660, 0o666, 0o777, 0o700, 0o000)}
     expected["None"] = 0o770
-    assert {k: oct(v) for k, v in result["modes"].items()} == {k: oct(v) for k, v in expected.items()}
+    assert {k: oct(v) for k, v in result["modes"].items()} == {
+        k: oct(v) for k, v in expected.items()
+    }
     assert result["umask_after"] == umask
 
 
@@ -688,7 +763,9 @@ _UMASK_UNTOUCHED = textwrap.dedent(
 )
 
 
-def test_process_umask_is_never_changed(sock_dir: str, sock_path: str, spawn: Callable[..., Any]) -> None:
+def test_process_umask_is_never_changed(
+    sock_dir: str, sock_path: str, spawn: Callable[..., Any]
+) -> None:
     """Checklist 13: a library must not touch the process-wide umask: a
     thread creating files while 100 servers start sees 0o644 every time,
     every socket gets 0o600, and the umask is 022 afterwards."""
@@ -774,7 +851,9 @@ _NEVER_LOOSE = textwrap.dedent(
 
 @pytest.mark.root
 @pytest.mark.linux(STRACE)
-def test_never_connectable_with_a_looser_mode(sock_dir: str, run_traced: Callable[..., Any]) -> None:
+def test_never_connectable_with_a_looser_mode(
+    sock_dir: str, run_traced: Callable[..., Any]
+) -> None:
     """Checklist 11 (golang/go#11822; bind -> chmod -> listen): with umask 0
     and mode 0o600, a uid-1000 process that keeps connecting to every name in
     the directory (the socket and any temporary) during 200 start/close
@@ -784,7 +863,13 @@ def test_never_connectable_with_a_looser_mode(sock_dir: str, run_traced: Callabl
     socket listened before its mode was set, that window would be wide
     enough for the uid-1000 process to hit it."""
     os.chmod(sock_dir, 0o755)  # uid 1000 may look and try, the socket's mode decides
-    delay = ["--seccomp-bpf", "-e", "trace=chmod,fchmodat", "-e", "inject=chmod,fchmodat:delay_enter=10000"]
+    delay = [
+        "--seccomp-bpf",
+        "-e",
+        "trace=chmod,fchmodat",
+        "-e",
+        "inject=chmod,fchmodat:delay_enter=10000",
+    ]
     result = child_json(run_traced(delay, _NEVER_LOOSE, sock_dir), timeout=60)
     assert result["child_status"] == 0
     assert result["child"]["connected"] == []
@@ -855,7 +940,9 @@ _START_AS_UID_1000 = textwrap.dedent(
 
 
 @pytest.mark.root
-def test_non_member_group_is_permission_error_with_nothing_left(sock_dir: str, spawn: Callable[..., Any]) -> None:
+def test_non_member_group_is_permission_error_with_nothing_left(
+    sock_dir: str, spawn: Callable[..., Any]
+) -> None:
     """Checklist 14 and 15: uid 1000 asking for a group it is not in gets
     PermissionError (EPERM) naming the path; no socket file or temporary is
     left and the fd count is back to where it was."""
@@ -902,8 +989,12 @@ _FAILING_START = textwrap.dedent(
 )
 @pytest.mark.linux(STRACE)
 def test_chmod_or_chown_failure_cleans_up(
-    syscalls: str, what: str, sock_dir: str, sock_path: str, run_traced: Callable[..., Any],
-    spawn: Callable[..., Any]
+    syscalls: str,
+    what: str,
+    sock_dir: str,
+    sock_path: str,
+    run_traced: Callable[..., Any],
+    spawn: Callable[..., Any],
 ) -> None:
     """Checklist 15: when chmod or chown of the new socket fails (strace
     injects EPERM), start() raises PermissionError naming the path, leaves
@@ -917,7 +1008,10 @@ def test_chmod_or_chown_failure_cleans_up(
     assert control["listing"] == [] and control["fds_after"] == control["fds_before"]
     proc = run_traced(["-e", f"inject={syscalls}:error=EPERM"], _FAILING_START, sock_path, gid)
     result = child_json(proc, timeout=30)
-    assert result["errors"] == [["PermissionError", errno.EPERM, result["errors"][0][2]]] * 3, (what, result)
+    assert result["errors"] == [["PermissionError", errno.EPERM, result["errors"][0][2]]] * 3, (
+        what,
+        result,
+    )
     assert sock_path in result["errors"][0][2]
     assert result["listing"] == []
     assert result["fds_after"] == result["fds_before"]
@@ -925,7 +1019,9 @@ def test_chmod_or_chown_failure_cleans_up(
 
 
 @pytest.mark.root
-def test_probe_denied_is_refused_never_unlinked(sock_dir: str, sock_path: str, spawn: Callable[..., Any]) -> None:
+def test_probe_denied_is_refused_never_unlinked(
+    sock_dir: str, sock_path: str, spawn: Callable[..., Any]
+) -> None:
     """Checklist 3 (EACCES from the liveness probe is a reason to refuse,
     never to unlink): uid 1000 starts where root left a stale 0600 socket in
     a directory uid 1000 owns (so it could unlink it); the probe is denied,

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
+
 from conftest import (
     DEADLINE,
     IDLE_LATE,
@@ -37,16 +38,13 @@ from conftest import (
     recv_until_eof,
     wait_until,
 )
-
 from unixsrv import AddressInUseError, ServerConfig
 from unixsrv import socketserver as ss
 
 #: Python 3.12+ warns at every fork() of a process with threads; the core's
 #: loop thread is one (the stdlib's own tests fork from a threaded process
 #: too).  The child only runs the handler and os._exit()s.
-forking = pytest.mark.filterwarnings(
-    "ignore:This process .* is multi-threaded:DeprecationWarning"
-)
+forking = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 
 
 class Upper(ss.StreamRequestHandler):
@@ -117,10 +115,7 @@ def test_module_exports_the_stdlib_names() -> None:
 def test_serves_and_counts(sock_path: str, cls: type) -> None:
     server = cls(sock_path, Upper)
     assert server.server_address == sock_path == server.socket.getsockname()
-    assert (
-        server.address_family == socket.AF_UNIX
-        and server.socket_type == socket.SOCK_STREAM
-    )
+    assert server.address_family == socket.AF_UNIX and server.socket_type == socket.SOCK_STREAM
     with serving(server):
         for _ in range(3):
             assert ask(sock_path) == b"HELLO\n"
@@ -221,9 +216,7 @@ def test_hooks_are_called_as_documented(sock_path: str) -> None:
         server.timeout = 0.01
         server.handle_request()  # nobody connects
         assert calls == ["handle_timeout"]
-        server.timeout = (
-            None  # now wait for each client, however late the core accepts it
-        )
+        server.timeout = None  # now wait for each client, however late the core accepts it
         for payload in (b"fine", b"boom"):
             calls.clear()
             with connect(sock_path) as c:
@@ -269,9 +262,7 @@ def test_service_actions_run_each_poll_interval(sock_path: str) -> None:
 
 def test_shutdown_stops_only_the_serve_loop(sock_path: str) -> None:
     with ss.UnixStreamServer(sock_path, Upper) as server:
-        t = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.01}
-        )
+        t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
         t.start()
         assert ask(sock_path) == b"HELLO\n"
         server.shutdown()
@@ -389,10 +380,7 @@ def test_mode_and_group_are_set_before_anyone_can_connect(sock_path: str) -> Non
         with Guarded(sock_path, Upper) as server:
             watcher.join(DEADLINE)
             assert first_seen, "the socket file never appeared"
-            assert (
-                stat.S_IMODE(first_seen[0].st_mode) == 0o640
-                and first_seen[0].st_gid == gid
-            )
+            assert stat.S_IMODE(first_seen[0].st_mode) == 0o640 and first_seen[0].st_gid == gid
             assert ask_served(server, sock_path) == b"HELLO\n"
     finally:
         stop.set()
@@ -413,9 +401,7 @@ def test_config_sets_the_core(sock_path: str) -> None:
             server.handle_request()
             assert recv_until_eof(first) == b"X\n"
         stats = server.stats()
-        assert (stats["rejected"], stats["accepted"], stats["closed"]) == (1, 1, 1), (
-            stats
-        )
+        assert (stats["rejected"], stats["accepted"], stats["closed"]) == (1, 1, 1), stats
     with pytest.raises(TypeError):
         ss.UnixStreamServer(sock_path, Upper, config={"path": sock_path})  # type: ignore[arg-type]
 
@@ -456,10 +442,7 @@ def test_idle_request_is_shut_down_by_the_core(sock_path: str) -> None:
         connected_at = time.monotonic()
         with connect(sock_path) as c:
             assert done.wait(DEADLINE)
-            assert (
-                got["data"] == b""
-                and 0.2 <= got["eof_at"] - connected_at < 0.2 + IDLE_LATE
-            )
+            assert got["data"] == b"" and 0.2 <= got["eof_at"] - connected_at < 0.2 + IDLE_LATE
             assert isinstance(got["send"], BrokenPipeError)
             assert recv_until_eof(c) == b""
     assert server.stats()["open"] == 0
@@ -544,9 +527,7 @@ def test_requests_outlive_server_close(sock_path: str) -> None:
     assert server._acceptor.wait(DEADLINE)
 
 
-def test_detach_closes_the_connection_for_the_core(
-    sock_path: str, closing: list[Any]
-) -> None:
+def test_detach_closes_the_connection_for_the_core(sock_path: str, closing: list[Any]) -> None:
     kept: list[int] = []
 
     class Detaching(ss.BaseRequestHandler):
@@ -564,9 +545,7 @@ def test_detach_closes_the_connection_for_the_core(
         assert recv_until_eof(c) == b"detached"
 
 
-def test_every_io_method_counts(
-    sock_path: str, sock_dir: str, closing: list[Any]
-) -> None:
+def test_every_io_method_counts(sock_path: str, sock_dir: str, closing: list[Any]) -> None:
     payload_file = os.path.join(sock_dir, "payload")
     with open(payload_file, "wb") as f:
         f.write(b"f" * 1000)
@@ -602,9 +581,7 @@ def test_abstract_name(closing: list[Any]) -> None:
     name = b"\0unixsrv-ss-%d" % os.getpid()
     server = ss.UnixStreamServer(name, Upper)
     closing.append(server)
-    assert (
-        server.server_address == name == server.socket.getsockname()
-    )  # bytes, as the stdlib's
+    assert server.server_address == name == server.socket.getsockname()  # bytes, as the stdlib's
     assert ask_served(server, name) == b"HELLO\n"
 
 
@@ -757,9 +734,7 @@ def test_escaping_exception_goes_to_threading_excepthook(
     sock_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[Any] = []
-    monkeypatch.setattr(
-        threading, "excepthook", lambda args: seen.append(args.exc_type)
-    )
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_type))
 
     class Exiting(ss.BaseRequestHandler):
         def handle(self) -> None:

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from conftest import (
     DEADLINE,
     KiB,
@@ -45,7 +46,6 @@ from conftest import (
     sha,
     wait_until,
 )
-
 from unixsrv import socketserver
 
 #: serve_forever's poll interval: how often service_actions() runs (the
@@ -177,9 +177,7 @@ def file_site(sock_dir: str) -> Iterator[FileSite]:
     with open(os.path.join(docroot, "blob.bin"), "wb") as f:
         f.write(blob)
     path = os.path.join(sock_dir, "http.sock")
-    with serving(
-        HTTPServer(path, functools.partial(FileHandler, directory=docroot))
-    ) as server:
+    with serving(HTTPServer(path, functools.partial(FileHandler, directory=docroot))) as server:
         yield FileSite(server, path, blob, sock_dir)
 
 
@@ -210,17 +208,20 @@ def test_http_server_serves_files_to_curl(file_site: FileSite) -> None:
         "--write-out",
         "%{http_code} %{size_download}\\n",
     ]
-    for url, out in zip(urls, outs):
+    for url, out in zip(urls, outs, strict=True):
         argv += [url, "--output", out]
     done = subprocess.run(
-        argv, capture_output=True, text=True, timeout=DEADLINE * 3, check=False, env=env_without_preload()
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE * 3,
+        check=False,
+        env=env_without_preload(),
     )
     assert done.returncode == 0, done.stderr
     error_page = os.path.getsize(outs[4])
     # --parallel reports the transfers in the order they finish
-    assert sorted(done.stdout.splitlines()) == [f"200 {MiB}"] * 4 + [
-        f"404 {error_page}"
-    ]
+    assert sorted(done.stdout.splitlines()) == [f"200 {MiB}"] * 4 + [f"404 {error_page}"]
     for out in outs[:4]:
         with open(out, "rb") as f:
             assert hashlib.sha256(f.read()).hexdigest() == sha(site.blob)
@@ -231,9 +232,7 @@ def test_http_server_serves_files_to_curl(file_site: FileSite) -> None:
     assert 4 * MiB < stats["bytes_out"] < 4 * MiB + 16 * KiB, stats
     assert 0 < stats["bytes_in"] < 16 * KiB, stats
     assert site.server.requests == [REAL_SOCKET] * len(urls)
-    assert (
-        site.server.log.count(f'unix:{site.path} "GET /blob.bin HTTP/1.1" 200 -') == 4
-    )
+    assert site.server.log.count(f'unix:{site.path} "GET /blob.bin HTTP/1.1" 200 -') == 4
     assert f'unix:{site.path} "GET /missing.txt HTTP/1.1" 404 -' in site.server.log
 
 
@@ -293,9 +292,7 @@ def test_http_keep_alive_connection_ends_at_idle_timeout(sock_dir: str) -> None:
             conn.request("GET", "/hello.txt")
             resp = conn.getresponse()
             assert (resp.status, resp.read()) == (200, b"hello\n")
-            assert (
-                not resp.will_close
-            )  # kept alive: the server waits for the next request
+            assert not resp.will_close  # kept alive: the server waits for the next request
             idle_eof_after(conn.sock, last_active, IdleHTTPServer.idle_timeout)
         finally:
             conn.close()
@@ -314,9 +311,7 @@ class RPCHandler(UnixSocketLogging, xmlrpc.server.SimpleXMLRPCRequestHandler):
     disable_nagle_algorithm = False
 
 
-class UnixXMLRPCServer(
-    socketserver.UnixStreamServer, xmlrpc.server.SimpleXMLRPCDispatcher
-):
+class UnixXMLRPCServer(socketserver.UnixStreamServer, xmlrpc.server.SimpleXMLRPCDispatcher):
     """``xmlrpc.server.SimpleXMLRPCServer`` is ``TCPServer`` plus the
     dispatcher; this is the same recipe on unixsrv's ``UnixStreamServer``."""
 
@@ -391,10 +386,7 @@ def test_xmlrpc_server_answers_xmlrpc_client(sock_path: str) -> None:
             )
             with pytest.raises(xmlrpc.client.Fault) as failed:
                 proxy.divide(1, 0)
-            assert (
-                failed.value.faultCode == 1
-                and "ZeroDivisionError" in failed.value.faultString
-            )
+            assert failed.value.faultCode == 1 and "ZeroDivisionError" in failed.value.faultString
             with pytest.raises(xmlrpc.client.Fault, match="is not supported"):
                 proxy.nosuch()
             multi = xmlrpc.client.MultiCall(proxy)
@@ -448,13 +440,9 @@ def test_forking_server_serves_each_request_in_its_own_child(sock_path: str) -> 
 
         answers = []
         for first in range(0, n, concurrent):
-            answers += run_threads(
-                lambda i, first=first: request(first + i), concurrent
-            )
+            answers += run_threads(lambda i, first=first: request(first + i), concurrent)
         assert not [a for a in answers if isinstance(a, BaseException)], answers
-        assert [line for _, _, line in answers] == [
-            b"request %d\n" % i for i in range(n)
-        ]
+        assert [line for _, _, line in answers] == [b"request %d\n" % i for i in range(n)]
         pids = {pid for pid, _, _ in answers}
         assert len(pids) == n, "two requests were served by the same process"
         assert os.getpid() not in pids

@@ -17,9 +17,9 @@ import sys
 from typing import Any
 
 import pytest
-from conftest import DEADLINE
 
 import unixsrv
+from conftest import DEADLINE
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("test") is None
@@ -66,9 +66,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         timeout=30 * DEADLINE,
         check=False,
     )
-    assert proc.returncode == 0, (
-        f"runner failed ({proc.returncode}):\n{proc.stderr[-5000:]}"
-    )
+    assert proc.returncode == 0, f"runner failed ({proc.returncode}):\n{proc.stderr[-5000:]}"
     result: dict[str, Any] = json.loads(proc.stdout)
     result["stderr"] = proc.stderr
     leftovers = sorted(p.name for p in scratch.iterdir())
@@ -116,7 +114,5 @@ def test_environment_left_as_found(report: dict[str, Any]) -> None:
     """test.support's checks after each case (threads joined and gone,
     children reaped) print "Warning -- ..." when a case leaves something
     behind: after server_close() nothing of a unixsrv server may remain."""
-    warnings = [
-        line for line in report["stderr"].splitlines() if line.startswith("Warning --")
-    ]
+    warnings = [line for line in report["stderr"].splitlines() if line.startswith("Warning --")]
     assert warnings == []

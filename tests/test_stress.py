@@ -37,7 +37,9 @@ class _Client:
         return self.payloads[self.round]
 
 
-def test_200_clients_50_echoes_each(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_200_clients_50_echoes_each(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """200 clients at once, each doing 50 request/echo rounds with random
     payloads (1 byte .. 8 KiB), driven by one selector loop in the test:
     every byte comes back, in order, on the connection it was sent on; the
@@ -64,7 +66,7 @@ def test_200_clients_50_echoes_each(model: str, sock_path: str, make_server: Cal
                 c = key.data
                 if events & selectors.EVENT_WRITE and c.sent < len(c.payload):
                     try:
-                        c.sent += c.sock.send(c.payload[c.sent:])
+                        c.sent += c.sock.send(c.payload[c.sent :])
                     except BlockingIOError:
                         pass
                     if c.sent == len(c.payload):
@@ -102,7 +104,9 @@ def test_200_clients_50_echoes_each(model: str, sock_path: str, make_server: Cal
     assert srv.stats()["open"] == 0
 
 
-def test_2000_cycles_from_8_threads_leak_nothing(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_2000_cycles_from_8_threads_leak_nothing(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """Checklist 34 under concurrency: 8 threads x 250 connect/close cycles
     (close at once, round trip, or close with the echo unread) leave the fd
     count where it was, and stats()['accepted'] == stats()['closed'] == 2000."""

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
+import unixsrv
 from conftest import (
     DEADLINE,
     LINUX,
@@ -35,8 +37,6 @@ from conftest import (
     is_listening,
     wait_until,
 )
-
-import unixsrv
 from unixsrv import ConfigError, InvalidPathError, Server, ServerConfig
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(unixsrv.__file__)))
@@ -99,7 +99,9 @@ def listener(sock_path: str) -> Iterator[socket.socket]:
 # --------------------------------------------------------------------------- fd=
 
 
-def test_fd_serves_and_never_touches_the_file(listener: socket.socket, sock_path: str, model: str) -> None:
+def test_fd_serves_and_never_touches_the_file(
+    listener: socket.socket, sock_path: str, model: str
+) -> None:
     """Served as given; stop leaves the file (mode included) and the
     inherited fd listening, so the server can start again on it."""
     before = os.stat(sock_path)
@@ -121,7 +123,9 @@ def test_fd_serves_and_never_touches_the_file(listener: socket.socket, sock_path
 
 def test_fd_config_has_no_mode_or_group(listener: socket.socket, sock_path: str) -> None:
     cfg = ServerConfig(path=sock_path, fd=listener.fileno())
-    assert cfg.mode == 0 and cfg.group is None and cfg.fd == listener.fileno()  # as for an abstract name
+    assert (
+        cfg.mode == 0 and cfg.group is None and cfg.fd == listener.fileno()
+    )  # as for an abstract name
     with pytest.raises(ConfigError, match="never chmod-ed"):
         ServerConfig(path=sock_path, fd=listener.fileno(), mode=0o600)
     with pytest.raises(ConfigError, match="never chmod-ed"):
@@ -188,7 +192,9 @@ print(json.dumps(out))
 """
 
 
-def test_from_systemd_parses_listen_fds(sock_dir: str, spawn: Callable[..., subprocess.Popen[str]]) -> None:
+def test_from_systemd_parses_listen_fds(
+    sock_dir: str, spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
     rc, out, err = finish(spawn(FROM_SYSTEMD, sock_dir))
     assert rc == 0, err
     got = json.loads(out)
@@ -198,7 +204,9 @@ def test_from_systemd_parses_listen_fds(sock_dir: str, spawn: Callable[..., subp
     assert "not this process" in got["other pid"]
     assert "not socket-activated" in got["not activated"]
     # sd_listen_fds(3) with unset_environment: gone after every attempt
-    assert all(got[case + " env"] == [] for case in ("by name", "no name", "unknown name", "other pid"))
+    assert all(
+        got[case + " env"] == [] for case in ("by name", "no name", "unknown name", "other pid")
+    )
 
 
 # --------------------------------------------------------------------------- sd_notify
@@ -268,7 +276,7 @@ def test_watchdog_pings_at_half_the_timeout_and_stop_while_blocked(
     try:
         ready_at, _ = notify.wait_for("READY")
         pings = [notify.wait_for("WATCHDOG")[0] for _ in range(5)]
-        gaps = [b - a for a, b in zip([ready_at, *pings], pings)]
+        gaps = [b - a for a, b in zip([ready_at, *pings], pings, strict=False)]
         # The loop's timer never fires early (it rounds up) and is late only
         # by scheduling; the receive times add jitter to single gaps, not to
         # their mean.
@@ -297,14 +305,29 @@ def test_watchdog_pings_at_half_the_timeout_and_stop_while_blocked(
 
 
 @pytest.mark.skipif(not LINUX, reason="systemd-socket-activate is Linux-only")
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate is not installed")
-def test_cli_under_systemd_socket_activate(sock_dir: str, sock_path: str, notify: NotifySocket) -> None:
+@pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None,
+    reason="systemd-socket-activate is not installed",
+)
+def test_cli_under_systemd_socket_activate(
+    sock_dir: str, sock_path: str, notify: NotifySocket
+) -> None:
     """unixsrv serve on the socket systemd-socket-activate passes: READY=1,
     watchdog pings, connections served, STOPPING=1 on SIGTERM, the socket
     file left where it was."""
-    env = {"PYTHONPATH": SRC, "NOTIFY_SOCKET": os.environ["NOTIFY_SOCKET"], "WATCHDOG_USEC": "400000"}
+    env = {
+        "PYTHONPATH": SRC,
+        "NOTIFY_SOCKET": os.environ["NOTIFY_SOCKET"],
+        "WATCHDOG_USEC": "400000",
+    }
     # The sanitiser run's settings reach the Python service, not systemd-socket-activate.
-    env.update({k: os.environ[k] for k in ("LD_PRELOAD", "PYTHONMALLOC", "ASAN_OPTIONS") if k in os.environ})
+    env.update(
+        {
+            k: os.environ[k]
+            for k in ("LD_PRELOAD", "PYTHONMALLOC", "ASAN_OPTIONS")
+            if k in os.environ
+        }
+    )
     argv = ["systemd-socket-activate", "-l", sock_path]
     for key, value in env.items():
         argv += ["-E", f"{key}={value}"]
@@ -320,7 +343,9 @@ def test_cli_under_systemd_socket_activate(sock_dir: str, sock_path: str, notify
         str(os.getuid()),
     ]
     own_env = env_without_preload()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=own_env)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=own_env
+    )
     try:
         # It binds the path, then starts (execs) the service at the first connection.
         wait_until(lambda: os.path.exists(sock_path) or proc.poll() is not None)
@@ -355,8 +380,12 @@ def test_cli_under_systemd_socket_activate(sock_dir: str, sock_path: str, notify
                 stream.close()
 
 
-def test_cli_socket_name_needs_activation(sock_path: str, spawn: Callable[..., subprocess.Popen[str]]) -> None:
+def test_cli_socket_name_needs_activation(
+    sock_path: str, spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
     code = "import sys; from unixsrv.cli import main; sys.exit(main(sys.argv[1:]))"
-    rc, _out, err = finish(spawn(code, "serve", "--socket", sock_path, "--echo", "--socket-name", "echo"))
+    rc, _out, err = finish(
+        spawn(code, "serve", "--socket", sock_path, "--echo", "--socket-name", "echo")
+    )
     assert rc == 2 and "--socket-name" in err and "LISTEN_FDS" in err
     assert not os.path.exists(sock_path)

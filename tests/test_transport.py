@@ -24,14 +24,34 @@ import hashlib
 import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import (DEADLINE, BigWriter, Collect, Echo, KiB, MiB, Recorder, connect, echo, make_room,
-                      on_loop, outcome, payload, process_cpu_over, recv_exactly, recv_until_eof, run_threads, sha,
-                      squash, wait_until)
 
-from unixsrv import PeerCredentials, ServerClosedError, Transport
+from conftest import (
+    DEADLINE,
+    BigWriter,
+    Collect,
+    Echo,
+    KiB,
+    MiB,
+    Recorder,
+    connect,
+    echo,
+    make_room,
+    on_loop,
+    outcome,
+    payload,
+    process_cpu_over,
+    recv_exactly,
+    recv_until_eof,
+    run_threads,
+    sha,
+    squash,
+    wait_until,
+)
+from unixsrv import PeerCredentials, Server, ServerClosedError, Transport
 
 # ---------------------------------------------------------------- type and basics
 
@@ -78,7 +98,9 @@ class Writer(asyncio.Protocol):
         r["writelines_str"] = outcome(lambda: transport.writelines(["str"]), TypeError)
         transport.close()
         r["write_after_close"] = outcome(lambda: transport.write(b"late"), ServerClosedError)
-        r["writelines_after_close"] = outcome(lambda: transport.writelines([b"late"]), ServerClosedError)
+        r["writelines_after_close"] = outcome(
+            lambda: transport.writelines([b"late"]), ServerClosedError
+        )
         r["closing"] = transport.is_closing()
         self.made.set()
 
@@ -278,7 +300,9 @@ def test_write_buffer_limits_follow_asyncio(sock_path, make_server):
         for high, low in ((10, 20), (-1, None), (None, -4)):
             with pytest.raises(ValueError):
                 on_loop(srv, apply, high, low)
-        assert on_loop(srv, t.get_write_buffer_limits) == (5000, 5000), "a rejected call changed the limits"
+        assert on_loop(srv, t.get_write_buffer_limits) == (5000, 5000), (
+            "a rejected call changed the limits"
+        )
 
 
 def test_write_buffer_limits_default_from_config(sock_path, make_server):
@@ -372,14 +396,21 @@ def test_pause_writing_bounds_memory_and_resume_delivers_all(sock_path, make_ser
     with connect(srv.path) as s:
         proto = factory.one()
         assert proto.paused.wait(DEADLINE)
-        low, high = proto.limits
-        state = on_loop(srv, lambda: (proto.off, proto.transport.get_write_buffer_size(), list(proto.flow)))
+        _low, high = proto.limits
+        state = on_loop(
+            srv, lambda: (proto.off, proto.transport.get_write_buffer_size(), list(proto.flow))
+        )
         off, buffered, flow = state
         assert flow == ["pause"]
         assert off < len(data), "the protocol was never told to stop"
         assert high < buffered <= high + Firehose.CHUNK
         assert recv_exactly(s, len(data)) == data
-        wait_until(lambda: on_loop(srv, lambda: proto.transport.get_write_buffer_size() == 0 and len(proto.flow) % 2 == 0))
+        wait_until(
+            lambda: on_loop(
+                srv,
+                lambda: proto.transport.get_write_buffer_size() == 0 and len(proto.flow) % 2 == 0,
+            )
+        )
         flow = list(proto.flow)
         assert len(flow) >= 2
         assert flow == ["pause", "resume"] * (len(flow) // 2), "pause/resume must alternate"
@@ -484,6 +515,7 @@ def test_pause_reading_inside_data_received(sock_path, make_server):
             assert on_loop(srv, lambda: len(proto.chunks)) == count, "data delivered while paused"
             on_loop(srv, proto.transport.resume_reading)
             wait_until(lambda count=count: len(proto.chunks) == count + 1)
+
         # Let everything else through.
         def resume_all() -> None:
             proto.pause = False
@@ -570,7 +602,9 @@ class InfoProbe(Echo):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         t = self.transport
-        self.info["lost"] = {key: t.get_extra_info(key, "dflt") for key in ("peername", "sockname", "peercred")}
+        self.info["lost"] = {
+            key: t.get_extra_info(key, "dflt") for key in ("peername", "sockname", "peercred")
+        }
         self.info["lost_socket"] = t.get_extra_info("socket", "dflt")
         self.lost.set()
 
@@ -618,7 +652,10 @@ def test_get_extra_info_in_connection_lost(sock_path, make_server):
     class LateProbe(Recorder):
         def connection_lost(self, exc: BaseException | None) -> None:
             t = self.transport
-            self.late = {key: t.get_extra_info(key, "dflt") for key in ("peername", "sockname", "peercred", "socket")}
+            self.late = {
+                key: t.get_extra_info(key, "dflt")
+                for key in ("peername", "sockname", "peercred", "socket")
+            }
             super().connection_lost(exc)
 
     factory = Collect(LateProbe)
@@ -827,7 +864,7 @@ def test_pause_reading_holds_data_already_received_in_the_same_wakeup(sock_path,
         on_loop(srv, lambda: None)
         assert watched.received == b"", "data was delivered to a paused transport"
         assert on_loop(srv, watched.transport.is_reading) is False
-        b.sendall(b", second")   # arrives while paused: stays in the kernel
+        b.sendall(b", second")  # arrives while paused: stays in the kernel
         on_loop(srv, watched.transport.resume_reading)
         wait_until(lambda: watched.received == b"first, second")
     assert watched.reading_at_delivery and all(watched.reading_at_delivery)

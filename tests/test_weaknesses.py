@@ -41,11 +41,30 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import (DEADLINE, LINUX, Timed, connect, connected, default_gid, echo, echo_handler, echo_once, fd_count,
-                      idle_eof_after, keep_talking, listening_socket, read_line, recv_until_eof, run_threads,
-                      serve_model, shutdown_times_out, start_echo, wait_until)
 
 import unixsrv
+from conftest import (
+    DEADLINE,
+    LINUX,
+    Timed,
+    connect,
+    connected,
+    default_gid,
+    echo,
+    echo_handler,
+    echo_once,
+    fd_count,
+    idle_eof_after,
+    keep_talking,
+    listening_socket,
+    read_line,
+    recv_until_eof,
+    run_threads,
+    serve_model,
+    shutdown_times_out,
+    start_echo,
+    wait_until,
+)
 from unixsrv import (
     AddressInUseError,
     ConfigError,
@@ -150,8 +169,9 @@ print(json.dumps({"states": states, "early": early}), flush=True)
 
 
 @pytest.mark.root
-def test_w1_no_window_before_final_mode(sock_dir: str, make_server: Callable[..., Server],
-                                        spawn: Callable[..., subprocess.Popen[str]]) -> None:
+def test_w1_no_window_before_final_mode(
+    sock_dir: str, make_server: Callable[..., Server], spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
     """W1 (permission window after bind): with umask 0 and mode 0600, a
     watcher process polling the directory only ever sees the socket with its
     final mode and group, can connect the moment the final path appears, and
@@ -194,7 +214,9 @@ srv.close()
 
 @pytest.mark.root
 @pytest.mark.linux("strace (system-call delay and error injection)")
-def test_w1_window_widened_with_strace(sock_dir: str, run_traced: Callable[..., subprocess.Popen[str]]) -> None:
+def test_w1_window_widened_with_strace(
+    sock_dir: str, run_traced: Callable[..., subprocess.Popen[str]]
+) -> None:
     """W1, deterministic: strace holds the server for 0.2 s after each of
     bind, chmod, chown and listen, so every intermediate state of the socket
     file lasts long enough to be seen.  The watcher must see those states
@@ -203,13 +225,21 @@ def test_w1_window_widened_with_strace(sock_dir: str, run_traced: Callable[..., 
     chmod, fails this: the final path shows up as 0777 and accepts.)"""
     path = os.path.join(sock_dir, "s.sock")
     syscalls = "bind,chmod,fchmodat,fchownat,listen"
-    delay = ["--seccomp-bpf", "-e", f"trace={syscalls}", "-e", f"inject={syscalls}:delay_exit=200000"]
+    delay = [
+        "--seccomp-bpf",
+        "-e",
+        f"trace={syscalls}",
+        "-e",
+        f"inject={syscalls}:delay_exit=200000",
+    ]
     states: list[tuple[bool, int, int]] = []
     accepted: list[tuple[bool, int, int]] = []
     stop = threading.Event()
 
     def final(st: os.stat_result) -> bool:
-        return stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_gid == 65534
+        return (
+            stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_gid == 65534
+        )
 
     def watch() -> None:
         last: dict[str, tuple[bool, int, int]] = {}
@@ -280,7 +310,9 @@ def test_w2_symlink_refused(sock_dir: str, make_server: Callable[..., Server]) -
     assert sorted(os.listdir(sock_dir)) == ["d.sock", "s.sock", "target"]
 
 
-def test_w3_never_deletes_what_is_not_stale(sock_dir: str, make_server: Callable[..., Server]) -> None:
+def test_w3_never_deletes_what_is_not_stale(
+    sock_dir: str, make_server: Callable[..., Server]
+) -> None:
     """W3 (unconditional pre-removal): a regular file, an empty directory and
     a live socket at the path are never deleted (AddressInUseError naming the
     path); a stale socket is replaced."""
@@ -362,7 +394,7 @@ def test_w5_second_start_is_noop(sock_path: str, make_server: Callable[..., Serv
     assert inode(sock_path) == ino
     assert fd_count() == fds
     echo_once(sock_path, b"one listener")
-    assert [n for n in os.listdir(os.path.dirname(sock_path))] == ["s.sock"]
+    assert os.listdir(os.path.dirname(sock_path)) == ["s.sock"]
     srv.close()
     assert not os.path.lexists(sock_path)
 
@@ -378,7 +410,9 @@ def test_w5_concurrent_first_starts(sock_path: str, make_server: Callable[..., S
 
 
 @pytest.mark.linux("abstract socket names")
-def test_w6_abstract_namespace(model: str, sock_dir: str, make_server: Callable[..., Server]) -> None:
+def test_w6_abstract_namespace(
+    model: str, sock_dir: str, make_server: Callable[..., Server]
+) -> None:
     """W6 (abstract sockets unsupported in golib): an "@name" works, makes
     no file, reports "@name" as its path, and takes no mode or group."""
     name = "@unixsrv-test-" + os.urandom(6).hex()
@@ -412,7 +446,9 @@ def test_w6_path_length_checked_first(sock_dir: str, make_server: Callable[..., 
 # ============================================================================ lifecycle / concurrency
 
 
-def test_w7_shutdown_waits_past_one_second(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w7_shutdown_waits_past_one_second(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """W7 (shutdown not graceful, capped at 1 s): shutdown(5) is still
     waiting for a busy handler 1.5 s after it was called (golib gives up
     after 1 s); once the handler finishes its work, its answer reaches the
@@ -449,7 +485,9 @@ def test_w7_shutdown_waits_past_one_second(sock_path: str, make_server: Callable
     assert not os.path.lexists(sock_path)
 
 
-def test_w7_shutdown_timeout_is_the_callers(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w7_shutdown_timeout_is_the_callers(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """W7: when handlers outlast the caller's timeout, shutdown waits that long
     (not golib's 1 s), force-closes, and raises ShutdownTimeoutError."""
     release = threading.Event()
@@ -479,7 +517,9 @@ def test_w7_shutdown_timeout_is_the_callers(sock_path: str, make_server: Callabl
     wait_until(lambda: srv.open_connections == 0)
 
 
-def test_w7_event_model_flushes_on_shutdown(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w7_event_model_flushes_on_shutdown(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """W7, event model: shutdown flushes pending output before closing (the
     client reads it all, then EOF; shutdown returns None)."""
     payload = os.urandom(4 * 1024 * 1024)
@@ -526,7 +566,9 @@ def test_w8_shutdown_right_after_start(sock_path: str, make_server: Callable[...
         assert not os.path.lexists(sock_path)
 
 
-def test_w8_concurrent_shutdowns_both_wait(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w8_concurrent_shutdowns_both_wait(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """W8 (a second, concurrent Shutdown returns before the server stopped):
     each of two concurrent shutdown() calls returns only once it has stopped."""
     release = threading.Event()
@@ -559,7 +601,9 @@ def test_w8_concurrent_shutdowns_both_wait(sock_path: str, make_server: Callable
     assert seen == [(True, 0, False), (True, 0, False)]
 
 
-def test_w10_idle_is_per_connection(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w10_idle_is_per_connection(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """W10 (idle registry keyed by the peer address "@"): with several
     unnamed clients, closing one does not touch the others, and each idle
     client is closed on its own clock: c, silent, gets EOF no sooner than
@@ -594,7 +638,9 @@ def test_w10_idle_is_per_connection(model: str, sock_path: str, make_server: Cal
             s.close()
 
 
-def test_w11_stale_connection_cannot_touch_another(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w11_stale_connection_cannot_touch_another(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """W11 (pooled context reused while its old handler still holds it): a
     Connection kept after its handler returned only raises
     ServerClosedError; it never reads, writes or closes the next client's
@@ -616,7 +662,9 @@ def test_w11_stale_connection_cannot_touch_another(sock_path: str, make_server: 
     stale = kept[0]
     with connect(sock_path) as second:
         echo(second, b"mine")
-        assert len(fds) == 2 and fds[0] == fds[1] >= 0, f"fd numbers {fds}: the scenario needs one reused"
+        assert len(fds) == 2 and fds[0] == fds[1] >= 0, (
+            f"fd numbers {fds}: the scenario needs one reused"
+        )
         for op in (stale.read, lambda: stale.write(b"intruder")):
             with pytest.raises(ServerClosedError):
                 op()
@@ -635,7 +683,9 @@ def test_w12_returning_handler_closes(sock_path: str, make_server: Callable[...,
     assert srv.stats()["closed"] == 1
 
 
-def test_w12_raising_handler(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w12_raising_handler(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """W12 (a panicking handler leaks its connection): the exception goes to
     on_error, the connection is closed (connection_lost gets it once in the
     event model) and the server keeps serving."""
@@ -707,7 +757,9 @@ for line in sys.stdin:
 """
 
 
-def test_w13_accept_errors_back_off(sock_path: str, spawn: Callable[..., subprocess.Popen[str]]) -> None:
+def test_w13_accept_errors_back_off(
+    sock_path: str, spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
     """W13 (no backoff on accept errors): a server out of file descriptors
     (EMFILE) does not spin: under a flood its CPU time over 1 s stays low,
     the error is reported a bounded number of times, and once the clients
@@ -744,7 +796,9 @@ def test_w13_accept_errors_back_off(sock_path: str, spawn: Callable[..., subproc
     assert not os.path.lexists(sock_path)
 
 
-def test_w14_serve_forever_returns_after_handlers(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w14_serve_forever_returns_after_handlers(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """W14 (Listen returns before its connection goroutines finish):
     serve_forever returns only after shutdown drained every handler.  The
     handler, once shutdown closed its read side, holds on to its cleanup
@@ -778,7 +832,9 @@ def test_w14_serve_forever_returns_after_handlers(sock_path: str, make_server: C
         assert in_cleanup.wait(DEADLINE)
         wait_until(lambda: not os.path.lexists(sock_path))
         runner.join(0.5)
-        assert runner.is_alive() and outcome == [], "serve_forever returned while a handler was still running"
+        assert runner.is_alive() and outcome == [], (
+            "serve_forever returned while a handler was still running"
+        )
         gate.set()
         runner.join(DEADLINE)
         stopper.join(DEADLINE)
@@ -801,7 +857,9 @@ srv.serve_forever()
 """
 
 
-def test_w14_keyboard_interrupt_not_swallowed(sock_path: str, spawn: Callable[..., subprocess.Popen[str]]) -> None:
+def test_w14_keyboard_interrupt_not_swallowed(
+    sock_path: str, spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
     """W14 (a panic inside Listen is swallowed): Ctrl-C while serve_forever
     serves stops it, removes the socket file and re-raises KeyboardInterrupt."""
     proc = spawn(_W14_SIGINT, sock_path)
@@ -837,7 +895,9 @@ guard.cancel()
 """
 
 
-def test_w14_interrupt_in_callback_not_swallowed(sock_path: str, spawn: Callable[..., subprocess.Popen[str]]) -> None:
+def test_w14_interrupt_in_callback_not_swallowed(
+    sock_path: str, spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
     """W14: a KeyboardInterrupt raised while a callback runs on the
     serve_forever thread (a Ctrl-C that lands during on_server_info) stops the
     server and propagates; it is not reported to on_error and ignored."""
@@ -916,7 +976,9 @@ def test_w15_event_model_eof_once(sock_path: str, make_server: Callable[..., Ser
     assert log == [b"abc", "eof", ("lost", None)]
 
 
-def test_w16_client_reset_is_reported(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w16_client_reset_is_reported(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """W16 (I/O errors merged or swallowed): a client that closes with
     unread data resets the connection (Linux: ECONNRESET on the server's
     next receive).  docs/design.md "Errors": other OS failures are the matching
@@ -999,12 +1061,20 @@ def test_w17_io_after_our_close_raises(sock_dir: str, make_server: Callable[...,
         released.wait(DEADLINE)  # ignores the shutdown on purpose
 
     cases: list[tuple[str, Callable[[Connection], None], dict[str, Any]]] = [
-        ("close", closing, {}), ("idle", idle, {"idle_timeout": 0.2}), ("timeout", outlasting, {})]
+        ("close", closing, {}),
+        ("idle", idle, {"idle_timeout": 0.2}),
+        ("timeout", outlasting, {}),
+    ]
     for tag, before, fields in cases:
         entered, attempted = threading.Event(), threading.Event()
 
-        def handler(conn: Connection, tag: str = tag, before: Any = before, entered: Any = entered,
-                    attempted: Any = attempted) -> None:
+        def handler(
+            conn: Connection,
+            tag: str = tag,
+            before: Any = before,
+            entered: Any = entered,
+            attempted: Any = attempted,
+        ) -> None:
             entered.set()
             before(conn)
             attempt(tag, conn)
@@ -1022,10 +1092,14 @@ def test_w17_io_after_our_close_raises(sock_dir: str, make_server: Callable[...,
     for tag, _before, _fields in cases:
         assert len(results[tag]) == 3
         assert all(type(r) is ServerClosedError for r in results[tag]), (tag, results[tag])
-        assert all(isinstance(r, ConnectionError) and isinstance(r, UnixSrvError) for r in results[tag])
+        assert all(
+            isinstance(r, ConnectionError) and isinstance(r, UnixSrvError) for r in results[tag]
+        )
 
 
-def test_w18_sub_second_idle(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w18_sub_second_idle(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """W18 (sub-second idle timeouts silently disabled, 1 s granularity): a
     0.3 s timeout closes a silent client after 0.3 s and before 1 s (event model:
     connection_lost(IdleTimeoutError); blocking: conn.done is set)."""
@@ -1037,7 +1111,9 @@ def test_w18_sub_second_idle(model: str, sock_path: str, make_server: Callable[.
             pass
         done_seen.append(conn.done.wait(DEADLINE))
 
-    srv = serve_model(make_server, sock_path, model, handler, lambda: LostRecorder(lost), idle_timeout=0.3)
+    srv = serve_model(
+        make_server, sock_path, model, handler, lambda: LostRecorder(lost), idle_timeout=0.3
+    )
     began = time.monotonic()
     with connect(sock_path) as s:
         assert recv_until_eof(s) == b""
@@ -1053,7 +1129,9 @@ def test_w18_sub_second_idle(model: str, sock_path: str, make_server: Callable[.
         assert len(lost) == 1 and isinstance(lost[0][0], IdleTimeoutError)
 
 
-def test_w18_done_set_when_idle_close_wakes_read(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w18_done_set_when_idle_close_wakes_read(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """W18 / docs/design.md "Idle": a handler whose read() was ended by the idle
     timeout finds conn.done already set, so it can tell an idle close from
     the client's EOF (30 idle clients closed by the same sweep)."""
@@ -1074,11 +1152,15 @@ def test_w18_done_set_when_idle_close_wakes_read(sock_path: str, make_server: Ca
         for c in clients:
             assert recv_until_eof(c) == b""
         wait_until(lambda: len(seen) == 30)
-    assert seen.count(False) == 0, f"{seen.count(False)} of 30 handlers saw b'' before conn.done was set"
+    assert seen.count(False) == 0, (
+        f"{seen.count(False)} of 30 handlers saw b'' before conn.done was set"
+    )
     wait_until(lambda: srv.open_connections == 0)
 
 
-def test_w18_active_client_kept(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w18_active_client_kept(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """W18: with a 0.3 s idle timeout, a client talking every 0.03 s is kept
     for 1.2 s (traffic resets the clock: every echo comes back), then
     silence closes it, no sooner than 0.3 s after its last byte."""
@@ -1090,7 +1172,9 @@ def test_w18_active_client_kept(model: str, sock_path: str, make_server: Callabl
         idle_eof_after(s, last_sent, 0.3)
 
 
-def test_w18_busy_handler_writing_is_not_idle(sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w18_busy_handler_writing_is_not_idle(
+    sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """W18 ("idle" = time since the handler's last completed Read/Write): a
     handler that only writes, every 0.03 s for 1.2 s (four times the 0.3 s
     timeout), to a client that never sends, is not closed while it writes:
@@ -1119,7 +1203,9 @@ def test_w18_busy_handler_writing_is_not_idle(sock_path: str, make_server: Calla
     assert times[-1] - times[0] >= 1.0  # writing went on for over three timeouts
 
 
-def test_w19_new_and_close_fire(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w19_new_and_close_fire(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """W19 (FuncInfo: Close can fire before the handler returned, counter
     decremented first): NEW and CLOSE fire once each; CLOSE comes after the
     handler returned and open_connections already excludes it."""
@@ -1138,8 +1224,12 @@ def test_w19_new_and_close_fire(model: str, sock_path: str, make_server: Callabl
         def connection_lost(self, exc: BaseException | None) -> None:
             log.append("handler end")
 
-    srv = make_server(sock_path, handler if model == "blocking" else None,
-                      protocol=None if model == "blocking" else P, start=False)
+    srv = make_server(
+        sock_path,
+        handler if model == "blocking" else None,
+        protocol=None if model == "blocking" else P,
+        start=False,
+    )
     srv.on_conn_state(lambda local, remote, state: log.append((state, srv.open_connections)))
     srv.start()
     echo_once(sock_path, b"w19")
@@ -1176,8 +1266,9 @@ def test_w21_large_gids_and_mode_zero(sock_dir: str, make_server: Callable[..., 
     assert ServerConfig.from_mapping({"address": zero, "perm-file": 0}).mode == 0o770
 
 
-def test_w22_path_is_the_bound_path(sock_dir: str, make_server: Callable[..., Server],
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_w22_path_is_the_bound_path(
+    sock_dir: str, make_server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """W22 (Listener() reports a re-registered, un-normalised path): path is
     the bound path before, during and after serving; a relative path is
     removed on stop even after the working directory changed."""
@@ -1194,7 +1285,9 @@ def test_w22_path_is_the_bound_path(sock_dir: str, make_server: Callable[..., Se
     assert os.listdir(sock_dir) == []
 
 
-def test_w23_is_gone_and_restart(model: str, sock_path: str, make_server: Callable[..., Server]) -> None:
+def test_w23_is_gone_and_restart(
+    model: str, sock_path: str, make_server: Callable[..., Server]
+) -> None:
     """W23 (IsGone meaning and docs disagree; "cannot be restarted"):
     is_gone is True before start and after stop, False while serving, and a
     stopped server starts again."""
@@ -1216,7 +1309,9 @@ def test_w23_is_gone_and_restart(model: str, sock_path: str, make_server: Callab
 def test_w25_errors_are_typed(sock_path: str, make_server: Callable[..., Server]) -> None:
     """W25 (ErrorFilter matches one exact text; errors lose their wrapping):
     errors are recognised by type and errno, never by message."""
-    assert issubclass(ServerClosedError, ConnectionError) and issubclass(ServerClosedError, UnixSrvError)
+    assert issubclass(ServerClosedError, ConnectionError) and issubclass(
+        ServerClosedError, UnixSrvError
+    )
     assert issubclass(AddressInUseError, OSError)
     assert issubclass(ShutdownTimeoutError, TimeoutError)
     assert issubclass(ConfigError, ValueError)
@@ -1231,9 +1326,23 @@ def test_w25_errors_are_typed(sock_path: str, make_server: Callable[..., Server]
 def test_w26_documented_names_exist() -> None:
     """W26 (documentation drift: README errors that do not exist): every name
     of docs/design.md's public contract is importable and exported."""
-    contract = ["ServerConfig", "Server", "Connection", "Protocol", "Transport", "ConnState", "PeerCredentials",
-                "UnixSrvError", "ConfigError", "InvalidPathError", "InvalidGroupError", "InvalidHandlerError",
-                "AddressInUseError", "ShutdownTimeoutError", "ServerClosedError"]
+    contract = [
+        "ServerConfig",
+        "Server",
+        "Connection",
+        "Protocol",
+        "Transport",
+        "ConnState",
+        "PeerCredentials",
+        "UnixSrvError",
+        "ConfigError",
+        "InvalidPathError",
+        "InvalidGroupError",
+        "InvalidHandlerError",
+        "AddressInUseError",
+        "ShutdownTimeoutError",
+        "ServerClosedError",
+    ]
     for name in contract:
         assert name in unixsrv.__all__, name
         assert getattr(unixsrv, name) is not None
@@ -1241,6 +1350,14 @@ def test_w26_documented_names_exist() -> None:
         assert hasattr(unixsrv, name), name
     assert issubclass(unixsrv.Transport, asyncio.Transport)
     assert unixsrv.Protocol is asyncio.Protocol
-    assert [m.name for m in ConnState] == ["DIAL", "NEW", "READ", "CLOSE_READ", "HANDLER", "WRITE",
-                                           "CLOSE_WRITE", "CLOSE"]
+    assert [m.name for m in ConnState] == [
+        "DIAL",
+        "NEW",
+        "READ",
+        "CLOSE_READ",
+        "HANDLER",
+        "WRITE",
+        "CLOSE_WRITE",
+        "CLOSE",
+    ]
     assert str(ConnState.WRITE) == "Write Outgoing Stream"

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, connect, fork_quietly, reap, recv_until_eof, wait_until
 
+from conftest import DEADLINE, connect, fork_quietly, reap, recv_until_eof, wait_until
 from unixsrv.workers import WorkerPool
 
 
@@ -38,7 +38,7 @@ class Recorder:
             self.native_ids.append(threading.get_native_id())
         try:
             job()
-        except BaseException as exc:  # noqa: BLE001 - recorded and asserted by the test
+        except BaseException as exc:
             with self.lock:
                 self.errors.append(exc)
         finally:
@@ -345,7 +345,8 @@ def _forking_handler(child_ends: str) -> Callable[[Any], None]:
 
 
 @pytest.mark.parametrize(
-    ("child_ends", "status"), [("sys.exit(8)", 8), ("sys.exit('why')", 1), ("raises", 1), ("returns", 0)]
+    ("child_ends", "status"),
+    [("sys.exit(8)", 8), ("sys.exit('why')", 1), ("raises", 1), ("returns", 0)],
 )
 def test_forked_child_exits_at_once_with_its_status(make_server, sock_path, child_ends, status):
     """Issue 8 finding 7: a child forked by a handler exits as soon as the

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, LINUX, connect, read_line, recv_exactly, wait_until
 
+from conftest import DEADLINE, LINUX, connect, read_line, recv_exactly, wait_until
 from unixsrv import (
     Server,
     ServerClosedError,
@@ -74,7 +74,9 @@ class _Protocol:
         pass
 
 
-def _server(path: str, model: str, workers: int | str = 2, handler: Any = _handler, **fields: Any) -> Server:
+def _server(
+    path: str, model: str, workers: int | str = 2, handler: Any = _handler, **fields: Any
+) -> Server:
     cfg = ServerConfig(path=path, **fields)
     if model == "blocking":
         return Server(cfg, handler, workers=workers)
@@ -104,7 +106,13 @@ def workers_server() -> Iterator[Callable[..., Server]]:
     pids: set[int] = set()
 
     def factory(
-        path: str, model: str, workers: int | str = 2, *, start: bool = True, handler: Any = _handler, **fields: Any
+        path: str,
+        model: str,
+        workers: int | str = 2,
+        *,
+        start: bool = True,
+        handler: Any = _handler,
+        **fields: Any,
     ) -> Server:
         srv = _server(path, model, workers, handler, **fields)
         servers.append(srv)
@@ -138,10 +146,15 @@ def _state(pid: int) -> str:
     if LINUX:
         states = set()
         for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError), open(f"/proc/{pid}/task/{tid}/stat") as f:
+            with (
+                contextlib.suppress(FileNotFoundError, ProcessLookupError),
+                open(f"/proc/{pid}/task/{tid}/stat") as f,
+            ):
                 states.add(f.read().rsplit(")", 1)[1].split()[0])
         return "T" if states == {"T"} else "".join(sorted(states))
-    out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True, check=False
+    )
     return out.stdout.strip()[:1]
 
 
@@ -231,7 +244,9 @@ def test_not_running(sock_path: str, workers_server: Callable[..., Server]) -> N
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_every_worker_serves(model: str, sock_path: str, workers_server: Callable[..., Server]) -> None:
+def test_every_worker_serves(
+    model: str, sock_path: str, workers_server: Callable[..., Server]
+) -> None:
     srv = workers_server(sock_path, model, 2, mode=0o600)
     pids = _pids(srv)
     assert len(pids) == 2 and os.getpid() not in pids
@@ -251,7 +266,9 @@ def test_every_worker_serves(model: str, sock_path: str, workers_server: Callabl
 
 
 @pytest.mark.linux("EPOLLEXCLUSIVE")
-def test_listener_registered_exclusive(sock_path: str, workers_server: Callable[..., Server]) -> None:
+def test_listener_registered_exclusive(
+    sock_path: str, workers_server: Callable[..., Server]
+) -> None:
     """Each worker's epoll watches the shared listener with EPOLLEXCLUSIVE
     (the event mask in /proc/<pid>/fdinfo of its epoll fd), so one worker
     wakes per connection."""
@@ -261,12 +278,16 @@ def test_listener_registered_exclusive(sock_path: str, workers_server: Callable[
         for fd in os.listdir(f"/proc/{pid}/fdinfo"):
             with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
                 masks += [int(line.split()[3], 16) for line in f if line.startswith("tfd:")]
-        assert any(m & 0x10000000 for m in masks), f"no EPOLLEXCLUSIVE registration in worker {pid}: {masks}"
+        assert any(m & 0x10000000 for m in masks), (
+            f"no EPOLLEXCLUSIVE registration in worker {pid}: {masks}"
+        )
 
 
 @pytest.mark.linux("EPOLLEXCLUSIVE")
 @pytest.mark.parametrize("model", MODELS)
-def test_idle_workers_take_turns(model: str, sock_path: str, workers_server: Callable[..., Server]) -> None:
+def test_idle_workers_take_turns(
+    model: str, sock_path: str, workers_server: Callable[..., Server]
+) -> None:
     """EPOLLEXCLUSIVE wakes the first idle worker in the listener's queue;
     each worker re-registers after accepting (goes to the back), so one
     connection after another is spread over the idle workers instead of all
@@ -289,7 +310,9 @@ def test_idle_workers_take_turns(model: str, sock_path: str, workers_server: Cal
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_kill9_worker_is_replaced(model: str, sock_path: str, workers_server: Callable[..., Server]) -> None:
+def test_kill9_worker_is_replaced(
+    model: str, sock_path: str, workers_server: Callable[..., Server]
+) -> None:
     srv = workers_server(sock_path, model, 2)
     errors: list[BaseException] = []
     srv.on_error(errors.append)
@@ -304,7 +327,9 @@ def test_kill9_worker_is_replaced(model: str, sock_path: str, workers_server: Ca
     inode = os.stat(sock_path).st_ino
     os.kill(victim, signal.SIGKILL)
     # Replaced within a second (forked; it accepts soon after).
-    replacement = wait_until(lambda: [p for p in (w["pid"] for w in srv.worker_stats()) if p not in conns], 1.0)
+    replacement = wait_until(
+        lambda: [p for p in (w["pid"] for w in srv.worker_stats()) if p not in conns], 1.0
+    )
     assert len(replacement) == 1
     wait_until(lambda: len(_pids(srv)) == 2)
     assert srv.is_running
@@ -330,7 +355,9 @@ def test_kill9_worker_is_replaced(model: str, sock_path: str, workers_server: Ca
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_graceful_stop_drains_every_worker(model: str, sock_path: str, workers_server: Callable[..., Server]) -> None:
+def test_graceful_stop_drains_every_worker(
+    model: str, sock_path: str, workers_server: Callable[..., Server]
+) -> None:
     srv = workers_server(sock_path, model, 2)
     pids = _pids(srv)
     inflight = []
@@ -351,11 +378,16 @@ def test_graceful_stop_drains_every_worker(model: str, sock_path: str, workers_s
             s.settimeout(DEADLINE)
             assert recv_exactly(s, 5) == b"slow\n"  # the in-flight request finished
     assert all(_gone(pid) for pid in pids)
-    with socket.socket(socket.AF_UNIX) as late, pytest.raises((FileNotFoundError, ConnectionRefusedError)):
+    with (
+        socket.socket(socket.AF_UNIX) as late,
+        pytest.raises((FileNotFoundError, ConnectionRefusedError)),
+    ):
         late.connect(sock_path)
 
 
-def test_shutdown_deadline_stops_stuck_workers(sock_path: str, workers_server: Callable[..., Server]) -> None:
+def test_shutdown_deadline_stops_stuck_workers(
+    sock_path: str, workers_server: Callable[..., Server]
+) -> None:
     """A worker still busy at the deadline is stopped (SIGQUIT, then SIGKILL)
     and shutdown() raises ShutdownTimeoutError within the deadline plus the grace."""
     from unixsrv import ShutdownTimeoutError
@@ -374,7 +406,9 @@ def test_shutdown_deadline_stops_stuck_workers(sock_path: str, workers_server: C
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_reload_under_load_refuses_nothing(model: str, sock_path: str, workers_server: Callable[..., Server]) -> None:
+def test_reload_under_load_refuses_nothing(
+    model: str, sock_path: str, workers_server: Callable[..., Server]
+) -> None:
     """Every request made during reload() is answered (no connection
     refused, none closed before its answer): a retiring worker stops
     accepting, dispatches what already arrived on the connections it
@@ -392,7 +426,9 @@ def test_reload_under_load_refuses_nothing(model: str, sock_path: str, workers_s
                 return
             try:
                 with connect(sock_path) as s:
-                    s.sendall(b"x\n")  # at once: a retiring worker dispatches what arrived before it drains
+                    s.sendall(
+                        b"x\n"
+                    )  # at once: a retiring worker dispatches what arrived before it drains
                     with s.makefile("rb") as f:
                         greeting, answer = f.readline(), f.readline()
                 assert answer == b"x\n", (greeting, answer)

@@ -121,7 +121,13 @@ class Loop:
         use_proc: bool,
     ) -> None: ...
     def adopt(
-        self, fd: int, sockname: str | bytes, display: str, unlink_path: bytes | None, dev: int, ino: int
+        self,
+        fd: int,
+        sockname: str | bytes,
+        display: str,
+        unlink_path: bytes | None,
+        dev: int,
+        ino: int,
     ) -> None: ...
     @property
     def sockname(self) -> str | bytes | None: ...
@@ -168,7 +174,6 @@ def new_loop(
     low_water: int,
     max_write_buffer: int,
 ) -> Loop: ...
-
 def open_listener(
     address: bytes,
     display: str,
@@ -225,7 +230,11 @@ class LoadGen:
     ) -> None: ...
     def connect(self, timeout: float = 30.0, rate: float = 0.0) -> dict[str, Any]: ...
     def run(
-        self, duration: float = 5.0, warmup: float = 0.0, requests: int = 0, stall_timeout: float = 10.0
+        self,
+        duration: float = 5.0,
+        warmup: float = 0.0,
+        requests: int = 0,
+        stall_timeout: float = 10.0,
     ) -> dict[str, Any]: ...
     def result(self) -> dict[str, Any]: ...
     def close(self) -> None: ...

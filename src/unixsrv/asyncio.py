@@ -143,7 +143,9 @@ class UnixServer(CallbackHost, base_events.Server):
         self._drained: asyncio.Future[None] | None = None
         factory = protocol_factory
         if ssl is not None:
-            factory = _ssl_protocol_factory(loop, protocol_factory, ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
+            factory = _ssl_protocol_factory(
+                loop, protocol_factory, ssl, ssl_handshake_timeout, ssl_shutdown_timeout
+            )
         core: _core.Loop | None = self._new_loop(config, factory)
         self._core = core
 
@@ -204,7 +206,9 @@ class UnixServer(CallbackHost, base_events.Server):
     def _set_access(self, core: _core.Loop) -> None:
         """The config's allow-lists and per-uid limit, checked in C at accept (as Server)."""
         cfg = self._config
-        core.set_access(cfg.allowed_uids, cfg.allowed_gids, cfg.max_connections_per_uid or 0, self._authorize)
+        core.set_access(
+            cfg.allowed_uids, cfg.allowed_gids, cfg.max_connections_per_uid or 0, self._authorize
+        )
 
     def _live_core(self) -> _core.Loop:
         core = self._core
@@ -224,7 +228,9 @@ class UnixServer(CallbackHost, base_events.Server):
             return
         self._serving = True
         if self._adopted is not None:
-            self._adopted.listen(self._backlog)  # as asyncio: an adopted socket listens once serving starts
+            self._adopted.listen(
+                self._backlog
+            )  # as asyncio: an adopted socket listens once serving starts
         core = self._live_core()
         if not self._polling:
             # The C method itself is the reader callback: no Python frame per pass.
@@ -269,7 +275,9 @@ class UnixServer(CallbackHost, base_events.Server):
         core.begin_drain()
         drained = self._drained_future()
         try:
-            await asyncio.wait_for(asyncio.shield(drained), None if math.isinf(seconds) else seconds)
+            await asyncio.wait_for(
+                asyncio.shield(drained), None if math.isinf(seconds) else seconds
+            )
             return
         except asyncio.TimeoutError:
             left = self.open_connections
@@ -407,7 +415,9 @@ def _ssl_protocol_factory(
                 context,
                 waiter,
                 server_side=True,
-                ssl_handshake_timeout=cast(Any, handshake_timeout),  # typeshed says int; asyncio takes seconds
+                ssl_handshake_timeout=cast(
+                    Any, handshake_timeout
+                ),  # typeshed says int; asyncio takes seconds
                 ssl_shutdown_timeout=cast(Any, shutdown_timeout),
             )
         return sslproto.SSLProtocol(
@@ -451,7 +461,9 @@ async def _create_unix_server(
     if authorize is not None and not callable(authorize):
         raise InvalidHandlerError(f"authorize must be callable, not {type(authorize).__name__}")
     if config is not None and config_fields:
-        raise TypeError(f"give either config= or ServerConfig fields, not both: {sorted(config_fields)}")
+        raise TypeError(
+            f"give either config= or ServerConfig fields, not both: {sorted(config_fields)}"
+        )
     if path is not None:
         if sock is not None:
             raise ValueError("path and sock can not be specified at the same time")
@@ -463,7 +475,9 @@ async def _create_unix_server(
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
             raise ValueError(f"A UNIX Domain Stream Socket was expected, got {sock!r}")
         if "mode" in config_fields or "group" in config_fields:
-            raise ValueError("mode and group do not apply to an adopted socket (sock=): unixsrv never chmods it")
+            raise ValueError(
+                "mode and group do not apply to an adopted socket (sock=): unixsrv never chmods it"
+            )
         path = sock.getsockname()
         if not path:
             raise ValueError(f"the socket passed as sock= is not bound: {sock!r}")
@@ -471,7 +485,9 @@ async def _create_unix_server(
     running = asyncio.get_running_loop()
     if running is not loop:
         raise RuntimeError(f"create_unix_server() of {loop!r} called while {running!r} runs")
-    server = UnixServer(loop, protocol_factory, cfg, ssl, ssl_handshake_timeout, ssl_shutdown_timeout)
+    server = UnixServer(
+        loop, protocol_factory, cfg, ssl, ssl_handshake_timeout, ssl_shutdown_timeout
+    )
     server._authorize = authorize
     if sock is not None:
         server._adopt(sock, cleanup_socket)
@@ -494,7 +510,11 @@ def _config_for(
         return ServerConfig(path=path, backlog=backlog, **fields)
     if adopted or os.fspath(path) != os.fspath(config.path):
         # The path of an adopted socket is the socket's, and it is never chmod-ed.
-        values = {f: getattr(config, f) for f in config.__dataclass_fields__ if f not in ("path", "mode", "group")}
+        values = {
+            f: getattr(config, f)
+            for f in config.__dataclass_fields__
+            if f not in ("path", "mode", "group")
+        }
         if not adopted:
             values.update(mode=config.mode, group=config.group)
         return ServerConfig(path=path, **values)
@@ -606,7 +626,9 @@ class _HostingLoop:
         aiohttp's FileResponse take as "write the data instead"; other
         transports get the base loop's sendfile."""
         if isinstance(transport, _core.Transport):
-            raise NotImplementedError("unixsrv transports have no sendfile(); write the file's data")
+            raise NotImplementedError(
+                "unixsrv transports have no sendfile(); write the file's data"
+            )
         base_sendfile = cast(Any, super()).sendfile
         return cast(int, await base_sendfile(transport, file, offset, count, fallback=fallback))
 
@@ -624,7 +646,11 @@ def loop_class(
     cls = _loop_classes.get(base)
     if cls is None:
         doc = f"{base.__qualname__} serving Unix sockets with unixsrv."
-        cls = type(f"UnixSrv{base.__name__}", (_HostingLoop, base), {"__module__": __name__, "__doc__": doc})
+        cls = type(
+            f"UnixSrv{base.__name__}",
+            (_HostingLoop, base),
+            {"__module__": __name__, "__doc__": doc},
+        )
         _loop_classes[base] = cls
     return cls
 

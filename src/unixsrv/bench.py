@@ -60,8 +60,8 @@ from . import _core
 from .errors import ConfigError
 
 __all__ = [
-    "BenchOptions",
     "RESULT_KEYS",
+    "BenchOptions",
     "add_bench_parser",
     "format_summary",
     "run",
@@ -195,15 +195,31 @@ def run_builtin(
         sock_dir = tempfile.mkdtemp(prefix="usbench-", dir="/tmp")
         path = os.path.join(sock_dir, "echo.sock")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "unixsrv", "--log-level", "WARNING", "serve",
-             "--socket", path, "--echo", "--model", model],
+            [
+                sys.executable,
+                "-m",
+                "unixsrv",
+                "--log-level",
+                "WARNING",
+                "serve",
+                "--socket",
+                path,
+                "--echo",
+                "--model",
+                model,
+            ],
             stdin=subprocess.DEVNULL,
         )
         try:
             _wait_for_socket(path, proc)
             opts = dataclasses.replace(options, path=path, server_pid=proc.pid)
-            result = run(opts, progress=progress, on_established=on_established,
-                         stop_fd=stop_fd, watch_fd=watch_fd)
+            result = run(
+                opts,
+                progress=progress,
+                on_established=on_established,
+                stop_fd=stop_fd,
+                watch_fd=watch_fd,
+            )
         finally:
             _end_process(proc)
             shutil.rmtree(sock_dir, ignore_errors=True)
@@ -229,9 +245,16 @@ def _run_local(
     assert options.path is not None
     _raise_fd_limit(options.connections + _FD_SLACK)
     gen = _core.LoadGen(
-        _address(options.path), options.mode, options.connections, options.size,
-        options.pipeline, first_index, options.server_pid or 0, stop_fd,
-        watch_fd if options.mode == "hold" else -1, progress,
+        _address(options.path),
+        options.mode,
+        options.connections,
+        options.size,
+        options.pipeline,
+        first_index,
+        options.server_pid or 0,
+        stop_fd,
+        watch_fd if options.mode == "hold" else -1,
+        progress,
     )
     try:
         info = gen.connect(options.connect_timeout, options.connect_rate)
@@ -242,10 +265,13 @@ def _run_local(
             raise _connect_error(raw["connect_errno"], options.path)
         if options.mode == "hold" and on_established is not None:
             on_established(_established_info(info, gen.result()))
-        if ready is not None and not ready({**info, "errors": sum(gen.result()["errors"].values())}):
+        if ready is not None and not ready(
+            {**info, "errors": sum(gen.result()["errors"].values())}
+        ):
             return gen.result()
-        return gen.run(options.run_duration, options.warmup, options.requests or 0,
-                       options.stall_timeout)
+        return gen.run(
+            options.run_duration, options.warmup, options.requests or 0, options.stall_timeout
+        )
     finally:
         gen.close()
 
@@ -270,14 +296,16 @@ def _rate_progress(progress: Progress | None) -> Callable[[dict[str, Any]], None
         dt = info["elapsed"] - last["elapsed"]
         rate = (info["done"] - last["done"]) / dt if dt > 0 else 0.0
         last["elapsed"], last["done"] = info["elapsed"], info["done"]
-        progress({
-            "phase": info["phase"],
-            "elapsed": info["elapsed"],
-            "round_trips_per_s": rate,
-            "round_trips": info["round_trips"],
-            "errors": info["errors"],
-            "established": info["established"],
-        })
+        progress(
+            {
+                "phase": info["phase"],
+                "elapsed": info["elapsed"],
+                "round_trips_per_s": rate,
+                "round_trips": info["round_trips"],
+                "errors": info["errors"],
+                "established": info["established"],
+            }
+        )
 
     return tick
 
@@ -306,19 +334,25 @@ def _run_processes(
             if options.requests:
                 req = options.requests // k + (1 if i < options.requests % k else 0)
             child = dataclasses.replace(
-                options, connections=n, requests=req, processes=1,
+                options,
+                connections=n,
+                requests=req,
+                processes=1,
                 duration=options.run_duration,
                 connect_rate=options.connect_rate / k,
                 server_pid=options.server_pid if i == 0 else None,
             )
-            procs.append(subprocess.Popen(_child_argv(child, first), stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE))
+            procs.append(
+                subprocess.Popen(
+                    _child_argv(child, first), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+                )
+            )
             first += n
         return _ChildSet(options, procs, progress, on_established, stop_fd, watch_fd).run()
     finally:
         for proc in procs:
             if proc.stdin is not None and not proc.stdin.closed:
-                proc.stdin.close()     # a child still waiting for "go" gives up
+                proc.stdin.close()  # a child still waiting for "go" gives up
             _end_process(proc)
             for stream in (proc.stdin, proc.stdout):
                 if stream is not None:
@@ -330,12 +364,36 @@ def _run_processes(
 
 def _child_argv(o: BenchOptions, first_index: int) -> list[str]:
     assert o.path is not None
-    argv = [sys.executable, "-m", "unixsrv", "--log-level", "WARNING", "bench", o.path, "--child",
-            "--first-index", str(first_index), "--mode", o.mode,
-            "--connections", str(o.connections), "--size", str(o.size),
-            "--pipeline", str(o.pipeline), "--duration", repr(o.run_duration),
-            "--warmup", repr(o.warmup), "--connect-timeout", repr(o.connect_timeout),
-            "--connect-rate", repr(o.connect_rate), "--stall-timeout", repr(o.stall_timeout)]
+    argv = [
+        sys.executable,
+        "-m",
+        "unixsrv",
+        "--log-level",
+        "WARNING",
+        "bench",
+        o.path,
+        "--child",
+        "--first-index",
+        str(first_index),
+        "--mode",
+        o.mode,
+        "--connections",
+        str(o.connections),
+        "--size",
+        str(o.size),
+        "--pipeline",
+        str(o.pipeline),
+        "--duration",
+        repr(o.run_duration),
+        "--warmup",
+        repr(o.warmup),
+        "--connect-timeout",
+        repr(o.connect_timeout),
+        "--connect-rate",
+        repr(o.connect_rate),
+        "--stall-timeout",
+        repr(o.stall_timeout),
+    ]
     if o.requests:
         argv += ["--requests", str(o.requests)]
     if o.server_pid:
@@ -347,9 +405,15 @@ class _ChildSet:
     """The parent's side of a multi-process run: read the children's JSON
     lines, start them together, forward stops, merge the results."""
 
-    def __init__(self, options: BenchOptions, procs: list[subprocess.Popen[bytes]],
-                 progress: Progress | None, on_established: Progress | None,
-                 stop_fd: int, watch_fd: int) -> None:
+    def __init__(
+        self,
+        options: BenchOptions,
+        procs: list[subprocess.Popen[bytes]],
+        progress: Progress | None,
+        on_established: Progress | None,
+        stop_fd: int,
+        watch_fd: int,
+    ) -> None:
         self.options = options
         self.procs = procs
         self.progress = progress
@@ -375,24 +439,28 @@ class _ChildSet:
         if self.stop_fd >= 0:
             self.sel.register(self.stop_fd, selectors.EVENT_READ, "stop")
         try:
-            self._pump(lambda: len(self.ready) == len(self.procs),
-                       time.monotonic() + o.connect_timeout + 60.0)
+            self._pump(
+                lambda: len(self.ready) == len(self.procs),
+                time.monotonic() + o.connect_timeout + 60.0,
+            )
             if self.stopped:
                 self._stop_children()
             else:
                 if o.mode == "hold" and self.on_established is not None:
-                    self.on_established({
-                        "event": "established",
-                        "connections": sum(r["established"] for r in self.ready.values()),
-                        "failed": sum(r["failed"] for r in self.ready.values()),
-                        "seconds": round(max(r["seconds"] for r in self.ready.values()), 6),
-                        "errors": sum(r["errors"] for r in self.ready.values()),
-                    })
+                    self.on_established(
+                        {
+                            "event": "established",
+                            "connections": sum(r["established"] for r in self.ready.values()),
+                            "failed": sum(r["failed"] for r in self.ready.values()),
+                            "seconds": round(max(r["seconds"] for r in self.ready.values()), 6),
+                            "errors": sum(r["errors"] for r in self.ready.values()),
+                        }
+                    )
                 if self.watch_fd >= 0:
                     try:
                         self.sel.register(self.watch_fd, selectors.EVENT_READ, "watch")
                     except (OSError, ValueError):
-                        self.watch_fd = -1     # not pollable (a file, /dev/null)
+                        self.watch_fd = -1  # not pollable (a file, /dev/null)
                 for proc in self.procs:
                     assert proc.stdin is not None
                     proc.stdin.write(b"go\n")
@@ -432,13 +500,15 @@ class _ChildSet:
             self.sel.unregister(stream)
             if i not in self.results:
                 code = self.procs[i].wait()
-                raise ChildProcessError(f"benchmark child {i} exited with status {code} before reporting")
+                raise ChildProcessError(
+                    f"benchmark child {i} exited with status {code} before reporting"
+                )
             return
         buf = self.bufs[i]
         buf += data
         while (nl := buf.find(b"\n")) >= 0:
             line = bytes(buf[:nl])
-            del buf[:nl + 1]
+            del buf[: nl + 1]
             if line.strip():
                 self._on_message(i, json.loads(line))
 
@@ -451,8 +521,11 @@ class _ChildSet:
         elif event == "result":
             self.results[i] = msg
         elif event == "error":
-            raise OSError(msg.get("errno") or errno.EIO, msg.get("message") or "benchmark child failed",
-                          msg.get("filename"))
+            raise OSError(
+                msg.get("errno") or errno.EIO,
+                msg.get("message") or "benchmark child failed",
+                msg.get("filename"),
+            )
 
     def _request_stop(self) -> None:
         if not self.stopped:
@@ -478,14 +551,16 @@ class _ChildSet:
         t0, d0 = self.last_tick
         self.last_tick = (now, done)
         phases = {m["phase"] for m in self.last.values()}
-        self.progress({
-            "phase": phases.pop() if len(phases) == 1 else "mixed",
-            "elapsed": now - self.start,
-            "round_trips_per_s": (done - d0) / (now - t0),
-            "round_trips": sum(m["round_trips"] for m in self.last.values()),
-            "errors": sum(m["errors"] for m in self.last.values()),
-            "established": sum(m["established"] for m in self.last.values()),
-        })
+        self.progress(
+            {
+                "phase": phases.pop() if len(phases) == 1 else "mixed",
+                "elapsed": now - self.start,
+                "round_trips_per_s": (done - d0) / (now - t0),
+                "round_trips": sum(m["round_trips"] for m in self.last.values()),
+                "errors": sum(m["errors"] for m in self.last.values()),
+                "established": sum(m["established"] for m in self.last.values()),
+            }
+        )
 
 
 def _merge(raws: list[dict[str, Any]], stopped: bool) -> dict[str, Any]:
@@ -506,7 +581,9 @@ def _merge(raws: list[dict[str, Any]], stopped: bool) -> dict[str, Any]:
         "duration_s": max(r["duration_s"] for r in raws),
         "round_trips": sum(r["round_trips"] for r in raws),
         "rt_per_s": sum(r["round_trips"] / r["duration_s"] for r in raws if r["duration_s"] > 0),
-        "bytes_per_s": sum(r["verified_bytes"] / r["duration_s"] for r in raws if r["duration_s"] > 0),
+        "bytes_per_s": sum(
+            r["verified_bytes"] / r["duration_s"] for r in raws if r["duration_s"] > 0
+        ),
         "verified_bytes": sum(r["verified_bytes"] for r in raws),
         "hist": sorted(hist.items()),
         "lat_max_ns": max(r["lat_max_ns"] for r in raws),
@@ -529,8 +606,10 @@ def _summarize(o: BenchOptions, raw: dict[str, Any]) -> dict[str, Any]:
     rps = raw.get("rt_per_s", rt / dur if dur > 0 else 0.0)
     bps = raw.get("bytes_per_s", raw["verified_bytes"] / dur if dur > 0 else 0.0)
     # Percentiles are bucket midpoints (< 0.4 % off); never above the exact max.
-    p50, p99, p999 = (None if p is None else min(p, raw["lat_max_ns"])
-                      for p in _core.hist_percentiles(raw["hist"], (0.5, 0.99, 0.999)))
+    p50, p99, p999 = (
+        None if p is None else min(p, raw["lat_max_ns"])
+        for p in _core.hist_percentiles(raw["hist"], (0.5, 0.99, 0.999))
+    )
     cpu = raw["client_cpu_s"]
     server_cpu = None
     server_per_rt = None
@@ -601,8 +680,11 @@ def format_summary(s: dict[str, Any]) -> str:
         f"   max {f(lat['max'])}",
     ]
     errs = ", ".join(f"{k} {v}" for k, v in s["errors_by_kind"].items() if v)
-    lines.append(f"  errors {s['errors']}" + (f" ({errs})" if errs else "")
-                 + f"   verified {s['verified_bytes']:,} bytes")
+    lines.append(
+        f"  errors {s['errors']}"
+        + (f" ({errs})" if errs else "")
+        + f"   verified {s['verified_bytes']:,} bytes"
+    )
     cpu = f"  client CPU {s['client_cpu_s']:.2f} s"
     if s["client_cpu_share"] is not None:
         cpu += f" ({s['client_cpu_share']:.0%} of a core"
@@ -637,7 +719,8 @@ def _raise_fd_limit(need: int) -> None:
     if hard != resource.RLIM_INFINITY and hard < need:
         raise ConfigError(
             f"{need - _FD_SLACK} connections in one process need about {need} file descriptors, "
-            f"but the hard limit is {hard}: use --processes or raise the limit")
+            f"but the hard limit is {hard}: use --processes or raise the limit"
+        )
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
@@ -701,7 +784,7 @@ class _StopSignals:
 
     def _handler(self, signum: int, frame: object) -> None:
         if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt        # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt  # a second Ctrl-C: give up at once
         self.received = signum
 
     def __exit__(self, *exc: object) -> None:
@@ -723,9 +806,11 @@ class _ProgressLine:
         self.width = 0
 
     def __call__(self, info: dict[str, Any]) -> None:
-        text = (f"[{info['elapsed']:6.1f}s] {info['phase']:<8} {info['round_trips_per_s']:>12,.0f} rt/s"
-                f"   measured {info['round_trips']:,}   errors {info['errors']:,}"
-                f"   conns {info['established']:,}")
+        text = (
+            f"[{info['elapsed']:6.1f}s] {info['phase']:<8} {info['round_trips_per_s']:>12,.0f} rt/s"
+            f"   measured {info['round_trips']:,}   errors {info['errors']:,}"
+            f"   conns {info['established']:,}"
+        )
         self.width = max(self.width, len(text))
         self.stream.write("\r" + text.ljust(self.width))
         self.stream.flush()
@@ -747,31 +832,90 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         help="load-test a Unix socket echo server (no PATH: the built-in one, both models)",
         description=(__doc__ or "").split("\n\n", 1)[0],
     )
-    p.add_argument("path", nargs="?", metavar="PATH",
-                   help="socket of an echo server ('@name' = abstract); none: start the built-in "
-                        "echo server in each model and report both")
-    p.add_argument("--mode", choices=MODES, default="pingpong", help="what to measure (default pingpong)")
-    p.add_argument("--connections", "-c", type=int, default=1, metavar="N", help="connections / slots")
-    p.add_argument("--size", "-s", type=int, default=64, metavar="S", help="message size in bytes (default 64)")
-    p.add_argument("--pipeline", "-p", type=int, default=1, metavar="P",
-                   help="messages in flight per connection (pingpong; default 1)")
-    p.add_argument("--duration", "-d", type=float, default=None, metavar="D",
-                   help="seconds to measure (hold: to hold; 0 = no time bound); default 5, "
-                        "or none when --requests is given")
-    p.add_argument("--requests", "-n", type=int, default=None, metavar="R",
-                   help="stop after R measured round trips (connect: cycles)")
-    p.add_argument("--warmup", type=float, default=0.5, metavar="W",
-                   help="seconds of traffic before measuring (default 0.5)")
-    p.add_argument("--processes", "-k", type=int, default=1, metavar="K",
-                   help="spread the connections over K generator processes")
-    p.add_argument("--server-pid", type=int, default=None, metavar="PID",
-                   help="measure this process's CPU time over the run (/proc/PID/stat)")
-    p.add_argument("--connect-timeout", type=float, default=30.0, metavar="SEC",
-                   help="deadline for opening all connections (default 30)")
-    p.add_argument("--connect-rate", type=float, default=0.0, metavar="PER_S",
-                   help="pace: at most this many new connections per second (default: no pacing)")
-    p.add_argument("--stall-timeout", type=float, default=10.0, metavar="SEC",
-                   help="end the run (as an error) when no round trip completes this long (default 10)")
+    p.add_argument(
+        "path",
+        nargs="?",
+        metavar="PATH",
+        help="socket of an echo server ('@name' = abstract); none: start the built-in "
+        "echo server in each model and report both",
+    )
+    p.add_argument(
+        "--mode", choices=MODES, default="pingpong", help="what to measure (default pingpong)"
+    )
+    p.add_argument(
+        "--connections", "-c", type=int, default=1, metavar="N", help="connections / slots"
+    )
+    p.add_argument(
+        "--size", "-s", type=int, default=64, metavar="S", help="message size in bytes (default 64)"
+    )
+    p.add_argument(
+        "--pipeline",
+        "-p",
+        type=int,
+        default=1,
+        metavar="P",
+        help="messages in flight per connection (pingpong; default 1)",
+    )
+    p.add_argument(
+        "--duration",
+        "-d",
+        type=float,
+        default=None,
+        metavar="D",
+        help="seconds to measure (hold: to hold; 0 = no time bound); default 5, "
+        "or none when --requests is given",
+    )
+    p.add_argument(
+        "--requests",
+        "-n",
+        type=int,
+        default=None,
+        metavar="R",
+        help="stop after R measured round trips (connect: cycles)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=0.5,
+        metavar="W",
+        help="seconds of traffic before measuring (default 0.5)",
+    )
+    p.add_argument(
+        "--processes",
+        "-k",
+        type=int,
+        default=1,
+        metavar="K",
+        help="spread the connections over K generator processes",
+    )
+    p.add_argument(
+        "--server-pid",
+        type=int,
+        default=None,
+        metavar="PID",
+        help="measure this process's CPU time over the run (/proc/PID/stat)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=30.0,
+        metavar="SEC",
+        help="deadline for opening all connections (default 30)",
+    )
+    p.add_argument(
+        "--connect-rate",
+        type=float,
+        default=0.0,
+        metavar="PER_S",
+        help="pace: at most this many new connections per second (default: no pacing)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=10.0,
+        metavar="SEC",
+        help="end the run (as an error) when no round trip completes this long (default 10)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per run (JSON Lines)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -781,10 +925,18 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 def _options(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(
-        path=args.path, mode=args.mode, connections=args.connections, size=args.size,
-        pipeline=args.pipeline, duration=args.duration, requests=args.requests,
-        warmup=args.warmup, processes=args.processes, server_pid=args.server_pid,
-        connect_timeout=args.connect_timeout, connect_rate=args.connect_rate,
+        path=args.path,
+        mode=args.mode,
+        connections=args.connections,
+        size=args.size,
+        pipeline=args.pipeline,
+        duration=args.duration,
+        requests=args.requests,
+        warmup=args.warmup,
+        processes=args.processes,
+        server_pid=args.server_pid,
+        connect_timeout=args.connect_timeout,
+        connect_rate=args.connect_rate,
         stall_timeout=args.stall_timeout,
     )
 
@@ -805,11 +957,19 @@ def _bench_command(args: argparse.Namespace) -> int:
     with _StopSignals() as stop:
         try:
             if options.path is None:
-                results = run_builtin(options, progress=line, on_established=established,
-                                      stop_fd=stop.fd, watch_fd=0)
+                results = run_builtin(
+                    options, progress=line, on_established=established, stop_fd=stop.fd, watch_fd=0
+                )
             else:
-                results = [run(options, progress=line, on_established=established,
-                               stop_fd=stop.fd, watch_fd=0)]
+                results = [
+                    run(
+                        options,
+                        progress=line,
+                        on_established=established,
+                        stop_fd=stop.fd,
+                        watch_fd=0,
+                    )
+                ]
         finally:
             if line is not None:
                 line.clear()
@@ -834,11 +994,24 @@ def _child_main(options: BenchOptions, first_index: int) -> int:
 
     with _StopSignals() as stop:
         try:
-            raw = _run_local(options, lambda info: emit({"event": "progress", **info}), None,
-                             stop.fd, 0, first_index, ready)
+            raw = _run_local(
+                options,
+                lambda info: emit({"event": "progress", **info}),
+                None,
+                stop.fd,
+                0,
+                first_index,
+                ready,
+            )
         except OSError as exc:
-            emit({"event": "error", "errno": exc.errno, "message": exc.strerror or str(exc),
-                  "filename": exc.filename})
+            emit(
+                {
+                    "event": "error",
+                    "errno": exc.errno,
+                    "message": exc.strerror or str(exc),
+                    "filename": exc.filename,
+                }
+            )
             return 2
     emit({"event": "result", **raw})
     return 0

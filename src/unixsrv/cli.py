@@ -94,31 +94,67 @@ def _build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run a server until SIGINT/SIGTERM")
     serve.add_argument("--socket", dest="path", help="socket path ('@name' = Linux abstract name)")
-    serve.add_argument("--config", help="JSON file with ServerConfig fields or golib keys; flags override it")
+    serve.add_argument(
+        "--config", help="JSON file with ServerConfig fields or golib keys; flags override it"
+    )
     serve.add_argument("--mode", help="socket file mode, e.g. 0660 or rw-rw---- (default 0770)")
     serve.add_argument("--group", help="group name or gid for the socket file")
-    serve.add_argument("--idle-timeout", metavar="DURATION", help="close connections idle this long (1m30s, 0.5)")
+    serve.add_argument(
+        "--idle-timeout", metavar="DURATION", help="close connections idle this long (1m30s, 0.5)"
+    )
     serve.add_argument("--max-connections", type=int, help="refuse connections beyond this many")
     serve.add_argument("--backlog", type=int, help="listen(2) backlog (default 1024)")
-    serve.add_argument("--shutdown-timeout", metavar="DURATION", default="10",
-                       help="grace period on SIGINT/SIGTERM (default 10 s; inf = no limit)")
-    serve.add_argument("--model", choices=["event", "blocking"], default="event", help="handler model for --echo")
-    serve.add_argument("--workers", metavar="N|auto",
-                       help="serve from N worker processes (auto: one per CPU); SIGHUP replaces them one by one")
+    serve.add_argument(
+        "--shutdown-timeout",
+        metavar="DURATION",
+        default="10",
+        help="grace period on SIGINT/SIGTERM (default 10 s; inf = no limit)",
+    )
+    serve.add_argument(
+        "--model", choices=["event", "blocking"], default="event", help="handler model for --echo"
+    )
+    serve.add_argument(
+        "--workers",
+        metavar="N|auto",
+        help="serve from N worker processes (auto: one per CPU); SIGHUP replaces them one by one",
+    )
     what = serve.add_mutually_exclusive_group(required=True)
     what.add_argument("--echo", action="store_true", help="serve the built-in echo")
     what.add_argument("--handler", metavar="MODULE:FUNCTION", help="blocking-model handler(conn)")
-    what.add_argument("--protocol", metavar="MODULE:FACTORY", help="event-model asyncio.Protocol factory")
-    serve.add_argument("--allow-uid", action="append", metavar="USER",
-                       help="admit this user (name or uid; repeat or comma-separate); default: anyone")
-    serve.add_argument("--allow-gid", action="append", metavar="GROUP",
-                       help="admit members of this group (name or gid, supplementary groups count; repeatable)")
-    serve.add_argument("--max-connections-per-uid", type=int, metavar="N", help="open connections one user may have")
-    serve.add_argument("--authorize", metavar="MODULE:FUNCTION", help="authorize(peer) -> bool, after the lists")
-    serve.add_argument("--socket-name", metavar="NAME",
-                       help="socket activation: the passed socket with this FileDescriptorName=")
-    serve.add_argument("--metrics", metavar="HOST:PORT|PATH",
-                       help="serve Prometheus metrics over HTTP on HOST:PORT or on a Unix socket PATH")
+    what.add_argument(
+        "--protocol", metavar="MODULE:FACTORY", help="event-model asyncio.Protocol factory"
+    )
+    serve.add_argument(
+        "--allow-uid",
+        action="append",
+        metavar="USER",
+        help="admit this user (name or uid; repeat or comma-separate); default: anyone",
+    )
+    serve.add_argument(
+        "--allow-gid",
+        action="append",
+        metavar="GROUP",
+        help="admit members of this group (name or gid, supplementary groups count; repeatable)",
+    )
+    serve.add_argument(
+        "--max-connections-per-uid",
+        type=int,
+        metavar="N",
+        help="open connections one user may have",
+    )
+    serve.add_argument(
+        "--authorize", metavar="MODULE:FUNCTION", help="authorize(peer) -> bool, after the lists"
+    )
+    serve.add_argument(
+        "--socket-name",
+        metavar="NAME",
+        help="socket activation: the passed socket with this FileDescriptorName=",
+    )
+    serve.add_argument(
+        "--metrics",
+        metavar="HOST:PORT|PATH",
+        help="serve Prometheus metrics over HTTP on HOST:PORT or on a Unix socket PATH",
+    )
     serve.set_defaults(func=_serve)
 
     from .bench import add_bench_parser
@@ -127,8 +163,12 @@ def _build_parser() -> argparse.ArgumentParser:
     # --log-level also after the sub-command; SUPPRESS keeps the top-level
     # value when it is not repeated there.
     for command in sub.choices.values():
-        command.add_argument("--log-level", default=argparse.SUPPRESS, choices=_LOG_LEVELS,
-                             help="as before the sub-command")
+        command.add_argument(
+            "--log-level",
+            default=argparse.SUPPRESS,
+            choices=_LOG_LEVELS,
+            help="as before the sub-command",
+        )
     return parser
 
 
@@ -136,7 +176,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    stops = _StopRequests(reload=args.workers is not None)  # first of all: from here on a SIGINT/SIGTERM is recorded, never lost
+    stops = _StopRequests(
+        reload=args.workers is not None
+    )  # first of all: from here on a SIGINT/SIGTERM is recorded, never lost
     try:
         _pause_for_test("handlers")
         timeout = _duration("--shutdown-timeout", args.shutdown_timeout, infinite=True)
@@ -175,17 +217,23 @@ def _make_server(args: argparse.Namespace) -> tuple[Server | _HostedServer, str]
     server: Server | _HostedServer
     if args.protocol:
         if args.workers is not None:
-            raise ConfigError("--workers serves --echo or --handler; --protocol runs in one process")
+            raise ConfigError(
+                "--workers serves --echo or --handler; --protocol runs in one process"
+            )
         server = _HostedServer(config, _import(args.protocol), args.protocol, authorize)
         what = args.protocol
     else:
         if args.echo:
-            handler, factory = (echo_handler, None) if args.model == "blocking" else (None, EchoProtocol)
+            handler, factory = (
+                (echo_handler, None) if args.model == "blocking" else (None, EchoProtocol)
+            )
             what = f"echo ({args.model} model)"
         else:
             handler, factory = _import(args.handler), None
             what = args.handler
-        server = Server(config, handler, protocol=factory, authorize=authorize, workers=_workers(args.workers))
+        server = Server(
+            config, handler, protocol=factory, authorize=authorize, workers=_workers(args.workers)
+        )
     if os.environ.get(_PAUSE_ENV) == "listening":
         # start() reports "starting listening socket" on its caller's thread
         # once the socket accepts and before it returns.
@@ -214,7 +262,9 @@ class _StopRequests:
         # SIGHUP (--workers) replaces the workers; without them it keeps its default action.
         self._signals = (*_STOP_SIGNALS, signal.SIGHUP) if reload else _STOP_SIGNALS
         self._r, self._w = os.pipe()
-        os.set_blocking(self._w, False)  # set_wakeup_fd requires it; a full pipe drops a byte, never blocks
+        os.set_blocking(
+            self._w, False
+        )  # set_wakeup_fd requires it; a full pipe drops a byte, never blocks
         # The pipe before the handlers: a signal between the two would run a
         # handler that records nothing.
         self._previous_wakeup = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
@@ -228,8 +278,9 @@ class _StopRequests:
         gracefully (on a thread, so this one stays free for the next), the
         second closes at once, later ones are only logged."""
         self._watching = True
-        threading.Thread(target=self._put_when_stopped, args=(server,), name="unixsrv stop watcher",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._put_when_stopped, args=(server,), name="unixsrv stop watcher", daemon=True
+        ).start()
         graceful: _GracefulStop | None = None
         cut: int | None = None  # connections open when a second signal closed the server
         while (signum := os.read(self._r, 1)[0]) != 0:
@@ -237,11 +288,15 @@ class _StopRequests:
                 continue  # a signal some other Python handler (the user's module) receives
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
-                assert isinstance(server, Server)  # recorded only with --workers, refused with --protocol
+                assert isinstance(
+                    server, Server
+                )  # recorded only with --workers, refused with --protocol
                 _reload(server)
             elif graceful is None:
                 limit = "no time limit" if math.isinf(timeout) else f"up to {timeout:g} s"
-                logger.info("%s: shutting down gracefully (%s; repeat to stop at once)", name, limit)
+                logger.info(
+                    "%s: shutting down gracefully (%s; repeat to stop at once)", name, limit
+                )
                 graceful = _GracefulStop(server, timeout)
             elif cut is None:
                 logger.info("%s: closing now", name)
@@ -280,7 +335,9 @@ class _StopRequests:
         for signum in self._signals:
             signal.signal(signum, signal.SIG_IGN)
         signal.set_wakeup_fd(self._previous_wakeup)
-        if not self._watching:  # else (an error ended serve early) the process exits with the pipe open
+        if (
+            not self._watching
+        ):  # else (an error ended serve early) the process exits with the pipe open
             os.close(self._r)
             os.close(self._w)
 
@@ -322,7 +379,7 @@ class _GracefulStop(threading.Thread):
             self._server.shutdown(self._timeout)
         except ShutdownTimeoutError as exc:
             self.failure = exc
-        except Exception as exc:  # noqa: BLE001 - a stop that fails must still stop: close() at once
+        except Exception as exc:
             logger.error("graceful shutdown failed (%s: %s); closing now", type(exc).__name__, exc)
             self.failure = exc
             self._server.close()
@@ -343,20 +400,28 @@ class _HostedServer:
     """
 
     def __init__(
-        self, config: ServerConfig, factory: Any, what: str, authorize: Callable[[PeerCredentials], bool] | None
+        self,
+        config: ServerConfig,
+        factory: Any,
+        what: str,
+        authorize: Callable[[PeerCredentials], bool] | None,
     ) -> None:
         if not callable(factory):
-            raise InvalidHandlerError(f"{what} is not a protocol factory (not callable): {factory!r}")
+            raise InvalidHandlerError(
+                f"{what} is not a protocol factory (not callable): {factory!r}"
+            )
         self._config = config
         self._factory = factory
         self._authorize = authorize
         self._info: Callable[[str], object] | None = None
         self._server: UnixServer | None = None
         self._loop = new_event_loop()
-        self._thread = threading.Thread(target=self._run_loop, name="unixsrv asyncio loop", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run_loop, name="unixsrv asyncio loop", daemon=True
+        )
         self._lock = threading.Lock()
-        self._stopping = 0     # stop calls waiting for their result
-        self._done = False     # the loop was told to stop
+        self._stopping = 0  # stop calls waiting for their result
+        self._done = False  # the loop was told to stop
 
     @property
     def path(self) -> str:
@@ -459,13 +524,17 @@ def _config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.config:
         base = _load_config_file(args.config)
         data.update({k: getattr(base, k) for k in base.__dataclass_fields__})
-        if base.is_abstract or base.fd is not None:  # no file of ours: the defaults apply to a --socket file
+        if (
+            base.is_abstract or base.fd is not None
+        ):  # no file of ours: the defaults apply to a --socket file
             del data["mode"], data["group"]
     overrides = {
         "path": args.path,
         "mode": args.mode,
         "group": args.group,
-        "idle_timeout": None if args.idle_timeout is None else _duration("--idle-timeout", args.idle_timeout),
+        "idle_timeout": None
+        if args.idle_timeout is None
+        else _duration("--idle-timeout", args.idle_timeout),
         "max_connections": args.max_connections,
         "backlog": args.backlog,
         "allowed_uids": ",".join(args.allow_uid) if args.allow_uid else None,
@@ -476,7 +545,9 @@ def _config_from_args(args: argparse.Namespace) -> ServerConfig:
     data["sd_notify"] = True  # a no-op unless systemd (or a test) set $NOTIFY_SOCKET
     activated = "path" not in data and os.environ.get("LISTEN_FDS")
     if args.socket_name is not None and not activated:
-        raise ConfigError("--socket-name picks a socket passed by socket activation: no $LISTEN_FDS, or --socket given")
+        raise ConfigError(
+            "--socket-name picks a socket passed by socket activation: no $LISTEN_FDS, or --socket given"
+        )
     if activated:
         # Socket activation: the socket's mode is the .socket unit's (SocketMode=).
         for key in ("mode", "group"):
@@ -493,7 +564,9 @@ def _serve_metrics(address: str, server: Server | _HostedServer) -> Any:
     try:
         from .metrics import collect_servers, serve_metrics
     except ImportError as exc:
-        raise ConfigError(f"--metrics needs prometheus_client (pip install 'unixsrv[metrics]'): {exc}") from None
+        raise ConfigError(
+            f"--metrics needs prometheus_client (pip install 'unixsrv[metrics]'): {exc}"
+        ) from None
     return serve_metrics(address, collect_servers([server]))
 
 
@@ -504,13 +577,17 @@ def _load_config_file(path: str) -> ServerConfig:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror or exc}") from None
+        raise ConfigError(
+            f"{path}: cannot read the configuration file: {exc.strerror or exc}"
+        ) from None
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+        raise ConfigError(
+            f"{path}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
     except RecursionError:
         raise ConfigError(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
@@ -522,11 +599,19 @@ def _load_config_file(path: str) -> ServerConfig:
 
 
 def _json_type(value: Any) -> str:
-    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    names = {
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+_NUMBER = re.compile(
+    r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE
+)
 
 
 def _duration(option: str, text: str, *, infinite: bool = False) -> float:
@@ -541,7 +626,9 @@ def _duration(option: str, text: str, *, infinite: bool = False) -> float:
     try:
         return parse_duration(value)
     except ConfigError as exc:
-        allowed = "a number of seconds >= 0, a Go duration such as 1m30s" + (", or inf" if infinite else "")
+        allowed = "a number of seconds >= 0, a Go duration such as 1m30s" + (
+            ", or inf" if infinite else ""
+        )
         raise ConfigError(f"{option} {text!r}: {exc}; expected {allowed}") from None
 
 
@@ -560,10 +647,12 @@ def _import(spec: str) -> Any:
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name == module_name or module_name.startswith(f"{exc.name}."):  # the module (or a parent) is missing
+        if exc.name == module_name or module_name.startswith(
+            f"{exc.name}."
+        ):  # the module (or a parent) is missing
             raise ConfigError(f"cannot load {spec!r}: {exc}") from None
         raise ConfigError(_import_failure(module_name, exc)) from None
-    except Exception as exc:  # noqa: BLE001 - SyntaxError, or whatever the module raised while it ran
+    except Exception as exc:
         raise ConfigError(_import_failure(module_name, exc)) from None
     try:
         for part in attr.split("."):
@@ -581,7 +670,7 @@ def _import_failure(module_name: str, exc: Exception) -> str:
     else:
         try:
             spec = importlib.util.find_spec(module_name)
-        except Exception:  # noqa: BLE001 - a parent package that fails too: name the module only
+        except Exception:
             spec = None
         where = spec.origin if spec is not None and spec.origin else "?"
         problem = f"{type(exc).__name__}: {exc}"

@@ -24,7 +24,7 @@ from . import systemd
 from ._core import HAVE_ABSTRACT, SUN_PATH_MAX
 from .errors import ConfigError, InvalidGroupError, InvalidModeError, InvalidPathError
 
-__all__ = ["ServerConfig", "DEFAULT_MODE", "parse_mode", "parse_duration", "MAX_GID"]
+__all__ = ["DEFAULT_MODE", "MAX_GID", "ServerConfig", "parse_duration", "parse_mode"]
 
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
@@ -122,7 +122,9 @@ class ServerConfig:
         sd_notify: bool = False,
     ) -> None:
         if fd is not None and (mode is not None or group is not None):
-            raise ConfigError("an inherited socket (fd=) is never chmod-ed: mode and group must be None")
+            raise ConfigError(
+                "an inherited socket (fd=) is never chmod-ed: mode and group must be None"
+            )
         normalised_path, abstract = _normalise_path(path)
         _set(self, "path", normalised_path)
         if abstract:
@@ -172,7 +174,9 @@ class ServerConfig:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"fd {fd}: {exc}") from None
             if bound != self.address:
-                raise InvalidPathError(f"fd {fd} is bound to {bound!r}, not to the path {self.display_path!r}")
+                raise InvalidPathError(
+                    f"fd {fd} is bound to {bound!r}, not to the path {self.display_path!r}"
+                )
 
     @classmethod
     def from_systemd(cls, name: str | None = None, **fields: Any) -> ServerConfig:
@@ -241,7 +245,9 @@ class ServerConfig:
             if key == "network":
                 net = str(value).strip().strip("'\"").lower()
                 if net != "unix":
-                    raise ConfigError(f"network {value!r} is not supported: unixsrv serves 'unix' (stream) sockets")
+                    raise ConfigError(
+                        f"network {value!r} is not supported: unixsrv serves 'unix' (stream) sockets"
+                    )
             elif key == "address":
                 put("path", value, key)
             elif key == "perm-file":
@@ -252,7 +258,9 @@ class ServerConfig:
                 if isinstance(gid, str) and re.fullmatch(r"-?\d+", gid):
                     gid = int(gid)
                 if isinstance(gid, bool) or not isinstance(gid, int):
-                    raise InvalidGroupError(f"group-perm must be an integer gid (-1 = the process's group), got {value!r}")
+                    raise InvalidGroupError(
+                        f"group-perm must be an integer gid (-1 = the process's group), got {value!r}"
+                    )
                 if gid != -1:
                     put("group", gid, key)
             elif key == "con-idle-timeout":
@@ -264,7 +272,9 @@ class ServerConfig:
                 else:
                     enabled = value
                 if enabled:
-                    raise ConfigError("TLS is enabled in the configuration but unixsrv serves plain Unix sockets")
+                    raise ConfigError(
+                        "TLS is enabled in the configuration but unixsrv serves plain Unix sockets"
+                    )
             elif key in fields:
                 put(key, value, key)
             else:
@@ -307,7 +317,9 @@ def parse_mode(value: int | str) -> int:
             bits = text[-9:]
             mode = sum(1 << (8 - i) for i, ch in enumerate(bits) if ch != "-")
         else:
-            raise InvalidModeError(f"invalid permission {value!r}: use octal like '0660' or symbolic like 'rw-rw----'")
+            raise InvalidModeError(
+                f"invalid permission {value!r}: use octal like '0660' or symbolic like 'rw-rw----'"
+            )
     else:
         raise InvalidModeError(f"mode must be an int or a string, not {type(value).__name__}")
     if not 0 <= mode <= 0o777:
@@ -348,7 +360,9 @@ def parse_duration(value: Any) -> float:
         while pos < len(body):
             m = _DURATION_PART.match(body, pos)
             if not m:
-                raise ConfigError(f"invalid duration {value!r}: expected a Go duration such as '1m30s' or '500ms'")
+                raise ConfigError(
+                    f"invalid duration {value!r}: expected a Go duration such as '1m30s' or '500ms'"
+                )
             seconds += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
             pos = m.end()
         if not body:
@@ -378,18 +392,26 @@ def _normalise_path(value: Any) -> tuple[str | bytes, bool]:
     elif isinstance(value, os.PathLike):
         path = os.fspath(value)
     else:
-        raise InvalidPathError(f"path must be str, bytes or os.PathLike, not {type(value).__name__}")
+        raise InvalidPathError(
+            f"path must be str, bytes or os.PathLike, not {type(value).__name__}"
+        )
     if not path:
         raise InvalidPathError("the socket path is empty")
     raw = path if isinstance(path, bytes) else os.fsencode(path)
     if _is_abstract(path):
         if not HAVE_ABSTRACT:
-            raise InvalidPathError(f"abstract socket names exist only on Linux, not on {sys.platform}: {path!r}")
+            raise InvalidPathError(
+                f"abstract socket names exist only on Linux, not on {sys.platform}: {path!r}"
+            )
         if len(raw) < 2:
-            raise InvalidPathError("an abstract socket name needs at least one character after '@' or NUL")
+            raise InvalidPathError(
+                "an abstract socket name needs at least one character after '@' or NUL"
+            )
         # sun_path holds the leading NUL plus the name, with no terminator.
         if len(raw) > SUN_PATH_MAX + 1:
-            raise InvalidPathError(f"abstract name is {len(raw) - 1} bytes; the limit is {SUN_PATH_MAX} bytes: {path!r}")
+            raise InvalidPathError(
+                f"abstract name is {len(raw) - 1} bytes; the limit is {SUN_PATH_MAX} bytes: {path!r}"
+            )
         return path, True
     if b"\0" in raw:
         raise InvalidPathError(f"a filesystem socket path cannot contain NUL: {path!r}")

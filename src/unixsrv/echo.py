@@ -6,7 +6,7 @@ import asyncio
 
 from ._core import Connection
 
-__all__ = ["echo_handler", "EchoProtocol"]
+__all__ = ["EchoProtocol", "echo_handler"]
 
 
 def echo_handler(conn: Connection) -> None:

@@ -16,18 +16,18 @@ import errno
 import os
 
 __all__ = [
-    "UnixSrvError",
+    "AddressInUseError",
     "ConfigError",
-    "InvalidPathError",
-    "InvalidModeError",
+    "IdleTimeoutError",
     "InvalidGroupError",
     "InvalidHandlerError",
-    "AddressInUseError",
-    "ShutdownTimeoutError",
+    "InvalidModeError",
+    "InvalidPathError",
     "ServerClosedError",
-    "IdleTimeoutError",
-    "WorkerError",
+    "ShutdownTimeoutError",
+    "UnixSrvError",
     "WorkerCrashLoopError",
+    "WorkerError",
 ]
 
 

@@ -48,6 +48,7 @@ class Measured(Protocol):
 
     def stats(self) -> dict[str, int]: ...
 
+
 __all__ = ["MetricsEndpoint", "ServerCollector", "collect_servers", "serve_metrics"]
 
 logger = logging.getLogger("unixsrv.metrics")
@@ -56,8 +57,16 @@ logger = logging.getLogger("unixsrv.metrics")
 _COUNTERS = (
     ("unixsrv_connections_accepted", "accepted", "Connections handed to a handler or protocol."),
     ("unixsrv_connections_closed", "closed", "Accepted connections closed since."),
-    ("unixsrv_connections_denied", "denied", "Connections refused by the allow-lists or authorize."),
-    ("unixsrv_connections_rejected", "rejected", "Connections refused by max_connections or max_connections_per_uid."),
+    (
+        "unixsrv_connections_denied",
+        "denied",
+        "Connections refused by the allow-lists or authorize.",
+    ),
+    (
+        "unixsrv_connections_rejected",
+        "rejected",
+        "Connections refused by max_connections or max_connections_per_uid.",
+    ),
     ("unixsrv_errors", "errors", "Errors reported through on_error."),
     ("unixsrv_received_bytes", "bytes_in", "Bytes received from clients."),
     ("unixsrv_sent_bytes", "bytes_out", "Bytes sent to clients."),
@@ -90,13 +99,17 @@ class ServerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             servers = list(self._servers)
-        counters = [CounterMetricFamily(name, text, labels=["socket"]) for name, _key, text in _COUNTERS]
+        counters = [
+            CounterMetricFamily(name, text, labels=["socket"]) for name, _key, text in _COUNTERS
+        ]
         gauge = GaugeMetricFamily(
-            "unixsrv_open_connections", "Connections accepted and not yet closed.", labels=["socket"]
+            "unixsrv_open_connections",
+            "Connections accepted and not yet closed.",
+            labels=["socket"],
         )
         for server in servers:
             stats = server.stats()
-            for family, (_name, key, _text) in zip(counters, _COUNTERS):
+            for family, (_name, key, _text) in zip(counters, _COUNTERS, strict=True):
                 family.add_metric([server.path], stats[key])
             gauge.add_metric([server.path], stats["open"])
         yield from counters
@@ -153,7 +166,9 @@ def _http_handler(registry: CollectorRegistry) -> Callable[[Any], None]:
         lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
         method, _, rest = lines[0].partition(" ")
         target = rest.partition(" ")[0].partition("?")[0]
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])
+        }
         if method not in ("GET", "HEAD"):
             _respond(conn, 405, "text/plain", b"method not allowed\n")
         elif target not in ("/", "/metrics"):
@@ -165,10 +180,17 @@ def _http_handler(registry: CollectorRegistry) -> Callable[[Any], None]:
     return handler
 
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large"}
+_REASONS = {
+    200: "OK",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+}
 
 
-def _respond(conn: Any, status: int, content_type: str, body: bytes, head_only: bool = False) -> None:
+def _respond(
+    conn: Any, status: int, content_type: str, body: bytes, head_only: bool = False
+) -> None:
     header = (
         f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"

@@ -114,14 +114,18 @@ def worker_count(workers: object) -> int:
 class _Worker:
     """The parent's record of one worker process."""
 
-    def __init__(self, slot: int, pid: int, status_fd: int, stats: _core.Stats, spare: bool) -> None:
+    def __init__(
+        self, slot: int, pid: int, status_fd: int, stats: _core.Stats, spare: bool
+    ) -> None:
         self.slot = slot
         self.pid = pid
         self.status_fd = status_fd  # read end; -1 once EOF was seen
         self.stats = stats
         self.started = time.monotonic()
         self.ready = False  # its loop accepts
-        self.retiring = False  # asked to stop, or being replaced by reload(): not replaced when it ends
+        self.retiring = (
+            False  # asked to stop, or being replaced by reload(): not replaced when it ends
+        )
         self.spare = spare  # forked by reload(): not replaced if it ends before it took over
         self.ended = False
 
@@ -219,7 +223,9 @@ class Prefork:
                     self._starting = False
             if self._stopped.is_set():  # a stop came while the listener was made
                 return
-            self._thread = threading.Thread(target=self._supervise, name=f"unixsrv workers {self._server.path}")
+            self._thread = threading.Thread(
+                target=self._supervise, name=f"unixsrv workers {self._server.path}"
+            )
             self._thread.start()
         try:
             self._wait_started()
@@ -265,14 +271,19 @@ class Prefork:
 
     def _wait_started(self) -> None:
         with self._cond:
-            while not self._stopped.is_set() and sum(w.ready for w in self._workers.values()) < self._count:
+            while (
+                not self._stopped.is_set()
+                and sum(w.ready for w in self._workers.values()) < self._count
+            ):
                 self._cond.wait()
             failure = self._failure
             ok = not self._stopped.is_set() and not self._stopping
             if ok:
                 self._ready.set()
         if ok:
-            self._server._info(f"starting listening socket 'unix {self._server.path}' ({self._count} workers)")
+            self._server._info(
+                f"starting listening socket 'unix {self._server.path}' ({self._count} workers)"
+            )
             return
         self._stopped.wait()
         if failure is not None:
@@ -322,7 +333,9 @@ class Prefork:
         with self._cond:
             forced = self._forced
         if graceful and forced:
-            raise ShutdownTimeoutError(f"{forced} worker(s) still draining after {timeout:g} s were stopped")
+            raise ShutdownTimeoutError(
+                f"{forced} worker(s) still draining after {timeout:g} s were stopped"
+            )
 
     def _begin_stop(self, first: int) -> bool:
         """With _cond held: no more forks, the socket file removed and our
@@ -362,7 +375,10 @@ class Prefork:
                 while (
                     not self._stopping
                     and request.failed is None
-                    and not (request.worker is not None and (request.worker.ready or request.worker.ended))
+                    and not (
+                        request.worker is not None
+                        and (request.worker.ready or request.worker.ended)
+                    )
                 ):
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -406,7 +422,11 @@ class Prefork:
                     for entry in [e for e in self._signals if e[0] <= now]:
                         self._signals.remove(entry)
                         self._send(entry[1], late=entry[2])
-                    wait = min([r.at for r in self._requests] + [e[0] for e in self._signals] + [now + _REAP_EVERY])
+                    wait = min(
+                        [r.at for r in self._requests]
+                        + [e[0] for e in self._signals]
+                        + [now + _REAP_EVERY]
+                    )
                 for request in due:
                     self._fork(request)
                 for key, _ in selector.select(max(wait - time.monotonic(), 0.0)):
@@ -508,7 +528,9 @@ class Prefork:
                 worker.ready = True
                 self._cond.notify_all()
                 return
-            self._close_status(worker)  # EOF: it is ending; _reap collects it (now or within _REAP_EVERY)
+            self._close_status(
+                worker
+            )  # EOF: it is ending; _reap collects it (now or within _REAP_EVERY)
 
     def _close_status(self, worker: _Worker) -> None:
         if worker.status_fd >= 0:
@@ -549,7 +571,11 @@ class Prefork:
                 self._crashes = self._crashes + 1 if quick else 1
             crash_loop = not expected and self._crashes >= CRASH_LOOP_LIMIT
             if replace and not crash_loop:
-                delay = 0.0 if self._crashes <= 1 else min(BACKOFF_FIRST * 2 ** (self._crashes - 2), BACKOFF_MAX)
+                delay = (
+                    0.0
+                    if self._crashes <= 1
+                    else min(BACKOFF_FIRST * 2 ** (self._crashes - 2), BACKOFF_MAX)
+                )
                 self._requests.append(_Spawn(now + delay))
             self._cond.notify_all()
         how = _describe(status)
@@ -578,7 +604,7 @@ class Prefork:
         code = 1
         try:
             code = self._worker_main(slot, status_r, status_w)
-        except BaseException:  # noqa: BLE001 - whatever it was, the worker ends here, reported
+        except BaseException:
             traceback.print_exc()
         finally:
             for stream in (sys.stdout, sys.stderr):

@@ -190,7 +190,9 @@ class CallbackHost:
         outside a handler thread are not swallowed: they propagate (the loop
         stops after its current dispatch, serve_forever cleans up and
         re-raises)."""
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not getattr(self._workers, "active", False):
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not getattr(
+            self._workers, "active", False
+        ):
             raise exc
         self._report(exc)
 
@@ -209,15 +211,25 @@ class CallbackHost:
             fn(exc)
         except (KeyboardInterrupt, SystemExit) as err:
             if getattr(self._workers, "active", False):
-                logger.exception("unixsrv %s: the on_error callback raised while reporting %r", self.path, exc)
+                logger.exception(
+                    "unixsrv %s: the on_error callback raised while reporting %r", self.path, exc
+                )
             else:
                 raise err from exc
         except BaseException:
-            logger.exception("unixsrv %s: the on_error callback raised while reporting %r", self.path, exc)
+            logger.exception(
+                "unixsrv %s: the on_error callback raised while reporting %r", self.path, exc
+            )
 
     def _unreported(self, exc: BaseException, level: int) -> None:
         """An error with no on_error registered: logged at `level`."""
-        logger.log(level, "unixsrv %s: %s", self.path, exc, exc_info=exc if level >= logging.ERROR else None)
+        logger.log(
+            level,
+            "unixsrv %s: %s",
+            self.path,
+            exc,
+            exc_info=exc if level >= logging.ERROR else None,
+        )
 
 
 class Server(CallbackHost):
@@ -251,13 +263,19 @@ class Server(CallbackHost):
         if not isinstance(config, ServerConfig):
             raise TypeError(f"config must be a ServerConfig, not {type(config).__name__}")
         if (handler is None) == (protocol is None):
-            raise InvalidHandlerError("give exactly one of handler= (blocking model) or protocol= (event model)")
+            raise InvalidHandlerError(
+                "give exactly one of handler= (blocking model) or protocol= (event model)"
+            )
         if handler is not None and not callable(handler):
             raise InvalidHandlerError(f"handler must be callable, not {type(handler).__name__}")
         if protocol is not None and not callable(protocol):
-            raise InvalidHandlerError(f"protocol must be a callable protocol factory, not {type(protocol).__name__}")
+            raise InvalidHandlerError(
+                f"protocol must be a callable protocol factory, not {type(protocol).__name__}"
+            )
         if update_conn is not None and not callable(update_conn):
-            raise InvalidHandlerError(f"update_conn must be callable, not {type(update_conn).__name__}")
+            raise InvalidHandlerError(
+                f"update_conn must be callable, not {type(update_conn).__name__}"
+            )
         if authorize is not None and not callable(authorize):
             raise InvalidHandlerError(f"authorize must be callable, not {type(authorize).__name__}")
         self._authorize = authorize
@@ -376,7 +394,10 @@ class Server(CallbackHost):
                 return
             ready = threading.Event()
             self._thread = threading.Thread(
-                target=self._run_in_background, args=(loop, ready), name=f"unixsrv {self.path}", daemon=True
+                target=self._run_in_background,
+                args=(loop, ready),
+                name=f"unixsrv {self.path}",
+                daemon=True,
             )
             self._thread.start()
         try:
@@ -463,7 +484,9 @@ class Server(CallbackHost):
         """Access control, the listener (created, or the inherited fd=), and
         the systemd notifications of this run."""
         cfg = self._config
-        loop.set_access(cfg.allowed_uids, cfg.allowed_gids, cfg.max_connections_per_uid or 0, self._authorize)
+        loop.set_access(
+            cfg.allowed_uids, cfg.allowed_gids, cfg.max_connections_per_uid or 0, self._authorize
+        )
         # A worker process of workers=N serves the parent's listener, whose
         # file only the parent unlinks (no unlink_path, never chmod-ed).
         inherited = cfg.fd if self._listen_fd is None else self._listen_fd
@@ -473,7 +496,9 @@ class Server(CallbackHost):
             _adopt_inherited(loop, cfg, inherited)
             if self._listen_fd is not None:
                 loop.share_listener()
-        wanted = cfg.sd_notify and self._listen_fd is None and systemd.Notifier.wanted()  # not from workers
+        wanted = (
+            cfg.sd_notify and self._listen_fd is None and systemd.Notifier.wanted()
+        )  # not from workers
         self._notifier = systemd.Notifier() if wanted else None
         if self._notifier is not None:
             notifier, stats = self._notifier, self._stats
@@ -577,7 +602,9 @@ class Server(CallbackHost):
         if loop is not None and loop.on_loop_thread():
             self._close_now(loop)  # from a callback: the loop exits after it
         elif self._on_server_thread():
-            threading.Thread(target=self._stop, kwargs={"graceful": False, "timeout": 0.0}, daemon=True).start()
+            threading.Thread(
+                target=self._stop, kwargs={"graceful": False, "timeout": 0.0}, daemon=True
+            ).start()
         else:
             self._stop(graceful=False, timeout=0.0)
 
@@ -585,7 +612,9 @@ class Server(CallbackHost):
         """Wait until the server is stopped, at most ``timeout`` seconds
         (None or math.inf: no limit); True if it is."""
         if self._prefork is not None:
-            return self._prefork.wait(_finite(math.inf if timeout is None else _check_timeout(timeout)))
+            return self._prefork.wait(
+                _finite(math.inf if timeout is None else _check_timeout(timeout))
+            )
         return _wait_event(self._stopped, math.inf if timeout is None else _check_timeout(timeout))
 
     def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
@@ -638,7 +667,9 @@ class Server(CallbackHost):
                 self._post(loop, lambda: self._close_now(loop))
             else:
                 self._post(loop, loop.request_exit)
-            stopped = _wait_event(self._stopped, max(deadline - time.monotonic(), 0.0) + _STOP_GRACE)
+            stopped = _wait_event(
+                self._stopped, max(deadline - time.monotonic(), 0.0) + _STOP_GRACE
+            )
         finally:
             with self._lock:
                 self._stoppers -= 1
@@ -648,7 +679,9 @@ class Server(CallbackHost):
             raise ShutdownTimeoutError(
                 f"{left} connection(s) still open after {timeout:g} s of graceful shutdown were force-closed"
             )
-        busy = "the loop thread is busy in a callback; it completes the stop when the callback returns"
+        busy = (
+            "the loop thread is busy in a callback; it completes the stop when the callback returns"
+        )
         if graceful:
             raise ShutdownTimeoutError(f"the server did not stop within {timeout:g} s: {busy}")
         logger.warning("unixsrv %s: close(): %s", self.path, busy)
@@ -722,7 +755,9 @@ class Server(CallbackHost):
 
     def _check_not_forked(self) -> None:
         if self._forked():
-            raise RuntimeError("this Server was inherited through fork(); create a new one in the child process")
+            raise RuntimeError(
+                "this Server was inherited through fork(); create a new one in the child process"
+            )
 
     def _stop_accepting_then(self, then: Callable[[], None]) -> None:
         """A worker process retiring: stop accepting now (on the loop thread)
@@ -785,7 +820,9 @@ class Server(CallbackHost):
                 self._handler(conn)  # type: ignore[misc]
         except BaseException as exc:  # even SystemExit: a handler never ends a worker
             ended = exc
-            if not (isinstance(exc, SystemExit) and self._forked()):  # a child's sys.exit() is its status
+            if not (
+                isinstance(exc, SystemExit) and self._forked()
+            ):  # a child's sys.exit() is its status
                 self._report(exc)
         finally:
             if self._forked():
@@ -807,7 +844,9 @@ class _CancelWatcher:
         self._cancel = cancel
         self._close = close
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="unixsrv cancel watcher", daemon=True)
+        self._thread = threading.Thread(
+            target=self._watch, name="unixsrv cancel watcher", daemon=True
+        )
         self._thread.start()
 
     def _watch(self) -> None:
@@ -828,7 +867,9 @@ def _check_timeout(timeout: object) -> float:
     """A stop's timeout: seconds >= 0, or math.inf for no limit.  A bool is
     refused too: ``shutdown(True)`` reads as a flag, not as one second."""
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise TypeError(f"timeout must be a number of seconds or math.inf, not {type(timeout).__name__}")
+        raise TypeError(
+            f"timeout must be a number of seconds or math.inf, not {type(timeout).__name__}"
+        )
     seconds = float(timeout)
     if math.isnan(seconds) or seconds < 0:
         raise ValueError(f"timeout must be a number of seconds >= 0 or math.inf, got {timeout!r}")
@@ -871,8 +912,17 @@ def _listener_args(cfg: ServerConfig) -> dict[str, Any]:
     """Where and how _core.open_listener creates the socket file."""
     address = cfg.address
     if cfg.is_abstract:
-        return dict(address=address, display=cfg.display_path, unlink_path=None, mode=0, gid=-1,
-                    dir_path=b"", base=b"", tmp_name=b"", use_proc=False)
+        return dict(
+            address=address,
+            display=cfg.display_path,
+            unlink_path=None,
+            mode=0,
+            gid=-1,
+            dir_path=b"",
+            base=b"",
+            tmp_name=b"",
+            use_proc=False,
+        )
     dir_path, base = os.path.split(address)
     dir_path = dir_path or b"."
     tmp_name = b".us-" + os.urandom(6).hex().encode()

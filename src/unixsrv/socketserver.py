@@ -167,9 +167,7 @@ class _RequestSocket(_core.NamedSocket):
 
     __slots__ = ("_conn",)
 
-    def __init__(
-        self, *args: Any, name: Any = None, conn: Connection | None = None
-    ) -> None:
+    def __init__(self, *args: Any, name: Any = None, conn: Connection | None = None) -> None:
         super().__init__(*args)
         self._name = name  # what getsockname() says (NamedSocket)
         self._conn = conn
@@ -348,11 +346,7 @@ class _Acceptor(Server):
         stdlib's thread joins, nothing of the server runs afterwards."""
         super().close()
         thread = self._core_thread
-        if (
-            thread is not None
-            and thread is not threading.current_thread()
-            and not self._forked()
-        ):
+        if thread is not None and thread is not threading.current_thread() and not self._forked():
             thread.join()
             self._core_thread = None
 
@@ -444,9 +438,7 @@ class UnixStreamServer(_std.UnixStreamServer):
         config: ServerConfig | None = None,
     ) -> None:
         if config is not None and not isinstance(config, ServerConfig):
-            raise TypeError(
-                f"config must be a ServerConfig, not {type(config).__name__}"
-            )
+            raise TypeError(f"config must be a ServerConfig, not {type(config).__name__}")
         if server_address is None and config is not None:
             server_address = config.address if config.is_abstract else config.path
         BaseServer.__init__(self, server_address, RequestHandlerClass)
@@ -454,8 +446,7 @@ class UnixStreamServer(_std.UnixStreamServer):
         self._acceptor: _Acceptor | None = None
         self._pending: _Pending | None = None
         self._abandoned: (
-            weakref.finalize[[_Acceptor, _Pending, socket.socket], UnixStreamServer]
-            | None
+            weakref.finalize[[_Acceptor, _Pending, socket.socket], UnixStreamServer] | None
         ) = None
         self.socket = _ListeningSocket(self.address_family, self.socket_type)
         if bind_and_activate:
@@ -510,9 +501,7 @@ class UnixStreamServer(_std.UnixStreamServer):
         # Dropped without server_close() (or still open at exit): stop the
         # core and remove the file rather than leave a listener whose
         # connections nobody will ever take.
-        self._abandoned = weakref.finalize(
-            self, _abandon, acceptor, pending, self.socket
-        )
+        self._abandoned = weakref.finalize(self, _abandon, acceptor, pending, self.socket)
         # What the stdlib's getsockname() would say: str for a path, bytes
         # for an abstract name.
         address: Any = self.server_address
@@ -679,7 +668,7 @@ class ThreadingMixIn(_std.ThreadingMixIn):
         job.start()
         try:
             self.process_request_thread(request, client_address)
-        except BaseException as exc:  # noqa: BLE001 - as a thread's run(): anything that escapes goes to the hook
+        except BaseException as exc:
             ended = exc
             if not (
                 isinstance(exc, SystemExit) and os.getpid() != pid

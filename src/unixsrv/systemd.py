@@ -61,11 +61,15 @@ def listen_fd(name: str | None = None) -> int:
     names = names_text.split(":") if names_text is not None else []
     if name is None:
         if count != 1:
-            raise ValueError(f"{count} sockets passed ({', '.join(names) or 'unnamed'}): choose one by name")
+            raise ValueError(
+                f"{count} sockets passed ({', '.join(names) or 'unnamed'}): choose one by name"
+            )
         index = 0
     else:
         if name not in names[:count]:
-            raise ValueError(f"no socket named {name!r} passed (FileDescriptorName=; passed: {names[:count]})")
+            raise ValueError(
+                f"no socket named {name!r} passed (FileDescriptorName=; passed: {names[:count]})"
+            )
         index = names.index(name)
     fd = LISTEN_FDS_START + index
     listening_address(fd)
@@ -131,7 +135,9 @@ class Notifier:
         mine = not wd_pid or (wd_pid.isdigit() and int(wd_pid) == os.getpid())
         #: Seconds between WATCHDOG=1 pings (half the timeout, as sd_watchdog_enabled(3)
         #: recommends), None without a watchdog.
-        self.watchdog: float | None = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 and mine else None
+        self.watchdog: float | None = (
+            int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 and mine else None
+        )
         self.interval = self.watchdog if self.watchdog is not None else _STATUS_INTERVAL
         self._ready = False
         self._status: int | None = None

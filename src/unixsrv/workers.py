@@ -153,6 +153,8 @@ def exit_forked_child(ended: BaseException | None) -> NoReturn:
         status = 1
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
-            with contextlib.suppress(OSError, ValueError):  # broken or closed: it must not keep the child alive
+            with contextlib.suppress(
+                OSError, ValueError
+            ):  # broken or closed: it must not keep the child alive
                 stream.flush()
     os._exit(status)
