@@ -10,6 +10,7 @@ import asyncio
 import logging
 import math
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -299,11 +300,32 @@ def test_shutdown_with_an_infinite_timeout(echo_server: Server, sock_path: str) 
 # ---------------------------------------------------------------------------- interrupted shutdown
 
 
+def _main_thread_sleeps_in_the_kernel() -> bool:
+    """True while the main thread is blocked in a system call (state ``S``
+    in /proc/<pid>/task/<tid>/stat, proc(5)), not running bytecode."""
+    tid = threading.main_thread().native_id
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            stat = f.read()
+    except OSError:  # no procfs (macOS): the Python-level check alone
+        return True
+    return stat[stat.rindex(")") + 2] == "S"
+
+
 @pytest.fixture
-def interrupt_main() -> Iterator[Callable[[Callable[[], bool]], threading.Thread]]:
-    """``interrupt_main(when)``: a thread that, once ``when()`` is true,
-    raises KeyboardInterrupt in the main thread (as Ctrl-C does), through
-    SIGUSR1 so pytest's own SIGINT handling stays out of it."""
+def interrupt_main() -> Iterator[Callable[[Callable[[], bool]], None]]:
+    """``interrupt_main(when)``: once ``when()`` is true and the main thread
+    is asleep in a system call, raise KeyboardInterrupt in the main thread
+    (as Ctrl-C does), through SIGUSR1 so pytest's own SIGINT handling stays
+    out of it.
+
+    The interrupt must land while the main thread is blocked in a wait, as a
+    test means it: a signal handler that raises while the thread runs
+    Python code can land inside the threading module's own bookkeeping
+    (between a lock's acquire and the ``try`` that releases it), leak that
+    lock and hang the next ``Thread.start()``.  So the helper thread is
+    started before the test runs anything interruptible, and it signals only
+    after seeing the main thread asleep in the kernel twice in a row."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers run on the main thread only")
 
@@ -311,26 +333,36 @@ def interrupt_main() -> Iterator[Callable[[Callable[[], bool]], threading.Thread
         raise KeyboardInterrupt
 
     main = threading.main_thread().ident or 0
-    previous = signal.signal(signal.SIGUSR1, raise_interrupt)
-    threads: list[threading.Thread] = []
+    requests: queue.SimpleQueue[Callable[[], bool] | None] = queue.SimpleQueue()
 
-    def start(when: Callable[[], bool]) -> threading.Thread:
-        def body() -> None:
-            wait_until(when)
+    def parked_in(when: Callable[[], bool]) -> Callable[[], bool]:
+        seen = [False]
+
+        def check() -> bool:
+            now = when() and _main_thread_sleeps_in_the_kernel()
+            twice, seen[0] = seen[0] and now, now
+            return twice
+
+        return check
+
+    def body() -> None:
+        while (when := requests.get()) is not None:
+            wait_until(parked_in(when))
             # To the main thread itself: a process-directed signal may land on
             # another thread, and then the main thread's blocked wait is not
             # interrupted (EINTR) and the handler runs only when it ends.
             signal.pthread_kill(main, signal.SIGUSR1)
 
-        t = threading.Thread(target=body, daemon=True)
-        t.start()
-        threads.append(t)
-        return t
-
-    yield start
-    for t in threads:
-        t.join(DEADLINE)
-    signal.signal(signal.SIGUSR1, previous)
+    previous = signal.signal(signal.SIGUSR1, raise_interrupt)
+    helper = threading.Thread(target=body, daemon=True)
+    helper.start()
+    try:
+        yield requests.put
+    finally:
+        requests.put(None)
+        helper.join(DEADLINE)
+        signal.signal(signal.SIGUSR1, previous)
+    assert not helper.is_alive(), "the interrupting thread did not end"
 
 
 def _main_thread_waits_in(function: str) -> bool:
