@@ -1,4 +1,4 @@
-"""The surface of the C extension ``unixsrv._core`` as plain Python can reach it.
+"""The surface of the C extensions ``unixsrv._core`` and ``unixsrv._loadgen`` as plain Python can reach it.
 
 The loop makes its objects through ``__new__`` (or ``PyType_GenericAlloc``)
 and fills in their C fields itself; Python code can also make them, through
@@ -85,27 +85,27 @@ REPRODUCTIONS = {
         "RuntimeError",
     ),
     "LoadGen.__new__ result": (
-        "_core.LoadGen.__new__(_core.LoadGen).result()",
+        "_loadgen.LoadGen.__new__(_loadgen.LoadGen).result()",
         "RuntimeError",
     ),
     "LoadGen.__init__ out of memory keeps fd 0": (
         (
             "import gc, os\n"
-            "try: _core.LoadGen(b'/tmp/x', 'pingpong', 2**20, 1, pipeline=2**31 - 1)\n"
+            "try: _loadgen.LoadGen(b'/tmp/x', 'pingpong', 2**20, 1, pipeline=2**31 - 1)\n"
             "except MemoryError: pass\n"
             "gc.collect(); os.fstat(0); raise LookupError"
         ),
         "LookupError",
     ),
     "LoadGen.__new__ run": (
-        "_core.LoadGen.__new__(_core.LoadGen).run(0.1)",
+        "_loadgen.LoadGen.__new__(_loadgen.LoadGen).run(0.1)",
         "RuntimeError",
     ),
 }
 
 _PRELUDE = """\
 import unixsrv
-from unixsrv import _core
+from unixsrv import _core, _loadgen
 C, S, T, L = _core.Connection, _core._Stream, _core.Transport, _core.Loop
 """
 
@@ -135,7 +135,7 @@ def test_misuse_raises_instead_of_crashing(
     assert last.split(":")[0].rsplit(".", 1)[-1] == expected, f"expected {expected}; stderr:\n{err}"
 
 
-#: The fuzzer, run in a child: every type defined by unixsrv._core (and its
+#: The fuzzer, run in a child: every type defined by unixsrv._core and unixsrv._loadgen (and their
 #: module-level functions), made with (), (None,) and __new__; every method
 #: called and every property read with each argument shape; every settable
 #: attribute set to each shape, after which every method is called again
@@ -147,8 +147,9 @@ import types
 SKIP = {"__init_subclass__", "__subclasshook__", "__class__", "__new__", "__getattribute__",
         "__setattr__", "__delattr__", "__dir__"}
 shapes_base = [None, 0, -1, b"x", 2**100, "s"]
-core_types = sorted((v for v in vars(_core).values()
-                     if isinstance(v, type) and v.__module__ == "unixsrv._core"), key=lambda t: t.__name__)
+MODULES = (_core, _loadgen)
+core_types = sorted((v for m in MODULES for v in vars(m).values()
+                     if isinstance(v, type) and v.__module__ == m.__name__), key=lambda t: t.__name__)
 calls = 0
 made = set()
 
@@ -223,9 +224,10 @@ for t in core_types:
                     if attempt(setattr, obj, name, s) is None:
                         poke(obj, shapes_base)
                     attempt(delattr, obj, name)
-for name, fn in sorted(vars(_core).items()):
-    if isinstance(fn, types.BuiltinFunctionType) and fn.__module__ == "unixsrv._core":
-        call_shapes(fn, shapes_base)
+for m in MODULES:
+    for name, fn in sorted(vars(m).items()):
+        if isinstance(fn, types.BuiltinFunctionType) and fn.__module__ == m.__name__:
+            call_shapes(fn, shapes_base)
 print("calls", calls)
 print("made", " ".join(sorted(made)))
 """

@@ -77,13 +77,13 @@ def named_socket(int fd, object name):
 # Loops that may need retiring in a forked child.
 _live_loops = _weakref.WeakSet()
 
+include "_oserror.pxi"
 include "_stats.pxi"
 include "_callbacks.pxi"
 include "_listener.pxi"
 include "_conn.pxi"
 include "_stream.pxi"
 include "_loop.pxi"
-include "_client.pxi"
 include "_request.pxi"
 
 

@@ -1,6 +1,6 @@
 """``unixsrv bench``: a load generator for any Unix stream socket server.
 
-The work is done by :class:`unixsrv._core.LoadGen` (see ``_client.pxi``): one
+The work is done by :class:`unixsrv._loadgen.LoadGen` (its own extension): one
 thread, non-blocking AF_UNIX sockets, an epoll/kqueue loop in C with the GIL
 released for the whole run, every echoed byte checked against the bytes sent.
 This module adds the options, the multi-process mode, the built-in echo
@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import _core
+from . import _loadgen
 from .errors import ConfigError
 
 __all__ = [
@@ -244,7 +244,7 @@ def _run_local(
     run; returning False skips the run."""
     assert options.path is not None
     _raise_fd_limit(options.connections + _FD_SLACK)
-    gen = _core.LoadGen(
+    gen = _loadgen.LoadGen(
         _address(options.path),
         options.mode,
         options.connections,
@@ -608,7 +608,7 @@ def _summarize(o: BenchOptions, raw: dict[str, Any]) -> dict[str, Any]:
     # Percentiles are bucket midpoints (< 0.4 % off); never above the exact max.
     p50, p99, p999 = (
         None if p is None else min(p, raw["lat_max_ns"])
-        for p in _core.hist_percentiles(raw["hist"], (0.5, 0.99, 0.999))
+        for p in _loadgen.hist_percentiles(raw["hist"], (0.5, 0.99, 0.999))
     )
     cpu = raw["client_cpu_s"]
     server_cpu = None
