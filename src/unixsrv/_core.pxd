@@ -106,6 +106,28 @@ cdef class Callbacks:
     cdef public object update_conn
 
 
+cdef class LoopOwner:
+    cdef readonly object report
+    cdef readonly object conn_state
+    cdef readonly object update_conn
+    cdef readonly object spawn
+    cdef readonly object drained
+    cdef int _check(self, bint blocking_model) except -1
+
+
+cdef class LoopConfig:
+    cdef readonly LoopOwner owner
+    cdef readonly Stats stats
+    cdef readonly Callbacks callbacks
+    cdef readonly object factory
+    cdef readonly double idle_timeout
+    cdef readonly size_t max_connections
+    cdef readonly size_t read_size
+    cdef readonly size_t high_water
+    cdef readonly size_t low_water
+    cdef readonly size_t max_write_buffer
+
+
 cdef class Loop
 
 
@@ -121,6 +143,8 @@ cdef class _ConnBase:
     cdef int _idle_expired(self) except -1
     cdef int _begin_drain(self) except -1
     cdef int _force_close(self) except -1
+    cdef bint _lifecycle_begin(self) except -1
+    cdef int _lifecycle_end(self) except -1
 
 
 cdef class Connection(_ConnBase):
@@ -208,7 +232,7 @@ cdef class Loop:
     cdef unsigned long thread_id
     cdef Stats stats
     cdef Callbacks callbacks
-    cdef object server
+    cdef LoopOwner owner
     cdef object factory
     cdef object pending
     cdef list finalizing
@@ -277,9 +301,7 @@ cdef class Loop:
     cdef int _callback_error(self, object exc, object level=*) except -1
     cdef void _wake(self) noexcept
     cdef int _check_init(self) except -1
-    cdef int _setup(self, server, Stats stats, Callbacks callbacks, bint event_model, factory,
-                    double idle_timeout, size_t max_connections, size_t read_size,
-                    size_t high_water, size_t low_water, size_t max_write_buffer) except -1
+    cdef int _setup(self, LoopConfig config) except -1
     cdef int _check_owner(self) except -1
     cdef void _rotate_listener(self) noexcept nogil
     cdef void _push_peer(self, int kind, int fd, size_t off, ssize_t n, long pid, long uid, long gid) noexcept nogil
