@@ -37,7 +37,7 @@ from .connstate import ConnState
 from .errors import InvalidHandlerError, ServerClosedError, ShutdownTimeoutError
 from .peer import PeerCredentials
 from .prefork import Prefork, worker_count
-from .workers import WorkerPool
+from .threadpool import ThreadPool
 
 __all__ = ["Server"]
 
@@ -301,7 +301,7 @@ class Server(CallbackHost):
         self._protocol = protocol
         self._init_callbacks()
         self._callbacks.update_conn = update_conn
-        self._pool = WorkerPool(self._serve_connection) if handler is not None else None
+        self._pool = ThreadPool(self._serve_connection) if handler is not None else None
         self._lock = threading.Lock()  # state changes; never held across a wait
         self._start_lock = threading.Lock()  # one start at a time
         self._stop_requested = False  # a stop called while STARTING
@@ -823,7 +823,7 @@ class Server(CallbackHost):
 
         In a process the handler forked, the child exits as soon as the
         handler ends there, with the status it asked for (sys.exit(8) -> 8,
-        returned -> 0, raised -> 1): see workers.exit_forked_child.  The
+        returned -> 0, raised -> 1): see threadpool.exit_forked_child.  The
         connection's close and CLOSE belong to the parent.
         """
         workers = self._workers
@@ -841,7 +841,7 @@ class Server(CallbackHost):
         finally:
             if self._forked():
                 # Imported here, not at the top: the rare path.
-                from .workers import exit_forked_child
+                from .threadpool import exit_forked_child
 
                 exit_forked_child(ended)
             ended = None  # no reference cycle through the traceback's frame
