@@ -398,3 +398,68 @@ def test_histogram_percentiles_refuse_buckets_out_of_range(bucket):
     histogram is an error, never a shift past 64 bits."""
     with pytest.raises(IndexError):
         _loadgen.hist_percentiles({0: 1, bucket: 1}, (0.5,))
+
+
+# ------------------------------------------------------------------ progress line
+
+_INFO = {
+    "elapsed": 1.0,
+    "phase": "measure",
+    "round_trips_per_s": 1234.0,
+    "round_trips": 1234,
+    "errors": 0,
+    "established": 2,
+}
+
+
+def test_progress_line_is_rewritten_in_place_only_on_a_terminal():
+    """On a terminal (a pty here) the status line is redrawn with \\r and
+    cleared before other output; into a file or pipe each update is a plain
+    line and nothing is erased."""
+    import io
+
+    from unixsrv.bench import _ProgressLine
+
+    plain = io.StringIO()
+    line = _ProgressLine(plain)
+    line(_INFO)
+    line({**_INFO, "elapsed": 2.0})
+    line.clear()
+    assert "\r" not in plain.getvalue()
+    assert len(plain.getvalue().splitlines()) == 2
+    assert plain.getvalue().endswith("conns 2\n")
+
+    primary, secondary = os.openpty()
+    try:
+        with open(secondary, "w", closefd=False) as tty:
+            line = _ProgressLine(tty)
+            line(_INFO)
+            width = line.width
+            line.clear()
+        # "\r" + the text, then "\r" + blanks + "\r"; a pty may hand it over in pieces.
+        want, drawn = 2 * width + 3, b""
+        while len(drawn) < want:
+            drawn += os.read(primary, want - len(drawn))
+        drawn = drawn.decode()
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert drawn.startswith("\r[") and "\n" not in drawn
+    assert drawn.endswith("\r")  # cleared: the next output starts at column 0
+
+
+def test_cli_progress_into_a_file_is_plain_lines(echo_server, spawn, tmp_path):
+    """`unixsrv bench` with stderr redirected to a file (not --json, not
+    --quiet) writes its progress as whole lines, no \\r in the file."""
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = spawn(
+            CLI, "bench", echo_server.path, "-c", "2", "-d", "2.5", "--warmup", "0", stderr=stderr
+        )
+        out, _ = proc.communicate(timeout=DEADLINE)
+    err = log.read_text()
+    assert proc.returncode == 0, err
+    assert "\r" not in err
+    progress = [ln for ln in err.splitlines() if " rt/s " in ln]
+    assert progress, f"no progress line in {err!r}"
+    assert "round trips" in out or "rt/s" in out

@@ -799,11 +799,17 @@ class _StopSignals:
 
 
 class _ProgressLine:
-    """The live status line on stderr, rewritten in place."""
+    """The live status on stderr: on a terminal one line rewritten in place
+    (``\r``); anywhere else (a file, a pipe, a CI log) a plain line per
+    update, which stays readable there."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
         self.width = 0
+        try:
+            self.in_place = bool(stream.isatty())
+        except (AttributeError, ValueError):  # no isatty(), or a closed stream
+            self.in_place = False
 
     def __call__(self, info: dict[str, Any]) -> None:
         text = (
@@ -811,11 +817,16 @@ class _ProgressLine:
             f"   measured {info['round_trips']:,}   errors {info['errors']:,}"
             f"   conns {info['established']:,}"
         )
-        self.width = max(self.width, len(text))
-        self.stream.write("\r" + text.ljust(self.width))
+        if self.in_place:
+            self.width = max(self.width, len(text))
+            self.stream.write("\r" + text.ljust(self.width))
+        else:
+            self.stream.write(text + "\n")
         self.stream.flush()
 
     def clear(self) -> None:
+        """Before other output: erase the line in place (nothing to do for
+        plain lines)."""
         if self.width:
             self.stream.write("\r" + " " * self.width + "\r")
             self.stream.flush()
