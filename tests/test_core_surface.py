@@ -21,7 +21,16 @@ from typing import Any
 
 import pytest
 
-from conftest import DEADLINE, Collect, Recorder, connect, finish, on_loop, wait_until
+from conftest import (
+    DEADLINE,
+    Collect,
+    Recorder,
+    connect,
+    env_for_child,
+    finish,
+    on_loop,
+    wait_until,
+)
 from unixsrv import Server
 
 #: Each finding of the hardening issue (issue 8, finding 1) that crashed the
@@ -128,7 +137,7 @@ def _run_child(
     # Under AddressSanitizer (setup.py) a too-big allocation aborts unless it
     # may return NULL, as the allocator does without it (a MemoryError here).
     asan = ":".join(filter(None, [os.environ.get("ASAN_OPTIONS"), "allocator_may_return_null=1"]))
-    proc = spawn(_PRELUDE + code, cwd=cwd, env={**os.environ, "ASAN_OPTIONS": asan})
+    proc = spawn(_PRELUDE + code, cwd=cwd, env=env_for_child(ASAN_OPTIONS=asan))
     code_, out, err = finish(proc, timeout=6 * DEADLINE)
     assert code_ >= 0, f"the child died of signal {-code_}; stderr:\n{err}"
     return code_, out, err

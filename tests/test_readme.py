@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from conftest import DEADLINE, connect, recv_exactly, wait_until
+from conftest import DEADLINE, connect, env_for_child, recv_exactly, wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -125,8 +125,7 @@ def test_example_runs_as_written(
     """The example at README line ``line``, unchanged, in a child process."""
     workdir = os.path.join(sock_dir, "cwd")
     os.mkdir(workdir)
-    env = {**os.environ, "XDG_RUNTIME_DIR": sock_dir}
-    proc = spawn(code, cwd=workdir, env=env)
+    proc = spawn(code, cwd=workdir, env=env_for_child(XDG_RUNTIME_DIR=sock_dir))
     if "serve_forever()" not in code:  # it ends by itself
         _, err = proc.communicate(timeout=DEADLINE)
         assert proc.returncode == 0, f"README line {line} exited {proc.returncode}:\n{err}"
