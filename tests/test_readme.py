@@ -49,11 +49,15 @@ FRAGMENTS = {
     ),
 }
 
-#: What a serving example answers, by the name of its socket file.
+#: What each serving example answers, by the name of its socket file.
 EXCHANGES = {
     "upper.sock": (b"hello", b"HELLO"),  # Quick start, blocking model
     "app.sock": (b"hello", b"hello"),  # Switching from asyncio (an echo)
+    "http.sock": (b"GET / HTTP/1.0\r\n\r\n", b"HTTP/1.0 200"),  # Switching from socketserver
 }
+# Every serving example gets an answer before its SIGINT: the answer shows
+# that it reached serve_forever() (the socket file exists from the bind on,
+# and an interrupt before serve_forever() would end it another way).
 
 
 def _blocks(text: str) -> Iterator[tuple[int, str, str]]:
@@ -137,11 +141,10 @@ def test_example_runs_as_written(
     )
     (name,) = sockets
     path = os.path.join(sock_dir, name)
+    sent, expected = EXCHANGES[name]
     with connect(path) as s:
-        if name in EXCHANGES:
-            sent, expected = EXCHANGES[name]
-            s.sendall(sent)
-            assert recv_exactly(s, len(expected)) == expected
+        s.sendall(sent)
+        assert recv_exactly(s, len(expected)) == expected
     os.kill(proc.pid, signal.SIGINT)  # Ctrl-C
     _, err = proc.communicate(timeout=DEADLINE)
     assert not os.path.exists(path), f"README line {line} left {path} behind:\n{err}"
