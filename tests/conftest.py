@@ -61,6 +61,7 @@ from typing import Any
 
 import pytest
 
+import unixsrv
 from unixsrv import Server, ServerClosedError, ServerConfig, ShutdownTimeoutError
 from unixsrv.echo import EchoProtocol
 
@@ -545,6 +546,16 @@ def env_without_preload() -> dict[str, str]:
     (curl, pgrep): built without ASan, they die or hang under the suite's
     inherited ASan preload."""
     return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
+def env_for_child(**extra: str) -> dict[str, str]:
+    """This environment (plus ``extra``) with the directory of the unixsrv
+    under test first on PYTHONPATH, as an absolute path: a child started in
+    another working directory imports the same package (a relative
+    PYTHONPATH such as "src" would name another directory there)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(unixsrv.__file__)))
+    path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def child_pids(pid: int | None = None) -> set[int]:
