@@ -988,36 +988,51 @@ def render_png(data: dict[str, Any], summ: Summary, path: str) -> None:
     ]
     if rss:
         panels.append(("rss_per_conn_bytes", "server RSS per idle connection (bytes, log)", rss))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 4.2 * len(panels)))
-    width = 0.8 / len(servers)
-    for ax, (field_, title, scs) in zip(axes, panels, strict=True):
-        for j, srv in enumerate(servers):
-            xs, ys = [], []
-            for i, sc in enumerate(scs):
-                v = summ.get((sc["key"], srv), {}).get(field_)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 4.2 * len(panels)), squeeze=False)
+    handles: dict[str, Any] = {}
+    for ax, (field_, title, scs) in zip(axes[:, 0], panels, strict=True):
+        for i, sc in enumerate(scs):
+            # Each scenario's group holds only the servers measured in it (the
+            # HTTP servers have no echo figures and the other way round).
+            present = [
+                (srv, v)
+                for srv in servers
+                if (v := summ.get((sc["key"], srv), {}).get(field_)) is not None
+            ]
+            width = 0.8 / max(len(present), 1)
+            for j, (srv, v) in enumerate(present):
                 x = i - 0.4 + width * (j + 0.5)
-                if v is not None and v >= 1:
-                    xs.append(x)
-                    ys.append(v)
-                elif v is not None:  # below the log axis (e.g. the C server's ~0 B)
+                if v < 1:  # below the log axis (e.g. the C server's ~0 B)
                     ax.text(
                         x, 1.15, "≈0", ha="center", va="bottom", fontsize=7, color=colors.get(srv)
                     )
-            ax.bar(xs, ys, width, label=srv, color=colors.get(srv))
+                    continue
+                bars = ax.bar([x], [v], width, color=colors.get(srv))
+                handles.setdefault(srv, bars)
         ax.set_yscale("log")
         ax.set_ylim(bottom=1 if field_ == "rss_per_conn_bytes" else None)
         ax.set_title(title)
         ax.set_xticks(range(len(scs)))
         ax.set_xticklabels([s["key"] for s in scs])
         ax.grid(axis="y", which="both", alpha=0.3)
-    axes[0].legend(ncol=4, fontsize=8, loc="upper left")
+    order = [srv for srv in servers if srv in handles]
+    fig.legend(
+        [handles[srv] for srv in order],
+        order,
+        ncol=4,
+        fontsize=8,
+        loc="lower center",
+        frameon=False,
+    )
+    legend_rows = (len(order) + 3) // 4
     m = data["machine"]
     fig.suptitle(
         f"unixsrv vs peers — {m['nproc']} CPUs, Linux {m['kernel']}, Python {m['python']}, "
         f"{m['date']} (medians of {data['options']['rounds']} round(s))",
         fontsize=10,
     )
-    fig.tight_layout()
+    # room at the bottom for the legend: about 0.18 inch per row of it
+    fig.tight_layout(rect=(0, min(0.3, 0.18 * legend_rows / fig.get_figheight() + 0.01), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
