@@ -445,17 +445,23 @@ def run_bench(path: str, timeout: float, preexec: Any = None, **options: Any) ->
     return _json_result(bench_argv(path, **options), timeout, preexec)
 
 
-def _json_result(argv: list[str], timeout: float, preexec: Any) -> dict[str, Any]:
-    """Run a generator that prints its result as a JSON line (exit status 1 =
-    errors were counted: the result still comes back)."""
-    proc = subprocess.Popen(
+def _spawn_generator(argv: list[str], stdin: int, preexec: Any) -> subprocess.Popen[bytes]:
+    """A load generator (unixsrv bench or http_load) with its stdout and
+    stderr piped, run from the repository's root."""
+    return subprocess.Popen(
         argv,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=ROOT,
         preexec_fn=preexec,
     )
+
+
+def _json_result(argv: list[str], timeout: float, preexec: Any) -> dict[str, Any]:
+    """Run a generator that prints its result as a JSON line (exit status 1 =
+    errors were counted: the result still comes back)."""
+    proc = _spawn_generator(argv, subprocess.DEVNULL, preexec)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -539,14 +545,7 @@ def hold(
         connect_timeout=connect_timeout,
         warmup=0.0,
     )
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=ROOT,
-        preexec_fn=preexec,
-    )
+    proc = _spawn_generator(argv, subprocess.PIPE, preexec)
     buf = bytearray()
     try:
         deadline = time.monotonic() + connect_timeout + 30.0
