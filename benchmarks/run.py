@@ -1408,7 +1408,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--wait-quiet",
         type=float,
-        help="wait at most this many seconds for that (default 120; --quick 0)",
+        help="wait at most this many seconds for that (default 60; --quick 0)",
     )
     p.add_argument(
         "--retry-disturbed",
@@ -1440,7 +1440,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or rounds
     args.duration = args.duration or duration
     args.warmup = args.warmup if args.warmup is not None else warmup
-    args.wait_quiet = args.wait_quiet if args.wait_quiet is not None else (0.0 if q else 120.0)
+    args.wait_quiet = args.wait_quiet if args.wait_quiet is not None else (0.0 if q else 60.0)
     if args.retry_disturbed is None:
         args.retry_disturbed = 0 if q else 2
     if not args.readme and not q and not args.out_dir:
