@@ -3,7 +3,7 @@ generator.  See benchmarks/README.md.
 
     python benchmarks/run.py            # full run (~11 min): README.md's Performance tables,
                                         # docs/benchmarks.{md,png}, benchmarks/results/benchmarks.json
-    python benchmarks/run.py --quick    # smoke run (~3 min), writes benchmarks/.build/quick/
+    python benchmarks/run.py --quick    # smoke run (~2 min), writes benchmarks/.build/quick/
 
 Every measurement starts its server as a fresh subprocess pinned to one CPU,
 primes it with 0.2 s of connect -> echo -> close traffic, runs the generator
