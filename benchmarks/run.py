@@ -901,6 +901,11 @@ def notes(data: dict[str, Any], summ: Summary) -> list[str]:
             f"{len(retried)} of {len(data['records'])} measurements were repeated because other processes "
             f"took more than {DISTURBED_SHARE} cores meanwhile (the least disturbed attempt is kept)."
         )
+    if data.get("skipped_retries"):
+        out.append(
+            f"{data['skipped_retries']} disturbed measurement(s) were not repeated: the rest of the run "
+            f"would not have fitted in its {data['options'].get('max_minutes')}-minute budget."
+        )
     disturbed = [
         (k, s["other_cpu_share"])
         for k, s in summ.items()
