@@ -31,7 +31,7 @@ times out idle connections and owns the socket file:
 - with ``config=``, every ServerConfig field applies (the peer allow-lists
   and per-uid limits too: a denied peer never reaches get_request()).
 
-``ThreadingMixIn`` runs requests on unixsrv's worker pool (threads are
+``ThreadingMixIn`` runs requests on unixsrv's thread pool (threads are
 reused) instead of a new thread per request.  ``ForkingMixIn``, the request
 handlers and the TCP and datagram classes are the stdlib's own, re-exported:
 they already work as they are.
