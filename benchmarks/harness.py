@@ -351,16 +351,32 @@ class BenchError(RuntimeError):
     pass
 
 
-def pin_to_one_cpu() -> None:
-    """preexec_fn: run the child on the lowest CPU it may use."""
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+def cpu_split(cpus: Sequence[int] | None = None) -> tuple[frozenset[int], frozenset[int]]:
+    """The CPUs the server and the load generator are pinned to: the lowest
+    and the highest CPU this process may run on (of `cpus`, default
+    sched_getaffinity), so they never share one where there are two or more.
+    With a single CPU both get it.  One CPU for the server, whatever the
+    machine: a threaded server then pays its GIL hand-offs on one CPU, as
+    the event-loop servers pay theirs, and the rows stay comparable from a
+    2-CPU VM to a large host."""
+    allowed = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+    if not allowed:
+        raise ValueError("no CPU to run on")
+    return frozenset({allowed[0]}), frozenset({allowed[-1]})
 
 
-def pin_to_other_cpu() -> None:
-    """preexec_fn: run the child on the highest CPU it may use (another one
-    than pin_to_one_cpu's, when there are two or more): the HTTP generator,
-    kept off the server's CPU."""
-    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+class Pin:
+    """preexec_fn for subprocess.Popen: run the child on `cpus`
+    (sched_setaffinity(2); the child's threads inherit the mask)."""
+
+    def __init__(self, cpus: frozenset[int]) -> None:
+        self.cpus = cpus
+
+    def __call__(self) -> None:
+        os.sched_setaffinity(0, self.cpus)
+
+    def __repr__(self) -> str:
+        return f"Pin({sorted(self.cpus)})"
 
 
 def run_http_load(
@@ -389,16 +405,37 @@ def run_http_load(
     return _json_result(argv, timeout, preexec)
 
 
-def prime(name: str, path: str) -> None:
-    """Prime a fresh server before it is measured: a short burst of new
-    connections, each doing one exchange and closing (200 connect -> 64 B
-    echo -> close cycles; for an HTTP server 8 connections doing 200
-    requests in all, then closing), so lazy imports, first allocations and
-    first-connection paths are behind every server alike."""
+#: Seconds of connect -> 64 B echo -> close traffic every server gets before
+#: it is measured (see prime()).
+PRIME_SECONDS = 0.2
+
+
+def prime(name: str, path: str, preexec: Any = None, seconds: float = PRIME_SECONDS) -> None:
+    """Prime a fresh server before it is measured: `seconds` of new
+    connections on 8 slots, each doing one exchange and closing (for an HTTP
+    server 8 keep-alive connections for that long, then closed).  Lazy
+    imports, first allocations and first-connection paths are then behind
+    every server alike, and so is glibc's allocator adapting to the server's
+    read buffers: asyncio reads with recv(256 KiB), above malloc's initial
+    128 KiB mmap threshold, so each read is an mmap/munmap pair until a
+    chunk that large is freed whole, which raises the threshold (mallopt(3),
+    M_MMAP_THRESHOLD: "dynamic"); a read that returns EOF does that, a
+    ping-pong read (shrunk to its 64 bytes first) never does, and a fresh
+    asyncio server runs several times slower until then."""
     if name in HTTP_SERVERS:
-        run_http_load(path, timeout=60.0, connections=8, duration=30.0, warmup=0.0, requests=200)
+        run_http_load(
+            path, timeout=60.0, preexec=preexec, connections=8, duration=seconds, warmup=0.0
+        )
     else:
-        run_bench(path, timeout=60.0, mode="connect", connections=8, requests=200, warmup=0.0)
+        run_bench(
+            path,
+            timeout=60.0,
+            preexec=preexec,
+            mode="connect",
+            connections=8,
+            duration=seconds,
+            warmup=0.0,
+        )
 
 
 def run_bench(path: str, timeout: float, preexec: Any = None, **options: Any) -> dict[str, Any]:
@@ -408,17 +445,23 @@ def run_bench(path: str, timeout: float, preexec: Any = None, **options: Any) ->
     return _json_result(bench_argv(path, **options), timeout, preexec)
 
 
-def _json_result(argv: list[str], timeout: float, preexec: Any) -> dict[str, Any]:
-    """Run a generator that prints its result as a JSON line (exit status 1 =
-    errors were counted: the result still comes back)."""
-    proc = subprocess.Popen(
+def _spawn_generator(argv: list[str], stdin: int, preexec: Any) -> subprocess.Popen[bytes]:
+    """A load generator (unixsrv bench or http_load) with its stdout and
+    stderr piped, run from the repository's root."""
+    return subprocess.Popen(
         argv,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=ROOT,
         preexec_fn=preexec,
     )
+
+
+def _json_result(argv: list[str], timeout: float, preexec: Any) -> dict[str, Any]:
+    """Run a generator that prints its result as a JSON line (exit status 1 =
+    errors were counted: the result still comes back)."""
+    proc = _spawn_generator(argv, subprocess.DEVNULL, preexec)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -483,12 +526,14 @@ def hold(
     size: int = 64,
     max_hold: float = 300.0,
     connect_timeout: float = 120.0,
+    preexec: Any = None,
 ) -> Iterator[Hold]:
     """Open `connections` connections with ``bench --mode hold`` (each does one
     verified round trip), yield once all are established, then end the hold
     (EOF on the generator's stdin) and collect its result into
     ``Hold.result``.  The hold is bounded by `max_hold` seconds anyway, and
-    the generator is ended by PID whatever happens."""
+    the generator is ended by PID whatever happens.  `preexec`: as for
+    running_server (a Pin)."""
     argv = bench_argv(
         path,
         mode="hold",
@@ -500,9 +545,7 @@ def hold(
         connect_timeout=connect_timeout,
         warmup=0.0,
     )
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
-    )
+    proc = _spawn_generator(argv, subprocess.PIPE, preexec)
     buf = bytearray()
     try:
         deadline = time.monotonic() + connect_timeout + 30.0

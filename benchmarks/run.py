@@ -1,16 +1,18 @@
 """Compare unixsrv with its peers on one machine, in one run, on one load
 generator.  See benchmarks/README.md.
 
-    python benchmarks/run.py            # full run (3 rounds), writes docs/benchmarks.{md,png}
-    python benchmarks/run.py --quick    # smoke run (1 round, short), writes benchmarks/.build/quick/
+    python benchmarks/run.py            # full run (~11 min): README.md's Performance tables,
+                                        # docs/benchmarks.{md,png}, benchmarks/results/benchmarks.json
+    python benchmarks/run.py --quick    # smoke run (~2 min), writes benchmarks/.build/quick/
 
-Every measurement starts its server as a fresh subprocess, runs the
-generator (``python -m unixsrv bench PATH --json --server-pid PID``) as
-another, and ends the server by PID.  Measurements are interleaved: each
-round goes through every scenario, and within a scenario through every
-server (the order rotates from round to round), so whatever else the machine
-does falls on every server alike.  The report gives medians over the rounds.
-The harness reports; it never asserts.
+Every measurement starts its server as a fresh subprocess pinned to one CPU,
+primes it with 0.2 s of connect -> echo -> close traffic, runs the generator
+(``python -m unixsrv bench PATH --json --server-pid PID``) pinned to another
+CPU, and ends the server by PID.  Measurements are interleaved: each round
+goes through every scenario, and within a scenario through every server (the
+order rotates from round to round), so whatever else the machine does falls
+on every server alike.  The report gives medians over the rounds, ranked by
+server CPU per round trip.  The harness reports; it never asserts.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class Scenario:
     connections: int
     size: int = 64
     one_cpu: bool = False  # server and generator pinned to the same single CPU
+    short: str = ""  # column heading of the README table
+    once: bool = False  # measured in the first round only (memory does not vary with load)
 
     @property
     def is_rss(self) -> bool:
@@ -52,37 +56,86 @@ class Scenario:
 
 
 SCENARIOS = [
-    Scenario("pp-1", "ping-pong 64 B, 1 connection", "pingpong", 1),
+    Scenario("pp-1", "ping-pong 64 B, 1 connection", "pingpong", 1, short="1 conn × 64 B"),
     Scenario(
         "pp-1-1cpu",
         "ping-pong 64 B, 1 connection, server and generator pinned to one CPU",
         "pingpong",
         1,
         one_cpu=True,
+        short="1 conn × 64 B, one CPU",
     ),
-    Scenario("pp-100", "ping-pong 64 B, 100 connections", "pingpong", 100),
-    Scenario("pp-1000", "ping-pong 64 B, 1,000 connections", "pingpong", 1000),
-    Scenario("pp-16k", "ping-pong 16 KiB, 10 connections", "pingpong", 10, 16384),
-    Scenario("connect", "connect rate (connect, 64 B echo, close; 8 concurrent)", "connect", 8),
     Scenario(
-        "connect-16", "connect rate (connect, 64 B echo, close; 16 concurrent)", "connect", 16
+        "pp-100", "ping-pong 64 B, 100 connections", "pingpong", 100, short="100 conns × 64 B"
     ),
-    Scenario("rss-1000", "RSS per idle connection, 1,000 held", "hold", 1000),
-    Scenario("rss-10000", "RSS per idle connection, 10,000 held", "hold", 10000),
+    Scenario(
+        "pp-1000",
+        "ping-pong 64 B, 1,000 connections",
+        "pingpong",
+        1000,
+        short="1,000 conns × 64 B",
+    ),
+    Scenario(
+        "pp-16k",
+        "ping-pong 16 KiB, 10 connections",
+        "pingpong",
+        10,
+        16384,
+        short="10 conns × 16 KiB",
+    ),
+    Scenario(
+        "connect",
+        "connect rate (connect, 64 B echo, close; 8 concurrent)",
+        "connect",
+        8,
+        short="connect → 64 B → close, 8 slots",
+    ),
+    Scenario(
+        "connect-16",
+        "connect rate (connect, 64 B echo, close; 16 concurrent)",
+        "connect",
+        16,
+        short="connect → 64 B → close, 16 slots",
+    ),
+    Scenario(
+        "rss-1000",
+        "RSS per idle connection, 1,000 held",
+        "hold",
+        1000,
+        short="RSS per idle conn at 1,000",
+        once=True,
+    ),
+    Scenario(
+        "rss-10000",
+        "RSS per idle connection, 10,000 held",
+        "hold",
+        10000,
+        short="RSS per idle conn at 10,000",
+        once=True,
+    ),
     Scenario(
         "http-64",
-        "uvicorn (httptools) hello-world ASGI app, GET / on 64 keep-alive HTTP/1.1 connections; "
-        "server and generator pinned to different CPUs",
+        "uvicorn (httptools) hello-world ASGI app, GET / on 64 keep-alive HTTP/1.1 connections",
         "http",
         64,
+        short="uvicorn hello world, 64 conns",
     ),
 ]
 SCENARIO_KEYS = [s.key for s in SCENARIOS]
+#: What a run without --scenarios measures: the README's tables.
+DEFAULT_SCENARIOS = ["pp-100", "pp-1000", "connect-16", "rss-1000", "http-64"]
 REFERENCE_CPU = "c-epoll"  # CPU per round trip is relative to this one
 REFERENCE_RATE = "uvloop-protocol"  # round trips/s are relative to this one
 HTTP_REFERENCE = "uvicorn-uvloop"  # the same for the HTTP scenario (CPU per request and requests/s)
 GEN_BOUND_SHARE = 0.9  # generator CPU share from which it is the bottleneck
 DISTURBED_SHARE = 0.25  # other processes' CPU (cores) that marks a disturbed measurement
+#: Seconds a measurement takes besides its warm-up and measured window
+#: (starting and ending the server, starting the generator, connecting),
+#: for the time estimate; and the same for an RSS measurement, plus 1 s
+#: per 2,500 connections held.
+OVERHEAD_S = 1.0
+RSS_OVERHEAD_S = 4.0
+RETRY_PAUSE_S = 3.0  # before measuring a disturbed measurement again
 
 
 def log(msg: str) -> None:
@@ -97,18 +150,45 @@ def loadavg() -> tuple[float, float, float]:
 # ------------------------------------------------------------------ measuring
 
 
-def measure_rate(server: str, sc: Scenario, duration: float, warmup: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Pinning:
+    """The CPUs of the server and of the generator (see harness.cpu_split)."""
+
+    server: frozenset[int]
+    generator: frozenset[int]
+
+    @classmethod
+    def split(cls) -> Pinning:
+        return cls(*harness.cpu_split())
+
+    def for_scenario(self, sc: Scenario) -> tuple[harness.Pin, harness.Pin]:
+        """preexec_fns of (server, generator): both on the server's CPU for a
+        one_cpu scenario."""
+        gen = self.server if sc.one_cpu else self.generator
+        return harness.Pin(self.server), harness.Pin(gen)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "server_cpus": sorted(self.server),
+            "generator_cpus": sorted(self.generator),
+            "shared": bool(self.server & self.generator),
+        }
+
+
+def measure_rate(
+    server: str, sc: Scenario, duration: float, warmup: float, pinning: Pinning
+) -> dict[str, Any]:
     """One ping-pong, connect or HTTP measurement on a fresh, primed server."""
-    pin = harness.pin_to_one_cpu if sc.one_cpu or sc.mode == "http" else None
-    with harness.running_server(server, preexec=pin) as srv:
-        harness.prime(server, srv.path)
+    pin_server, pin_gen = pinning.for_scenario(sc)
+    with harness.running_server(server, preexec=pin_server) as srv:
+        harness.prime(server, srv.path, preexec=pin_gen)
         before = CpuSnapshot.take()
         srv_cpu0 = harness.proc_cpu_s(srv.pid) or 0.0
         if sc.mode == "http":
             r = harness.run_http_load(
                 srv.path,
                 timeout=duration + warmup + 90.0,
-                preexec=harness.pin_to_other_cpu,
+                preexec=pin_gen,
                 connections=sc.connections,
                 duration=duration,
                 warmup=warmup,
@@ -118,7 +198,7 @@ def measure_rate(server: str, sc: Scenario, duration: float, warmup: float) -> d
             r = harness.run_bench(
                 srv.path,
                 timeout=duration + warmup + 90.0,
-                preexec=pin,
+                preexec=pin_gen,
                 mode=sc.mode,
                 connections=sc.connections,
                 size=sc.size,
@@ -152,19 +232,20 @@ def measure_rate(server: str, sc: Scenario, duration: float, warmup: float) -> d
     }
 
 
-def measure_rss(server: str, sc: Scenario) -> dict[str, Any]:
-    """Server VmRSS with no client vs with `sc.connections` idle, established
-    connections (each did one verified echo), divided by their number.  One
-    short ping-pong first, so that one-off allocations of the first
-    connection (lazy imports, first buffers, the first worker thread) are in
-    the baseline, not in the per-connection figure."""
+def measure_rss(server: str, sc: Scenario, pinning: Pinning) -> dict[str, Any]:
+    """Server VmRSS after priming vs with `sc.connections` idle, established
+    connections (each did one verified echo), divided by their number.  The
+    priming traffic comes first, so that one-off allocations of the first
+    connections (lazy imports, first buffers, the first worker threads) are
+    in the baseline, not in the per-connection figure."""
     n = sc.connections
-    with harness.running_server(server) as srv:
-        harness.run_bench(srv.path, timeout=60.0, connections=1, requests=200, warmup=0.0)
+    pin_server, pin_gen = pinning.for_scenario(sc)
+    with harness.running_server(server, preexec=pin_server) as srv:
+        harness.prime(server, srv.path, preexec=pin_gen)
         base = harness.settled_rss(srv.pid)
         threads0 = harness.threads(srv.pid)
         t0 = time.monotonic()
-        with harness.hold(srv.path, n, server_pid=srv.pid) as h:
+        with harness.hold(srv.path, n, server_pid=srv.pid, preexec=pin_gen) as h:
             established = h.established["connections"]
             setup_s = time.monotonic() - t0
             held = harness.settled_rss(srv.pid)
@@ -191,7 +272,9 @@ def measure_rss(server: str, sc: Scenario) -> dict[str, Any]:
     }
 
 
-def measure(server: str, sc: Scenario, duration: float, warmup: float) -> dict[str, Any]:
+def measure(
+    server: str, sc: Scenario, duration: float, warmup: float, pinning: Pinning
+) -> dict[str, Any]:
     rec: dict[str, Any] = {
         "server": server,
         "scenario": sc.key,
@@ -200,9 +283,9 @@ def measure(server: str, sc: Scenario, duration: float, warmup: float) -> dict[s
     }
     try:
         if sc.is_rss:
-            rec.update(measure_rss(server, sc))
+            rec.update(measure_rss(server, sc, pinning))
         else:
-            rec.update(measure_rate(server, sc, duration, warmup))
+            rec.update(measure_rate(server, sc, duration, warmup, pinning))
     except (BenchError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
         rec["failure"] = f"{type(exc).__name__}: {exc}"
     rec["seconds"] = round(time.time() - rec["started"], 2)
@@ -222,6 +305,32 @@ def short(rec: dict[str, Any]) -> str:
         f"server {rec['server_cpu_us_per_rt']} us/rt  gen {rec['client_cpu_share']:.0%}  "
         f"other {rec['other_cpu_share']:.2f}  errors {rec['errors']}"
     )
+
+
+def plan(
+    servers: list[str], scenarios: list[Scenario], rounds: int
+) -> list[tuple[int, Scenario, str]]:
+    """The interleaved order of the measurements: (round, scenario, server).
+    Each round runs every scenario, each scenario every server that speaks
+    its protocol, the servers' order rotated by one from round to round; a
+    `once` scenario only in the first round."""
+    out = []
+    for rnd in range(rounds):
+        for sc in scenarios:
+            fitting = [srv for srv in servers if sc.fits(srv)]
+            if not fitting or (sc.once and rnd > 0):
+                continue
+            k = rnd % len(fitting)
+            out.extend((rnd, sc, srv) for srv in fitting[k:] + fitting[:k])
+    return out
+
+
+def estimate_s(sc: Scenario, duration: float, warmup: float) -> float:
+    """About how long one measurement of `sc` takes (for the time estimate
+    and the retry budget)."""
+    if sc.is_rss:
+        return RSS_OVERHEAD_S + sc.connections / 2500
+    return OVERHEAD_S + harness.PRIME_SECONDS + warmup + duration
 
 
 # ------------------------------------------------------------------ machine facts
@@ -324,6 +433,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     harness.compile_c_server()
     if any(s.mode == "http" for s in scenarios):
         harness.compile_http_load()
+    pinning = Pinning.split()
     facts = machine_facts()
     quiet = wait_quiet(args.max_load, args.max_busy, args.wait_quiet)
     load0 = quiet["loadavg"]
@@ -334,9 +444,12 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             "rounds": args.rounds,
             "duration": args.duration,
             "warmup": args.warmup,
+            "prime_s": harness.PRIME_SECONDS,
             "quick": args.quick,
             "retry_disturbed": args.retry_disturbed,
+            "max_minutes": args.max_minutes,
         },
+        "pinning": pinning.describe(),
         "scenarios": [asdict(s) for s in scenarios],
         "servers": servers,
         "machine": facts,
@@ -345,45 +458,44 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         "json_path": os.path.relpath(args.json_out, harness.ROOT),
         "records": [],
     }
+    order = plan(servers, scenarios, args.rounds)
     t0 = time.monotonic()
-    total = args.rounds * sum(sc.fits(srv) for sc in scenarios for srv in servers)
-    done = 0
+    deadline = t0 + args.max_minutes * 60
+    skipped_retries = 0
     raw_path = args.json_out
     os.makedirs(os.path.dirname(raw_path), exist_ok=True)
-    for rnd in range(args.rounds):
-        for sc in scenarios:
-            fitting = [srv for srv in servers if sc.fits(srv)]
-            if not fitting:
-                continue
-            k = rnd % len(fitting)
-            order = fitting[k:] + fitting[:k]
-            for server in order:
-                rec = measure(server, sc, args.duration, args.warmup)
-                # Another process took CPU meanwhile: measure again (a few
-                # times at most) and keep the least disturbed attempt.
-                attempts = 1
-                while (
-                    attempts <= args.retry_disturbed
-                    and "failure" not in rec
-                    and (rec.get("other_cpu_share") or 0) > DISTURBED_SHARE
-                ):
-                    log(
-                        f"    {sc.key} {server}: other processes took {rec['other_cpu_share']:.2f} cores; "
-                        f"measuring again"
-                    )
-                    time.sleep(5)
-                    again = measure(server, sc, args.duration, args.warmup)
-                    attempts += 1
-                    if "failure" not in again and again["other_cpu_share"] < rec["other_cpu_share"]:
-                        rec = again
-                rec["attempts"] = attempts
-                rec["round"] = rnd
-                data["records"].append(rec)
-                done += 1
-                log(f"[{done}/{total}] round {rnd + 1} {sc.key:<9} {server:<17} {short(rec)}")
-                with open(raw_path + ".partial", "w", encoding="utf-8") as f:
-                    json.dump(data, f)
+    for done, (rnd, sc, server) in enumerate(order, 1):
+        rec = measure(server, sc, args.duration, args.warmup, pinning)
+        # Another process took CPU meanwhile: measure again (a few times at
+        # most, and only while the rest of the run still fits in the time
+        # budget) and keep the least disturbed attempt.
+        attempts = 1
+        while (
+            attempts <= args.retry_disturbed
+            and "failure" not in rec
+            and (rec.get("other_cpu_share") or 0) > DISTURBED_SHARE
+        ):
+            rest = sum(estimate_s(s, args.duration, args.warmup) for _, s, _ in order[done:])
+            if time.monotonic() + RETRY_PAUSE_S + rec["seconds"] + rest > deadline:
+                skipped_retries += 1
+                break
+            log(
+                f"    {sc.key} {server}: other processes took {rec['other_cpu_share']:.2f} cores; "
+                f"measuring again in {RETRY_PAUSE_S:g} s"
+            )
+            time.sleep(RETRY_PAUSE_S)  # a pause: a short burst elsewhere may be over by then
+            again = measure(server, sc, args.duration, args.warmup, pinning)
+            attempts += 1
+            if "failure" not in again and again["other_cpu_share"] < rec["other_cpu_share"]:
+                rec = again
+        rec["attempts"] = attempts
+        rec["round"] = rnd
+        data["records"].append(rec)
+        log(f"[{done}/{len(order)}] round {rnd + 1} {sc.key:<10} {server:<31} {short(rec)}")
+        with open(raw_path + ".partial", "w", encoding="utf-8") as f:
+            json.dump(data, f)
     data["wall_s"] = round(time.monotonic() - t0, 1)
+    data["skipped_retries"] = skipped_retries
     data["load_after"] = loadavg()
     with open(raw_path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
@@ -394,12 +506,16 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------ analysis
 
 
+#: Medians per (scenario, server), as summarize() makes them.
+Summary = dict[tuple[str, str], dict[str, Any]]
+
+
 def median(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
 
 
-def summarize(data: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+def summarize(data: dict[str, Any]) -> Summary:
     """Medians over the rounds, per (scenario, server)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for rec in data["records"]:
@@ -442,159 +558,106 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def targets(summ: dict[tuple[str, str], dict[str, Any]]) -> list[tuple[str, str, str, bool | None]]:
-    """The issue's targets: (what, target, measured, met?).  Reported, not asserted."""
+@dataclass(frozen=True)
+class Target:
+    """One target of an issue: the median `field` of server `ours` over the
+    same of `theirs` in `scenario`, wanted `op` `bound` (op "" = reported
+    only).  `field` is server_cpu_us_per_rt, rate or rss_per_conn_bytes."""
 
-    def g(sc: str, srv: str, f: str) -> float | None:
-        return summ.get((sc, srv), {}).get(f)
+    issue: int
+    what: str
+    scenario: str
+    field: str
+    ours: str
+    theirs: str
+    op: str
+    bound: float = 0.0
 
-    rows: list[tuple[str, str, str, bool | None]] = []
+    @property
+    def wanted(self) -> str:
+        return f"{self.op} {self.bound:g}x" if self.op else "(reported)"
 
-    def add(
-        what: str,
-        target: str,
-        value: float | None,
-        ok: bool | None,
-        fmt: str = "{:.2f}x",
-        rate_of: tuple[str, tuple[str, str]] | None = None,
-    ) -> None:
-        text = "n/a" if value is None else fmt.format(value)
-        if value is not None and rate_of is not None:
-            sc, pair = rate_of
-            if any((g(sc, srv, "client_cpu_share") or 0) >= GEN_BOUND_SHARE for srv in pair):
-                text += " †"
-        rows.append((what, target, text, ok))
-
-    for sc in ("pp-100", "pp-1000"):
-        r = ratio(
-            g(sc, "unixsrv-event", "server_cpu_us_per_rt"),
-            g(sc, REFERENCE_CPU, "server_cpu_us_per_rt"),
+    def evaluate(self, summ: Summary) -> tuple[float | None, bool | None, bool]:
+        """(ratio, met?, generator-bound?): met is None when a row is
+        missing or the target is only reported; generator-bound when a rate
+        is compared and the generator was saturated in either row."""
+        rows = [summ.get((self.scenario, srv), {}) for srv in (self.ours, self.theirs)]
+        r = ratio(rows[0].get(self.field), rows[1].get(self.field))
+        met = None
+        if r is not None and self.op == "<=":
+            met = r <= self.bound
+        elif r is not None and self.op == ">=":
+            met = r >= self.bound
+        bound_gen = self.field == "rate" and any(
+            (row.get("client_cpu_share") or 0) >= GEN_BOUND_SHARE for row in rows
         )
-        add(f"event model CPU/rt vs C epoll, {sc}", "<= 1.25x", r, None if r is None else r <= 1.25)
-        r = ratio(g(sc, "unixsrv-event", "rate"), g(sc, REFERENCE_RATE, "rate"))
-        add(
-            f"event model rt/s vs uvloop Protocol, {sc}",
-            ">= 1.3x",
-            r,
-            None if r is None else r >= 1.3,
-            rate_of=(sc, ("unixsrv-event", REFERENCE_RATE)),
-        )
-    r = ratio(
-        g("pp-100", "unixsrv-blocking", "server_cpu_us_per_rt"),
-        g("pp-100", "socketserver", "server_cpu_us_per_rt"),
-    )
-    add(
-        "blocking model CPU/rt vs socketserver, pp-100",
-        "<= 0.5x",
-        r,
-        None if r is None else r <= 0.5,
-    )
-    r = ratio(g("pp-100", "unixsrv-blocking", "rate"), g("pp-100", "socketserver", "rate"))
-    add(
-        "blocking model rt/s vs socketserver, pp-100",
-        ">= 2x",
-        r,
-        None if r is None else r >= 2.0,
-        rate_of=("pp-100", ("unixsrv-blocking", "socketserver")),
-    )
-    v = g("rss-10000", "unixsrv-event", "rss_per_conn_bytes")
-    add(
-        "event model RSS per idle connection at 10,000",
-        "<= 1 KiB",
-        v,
-        None if v is None else v <= 1024,
-        "{:,.0f} B",
-    )
-    v = g("rss-10000", "unixsrv-blocking", "rss_per_conn_bytes")
-    add(
-        "blocking model RSS per idle connection at 10,000",
-        "<= 16 KiB",
-        v,
-        None if v is None else v <= 16384,
-        "{:,.0f} B",
-    )
-    for model in ("unixsrv-event", "unixsrv-blocking"):
-        r = ratio(g("connect", model, "rate"), g("connect", REFERENCE_CPU, "rate"))
-        add(
-            f"{model.split('-')[1]} model connect rate vs C epoll",
-            ">= 0.9x",
-            r,
-            None if r is None else r >= 0.9,
-            rate_of=("connect", (model, REFERENCE_CPU)),
-        )
-    for what, want, sc, ours, theirs in ASYNCIO_LAYER_TARGETS:
-        r = ratio(g(sc, ours, "server_cpu_us_per_rt"), g(sc, theirs, "server_cpu_us_per_rt"))
-        add(what, f"<= {want:g}x", r, None if r is None else r <= want)
-    # issue 10: the same handler on unixsrv.socketserver's ThreadingUnixStreamServer vs the stdlib's
-    new, old = "unixsrv-socketserver", "socketserver"
-    r = ratio(g("connect-16", new, "rate"), g("connect-16", old, "rate"))
-    add(
-        "unixsrv.socketserver connect rate vs socketserver, 16 slots",
-        ">= 3x",
-        r,
-        None if r is None else r >= 3.0,
-        rate_of=("connect-16", (new, old)),
-    )
-    r = ratio(g("pp-100", new, "rate"), g("pp-100", old, "rate"))
-    add(
-        "unixsrv.socketserver rt/s vs socketserver, pp-100",
-        ">= 0.95x",
-        r,
-        None if r is None else r >= 0.95,
-        rate_of=("pp-100", (new, old)),
-    )
-    r = ratio(g("pp-100", new, "server_cpu_us_per_rt"), g("pp-100", old, "server_cpu_us_per_rt"))
-    add("unixsrv.socketserver CPU/rt vs socketserver, pp-100", "(reported)", r, None)
-    r = ratio(g("rss-1000", new, "rss_per_conn_bytes"), g("rss-1000", old, "rss_per_conn_bytes"))
-    add(
-        "unixsrv.socketserver RSS per idle connection vs socketserver, 1,000",
-        "<= 1x",
-        r,
-        None if r is None else r <= 1.0,
-    )
-    return rows
+        return r, met, bound_gen
 
 
-#: Issue 9 (unixsrv.asyncio): server CPU per round trip (per request for
-#: HTTP) of the same application code, hosted by unixsrv vs the loop's own
-#: server: (what, at most this ratio, scenario, unixsrv's row, the peer's row).
-ASYNCIO_LAYER_TARGETS = [
-    (
-        "unixsrv.asyncio on asyncio CPU/rt vs asyncio's create_unix_server, pp-100",
-        0.75,
-        "pp-100",
-        "unixsrv.asyncio-protocol",
-        "asyncio-protocol",
+_CPU, _RATE, _RSS = "server_cpu_us_per_rt", "rate", "rss_per_conn_bytes"
+_EV, _BL, _SS = "unixsrv-event", "unixsrv-blocking", "socketserver"
+
+TARGETS = [
+    # issue 11: the event model against the C server and uvloop, the blocking
+    # model against socketserver, at 100 and 1,000 connections; connects/s.
+    *(
+        t
+        for sc, n, cpu_bl in (("pp-100", "100", 0.45), ("pp-1000", "1,000", 0.6))
+        for t in (
+            Target(11, f"event model CPU/rt vs C epoll, {n} conns", sc, _CPU, _EV, "c-epoll", "<=", 1.10),
+            Target(11, f"event model rt/s vs uvloop Protocol, {n} conns", sc, _RATE, _EV, "uvloop-protocol", ">=", 1.3),
+            Target(11, f"blocking model CPU/rt vs socketserver, {n} conns", sc, _CPU, _BL, _SS, "<=", cpu_bl),
+            Target(11, f"blocking model rt/s vs socketserver, {n} conns", sc, _RATE, _BL, _SS, ">=", 2.0),
+        )
     ),
-    (
-        "unixsrv.asyncio on uvloop CPU/rt vs uvloop's create_unix_server, pp-100",
-        0.95,
-        "pp-100",
-        "unixsrv.asyncio-uvloop-protocol",
-        "uvloop-protocol",
-    ),
-    (
-        "unixsrv.asyncio start_unix_server on asyncio CPU/rt vs asyncio streams, pp-100",
-        0.85,
-        "pp-100",
-        "unixsrv.asyncio-streams",
-        "asyncio-streams",
-    ),
-    (
-        "uvicorn on unixsrv.asyncio (uvloop) CPU/request vs uvicorn on uvloop, http-64",
-        1.0,
-        "http-64",
-        "unixsrv.asyncio-uvicorn-uvloop",
-        "uvicorn-uvloop",
-    ),
-    (
-        "uvicorn on unixsrv.asyncio (asyncio) CPU/request vs uvicorn on asyncio, http-64",
-        0.92,
-        "http-64",
-        "unixsrv.asyncio-uvicorn-asyncio",
-        "uvicorn-asyncio",
-    ),
-]
+    Target(11, "event model connects/s vs uvloop Protocol, 16 slots", "connect-16", _RATE, _EV, "uvloop-protocol", ">=", 1.3),
+    Target(11, "blocking model connects/s vs socketserver, 16 slots", "connect-16", _RATE, _BL, _SS, ">=", 4.0),
+    # issue 10: the same handler on unixsrv.socketserver vs the standard library's.
+    Target(10, "unixsrv.socketserver connects/s vs socketserver, 16 slots", "connect-16", _RATE, "unixsrv-socketserver", _SS, ">=", 3.0),
+    Target(10, "unixsrv.socketserver rt/s vs socketserver, 100 conns", "pp-100", _RATE, "unixsrv-socketserver", _SS, ">=", 0.95),
+    Target(10, "unixsrv.socketserver CPU/rt vs socketserver, 100 conns", "pp-100", _CPU, "unixsrv-socketserver", _SS, ""),
+    Target(10, "unixsrv.socketserver RSS per idle connection vs socketserver, 1,000", "rss-1000", _RSS, "unixsrv-socketserver", _SS, "<=", 1.0),
+    # issue 9: the same application code hosted by unixsrv.asyncio vs the loop's own server.
+    Target(9, "unixsrv.asyncio on asyncio CPU/rt vs asyncio's create_unix_server, 100 conns", "pp-100", _CPU, "unixsrv.asyncio-protocol", "asyncio-protocol", "<=", 0.75),
+    Target(9, "unixsrv.asyncio on uvloop CPU/rt vs uvloop's create_unix_server, 100 conns", "pp-100", _CPU, "unixsrv.asyncio-uvloop-protocol", "uvloop-protocol", "<=", 0.95),
+    Target(9, "unixsrv.asyncio start_unix_server on asyncio CPU/rt vs asyncio streams, 100 conns", "pp-100", _CPU, "unixsrv.asyncio-streams", "asyncio-streams", "<=", 0.85),
+    Target(9, "uvicorn on unixsrv.asyncio (uvloop) CPU/request vs uvicorn on uvloop", "http-64", _CPU, "unixsrv.asyncio-uvicorn-uvloop", "uvicorn-uvloop", "<=", 1.0),
+    Target(9, "uvicorn on unixsrv.asyncio (asyncio) CPU/request vs uvicorn on asyncio", "http-64", _CPU, "unixsrv.asyncio-uvicorn-asyncio", "uvicorn-asyncio", "<=", 0.92),
+]  # fmt: skip
+
+
+def target_rows(summ: Summary, issue: int | None = None) -> list[tuple[Target, str, bool | None]]:
+    """(target, measured text, met?) for the targets (of one issue, or all);
+    "not measured" where a row is missing from the run, † marks a
+    generator-bound rate."""
+    out = []
+    for t in TARGETS:
+        if issue is not None and t.issue != issue:
+            continue
+        if (t.scenario, t.ours) not in summ or (t.scenario, t.theirs) not in summ:
+            out.append((t, "not measured", None))
+            continue
+        r, met, bound_gen = t.evaluate(summ)
+        text = "n/a" if r is None else f"{r:.2f}x" + (" †" if bound_gen else "")
+        out.append((t, text, met))
+    return out
+
+
+def yes_no(met: bool | None) -> str:
+    return "–" if met is None else ("yes" if met else "no")
+
+
+def targets_text(summ: Summary, issue: int = 11) -> str:
+    """The targets of `issue` as a plain-text table (printed after a run)."""
+    rows = target_rows(summ, issue)
+    width = max(len(t.what) for t, _, _ in rows)
+    lines = [f"issue {issue} targets (medians; † = generator-bound rate):"]
+    lines.append(f"  {'target':<{width}}  {'wanted':<9}  {'measured':<12}  met")
+    for t, text, met in rows:
+        lines.append(f"  {t.what:<{width}}  {t.wanted:<9}  {text:<12}  {yes_no(met)}")
+    met = [m for _, _, m in rows if m is not None]
+    lines.append(f"  {sum(met)} of {len(met)} met")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ report
@@ -604,9 +667,7 @@ def fmt(v: float | None, spec: str = ",.0f", suffix: str = "") -> str:
     return "–" if v is None else format(v, spec) + suffix
 
 
-def render_markdown(
-    data: dict[str, Any], summ: dict[tuple[str, str], dict[str, Any]], png_name: str
-) -> str:
+def render_markdown(data: dict[str, Any], summ: Summary, png_name: str) -> str:
     m = data["machine"]
     o = data["options"]
     scen = {s["key"]: s for s in data["scenarios"]}
@@ -630,15 +691,15 @@ def render_markdown(
     )
     L.append(
         f"- **Machine**: {m['nproc']} CPUs ({m['cpu']}), {m['mem_gib']} GiB, Linux {m['kernel']}, "
-        f"{m['python_impl']} {m['python']}, uvloop {m['uvloop']}, uvicorn {m.get('uvicorn', '?')}, "
+        f"{m['python_impl']} {m['python']}, uvloop {m['uvloop']}, uvicorn {m.get('uvicorn', 'not recorded')}, "
         f"unixsrv {m['unixsrv']} "
         f"(git {m['git']}), {m['cc']}; RLIMIT_NOFILE {m['nofile_limit']}, somaxconn {m['somaxconn']}."
     )
+    L.append(f"- **Method**: {method_text(data)}.")
     L.append(
         f"- **Load average** (1/5/15 min) before the run {'/'.join(map(str, data['load_before']))}, "
         f"after {'/'.join(map(str, data.get('load_after', ('?',))))} "
-        "(the run itself keeps about two cores busy, and its 10,000-thread servers push the load "
-        "average far up: it counts threads)."
+        "(it counts runnable threads: the threaded servers' handler threads push it up)."
     )
     q = data.get("quiet_check")
     if q:
@@ -659,20 +720,24 @@ def render_markdown(
         )
     L.append("")
     L.append(f"![server CPU per round trip and round trips/s]({png_name})")
-    L.append("")
-    L.append("## The issue's targets (for context; the harness reports, it does not assert)")
-    L.append("")
-    L.append(
-        f"Medians; † = the generator was saturated (≥ {GEN_BOUND_SHARE:.2f} of a core) in one of the two rows compared, "
-        "so that rate ratio is not the servers' alone."
-    )
-    L.append("")
-    L.append("| target | wanted | measured | met |")
-    L.append("|---|---|---|---|")
-    for what, want, got, ok in targets(summ):
+    for issue in sorted({t.issue for t in TARGETS}, reverse=True):
+        rows = target_rows(summ, issue)
+        if all(text == "not measured" for _, text, _ in rows):
+            continue
+        L.append("")
+        L.append(f"## Issue {issue}'s targets (the harness reports, it does not assert)")
+        L.append("")
         L.append(
-            f"| {what} | {want} | {got} | {'–' if ok is None else ('yes' if ok else '**no**')} |"
+            f"Medians; † = the generator was saturated (≥ {GEN_BOUND_SHARE:.2f} of a core) in one "
+            "of the two rows compared, so that rate ratio is not the servers' alone."
         )
+        L.append("")
+        L.append("| target | wanted | measured | met |")
+        L.append("|---|---|---|---|")
+        for t, text, met in rows:
+            L.append(
+                f"| {t.what} | {t.wanted} | {text} | {'**no**' if met is False else yes_no(met)} |"
+            )
     L.append("")
     L.append("## Throughput and CPU")
     L.append("")
@@ -796,14 +861,21 @@ def render_markdown(
     return "\n".join(L)
 
 
-def notes(data: dict[str, Any], summ: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+def notes(data: dict[str, Any], summ: Summary) -> list[str]:
     out = []
     nproc = data["machine"]["nproc"]
+    pin = data.get("pinning")
+    where = (
+        f"not pinned: it and the server shared the machine's {nproc} CPUs"
+        if not pin
+        else "on the server's CPU (the machine has only one)"
+        if pin["shared"]
+        else "on a CPU of its own"
+    )
     out.append(
-        f"The generator and the server share the machine's {nproc} CPUs; the generator is one C "
-        "thread (epoll, GIL released) that verifies every echoed byte. Where a row's *gen* is near "
-        "1.00 the generator is saturated and that row's rate is a lower bound for the server; CPU "
-        "per round trip stays meaningful there."
+        f"The generator is one C thread (epoll, GIL released) that verifies every echoed byte, {where}. "
+        "Where a row's *gen* is near 1.00 the generator is saturated and that row's rate is a lower "
+        "bound for the server; CPU per round trip stays meaningful there."
     )
     bound = sorted(
         {
@@ -828,6 +900,11 @@ def notes(data: dict[str, Any], summ: dict[tuple[str, str], dict[str, Any]]) -> 
         out.append(
             f"{len(retried)} of {len(data['records'])} measurements were repeated because other processes "
             f"took more than {DISTURBED_SHARE} cores meanwhile (the least disturbed attempt is kept)."
+        )
+    if data.get("skipped_retries"):
+        out.append(
+            f"{data['skipped_retries']} disturbed measurement(s) were not repeated: the rest of the run "
+            f"would not have fitted in its {data['options'].get('max_minutes')}-minute budget."
         )
     disturbed = [
         (k, s["other_cpu_share"])
@@ -882,9 +959,7 @@ def notes(data: dict[str, Any], summ: dict[tuple[str, str], dict[str, Any]]) -> 
     return out
 
 
-def render_png(
-    data: dict[str, Any], summ: dict[tuple[str, str], dict[str, Any]], path: str
-) -> None:
+def render_png(data: dict[str, Any], summ: Summary, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -903,6 +978,14 @@ def render_png(
         "socketserver": "#9467bd",
         "c-epoll": "#7f7f7f",
         "unixsrv-socketserver": "#8c564b",
+        "unixsrv.asyncio-protocol": "#e377c2",
+        "unixsrv.asyncio-uvloop-protocol": "#f7b6d2",
+        "unixsrv.asyncio-streams": "#bcbd22",
+        "unixsrv.asyncio-uvloop-streams": "#dbdb8d",
+        "uvicorn-asyncio": "#17becf",
+        "uvicorn-uvloop": "#9edae5",
+        "unixsrv.asyncio-uvicorn-asyncio": "#c49c94",
+        "unixsrv.asyncio-uvicorn-uvloop": "#c5b0d5",
     }
     panels = [
         ("server_cpu_us_per_rt", "server CPU per round trip (µs, log; lower is better)", scen),
@@ -910,51 +993,367 @@ def render_png(
     ]
     if rss:
         panels.append(("rss_per_conn_bytes", "server RSS per idle connection (bytes, log)", rss))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 4.2 * len(panels)))
-    width = 0.8 / len(servers)
-    for ax, (field_, title, scs) in zip(axes, panels, strict=True):
-        for j, srv in enumerate(servers):
-            xs, ys = [], []
-            for i, sc in enumerate(scs):
-                v = summ.get((sc["key"], srv), {}).get(field_)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 4.2 * len(panels)), squeeze=False)
+    handles: dict[str, Any] = {}
+    for ax, (field_, title, scs) in zip(axes[:, 0], panels, strict=True):
+        for i, sc in enumerate(scs):
+            # Each scenario's group holds only the servers measured in it (the
+            # HTTP servers have no echo figures and the other way round).
+            present = [
+                (srv, v)
+                for srv in servers
+                if (v := summ.get((sc["key"], srv), {}).get(field_)) is not None
+            ]
+            width = 0.8 / max(len(present), 1)
+            for j, (srv, v) in enumerate(present):
                 x = i - 0.4 + width * (j + 0.5)
-                if v is not None and v >= 1:
-                    xs.append(x)
-                    ys.append(v)
-                elif v is not None:  # below the log axis (e.g. the C server's ~0 B)
+                if v < 1:  # below the log axis (e.g. the C server's ~0 B)
                     ax.text(
                         x, 1.15, "≈0", ha="center", va="bottom", fontsize=7, color=colors.get(srv)
                     )
-            ax.bar(xs, ys, width, label=srv, color=colors.get(srv))
+                    continue
+                bars = ax.bar([x], [v], width, color=colors.get(srv))
+                handles.setdefault(srv, bars)
         ax.set_yscale("log")
         ax.set_ylim(bottom=1 if field_ == "rss_per_conn_bytes" else None)
         ax.set_title(title)
         ax.set_xticks(range(len(scs)))
         ax.set_xticklabels([s["key"] for s in scs])
         ax.grid(axis="y", which="both", alpha=0.3)
-    axes[0].legend(ncol=4, fontsize=8, loc="upper left")
+    order = [srv for srv in servers if srv in handles]
+    fig.legend(
+        [handles[srv] for srv in order],
+        order,
+        ncol=4,
+        fontsize=8,
+        loc="lower center",
+        frameon=False,
+    )
+    legend_rows = (len(order) + 3) // 4
     m = data["machine"]
     fig.suptitle(
         f"unixsrv vs peers — {m['nproc']} CPUs, Linux {m['kernel']}, Python {m['python']}, "
         f"{m['date']} (medians of {data['options']['rounds']} round(s))",
         fontsize=10,
     )
-    fig.tight_layout()
+    # room at the bottom for the legend: about 0.18 inch per row of it
+    fig.tight_layout(rect=(0, min(0.3, 0.18 * legend_rows / fig.get_figheight() + 0.01), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_reports(data: dict[str, Any], out_dir: str) -> tuple[str, str]:
+def method_text(data: dict[str, Any]) -> str:
+    """How the run measured (pinning, priming, rounds), one sentence."""
+    o = data["options"]
+    p = data.get("pinning")
+    if not p:
+        pin = "server and generator not pinned"
+    elif p["shared"]:
+        pin = (
+            f"server and generator share CPU {','.join(map(str, p['server_cpus']))} (the only one)"
+        )
+    else:
+        pin = (
+            f"server pinned to CPU {','.join(map(str, p['server_cpus']))}, the generator to CPU "
+            f"{','.join(map(str, p['generator_cpus']))}"
+        )
+    prime_s = o.get("prime_s")
+    prime = (
+        f"every server primed with {prime_s:g} s of connect → 64 B echo → close traffic first"
+        if prime_s
+        else "priming not recorded (a run of an older harness)"
+    )
+    once = [s["key"] for s in data["scenarios"] if s.get("once")]
+    return (
+        f"{pin}; {prime}; medians of {o['rounds']} interleaved round(s), each measurement "
+        f"{o['duration']:g} s after {o['warmup']:g} s of warm-up"
+        + (f" ({', '.join(once)}: first round only)" if once and o["rounds"] > 1 else "")
+    )
+
+
+#: Row names of the README tables.
+LABELS = {
+    "c-epoll": "C epoll echo (the physical limit)",
+    "unixsrv-event": "**unixsrv, event model**",
+    "unixsrv-blocking": "**unixsrv, blocking model**",
+    "uvloop-protocol": "uvloop, Protocol",
+    "uvloop-streams": "uvloop, streams",
+    "asyncio-protocol": "asyncio, Protocol",
+    "asyncio-streams": "asyncio, streams",
+    "socketserver": "socketserver (threads)",
+    "unixsrv-socketserver": "**unixsrv.socketserver** (socketserver's code, one import changed)",
+    "unixsrv.asyncio-protocol": "**unixsrv.asyncio**, Protocol on asyncio",
+    "unixsrv.asyncio-uvloop-protocol": "**unixsrv.asyncio**, Protocol on uvloop",
+    "unixsrv.asyncio-streams": "**unixsrv.asyncio**, streams on asyncio",
+    "unixsrv.asyncio-uvloop-streams": "**unixsrv.asyncio**, streams on uvloop",
+}
+
+#: The drop-in layers' table: (unixsrv's row, the row of the same code on
+#: the server it replaces, what the code is).
+LAYER_PAIRS = [
+    ("unixsrv.asyncio-protocol", "asyncio-protocol", "`asyncio.Protocol` echo, stock asyncio"),
+    ("unixsrv.asyncio-uvloop-protocol", "uvloop-protocol", "`asyncio.Protocol` echo, uvloop"),
+    ("unixsrv.asyncio-streams", "asyncio-streams", "`start_unix_server` streams echo, stock asyncio"),
+    ("unixsrv.asyncio-uvloop-streams", "uvloop-streams", "`start_unix_server` streams echo, uvloop"),
+    ("unixsrv-socketserver", "socketserver", "`socketserver` `BaseRequestHandler` echo, threads"),
+    ("unixsrv.asyncio-uvicorn-uvloop", "uvicorn-uvloop", "uvicorn (httptools) hello world, uvloop"),
+    ("unixsrv.asyncio-uvicorn-asyncio", "uvicorn-asyncio", "uvicorn (httptools) hello world, stock asyncio"),
+]  # fmt: skip
+
+README_BLOCKS = ("table", "layers")
+#: The columns of the README's main table, when the run has them (else every
+#: echo scenario it has).
+README_COLUMNS = ("pp-100", "pp-1000", "connect-16", "rss-1000")
+BEGIN = "<!-- BEGIN generated by benchmarks/run.py: {} -->"
+END = "<!-- END generated by benchmarks/run.py: {} -->"
+GITHUB_BLOB = "https://github.com/unixsrv/unixsrv/blob/main/"
+GITHUB_RAW = "https://raw.githubusercontent.com/unixsrv/unixsrv/main/"
+
+
+def heading(sc: dict[str, Any]) -> str:
+    """A scenario's column heading (runs saved before headings were
+    recorded: the current one for its key)."""
+    known = {s.key: s.short for s in SCENARIOS}
+    return sc.get("short") or known.get(sc["key"]) or sc["key"]
+
+
+def sig(v: float) -> str:
+    """About three significant digits: 2.47, 11.4, 225."""
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:,.0f}"
+
+
+def krate(v: float) -> str:
+    """A rate in thousands: 392k, 9.4k, 850."""
+    return f"{v / 1000:.0f}k" if v >= 10_000 else f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.0f}"
+
+
+def nbytes(v: float) -> str:
+    return f"{v:,.0f} B" if v < 10_000 else f"{v / 1000:.1f} KB"
+
+
+def _cell(s: dict[str, Any] | None, mode: str) -> str:
+    """A README table cell: CPU µs (rate/s), or bytes for a memory scenario."""
+    if s is None:
+        return "–"
+    if s["n"] == 0:
+        return "failed"
+    if mode == "hold":
+        v = s.get("rss_per_conn_bytes")
+        return "–" if v is None else nbytes(v)
+    cpu, rate = s.get("server_cpu_us_per_rt"), s.get("rate")
+    if cpu is None or rate is None:
+        return "–"
+    gen = s.get("client_cpu_share")
+    mark = " †" if gen is not None and gen >= GEN_BOUND_SHARE else ""
+    return f"{sig(cpu)} ({krate(rate)}/s){mark}"
+
+
+def _ratio_text(summ: Summary, sc: str, ours: str, theirs: str, field: str) -> str:
+    r = ratio(summ.get((sc, ours), {}).get(field), summ.get((sc, theirs), {}).get(field))
+    return "n/a" if r is None else f"{r:.2f}×"
+
+
+def readme_blocks(data: dict[str, Any], summ: Summary, png: str, md: str) -> dict[str, str]:
+    """The README's generated blocks ("table": the comparison, its note and
+    the chart; "layers": the drop-in layers against what they replace), from
+    one run.  `png` and `md` are the links to the chart and the full report."""
+    m = data["machine"]
+    scen = [s for s in data["scenarios"] if s["key"] in README_COLUMNS] or [
+        s for s in data["scenarios"] if s["mode"] != "http"
+    ]
+    servers = [srv for srv in data["servers"] if srv not in harness.HTTP_SERVERS]
+    rate_keys = [s["key"] for s in scen if s["mode"] != "hold"]
+    first = rate_keys[0] if rate_keys else None
+
+    def rank(srv: str) -> tuple[bool, float]:
+        v = summ.get((first, srv), {}).get("server_cpu_us_per_rt") if first else None
+        return v is None, v or 0.0
+
+    L = [
+        "| server CPU µs per round trip (round trips/s) | "
+        + " | ".join(heading(s) for s in scen)
+        + " |",
+        "|---|" + "---:|" * len(scen),
+    ]
+    for srv in sorted(servers, key=rank):
+        if not any((s["key"], srv) in summ for s in scen):
+            continue
+        cells = [_cell(summ.get((s["key"], srv)), s["mode"]) for s in scen]
+        L.append(f"| {LABELS.get(srv, srv)} | " + " | ".join(cells) + " |")
+    L.append("")
+    gens = []
+    for key in rate_keys:
+        shares = [
+            s["client_cpu_share"]
+            for (k, _), s in summ.items()
+            if k == key and s.get("client_cpu_share") is not None
+        ]
+        if shares:
+            gens.append(f"{key} {min(shares):.2f}–{max(shares):.2f}")
+    L.append(
+        "Ranked by server CPU per round trip"
+        + (f" ({first})" if first else "")
+        + (
+            "; a round trip in the connect columns is a whole connect → 64 B echo → close"
+            if any(s["mode"] == "connect" for s in scen)
+            else ""
+        )
+        + ". The load generator's own CPU share (1.00 = its CPU saturated, then the rate is the "
+        f"generator's limit and marked †): {'; '.join(gens) or 'n/a'}."
+    )
+    L.append("")
+    L.append(f"![server CPU per round trip and round trips/s]({png})")
+    L.append("")
+    others = [s["other_cpu_share"] for s in summ.values() if s.get("other_cpu_share") is not None]
+    L.append(
+        f"Measured by `{data['command']}` on {m['date']} in {data.get('wall_s', 0) / 60:.1f} min "
+        f"(git {m['git']}): {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, "
+        f"{m['python_impl']} {m['python']}, uvloop {m['uvloop']}; {method_text(data)}"
+        + (
+            f"; other processes used {statistics.median(others):.2f} cores (median)"
+            if others
+            else ""
+        )
+        + f". Full tables, latencies and the issues' targets: [docs/benchmarks.md]({md}). "
+        "To reproduce: `pip install -e '.[bench,compat]' && python benchmarks/run.py` on a quiet "
+        "Linux machine; it rewrites these tables, docs/benchmarks.md and the chart."
+    )
+    L.append("")
+    measured = {srv for _, srv in summ}
+    bullets = [
+        (
+            "unixsrv-event",
+            "The event model's CPU per round trip is "
+            f"{_ratio_text(summ, 'pp-100', 'unixsrv-event', REFERENCE_CPU, _CPU)} the C server's at 100 "
+            f"connections and {_ratio_text(summ, 'pp-1000', 'unixsrv-event', REFERENCE_CPU, _CPU)} at 1,000 "
+            f"(uvloop Protocol: {_ratio_text(summ, 'pp-100', REFERENCE_RATE, REFERENCE_CPU, _CPU)}, "
+            f"{_ratio_text(summ, 'pp-1000', REFERENCE_RATE, REFERENCE_CPU, _CPU)}); it makes "
+            f"{_ratio_text(summ, 'pp-100', 'unixsrv-event', REFERENCE_RATE, _RATE)} and "
+            f"{_ratio_text(summ, 'pp-1000', 'unixsrv-event', REFERENCE_RATE, _RATE)} uvloop Protocol's "
+            "round trips per second, and "
+            f"{_ratio_text(summ, 'connect-16', 'unixsrv-event', REFERENCE_RATE, _RATE)} its connects "
+            "per second with 16 client slots.",
+        ),
+        (
+            "unixsrv-blocking",
+            "The blocking model costs "
+            f"{_ratio_text(summ, 'pp-100', 'unixsrv-blocking', 'socketserver', _CPU)} socketserver's CPU "
+            f"per round trip at 100 connections and "
+            f"{_ratio_text(summ, 'pp-1000', 'unixsrv-blocking', 'socketserver', _CPU)} at 1,000, for "
+            f"{_ratio_text(summ, 'pp-100', 'unixsrv-blocking', 'socketserver', _RATE)} and "
+            f"{_ratio_text(summ, 'pp-1000', 'unixsrv-blocking', 'socketserver', _RATE)} its round trips "
+            "per second, and makes "
+            f"{_ratio_text(summ, 'connect-16', 'unixsrv-blocking', 'socketserver', _RATE)} its connects "
+            "per second.",
+        ),
+    ]
+    L += [f"- {text}" for srv, text in bullets if srv in measured]
+    blocks = {"table": "\n".join(L)}
+
+    paired = [
+        s
+        for s in data["scenarios"]
+        if any((s["key"], a) in summ and (s["key"], b) in summ for a, b, _ in LAYER_PAIRS)
+    ]
+    cols = [s for s in paired if s["key"] in README_COLUMNS or s["mode"] == "http"] or paired
+    if not cols:
+        blocks["layers"] = "(Not measured in this run.)"
+        return blocks
+    L = [
+        "| the same code: server CPU µs (memory: bytes) on unixsrv / on its own server (ratio) | "
+        + " | ".join(heading(s) for s in cols)
+        + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for ours, theirs, what in LAYER_PAIRS:
+        cells = []
+        for s in cols:
+            a, b = summ.get((s["key"], ours)), summ.get((s["key"], theirs))
+            field = _RSS if s["mode"] == "hold" else _CPU
+            va, vb = (a or {}).get(field), (b or {}).get(field)
+            if va is None or vb is None:
+                cells.append("–")
+                continue
+            show = nbytes if s["mode"] == "hold" else sig
+            cell = f"{show(va)} / {show(vb)} (**{va / vb:.2f}×**)"
+            if s["mode"] != "hold" and a and b and a.get("rate") and b.get("rate"):
+                cell += f", rate {a['rate'] / b['rate']:.2f}×"
+            cells.append(cell)
+        if any(c != "–" for c in cells):
+            L.append(f"| {what} | " + " | ".join(cells) + " |")
+    L.append("")
+    L.append(
+        "From the same run as the table above (CPU per request for uvicorn, whose server is "
+        "pinned and primed alike; its load comes from benchmarks/http_load.c). Below 1.00× "
+        "unixsrv's layer costs less than the server it replaces; *rate* is its round trips "
+        "(requests, connects) per second over the other's."
+    )
+    blocks["layers"] = "\n".join(L)
+    return blocks
+
+
+def rewrite_blocks(text: str, blocks: dict[str, str]) -> str:
+    """Replace what lies between each block's BEGIN and END marker lines in
+    `text` with the block's new content.  Every block must be there exactly
+    once, END after BEGIN (ValueError otherwise); the rest is untouched."""
+    for name, content in blocks.items():
+        begin, end = BEGIN.format(name), END.format(name)
+        if text.count(begin) != 1 or text.count(end) != 1:
+            raise ValueError(f"README block {name!r}: want one {begin!r} and one {end!r}")
+        i = text.index(begin) + len(begin)
+        j = text.index(end)
+        if j < i:
+            raise ValueError(f"README block {name!r}: its END marker comes before its BEGIN")
+        text = text[:i] + "\n" + content.strip("\n") + "\n" + text[j:]
+    return text
+
+
+def readme_links(out_dir: str, readme: str) -> tuple[str, str]:
+    """Links from `readme` to the chart and the report in `out_dir`: the
+    repository's URLs for the project's own README and docs/ (it is also the
+    PyPI page, where relative links break), relative paths otherwise."""
+    png = os.path.join(out_dir, "benchmarks.png")
+    md = os.path.join(out_dir, "benchmarks.md")
+    if os.path.realpath(readme) == os.path.realpath(os.path.join(harness.ROOT, "README.md")):
+        docs = os.path.realpath(os.path.join(harness.ROOT, "docs"))
+        if os.path.realpath(out_dir) == docs:
+            return GITHUB_RAW + "docs/benchmarks.png", GITHUB_BLOB + "docs/benchmarks.md"
+    base = os.path.dirname(os.path.abspath(readme))
+    return os.path.relpath(png, base), os.path.relpath(md, base)
+
+
+def write_readme(path: str, data: dict[str, Any], summ: Summary, out_dir: str) -> None:
+    """Rewrite the generated blocks of the README at `path` (atomically)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    text = rewrite_blocks(text, readme_blocks(data, summ, *readme_links(out_dir, path)))
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_reports(
+    data: dict[str, Any], out_dir: str, readme: str | None = None
+) -> tuple[str, str, Summary]:
+    """benchmarks.md and benchmarks.png in `out_dir`, and the generated
+    blocks of `readme` (when given); returns the paths and the medians."""
     summ = summarize(data)
     png = os.path.join(out_dir, "benchmarks.png")
     md = os.path.join(out_dir, "benchmarks.md")
     render_png(data, summ, png)
     with open(md, "w", encoding="utf-8") as f:
         f.write(render_markdown(data, summ, os.path.basename(png)))
-    return md, png
+    if readme:
+        write_readme(readme, data, summ, out_dir)
+    return md, png, summ
 
 
 # ------------------------------------------------------------------ CLI
+
+#: Defaults of a full run and of --quick: rounds, seconds measured, seconds of warm-up.
+FULL = (4, 2.0, 0.5)
+QUICK = (1, 1.0, 0.2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -962,24 +1361,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 1 round, 1 s per measurement; writes to benchmarks/.build/quick/",
+        help=f"smoke run: {QUICK[0]} round, {QUICK[1]:g} s per measurement, no waiting or "
+        "retries; writes to benchmarks/.build/quick/ (and no README unless --readme)",
     )
-    p.add_argument("--rounds", type=int, help="rounds (default 3; --quick 1)")
+    p.add_argument("--rounds", type=int, help=f"rounds (default {FULL[0]}; --quick {QUICK[0]})")
     p.add_argument(
         "--duration",
         type=float,
-        help="seconds measured per pingpong/connect run (default 3; --quick 1)",
+        help=f"seconds measured per pingpong/connect run (default {FULL[1]:g}; --quick {QUICK[1]:g})",
     )
     p.add_argument(
         "--warmup",
         type=float,
-        help="seconds of traffic before measuring (default 0.5; --quick 0.2)",
+        help="seconds of traffic before measuring, after the priming "
+        f"(default {FULL[2]:g}; --quick {QUICK[2]:g})",
     )
     p.add_argument("--servers", help="comma-separated subset of: " + ", ".join(SERVERS))
     p.add_argument(
         "--scenarios",
-        default=",".join(SCENARIO_KEYS),
-        help="comma-separated subset of: " + ", ".join(SCENARIO_KEYS),
+        default=",".join(DEFAULT_SCENARIOS),
+        help="comma-separated subset of: "
+        + ", ".join(SCENARIO_KEYS)
+        + f", or all (default: {','.join(DEFAULT_SCENARIOS)})",
     )
     p.add_argument(
         "--out-dir",
@@ -989,6 +1392,11 @@ def main(argv: list[str] | None = None) -> int:
         "--json-out",
         help="where every measurement goes (default benchmarks/results/benchmarks.json; "
         "--quick or --out-dir: benchmarks.json in the output directory)",
+    )
+    p.add_argument(
+        "--readme",
+        help="rewrite the generated blocks of this README (default: README.md for a full run "
+        "into docs/; none for --quick or --out-dir)",
     )
     p.add_argument(
         "--max-load",
@@ -1005,19 +1413,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--wait-quiet",
         type=float,
-        help="wait at most this many seconds for that (default 600; --quick 0)",
+        help="wait at most this many seconds for that (default 60; --quick 0)",
     )
     p.add_argument(
         "--retry-disturbed",
         type=int,
-        default=2,
         help="measure again (at most this many times) when other processes took more than "
-        f"{DISTURBED_SHARE} cores meanwhile; the least disturbed attempt is kept (default 2)",
+        f"{DISTURBED_SHARE} cores meanwhile; the least disturbed attempt is kept "
+        "(default 2; --quick 0)",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=12.0,
+        help="time budget of the measurements: no retry once the rest of the run would not fit "
+        "(default 12)",
     )
     p.add_argument(
         "--report-only",
         metavar="JSON",
-        help="only re-render the reports from a saved benchmarks.json",
+        help="only re-render the reports (and --readme) from a saved benchmarks.json",
     )
     args = p.parse_args(argv)
     args.command_line = "python benchmarks/run.py" + (
@@ -1026,10 +1441,15 @@ def main(argv: list[str] | None = None) -> int:
         else " " + " ".join(sys.argv[1:] if argv is None else argv)
     )
     q = args.quick
-    args.rounds = args.rounds or (1 if q else 3)
-    args.duration = args.duration or (1.0 if q else 3.0)
-    args.warmup = args.warmup if args.warmup is not None else (0.2 if q else 0.5)
-    args.wait_quiet = args.wait_quiet if args.wait_quiet is not None else (0.0 if q else 600.0)
+    rounds, duration, warmup = QUICK if q else FULL
+    args.rounds = args.rounds or rounds
+    args.duration = args.duration or duration
+    args.warmup = args.warmup if args.warmup is not None else warmup
+    args.wait_quiet = args.wait_quiet if args.wait_quiet is not None else (0.0 if q else 60.0)
+    if args.retry_disturbed is None:
+        args.retry_disturbed = 0 if q else 2
+    if not args.readme and not q and not args.out_dir:
+        args.readme = os.path.join(harness.ROOT, "README.md")
     if not args.json_out:
         args.json_out = (
             os.path.join(args.out_dir or os.path.join(harness.BUILD, "quick"), "benchmarks.json")
@@ -1042,7 +1462,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     args.servers_given = args.servers is not None
     args.servers = [s for s in (args.servers or ",".join(SERVERS)).split(",") if s]
-    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    args.scenarios = (
+        SCENARIO_KEYS if args.scenarios == "all" else [s for s in args.scenarios.split(",") if s]
+    )
     bad = [s for s in args.servers if s not in SERVERS] + [
         s for s in args.scenarios if s not in SCENARIO_KEYS
     ]
@@ -1071,24 +1493,23 @@ def main(argv: list[str] | None = None) -> int:
                     f"{exc}: leaving out the HTTP servers (pip install -e '.[bench,compat]' adds them)"
                 )
                 args.servers = [s for s in args.servers if s not in harness.HTTP_SERVERS]
-        est = args.rounds * sum(
-            (args.duration + args.warmup + 2.0)
-            if s.mode != "hold"
-            else (4.0 + s.connections / 2500)
-            for s in SCENARIOS
-            if s.key in args.scenarios
-            for srv in args.servers
-            if s.fits(srv)
-        )
+        scenarios = [s for s in SCENARIOS if s.key in args.scenarios]
+        order = plan(args.servers, scenarios, args.rounds)
+        est = sum(estimate_s(sc, args.duration, args.warmup) for _, sc, _ in order)
         log(
-            f"{args.rounds} round(s) x {len(args.scenarios)} scenarios x {len(args.servers)} servers; "
-            f"about {est / 60:.0f} min; results to {args.out_dir}"
+            f"{len(order)} measurements ({args.rounds} round(s), {len(scenarios)} scenarios, "
+            f"{len(args.servers)} servers): about {est / 60:.0f} min once the machine is quiet "
+            f"(waiting up to {args.wait_quiet:.0f} s for that); results to {args.out_dir}"
+            + (f", README blocks to {args.readme}" if args.readme else "")
         )
         data = run_all(args)
-    md, png = write_reports(data, args.out_dir)
+    md, png, summ = write_reports(data, args.out_dir, args.readme)
     log(
-        f"wrote {md} and {png}" + (f" in {data['wall_s'] / 60:.1f} min" if "wall_s" in data else "")
+        f"wrote {md} and {png}"
+        + (f" and {args.readme}" if args.readme else "")
+        + (f" in {data['wall_s'] / 60:.1f} min" if not args.report_only else "")
     )
+    print(targets_text(summ))
     return 0
 
 
