@@ -630,6 +630,44 @@ def test_threading_mixin_reuses_pool_threads(sock_path: str) -> None:
     assert len(server._threads) == 0  # reaped and joined by server_close
 
 
+def test_process_request_waits_for_the_previous_requests_start(sock_path: str) -> None:
+    """process_request() returns without waiting for its own request to
+    start (that wait cost the serve loop a sleep per request), but not
+    before the previous request started: the serve loop is never more than
+    one request ahead of its workers."""
+    gate = threading.Event()
+    served: list[bytes] = []
+
+    class Echo(ss.StreamRequestHandler):
+        def handle(self) -> None:
+            served.append(self.rfile.readline())
+
+    class Gated(ss.ThreadingUnixStreamServer):
+        def _run_request(self, item: Any) -> None:
+            gate.wait(DEADLINE)  # the worker is slow to start the request
+            super()._run_request(item)
+
+    server = Gated(sock_path, Echo)
+    try:
+        with connect(sock_path) as first, connect(sock_path) as second:
+            first.sendall(b"1\n")
+            second.sendall(b"2\n")
+            server.handle_request()  # returns with the first request not started
+            assert served == [] and len(server._threads) == 1
+            blocked = threading.Thread(target=server.handle_request, daemon=True)
+            blocked.start()
+            blocked.join(0.2)
+            assert blocked.is_alive()  # waits for the first request's start
+            gate.set()
+            blocked.join(DEADLINE)
+            assert not blocked.is_alive()
+            wait_until(lambda: sorted(served) == [b"1\n", b"2\n"])
+    finally:
+        gate.set()
+        server.server_close()
+    assert server._threads == []
+
+
 def test_threading_daemon_threads_do_not_block_server_close(sock_path: str) -> None:
     entered, release = threading.Event(), threading.Event()
 
