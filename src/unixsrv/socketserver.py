@@ -38,7 +38,9 @@ they already work as they are.
 
 What differs: the core accepts from ``server_bind()`` on (mode and group are
 set between bind and listen, and the file only appears then), connections
-wait in unixsrv's queue rather than the kernel's backlog, and ``fileno()``
+wait in unixsrv's queue rather than the kernel's backlog (the core queues
+them in C without taking the GIL; the idle clock of a request starts when
+get_request() takes it), and ``fileno()``
 is the fd that is readable while a connection waits there (what
 ``serve_forever`` and ``handle_request`` wait on), not the listening
 socket's.  ``server.socket`` is the listening socket; its timeout is what
@@ -67,7 +69,6 @@ import threading
 import time
 import warnings
 import weakref
-from collections import deque
 from socketserver import (
     BaseRequestHandler,
     BaseServer,
@@ -272,56 +273,47 @@ class _PacedRequestSocket(_RequestSocket):
 
 
 class _Pending:
-    """Accepted connections waiting for get_request(), and a pipe that is
-    readable exactly while one waits (what serve_forever's selector watches).
-
-    The loop thread puts, the serving thread gets; under the lock the pipe
-    holds one byte if and only if the queue is not empty.
-    """
+    """Accepted connections waiting for get_request(): the core's accept
+    queue (Loop.queue_accepted), which the loop thread fills without taking
+    the GIL, and a pipe that is readable exactly while one waits (what
+    serve_forever's selector watches).  Taking the GIL for each accepted
+    connection made the loop thread one more GIL contender per connect."""
 
     def __init__(self) -> None:
         self._r, self._w = os.pipe()  # close-on-exec (PEP 446)
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
-        self._items: deque[Connection] = deque()
-        self._lock = threading.Lock()
-        self._closed = False
+        self._loop: _core.Loop | None = None
+
+    def attach(self, loop: _core.Loop) -> None:
+        """Queue ``loop``'s accepted connections here (before it opens)."""
+        loop.queue_accepted(self._r, self._w)
+        self._loop = loop
 
     def fileno(self) -> int:
         return self._r
 
-    def put(self, conn: Connection) -> None:
-        """The core accepted ``conn`` (loop thread)."""
-        with self._lock:
-            if not self._closed:
-                self._items.append(conn)
-                if len(self._items) == 1:
-                    _core.flag_fd_set(self._w)
-                return
-        conn._finish()  # the server was closed meanwhile: the client sees EOF
+    def __len__(self) -> int:
+        loop = self._loop
+        return 0 if loop is None else loop.accepted_waiting
 
     def get(self) -> Connection:
-        with self._lock:
-            if not self._items:
-                raise BlockingIOError(errno.EAGAIN, "no connection is waiting")
-            conn = self._items.popleft()
-            if not self._items:
-                _core.flag_fd_clear(self._r)
+        loop = self._loop
+        conn = None if loop is None else loop.take_accepted()
+        if conn is None:
+            raise BlockingIOError(errno.EAGAIN, "no connection is waiting")
         return conn
 
     def close(self) -> None:
-        """Close the pipe and every waiting connection (clients see EOF)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            waiting = list(self._items)
-            self._items.clear()
-            os.close(self._r)
-            os.close(self._w)
-            self._r = self._w = -1
-        for conn in waiting:
-            conn._finish()
+        """Close every waiting connection (clients see EOF), then the pipe."""
+        loop, self._loop = self._loop, None
+        if self._r < 0:
+            return
+        if loop is not None:
+            loop.close_queue()  # the loop never touches the pipe after this
+        os.close(self._r)
+        os.close(self._w)
+        self._r = self._w = -1
 
 
 class _Acceptor(Server):
@@ -334,8 +326,17 @@ class _Acceptor(Server):
 
     _core_thread: threading.Thread | None = None
 
-    def _spawn(self, conn: Connection) -> None:
-        self._handler(conn)  # type: ignore[misc]
+    def __init__(self, config: ServerConfig, pending: _Pending) -> None:
+        # A blocking-model Server whose connections never reach its
+        # handler (closing them) or thread pool: the core queues each one
+        # for get_request() (Loop.queue_accepted, set in _new_loop).
+        super().__init__(config, Connection._finish)
+        self._pending = pending
+
+    def _new_loop(self, cfg: ServerConfig, factory: Any, *args: Any) -> _core.Loop:
+        loop = super()._new_loop(cfg, factory, *args)
+        self._pending.attach(loop)
+        return loop
 
     def start(self) -> None:
         super().start()
@@ -489,7 +490,7 @@ class UnixStreamServer(_std.UnixStreamServer):
             raise OSError(errno.EINVAL, "the server is bound already")
         cfg = self._server_config()
         pending = _Pending()
-        acceptor = _Acceptor(cfg, pending.put)
+        acceptor = _Acceptor(cfg, pending)
         try:
             acceptor.start()
             os.dup2(acceptor.listen_fileno, self.socket.fileno(), inheritable=False)
