@@ -537,6 +537,7 @@ def test_server_close_closes_waiting_connections(sock_path: str) -> None:
     server = ss.UnixStreamServer(sock_path, Upper)
     with connect(sock_path) as a, connect(sock_path) as b:
         wait_until(lambda: server.stats()["accepted"] == 2)
+        assert len(server._pending) == 2  # both wait in the core's queue
         server.server_close()
         assert recv_until_eof(a) == b"" and recv_until_eof(b) == b""
     assert server.stats()["closed"] == 2 and server.stats()["open"] == 0
