@@ -29,7 +29,9 @@ times out idle connections and owns the socket file:
   down by the core (the handler's recv() returns b"", send() fails);
 - ``stats()``: accepted, rejected, denied, closed, open, bytes in/out;
 - with ``config=``, every ServerConfig field applies (the peer allow-lists
-  and per-uid limits too: a denied peer never reaches get_request()).
+  and per-uid limits too: a denied peer never reaches get_request();
+  ``authorize`` runs in get_request(), on the serving thread, since the
+  core hands connections over without taking the GIL).
 
 ``ThreadingMixIn`` runs requests on unixsrv's thread pool (threads are
 reused) instead of a new thread per request.  ``ForkingMixIn``, the request
