@@ -19,6 +19,7 @@ import select
 import socket
 import socketserver as stdlib_socketserver
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -31,6 +32,7 @@ from conftest import (
     DEADLINE,
     IDLE_LATE,
     connect,
+    end_processes,
     fork_quietly,
     listening_socket,
     read_line,
@@ -490,10 +492,52 @@ def test_server_close_removes_only_its_own_file(sock_path: str) -> None:
         os.unlink(moved)
 
 
+GIL_HELD = """
+import os, sys, time
+from unixsrv import socketserver as ss
+
+server = ss.UnixStreamServer(sys.argv[1], ss.BaseRequestHandler)
+loop = server._acceptor._loop
+sys.setswitchinterval(1000.0)  # no thread asks for the GIL from now on and gets it
+os.write(int(sys.argv[2]), b"x")  # the client connects now
+end = time.monotonic() + 10.0
+conn = None
+while conn is None and time.monotonic() < end:  # never releases the GIL
+    conn = loop.take_accepted()
+print("queued" if conn is not None else "not queued", flush=True)
+if conn is not None:
+    conn._finish()
+server.server_close()
+"""
+
+
+def test_connections_are_queued_without_the_gil(sock_path: str) -> None:
+    """The loop thread accepts and queues a connection while another thread
+    holds the GIL throughout: the hand-over to get_request() takes no GIL."""
+    go_r, go_w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", GIL_HELD, sock_path, str(go_w)],
+        stdout=subprocess.PIPE,
+        text=True,
+        pass_fds=(go_w,),
+    )
+    try:
+        os.close(go_w)
+        ready, _, _ = select.select([go_r], [], [], DEADLINE)
+        assert ready and os.read(go_r, 1) == b"x"
+        with connect(sock_path):
+            assert read_line(proc) == "queued"
+        assert proc.wait(DEADLINE) == 0
+    finally:
+        os.close(go_r)
+        end_processes([proc])
+
+
 def test_server_close_closes_waiting_connections(sock_path: str) -> None:
     server = ss.UnixStreamServer(sock_path, Upper)
     with connect(sock_path) as a, connect(sock_path) as b:
         wait_until(lambda: server.stats()["accepted"] == 2)
+        assert len(server._pending) == 2  # both wait in the core's queue
         server.server_close()
         assert recv_until_eof(a) == b"" and recv_until_eof(b) == b""
     assert server.stats()["closed"] == 2 and server.stats()["open"] == 0
@@ -628,6 +672,44 @@ def test_threading_mixin_reuses_pool_threads(sock_path: str) -> None:
     assert len(idents) == 5 and threading.get_ident() not in idents
     assert len(set(idents)) == 1  # the parked worker took each next request
     assert len(server._threads) == 0  # reaped and joined by server_close
+
+
+def test_process_request_waits_for_the_previous_requests_start(sock_path: str) -> None:
+    """process_request() returns without waiting for its own request to
+    start (that wait cost the serve loop a sleep per request), but not
+    before the previous request started: the serve loop is never more than
+    one request ahead of its workers."""
+    gate = threading.Event()
+    served: list[bytes] = []
+
+    class Echo(ss.StreamRequestHandler):
+        def handle(self) -> None:
+            served.append(self.rfile.readline())
+
+    class Gated(ss.ThreadingUnixStreamServer):
+        def _run_request(self, item: Any) -> None:
+            gate.wait(DEADLINE)  # the worker is slow to start the request
+            super()._run_request(item)
+
+    server = Gated(sock_path, Echo)
+    try:
+        with connect(sock_path) as first, connect(sock_path) as second:
+            first.sendall(b"1\n")
+            second.sendall(b"2\n")
+            server.handle_request()  # returns with the first request not started
+            assert served == [] and len(server._threads) == 1
+            blocked = threading.Thread(target=server.handle_request, daemon=True)
+            blocked.start()
+            blocked.join(0.2)
+            assert blocked.is_alive()  # waits for the first request's start
+            gate.set()
+            blocked.join(DEADLINE)
+            assert not blocked.is_alive()
+            wait_until(lambda: sorted(served) == [b"1\n", b"2\n"])
+    finally:
+        gate.set()
+        server.server_close()
+    assert server._threads == []
 
 
 def test_threading_daemon_threads_do_not_block_server_close(sock_path: str) -> None:
@@ -794,6 +876,12 @@ def test_forking_child_serves_its_request_and_accounting_holds(sock_path: str) -
     class Forking(ss.ForkingUnixStreamServer):
         core_fds: ClassVar[list[int]] = []
 
+        def get_request(self) -> tuple[Any, Any]:
+            request, address = super().get_request()
+            # The core's own fd of the connection (the request is a dup).
+            self.core_fds = [*self.core_fds, request._conn.fileno()]
+            return request, address
+
     server = Forking(sock_path, Report)
     loop = server._acceptor._loop
     # The core's own fds: listener, poller, wakeup pipe; plus the accepted
@@ -801,8 +889,6 @@ def test_forking_child_serves_its_request_and_accounting_holds(sock_path: str) -
     server.core_fds = [loop.listen_fileno, loop.wakeup_fileno]
     with connect(sock_path) as c:
         wait_until(lambda: server.stats()["accepted"] == 1)
-        conn = server._pending._items[0]
-        server.core_fds = [*server.core_fds, conn.fileno()]
         server.handle_request()  # forks; the parent closes its copy at once
         assert server.stats()["closed"] == 1 and server.stats()["open"] == 0
         # the child still has the request

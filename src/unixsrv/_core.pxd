@@ -270,6 +270,19 @@ cdef class Loop:
     cdef int64_t tick_ns
     cdef int64_t next_tick_ns
     cdef object tick
+    # Loop.queue_accepted(): accepted connections wait in a C queue (a ring
+    # of REC_NEW records) for take_accepted() on another thread, and the
+    # loop thread takes the GIL only for what else needs Python.
+    cdef bint queue_new
+    cdef bint aq_closed
+    cdef bint woken               # this pass saw the wakeup pipe
+    cdef rec_t *aq
+    cdef size_t aq_cap
+    cdef size_t aq_head
+    cdef size_t aq_len
+    cdef int aq_r
+    cdef int aq_w
+    cdef pthread_mutex_t aq_mu
 
     cdef void _lock(self) noexcept nogil
     cdef void _unlock(self) noexcept nogil
@@ -290,6 +303,11 @@ cdef class Loop:
     cdef int _dispatch(self) except -1
     cdef void _drop_accepted(self, int fd, long uid) noexcept nogil
     cdef int _open_connection(self, rec_t *r) except -1
+    cdef object _new_connection(self, rec_t *r)
+    cdef void _enqueue_new(self, int fd, size_t named, long pid, long uid, long gid) noexcept nogil
+    cdef bint _quiet_pass(self) noexcept nogil
+    cdef int64_t _timer_deadline(self) noexcept nogil
+    cdef size_t _drop_queue(self) noexcept nogil
     cdef object _lookup(self, int fd, uint32_t seq)
     cdef int _run_finalizing(self) except -1
     cdef int _finalize_unless_dispatching(self) except -1

@@ -73,6 +73,20 @@ cdef inline void _mutex_lock_with_gil(pthread_mutex_t *mu) noexcept:
             pthread_mutex_lock(mu)
 
 
+cdef inline int _poll_ms_until(int64_t deadline) noexcept nogil:
+    """A poller timeout for `deadline`: -1 for NEVER, 0 for now or past."""
+    cdef int64_t now
+    if deadline == NEVER:
+        return -1
+    if deadline == 0:
+        return 0
+    now = us_now_ns()
+    if deadline <= now:
+        return 0
+    # Round up: waking a little late is fine, spinning early is not.
+    return <int>min((deadline - now + 999999) // 1000000, 86400000)
+
+
 cdef class Loop:
     """The C core of one server run: listener, poller, connection table."""
 
@@ -86,6 +100,8 @@ cdef class Loop:
         self.next_tick_ns = NEVER
         pthread_mutex_init(&self.mu, NULL)
         pthread_mutex_init(&self.uid_mu, NULL)
+        pthread_mutex_init(&self.aq_mu, NULL)
+        self.aq_r = self.aq_w = -1
 
     def __init__(self, *args, **kwargs):
         # new_loop() makes loops with __new__ (which skips __init__) and
@@ -144,8 +160,11 @@ cdef class Loop:
         free(self.allow_uids)
         free(self.allow_gids)
         us_uid_counts_free(&self.uid_counts)
+        self._drop_queue()     # a loop never torn down (its open() was never called)
+        free(self.aq)
         pthread_mutex_destroy(&self.mu)
         pthread_mutex_destroy(&self.uid_mu)
+        pthread_mutex_destroy(&self.aq_mu)
 
     # ---------------------------------------------------------------- set-up
 
@@ -323,10 +342,17 @@ cdef class Loop:
         while not self.exiting:
             timeout = self._timeout_ms()
             with nogil:
-                n = us_poller_wait(self.pfd, self.events, MAX_EVENTS, timeout)
-                err = errno
-                self.now = us_now_ns()
-                self._collect(n)
+                while True:
+                    n = us_poller_wait(self.pfd, self.events, MAX_EVENTS, timeout)
+                    err = errno
+                    self.now = us_now_ns()
+                    self._collect(n)
+                    # With the accept queue, a pass that only queued
+                    # connections needs no Python: wait again without
+                    # taking the GIL (see queue_accepted).
+                    if n < 0 or not self._quiet_pass():
+                        break
+                    timeout = _poll_ms_until(self._timer_deadline())
             if n < 0 and err != EINTR:
                 raise _oserror(err)
             self._dispatch()
@@ -379,9 +405,13 @@ cdef class Loop:
     cdef int64_t _next_deadline(self) noexcept:
         """When the loop must run again without an event: 0 = at once,
         NEVER = only on an event."""
-        cdef int64_t deadline = NEVER
         if self.pending or self.finalizing:
             return 0
+        return self._timer_deadline()
+
+    cdef int64_t _timer_deadline(self) noexcept nogil:
+        """The earliest timer of _next_deadline (it needs no GIL)."""
+        cdef int64_t deadline = NEVER
         if self.idle_ns:
             deadline = self.next_sweep_ns
         if self.accept_paused and self.accept_resume_ns < deadline:
@@ -393,16 +423,13 @@ cdef class Loop:
         return deadline
 
     cdef int _timeout_ms(self) noexcept:
-        cdef int64_t deadline = self._next_deadline(), now
-        if deadline == NEVER:
-            return -1
-        if deadline == 0:
-            return 0
-        now = us_now_ns()
-        if deadline <= now:
-            return 0
-        # Round up: waking a little late is fine, spinning early is not.
-        return <int>min((deadline - now + 999999) // 1000000, 86400000)
+        return _poll_ms_until(self._next_deadline())
+
+    cdef bint _quiet_pass(self) noexcept nogil:
+        """Queue mode, after _collect: nothing for the dispatch (no record,
+        no wakeup, so no callback queued and no exit requested; no tick due)."""
+        return (self.queue_new and self.nrecs == 0 and not self.woken
+                and not (self.tick_ns and self.now >= self.next_tick_ns))
 
     # ---------------------------------------------------------------- hosted
 
@@ -519,9 +546,11 @@ cdef class Loop:
         cdef char sink[256]
         self.nrecs = 0
         self.rx_used = 0
+        self.woken = False
         for i in range(n):
             tok = us_event_token(&self.events[i])
             if tok == TOKEN_WAKE:
+                self.woken = True
                 while read(self.wake_r, sink, sizeof(sink)) > 0:
                     pass
             elif tok == TOKEN_LISTEN:
@@ -609,7 +638,10 @@ cdef class Loop:
                 waiting += 1
             else:
                 us_add_u64(&self.stats.s.accepted, 1)
-            self._push_peer(REC_NEW, fd, named, 0, pid, uid, gid)
+            if self.queue_new:
+                self._enqueue_new(fd, named, pid, uid, gid)
+            else:
+                self._push_peer(REC_NEW, fd, named, 0, pid, uid, gid)
 
     cdef bint _listed(self, int fd, long uid, long gid) noexcept nogil:
         """The allow-lists admit this peer: its uid is listed, or its primary
@@ -732,6 +764,11 @@ cdef class Loop:
             self._push(REC_IDLE, fd, c.seq, 0, 0)
             room -= 1
         self._unlock()
+        if earliest == NEVER and self.queue_new:
+            # A queued connection enters the table on another thread, which
+            # cannot schedule a sweep: keep sweeping every idle_ns (a pass
+            # without the GIL when nothing expired).
+            earliest = self.now + self.idle_ns
         self.next_sweep_ns = NEVER if earliest == NEVER else earliest + _sweep_slack(self.idle_ns)
 
     # ---------------------------------------------------------------- phase 2
@@ -838,40 +875,13 @@ cdef class Loop:
         return 0
 
     cdef int _open_connection(self, rec_t *r) except -1:
-        cdef _ConnBase conn
         cdef int err
-        cdef int fd = r.fd
-        cdef bint named = r.off != 0
-        if self.has_authorize and not self._authorized(r):
+        obj = self._new_connection(r)
+        if obj is None:
             return 0
-        self.next_seq = (self.next_seq + 1) & 0x7FFFFFFF
-        if self.next_seq == 0:
-            self.next_seq = 1
-        try:
-            conn = _Stream.__new__(_Stream) if self.event_model else Connection.__new__(Connection)
-            conn.loop = self
-            conn.c.fd = fd
-            conn.c.seq = self.next_seq
-            conn.c.uses = 1
-            conn.c.high = self.high_water
-            conn.c.low = self.low_water
-            conn.c.last_active = self.now
-            conn.c.peer_pid, conn.c.peer_uid, conn.c.peer_gid = r.pid, r.uid, r.gid
-            self._table_put(&conn.c)
-        except BaseException:
-            self._drop_accepted(fd, r.uid)     # nothing else knows this fd yet
-            raise
-        if not named:
-            conn._remote = ""
-        else:
-            try:
-                conn.remote_address   # rare: read it while the fd is surely open
-            except OSError:
-                conn._remote = ""
-        if self.idle_ns and self.next_sweep_ns == NEVER:
-            self.next_sweep_ns = self.now + self.idle_ns + _sweep_slack(self.idle_ns)
+        cdef _ConnBase conn = <_ConnBase>obj
         if self.event_model:
-            if us_poller_add(self.pfd, fd, _token(&conn.c), US_READ) < 0:
+            if us_poller_add(self.pfd, conn.c.fd, _token(&conn.c), US_READ) < 0:
                 err = errno
                 (<_Stream>conn)._abort(None)
                 self._callback_error(_oserror(err, self.display_path))
@@ -884,6 +894,162 @@ cdef class Loop:
             (<Connection>conn)._finish()
             self._callback_error(exc)
         return 0
+
+    cdef object _new_connection(self, rec_t *r):
+        """The connection object of an accepted fd, in the table; None if
+        authorize() refused it.  On the loop thread, or (queue mode) on the
+        thread calling take_accepted()."""
+        cdef _ConnBase conn
+        cdef int fd = r.fd
+        cdef bint named = r.off != 0
+        if self.has_authorize and not self._authorized(r):
+            return None
+        if self.queue_new:
+            _mutex_lock_with_gil(&self.aq_mu)    # next_seq is shared with other takers
+        self.next_seq = (self.next_seq + 1) & 0x7FFFFFFF
+        if self.next_seq == 0:
+            self.next_seq = 1
+        cdef uint32_t seq = self.next_seq
+        if self.queue_new:
+            pthread_mutex_unlock(&self.aq_mu)
+        try:
+            conn = _Stream.__new__(_Stream) if self.event_model else Connection.__new__(Connection)
+            conn.loop = self
+            conn.c.fd = fd
+            conn.c.seq = seq
+            conn.c.uses = 1
+            conn.c.high = self.high_water
+            conn.c.low = self.low_water
+            # Queued: the idle clock starts when the connection is taken
+            # (`now` belongs to the loop thread).
+            conn.c.last_active = us_now_ns() if self.queue_new else self.now
+            conn.c.peer_pid, conn.c.peer_uid, conn.c.peer_gid = r.pid, r.uid, r.gid
+            self._table_put(&conn.c)
+        except BaseException:
+            self._drop_accepted(fd, r.uid)     # nothing else knows this fd yet
+            raise
+        if not named:
+            conn._remote = ""
+        else:
+            try:
+                conn.remote_address   # rare: read it while the fd is surely open
+            except OSError:
+                conn._remote = ""
+        if self.idle_ns and self.next_sweep_ns == NEVER and not self.queue_new:
+            self.next_sweep_ns = self.now + self.idle_ns + _sweep_slack(self.idle_ns)
+        return conn
+
+    # ---------------------------------------------------------------- accept queue
+
+    def queue_accepted(self, int read_fd, int write_fd):
+        """Blocking model, before open(): accepted connections wait in a C
+        queue for take_accepted() (unixsrv.socketserver's get_request)
+        instead of going to owner.spawn on the loop thread.  The loop
+        thread queues them without the GIL, and writes one byte to the
+        non-blocking pipe ``write_fd`` when the queue stops being empty;
+        take_accepted() reads it from ``read_fd`` when it empties the queue,
+        so ``read_fd`` is readable exactly while a connection waits.  The
+        caller owns the pipe and closes it after close_queue()."""
+        self._check_init()
+        if self.event_model or self.pfd >= 0:
+            raise RuntimeError("queue_accepted() is for a blocking-model loop not yet opened")
+        self.aq_r, self.aq_w = read_fd, write_fd
+        self.queue_new = True
+
+    def take_accepted(self):
+        """The next queued connection (a Connection, in the table from now
+        on, its idle clock started), or None if none waits (any thread)."""
+        cdef rec_t r
+        cdef bint got = False
+        cdef char sink[16]
+        _mutex_lock_with_gil(&self.aq_mu)
+        if self.aq_len:
+            r = self.aq[self.aq_head]
+            self.aq_head = (self.aq_head + 1) % self.aq_cap
+            self.aq_len -= 1
+            got = True
+            if self.aq_len == 0:
+                read(self.aq_r, sink, sizeof(sink))
+        pthread_mutex_unlock(&self.aq_mu)
+        if not got:
+            return None
+        try:
+            return self._new_connection(&r)
+        except BaseException:
+            self._conn_closed()
+            raise
+
+    @property
+    def accepted_waiting(self):
+        """How many queued connections wait for take_accepted()."""
+        cdef size_t n
+        _mutex_lock_with_gil(&self.aq_mu)
+        n = self.aq_len
+        pthread_mutex_unlock(&self.aq_mu)
+        return n
+
+    def close_queue(self):
+        """Close the queued connections (their clients see EOF) and queue
+        no more: accepted from now on means closed at once (any thread)."""
+        cdef size_t n
+        with nogil:
+            n = self._drop_queue()
+        if n:
+            self._conn_closed()
+
+    cdef void _enqueue_new(self, int fd, size_t named, long pid, long uid, long gid) noexcept nogil:
+        cdef rec_t *grown
+        cdef rec_t *r
+        cdef size_t k, cap
+        cdef char b = 0
+        pthread_mutex_lock(&self.aq_mu)
+        if self.aq_len == self.aq_cap and not self.aq_closed:
+            cap = self.aq_cap * 2 if self.aq_cap else 64
+            grown = <rec_t *>malloc(sizeof(rec_t) * cap)
+            if grown != NULL:
+                for k in range(self.aq_len):
+                    grown[k] = self.aq[(self.aq_head + k) % self.aq_cap]
+                free(self.aq)
+                self.aq, self.aq_cap, self.aq_head = grown, cap, 0
+        if self.aq_closed or self.aq_len == self.aq_cap:
+            pthread_mutex_unlock(&self.aq_mu)
+            r = NULL
+        else:
+            r = &self.aq[(self.aq_head + self.aq_len) % self.aq_cap]
+            memset(r, 0, sizeof(rec_t))
+            r.kind, r.fd, r.off = REC_NEW, fd, named
+            r.pid, r.uid, r.gid = pid, uid, gid
+            self.aq_len += 1
+            if self.aq_len == 1:
+                write(self.aq_w, &b, 1)
+            pthread_mutex_unlock(&self.aq_mu)
+        if r == NULL:      # closed queue, or no memory to queue it
+            if self.has_authorize:
+                close(fd)
+                self._uid_put(uid)
+            else:
+                self._drop_accepted(fd, uid)
+        elif self.idle_ns and self.next_sweep_ns == NEVER:
+            self.next_sweep_ns = self.now + self.idle_ns + _sweep_slack(self.idle_ns)
+
+    cdef size_t _drop_queue(self) noexcept nogil:
+        """Close every queued connection and refuse new ones; how many
+        were closed."""
+        cdef size_t n = 0
+        cdef rec_t r
+        cdef char sink[16]
+        pthread_mutex_lock(&self.aq_mu)
+        self.aq_closed = True
+        while self.aq_len:
+            r = self.aq[self.aq_head]
+            self.aq_head = (self.aq_head + 1) % self.aq_cap
+            self.aq_len -= 1
+            self._drop_new(&r)
+            n += 1
+        if n and self.aq_r >= 0:
+            read(self.aq_r, sink, sizeof(sink))
+        pthread_mutex_unlock(&self.aq_mu)
+        return n
 
     cdef int _table_put(self, conn_t *c) except -1:
         cdef conn_t **grown
@@ -1073,6 +1239,7 @@ cdef class Loop:
             self.stop_accepting()
         finally:
             try:
+                self.close_queue()
                 self.abort_all()
                 while self.pending:
                     self._run_pending()
@@ -1108,7 +1275,15 @@ cdef class Loop:
         # by another thread at fork() time and would never be released.
         pthread_mutex_init(&self.mu, NULL)
         pthread_mutex_init(&self.uid_mu, NULL)
+        pthread_mutex_init(&self.aq_mu, NULL)
         self._close_fds()
+        # The queued fds are the parent's connections: close our copies,
+        # without counting (the parent counts them).
+        while self.aq_len:
+            close(self.aq[self.aq_head].fd)
+            self.aq_head = (self.aq_head + 1) % self.aq_cap
+            self.aq_len -= 1
+        self.aq_closed = True
         if self.table == NULL:
             return
         for fd in range(self.table_hi + 1):

@@ -62,6 +62,9 @@ def request_recv(self, bufsize, flags=0):
                 Py_DECREF(data)
             _note_io(self, r, 0)
             return data
+        # Not kept while the module's call waits: an idle request would
+        # hold a second bufsize-byte buffer all that time.
+        data = None
     data = _sock_recv(self, bufsize, flags)
     _note_io(self, len(data), 0)
     return data
@@ -133,21 +136,4 @@ def request_close_fd(self):
     block.  As there, ECONNRESET is not an error."""
     cdef int fd = _sock_detach(self)
     if fd >= 0 and close(fd) < 0 and errno != ECONNRESET:
-        raise _oserror(errno)
-
-
-def flag_fd_set(int fd):
-    """Write one byte to the non-blocking pipe `fd` (os.write without
-    releasing the GIL, which a call that never blocks does not need: see
-    above).  unixsrv.socketserver's queue of accepted connections."""
-    cdef char byte = 0
-    if write(fd, &byte, 1) < 0:
-        raise _oserror(errno)
-
-
-def flag_fd_clear(int fd):
-    """Read one byte from the non-blocking pipe `fd` (os.read, keeping
-    the GIL)."""
-    cdef char byte
-    if read(fd, &byte, 1) < 0:
         raise _oserror(errno)

@@ -29,7 +29,9 @@ times out idle connections and owns the socket file:
   down by the core (the handler's recv() returns b"", send() fails);
 - ``stats()``: accepted, rejected, denied, closed, open, bytes in/out;
 - with ``config=``, every ServerConfig field applies (the peer allow-lists
-  and per-uid limits too: a denied peer never reaches get_request()).
+  and per-uid limits too: a denied peer never reaches get_request();
+  ``authorize`` runs in get_request(), on the serving thread, since the
+  core hands connections over without taking the GIL).
 
 ``ThreadingMixIn`` runs requests on unixsrv's thread pool (threads are
 reused) instead of a new thread per request.  ``ForkingMixIn``, the request
@@ -38,7 +40,9 @@ they already work as they are.
 
 What differs: the core accepts from ``server_bind()`` on (mode and group are
 set between bind and listen, and the file only appears then), connections
-wait in unixsrv's queue rather than the kernel's backlog, and ``fileno()``
+wait in unixsrv's queue rather than the kernel's backlog (the core queues
+them in C without taking the GIL; the idle clock of a request starts when
+get_request() takes it), and ``fileno()``
 is the fd that is readable while a connection waits there (what
 ``serve_forever`` and ``handle_request`` wait on), not the listening
 socket's.  ``server.socket`` is the listening socket; its timeout is what
@@ -67,7 +71,6 @@ import threading
 import time
 import warnings
 import weakref
-from collections import deque
 from socketserver import (
     BaseRequestHandler,
     BaseServer,
@@ -272,56 +275,47 @@ class _PacedRequestSocket(_RequestSocket):
 
 
 class _Pending:
-    """Accepted connections waiting for get_request(), and a pipe that is
-    readable exactly while one waits (what serve_forever's selector watches).
-
-    The loop thread puts, the serving thread gets; under the lock the pipe
-    holds one byte if and only if the queue is not empty.
-    """
+    """Accepted connections waiting for get_request(): the core's accept
+    queue (Loop.queue_accepted), which the loop thread fills without taking
+    the GIL, and a pipe that is readable exactly while one waits (what
+    serve_forever's selector watches).  Taking the GIL for each accepted
+    connection made the loop thread one more GIL contender per connect."""
 
     def __init__(self) -> None:
         self._r, self._w = os.pipe()  # close-on-exec (PEP 446)
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
-        self._items: deque[Connection] = deque()
-        self._lock = threading.Lock()
-        self._closed = False
+        self._loop: _core.Loop | None = None
+
+    def attach(self, loop: _core.Loop) -> None:
+        """Queue ``loop``'s accepted connections here (before it opens)."""
+        loop.queue_accepted(self._r, self._w)
+        self._loop = loop
 
     def fileno(self) -> int:
         return self._r
 
-    def put(self, conn: Connection) -> None:
-        """The core accepted ``conn`` (loop thread)."""
-        with self._lock:
-            if not self._closed:
-                self._items.append(conn)
-                if len(self._items) == 1:
-                    _core.flag_fd_set(self._w)
-                return
-        conn._finish()  # the server was closed meanwhile: the client sees EOF
+    def __len__(self) -> int:
+        loop = self._loop
+        return 0 if loop is None else loop.accepted_waiting
 
     def get(self) -> Connection:
-        with self._lock:
-            if not self._items:
-                raise BlockingIOError(errno.EAGAIN, "no connection is waiting")
-            conn = self._items.popleft()
-            if not self._items:
-                _core.flag_fd_clear(self._r)
+        loop = self._loop
+        conn = None if loop is None else loop.take_accepted()
+        if conn is None:
+            raise BlockingIOError(errno.EAGAIN, "no connection is waiting")
         return conn
 
     def close(self) -> None:
-        """Close the pipe and every waiting connection (clients see EOF)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            waiting = list(self._items)
-            self._items.clear()
-            os.close(self._r)
-            os.close(self._w)
-            self._r = self._w = -1
-        for conn in waiting:
-            conn._finish()
+        """Close every waiting connection (clients see EOF), then the pipe."""
+        loop, self._loop = self._loop, None
+        if self._r < 0:
+            return
+        if loop is not None:
+            loop.close_queue()  # the loop never touches the pipe after this
+        os.close(self._r)
+        os.close(self._w)
+        self._r = self._w = -1
 
 
 class _Acceptor(Server):
@@ -334,8 +328,17 @@ class _Acceptor(Server):
 
     _core_thread: threading.Thread | None = None
 
-    def _spawn(self, conn: Connection) -> None:
-        self._handler(conn)  # type: ignore[misc]
+    def __init__(self, config: ServerConfig, pending: _Pending) -> None:
+        # A blocking-model Server whose connections never reach its
+        # handler (closing them) or thread pool: the core queues each one
+        # for get_request() (Loop.queue_accepted, set in _new_loop).
+        super().__init__(config, Connection._finish)
+        self._pending = pending
+
+    def _new_loop(self, cfg: ServerConfig, factory: Any, *args: Any) -> _core.Loop:
+        loop = super()._new_loop(cfg, factory, *args)
+        self._pending.attach(loop)
+        return loop
 
     def start(self) -> None:
         super().start()
@@ -489,7 +492,7 @@ class UnixStreamServer(_std.UnixStreamServer):
             raise OSError(errno.EINVAL, "the server is bound already")
         cfg = self._server_config()
         pending = _Pending()
-        acceptor = _Acceptor(cfg, pending.put)
+        acceptor = _Acceptor(cfg, pending)
         try:
             acceptor.start()
             os.dup2(acceptor.listen_fileno, self.socket.fileno(), inheritable=False)
@@ -652,10 +655,16 @@ class ThreadingMixIn(_std.ThreadingMixIn):
             _running_requests.discard(job)
             job.done()
             raise
-        # As Thread.start() does: return once the request runs.  The serve
-        # loop then never gets ahead of its workers (however busy the
-        # machine, _threads only keeps requests that really are running).
-        job.wait_started()
+        # Thread.start() returns once its thread runs; waiting here for this
+        # request's start would cost the serve loop a sleep and a wake-up
+        # (two context switches and a GIL hand-off) per request.  Waiting
+        # for the previous request's start bounds the loop as well: it is
+        # never more than one request ahead of its workers, so however busy
+        # the machine, _threads keeps only requests that really run.
+        previous = vars(self).get("_unixsrv_last_job")
+        self._unixsrv_last_job = job
+        if previous is not None:
+            previous.wait_started()
 
     def _run_request(self, item: tuple[_Job, Any, Any]) -> None:
         """A worker runs one request.  In a process the handler forked, the
