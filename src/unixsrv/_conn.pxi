@@ -306,6 +306,7 @@ cdef class Connection(_ConnBase):
         in request/response traffic the next request only comes once the
         peer has read our answer, so that try would be a wasted syscall."""
         cdef ssize_t r
+        cdef us_gate *gate = &self.loop.gate
         cdef bint try_first = not self._big_reads and not self._wrote_last
         self._wrote_last = False
         if try_first:
@@ -317,6 +318,8 @@ cdef class Connection(_ConnBase):
                 return -1
         with nogil:
             r = _recv_blocking(self.c.fd, buf, n, err)
+            us_gate_enter(gate)      # our turn to take the GIL back (gilgate.h)
+        us_gate_leave(gate)
         return r
 
     cdef object _read_result(self, ssize_t r, int err):
@@ -353,6 +356,7 @@ cdef class Connection(_ConnBase):
     def write(self, data):
         """Write all of data (any bytes-like object); returns len(data)."""
         cdef Py_buffer view
+        cdef us_gate *gate
         cdef ssize_t r
         cdef size_t done = 0
         cdef int err = 0
@@ -373,10 +377,13 @@ cdef class Connection(_ConnBase):
                 if err == 0 and done < <size_t>view.len:
                     if done and self.loop.idle_ns:
                         us_store_i64(&self.c.last_active, us_now_ns())
+                    gate = &self.loop.gate
                     with nogil:
                         done += _send_blocking(self.c.fd, (<char *>view.buf) + done,
                                                view.len - done, &err,
                                                &self.c.last_active if self.loop.idle_ns else NULL)
+                        us_gate_enter(gate)
+                    us_gate_leave(gate)
             finally:
                 self._unuse()
             self._wrote_last = True
