@@ -171,6 +171,7 @@ cdef class _Stream(_ConnBase):
     cdef object _sock_view
     cdef object _lost_exc
     cdef list _held
+    cdef object _data_received    # protocol.data_received, looked up once (_deliver)
     cdef int _write_obj(self, object data) except -1
     cdef int _write_buf(self, const char *data, size_t n) except -1
     cdef int _start(self) except -1
@@ -234,7 +235,7 @@ cdef class Loop:
     cdef Callbacks callbacks
     cdef LoopOwner owner
     cdef object factory
-    cdef object pending
+    cdef list pending
     cdef list finalizing
     cdef object stash_exc
     cdef conn_t **table

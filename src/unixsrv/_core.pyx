@@ -34,7 +34,6 @@ import os as _os
 import socket as _socket_module
 import threading as _threading
 import weakref as _weakref
-from collections import deque as _deque
 
 from .connstate import ConnState as _ConnState
 from .errors import AddressInUseError, IdleTimeoutError, ServerClosedError
