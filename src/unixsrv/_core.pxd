@@ -154,6 +154,7 @@ cdef class Connection(_ConnBase):
     cdef bint _wrote_last       # the last I/O was a write (see _recv_now)
     cdef int _deferred_err
     cdef object _read_big(self, Py_ssize_t n, const char *head, ssize_t have)
+    cdef Py_ssize_t _write_buf(self, const char *p, Py_ssize_t n) except -1
     cdef int _raise_deferred(self) except -1
     cdef int _close_now(self) except -1
     cdef ssize_t _recv_now(self, char *buf, size_t n, int *err) except? -2

@@ -9,7 +9,7 @@ functions (tests/test_core_surface.py keeps this list true):
 * ``Loop.run`` and ``Loop.run_once`` (_loop.pxi): the poller wait and the
   I/O of each wakeup (accept, recv, flush, idle sweep);
 * ``_mutex_lock_with_gil`` (_loop.pxi): waiting for a busy loop mutex;
-* ``Connection._recv_now`` and ``Connection.write`` (_conn.pxi): a
+* ``Connection._recv_now`` and ``Connection._write_buf`` (_conn.pxi): a
   blocking-model handler's read and write that have to wait (each takes
   its turn at the GIL gate before it takes the GIL back, gilgate.h);
 * ``_examine_existing`` (_listener.pxi): the connect that probes whether a
