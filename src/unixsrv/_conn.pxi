@@ -306,7 +306,6 @@ cdef class Connection(_ConnBase):
         in request/response traffic the next request only comes once the
         peer has read our answer, so that try would be a wasted syscall."""
         cdef ssize_t r
-        cdef us_gate *gate = &self.loop.gate
         cdef bint try_first = not self._big_reads and not self._wrote_last
         self._wrote_last = False
         if try_first:
@@ -318,8 +317,6 @@ cdef class Connection(_ConnBase):
                 return -1
         with nogil:
             r = _recv_blocking(self.c.fd, buf, n, err)
-            us_gate_enter(gate)      # our turn to take the GIL back (gilgate.h)
-        us_gate_leave(gate)
         return r
 
     cdef object _read_result(self, ssize_t r, int err):
@@ -367,7 +364,6 @@ cdef class Connection(_ConnBase):
             PyBuffer_Release(&view)
 
     cdef Py_ssize_t _write_buf(self, const char *p, Py_ssize_t n) except -1:
-        cdef us_gate *gate
         cdef ssize_t r
         cdef size_t done = 0
         cdef int err = 0
@@ -386,12 +382,9 @@ cdef class Connection(_ConnBase):
             if err == 0 and done < <size_t>n:
                 if done and self.loop.idle_ns:
                     us_store_i64(&self.c.last_active, us_now_ns())
-                gate = &self.loop.gate
                 with nogil:
                     done += _send_blocking(self.c.fd, p + done, n - done, &err,
                                            &self.c.last_active if self.loop.idle_ns else NULL)
-                    us_gate_enter(gate)
-                us_gate_leave(gate)
         finally:
             self._unuse()
         self._wrote_last = True

@@ -243,7 +243,6 @@ cdef class Loop:
     cdef int table_cap
     cdef int table_hi
     cdef pthread_mutex_t mu
-    cdef us_gate gate             # blocking model: see gilgate.h
     cdef char *rxbuf
     cdef size_t rxcap
     cdef size_t rx_used

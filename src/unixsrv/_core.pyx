@@ -10,8 +10,7 @@ functions (tests/test_core_surface.py keeps this list true):
   I/O of each wakeup (accept, recv, flush, idle sweep);
 * ``_mutex_lock_with_gil`` (_loop.pxi): waiting for a busy loop mutex;
 * ``Connection._recv_now`` and ``Connection._write_buf`` (_conn.pxi): a
-  blocking-model handler's read and write that have to wait (each takes
-  its turn at the GIL gate before it takes the GIL back, gilgate.h);
+  blocking-model handler's read and write that have to wait;
 * ``_examine_existing`` (_listener.pxi): the connect that probes whether a
   socket file is stale; ``_lock_dir``: waiting for the directory lock.
 

@@ -86,7 +86,6 @@ cdef class Loop:
         self.next_tick_ns = NEVER
         pthread_mutex_init(&self.mu, NULL)
         pthread_mutex_init(&self.uid_mu, NULL)
-        us_gate_init(&self.gate)
 
     def __init__(self, *args, **kwargs):
         # new_loop() makes loops with __new__ (which skips __init__) and
@@ -147,7 +146,6 @@ cdef class Loop:
         us_uid_counts_free(&self.uid_counts)
         pthread_mutex_destroy(&self.mu)
         pthread_mutex_destroy(&self.uid_mu)
-        us_gate_destroy(&self.gate)
 
     # ---------------------------------------------------------------- set-up
 
@@ -1116,12 +1114,10 @@ cdef class Loop:
         cdef int fd
         self.closed = True
         self.exiting = True
-        # Only the forking thread exists here; the mutexes (and the GIL
-        # gate) may have been held by another thread at fork() time and
-        # would never be released.
+        # Only the forking thread exists here; the mutex may have been held
+        # by another thread at fork() time and would never be released.
         pthread_mutex_init(&self.mu, NULL)
         pthread_mutex_init(&self.uid_mu, NULL)
-        us_gate_init(&self.gate)
         self._close_fds()
         if self.table == NULL:
             return

@@ -8,15 +8,6 @@ from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from .system cimport dev_t, ino_t, mode_t, socklen_t, sockaddr_un
 
 
-cdef extern from "gilgate.h" nogil:
-    ctypedef struct us_gate:
-        pass
-    void us_gate_init(us_gate *g)
-    void us_gate_destroy(us_gate *g)
-    void us_gate_enter(us_gate *g)
-    void us_gate_leave(us_gate *g)
-
-
 cdef extern from "atomics.h" nogil:
     void us_add_u64(uint64_t *p, uint64_t v)
     uint64_t us_load_u64(const uint64_t *p)
