@@ -353,42 +353,48 @@ cdef class Connection(_ConnBase):
     def write(self, data):
         """Write all of data (any bytes-like object); returns len(data)."""
         cdef Py_buffer view
+        if PyBytes_CheckExact(data):
+            # The common case needs no buffer view: bytes are immutable and
+            # `data` keeps them alive for the whole call.
+            return self._write_buf(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            return self._write_buf(<const char *>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef Py_ssize_t _write_buf(self, const char *p, Py_ssize_t n) except -1:
         cdef ssize_t r
         cdef size_t done = 0
         cdef int err = 0
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        self._use()
         try:
-            self._use()
-            try:
-                # Most small writes fit the socket buffer: try them without
-                # waiting (and without giving up the GIL) first.
-                if view.len > SMALL_WRITE:
-                    r = 0
-                else:
-                    r = send(self.c.fd, view.buf, view.len, MSG_NOSIGNAL | MSG_DONTWAIT)
-                if r >= 0:
-                    done = r
-                elif not us_would_block(errno) and errno != EINTR:
-                    err = errno
-                if err == 0 and done < <size_t>view.len:
-                    if done and self.loop.idle_ns:
-                        us_store_i64(&self.c.last_active, us_now_ns())
-                    with nogil:
-                        done += _send_blocking(self.c.fd, (<char *>view.buf) + done,
-                                               view.len - done, &err,
-                                               &self.c.last_active if self.loop.idle_ns else NULL)
-            finally:
-                self._unuse()
-            self._wrote_last = True
-            if done:
-                us_add_u64(&self.loop.stats.s.bytes_out, done)
-                if self.loop.idle_ns:
+            # Most small writes fit the socket buffer: try them without
+            # waiting (and without giving up the GIL) first.
+            if n > SMALL_WRITE:
+                r = 0
+            else:
+                r = send(self.c.fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT)
+            if r >= 0:
+                done = r
+            elif not us_would_block(errno) and errno != EINTR:
+                err = errno
+            if err == 0 and done < <size_t>n:
+                if done and self.loop.idle_ns:
                     us_store_i64(&self.c.last_active, us_now_ns())
-            if err:
-                raise self._io_error(err)
-            return view.len
+                with nogil:
+                    done += _send_blocking(self.c.fd, p + done, n - done, &err,
+                                           &self.c.last_active if self.loop.idle_ns else NULL)
         finally:
-            PyBuffer_Release(&view)
+            self._unuse()
+        self._wrote_last = True
+        if done:
+            us_add_u64(&self.loop.stats.s.bytes_out, done)
+            if self.loop.idle_ns:
+                us_store_i64(&self.c.last_active, us_now_ns())
+        if err:
+            raise self._io_error(err)
+        return n
 
     def _dup(self):
         """A new close-on-exec fd for this connection's socket, for a

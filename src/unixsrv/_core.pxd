@@ -154,6 +154,7 @@ cdef class Connection(_ConnBase):
     cdef bint _wrote_last       # the last I/O was a write (see _recv_now)
     cdef int _deferred_err
     cdef object _read_big(self, Py_ssize_t n, const char *head, ssize_t have)
+    cdef Py_ssize_t _write_buf(self, const char *p, Py_ssize_t n) except -1
     cdef int _raise_deferred(self) except -1
     cdef int _close_now(self) except -1
     cdef ssize_t _recv_now(self, char *buf, size_t n, int *err) except? -2
@@ -171,6 +172,7 @@ cdef class _Stream(_ConnBase):
     cdef object _sock_view
     cdef object _lost_exc
     cdef list _held
+    cdef object _data_received    # protocol.data_received, looked up once (_deliver)
     cdef int _write_obj(self, object data) except -1
     cdef int _write_buf(self, const char *data, size_t n) except -1
     cdef int _start(self) except -1
@@ -234,7 +236,7 @@ cdef class Loop:
     cdef Callbacks callbacks
     cdef LoopOwner owner
     cdef object factory
-    cdef object pending
+    cdef list pending
     cdef list finalizing
     cdef object stash_exc
     cdef conn_t **table

@@ -10,7 +10,7 @@ functions (tests/test_core_surface.py keeps this list true):
   I/O of each wakeup (accept, recv, flush, idle sweep);
 * ``_mutex_lock_with_gil`` (_loop.pxi): waiting for a busy loop mutex;
   ``Loop.close_queue``: closing the connections of the accept queue;
-* ``Connection._recv_now`` and ``Connection.write`` (_conn.pxi): a
+* ``Connection._recv_now`` and ``Connection._write_buf`` (_conn.pxi): a
   blocking-model handler's read and write that have to wait;
 * ``_examine_existing`` (_listener.pxi): the connect that probes whether a
   socket file is stale; ``_lock_dir``: waiting for the directory lock.
@@ -34,7 +34,6 @@ import os as _os
 import socket as _socket_module
 import threading as _threading
 import weakref as _weakref
-from collections import deque as _deque
 
 from .connstate import ConnState as _ConnState
 from .errors import AddressInUseError, IdleTimeoutError, ServerClosedError

@@ -129,7 +129,7 @@ cdef class Loop:
         self.high_water = config.high_water
         self.low_water = config.low_water
         self.max_wbuf = config.max_write_buffer
-        self.pending = _deque()
+        self.pending = []
         self.finalizing = []
         self.display_path = ""
         self.events = <us_poll_event *>malloc(sizeof(us_poll_event) * MAX_EVENTS)
@@ -1125,6 +1125,8 @@ cdef class Loop:
         # By index: a connection_lost() may close more transports, which
         # append to the list while it is walked.
         cdef Py_ssize_t i = 0
+        if not self.finalizing:
+            return 0           # the common case: every dispatch comes here twice
         try:
             while i < len(self.finalizing):
                 (<_Stream>self.finalizing[i])._finalize()
@@ -1134,9 +1136,17 @@ cdef class Loop:
         return 0
 
     cdef int _run_pending(self) except -1:
-        cdef Py_ssize_t k, n = len(self.pending)
-        for k in range(n):
-            cb = self.pending.popleft()
+        # What is queued now runs; what these callbacks queue runs next
+        # time.  Taken under the mutex call_soon_threadsafe appends under;
+        # the unlocked look first may miss an append in progress (a
+        # free-threaded build), whose wakeup brings the loop back for it.
+        cdef list batch
+        if not self.pending:
+            return 0
+        _mutex_lock_with_gil(&self.mu)
+        batch, self.pending = self.pending, []
+        pthread_mutex_unlock(&self.mu)
+        for cb in batch:
             try:
                 cb()
             except BaseException as exc:

@@ -108,6 +108,7 @@ cdef class _Stream(_ConnBase):
 
     cdef int _set_protocol(self, object protocol) except -1:
         self.protocol = protocol
+        self._data_received = None
         if isinstance(protocol, _BufferedProtocol):
             us_or_u32(&self.c.state, ST_BUFFERED)
         else:
@@ -267,7 +268,7 @@ cdef class _Stream(_ConnBase):
         _obuf_free(c)
         loop._count_closed(c.peer_uid)
         proto, exc, transport = self.protocol, self._lost_exc, self.transport
-        self.protocol = self._lost_exc = self._held = self.transport = None
+        self.protocol = self._lost_exc = self._held = self.transport = self._data_received = None
         if proto is not None:
             try:
                 connection_lost = proto.connection_lost
@@ -338,7 +339,11 @@ cdef class _Stream(_ConnBase):
         if self.c.state & ST_BUFFERED:
             return self._feed_buffered(data)
         try:
-            self.protocol.data_received(data)
+            # Looked up on first use (as uvloop does at set_protocol), not
+            # per call: a protocol without it fails here, as before.
+            if self._data_received is None:
+                self._data_received = self.protocol.data_received
+            self._data_received(data)
         except BaseException as exc:
             self._callback_failed(exc)
         return 0
