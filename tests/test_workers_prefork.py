@@ -1,5 +1,11 @@
 """Server(..., workers=N): pre-fork worker processes on one listener (unixsrv.prefork).
 
+Every model runs on the one supervisor: "blocking" and "event" are
+``Server(..., workers=N)``, "asyncio" is ``unixsrv.asyncio.prefork_server``
+(protocols on an asyncio loop in each worker), "socketserver" is
+``unixsrv.socketserver.ThreadingUnixStreamServer(..., workers=N)`` (each
+worker runs the server's own serve_forever).
+
 Which worker accepts a connection is the kernel's choice; to put a
 connection on a given worker the tests stop every other worker (SIGSTOP: a
 stopped process is not waiting in epoll_wait, so the listener wakes the one
@@ -8,6 +14,7 @@ left) and let them go on afterwards (SIGCONT).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -22,6 +29,8 @@ from typing import Any
 
 import pytest
 
+import unixsrv.asyncio
+import unixsrv.socketserver
 from conftest import DEADLINE, LINUX, connect, read_line, recv_exactly, wait_until
 from unixsrv import (
     Server,
@@ -33,7 +42,7 @@ from unixsrv import (
 from unixsrv.errors import ConfigError
 from unixsrv.prefork import MIN_UPTIME, worker_count
 
-MODELS = ["blocking", "event"]
+MODELS = ["blocking", "event", "asyncio", "socketserver"]
 
 
 # ---------------------------------------------------------------------------- the served protocol
@@ -74,12 +83,74 @@ class _Protocol:
         pass
 
 
+class _AsyncioProtocol(_Protocol):
+    """_Protocol on a worker's asyncio loop: the greeting goes out through
+    the running loop (call_soon), which only a running asyncio loop serves."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.buf = b""
+        asyncio.get_running_loop().call_soon(transport.write, b"%d\n" % os.getpid())
+
+
+class _RequestHandler(unixsrv.socketserver.StreamRequestHandler):
+    """_handler as a socketserver request handler."""
+
+    def handle(self) -> None:
+        self.wfile.write(b"%d\n" % os.getpid())
+        for line in self.rfile:
+            if line == b"slow\n":
+                time.sleep(0.5)
+            self.wfile.write(line)
+
+
+class _SocketServerWorkers:
+    """A ThreadingUnixStreamServer with workers= behind the Server calls
+    these tests make: bound at construction, serve_forever() on a thread
+    from start(), shutdown()/server_close() for shutdown()/close(); the rest
+    is its supervisor's (the parent's unixsrv.Server)."""
+
+    def __init__(self, cfg: ServerConfig, workers: int | str) -> None:
+        self.server = unixsrv.socketserver.ThreadingUnixStreamServer(
+            None, _RequestHandler, config=cfg, workers=workers
+        )
+        assert self.server.supervisor is not None
+        self.supervisor: Server = self.server.supervisor
+        self.thread: threading.Thread | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.supervisor, name)
+
+    def start(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,))
+            self.thread.start()
+        wait_until(lambda: self.supervisor.is_running or not self.thread.is_alive())  # type: ignore[union-attr]
+
+    def shutdown(self, timeout: float) -> None:
+        self.server.shutdown()
+        self._join()
+
+    def close(self) -> None:
+        self.server.server_close()
+        self._join()
+
+    def _join(self) -> None:
+        if self.thread is not None:
+            self.thread.join(DEADLINE)
+            assert not self.thread.is_alive()
+
+
 def _server(
     path: str, model: str, workers: int | str = 2, handler: Any = _handler, **fields: Any
-) -> Server:
+) -> Any:
     cfg = ServerConfig(path=path, **fields)
     if model == "blocking":
         return Server(cfg, handler, workers=workers)
+    if model == "asyncio":
+        return unixsrv.asyncio.prefork_server(_AsyncioProtocol, cfg, workers=workers)
+    if model == "socketserver":
+        return _SocketServerWorkers(cfg, workers)
     return Server(cfg, protocol=_Protocol, workers=workers)
 
 
