@@ -690,3 +690,76 @@ def _try_connect(path: str) -> socket.socket | None:
     except OSError:
         s.close()
         return None
+
+
+def test_socket_activation_listener_shared_with_workers(
+    sock_path: str, workers_server: Callable[..., Server]
+) -> None:
+    """config.fd (systemd socket activation): the workers serve the inherited
+    listener as it is; the stop never unlinks its file nor closes it here."""
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(sock_path)
+        listener.listen()
+        inode = os.stat(sock_path).st_ino
+        srv = workers_server(sock_path, "event", 2, fd=listener.fileno())
+        seen = set()
+        for pid in _pids(srv):
+            with _only(srv, pid):
+                s, greeter = _greeted(sock_path)
+            with s:
+                assert _ask(s, b"activated") == b"activated"
+            seen.add(greeter)
+        assert seen == set(_pids(srv))
+        srv.shutdown(DEADLINE)
+        assert os.stat(sock_path).st_ino == inode  # systemd's file, left alone
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+
+
+def test_asyncio_loop_factory(sock_path: str, workers_server: Callable[..., Server]) -> None:
+    """prefork_server(loop_factory=...): each worker's protocols run on a
+    loop that factory made (uvloop here)."""
+    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
+
+    class LoopName(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            loop = asyncio.get_running_loop()
+            transport.write(f"{type(loop).__module__} {os.getpid()}\n".encode())
+            transport.close()
+
+    srv = unixsrv.asyncio.prefork_server(
+        LoopName, ServerConfig(path=sock_path), workers=1, loop_factory=uvloop.new_event_loop
+    )
+    srv.start()
+    try:
+        with connect(sock_path) as s, s.makefile("rb") as f:
+            module, pid = f.readline().split()
+        assert module.startswith(b"uvloop") and int(pid) in _pids(srv)
+    finally:
+        srv.close()
+    assert srv.wait(DEADLINE)
+
+
+def test_socketserver_workers_bind_in_the_parent(sock_path: str) -> None:
+    """unixsrv.socketserver with workers: server_bind() makes the socket file
+    (mode first) in the parent, which accepts nothing; nothing is forked
+    before serve_forever(); server_close() without serving removes the file.
+    The class attribute works as the keyword does."""
+
+    class Server2(unixsrv.socketserver.UnixStreamServer):
+        workers = 2
+        socket_mode = 0o600
+
+    server = Server2(sock_path, _RequestHandler)
+    try:
+        assert server.supervisor is not None and server.supervisor.worker_stats() == []
+        assert os.stat(sock_path).st_mode & 0o777 == 0o600
+        assert server.fileno() == -1  # no queue in the parent: it serves nothing itself
+        with connect(sock_path) as s:  # queued in the backlog, for the workers to come
+            s.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                s.recv(1)
+        assert server.stats()["accepted"] == 0
+    finally:
+        server.server_close()
+    assert not os.path.exists(sock_path)
+    assert server.supervisor.worker_stats() == []
