@@ -57,6 +57,7 @@ from .asyncio import _HostedServer, prefork_server
 from .config import ServerConfig, parse_duration
 from .echo import EchoProtocol, echo_handler
 from .errors import ConfigError, ShutdownTimeoutError, UnixSrvError
+from .prefork import _recorded_in_the_pipe
 from .server import Server
 
 __all__ = ["main"]
@@ -337,12 +338,6 @@ class _StopRequests:
         ):  # else (an error ended serve early) the process exits with the pipe open
             os.close(self._r)
             os.close(self._w)
-
-
-def _recorded_in_the_pipe(signum: int, frame: object) -> None:
-    """The Python-level handler of SIGINT/SIGTERM (and SIGHUP with
-    --workers) under ``serve``: nothing to do, the C-level handler has
-    written the signal to the pipe."""
 
 
 def _reload(server: Server) -> None:

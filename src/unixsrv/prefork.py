@@ -783,12 +783,17 @@ class Prefork:
             os._exit(code)
 
     def _worker_main(self, slot: int, status_r: int, status_w: int) -> int:
-        # Python runs signal handlers on the main thread, which waits below
-        # while the loop runs on another; a signal the kernel delivers to
-        # that other thread (signal(7): any thread may get it) would not
-        # wake it.  The wakeup fd does, whichever thread gets the signal.  It
-        # also replaces one the parent set (unixsrv serve reads its own stop
-        # signals from one): ours must not reach the parent's pipe.
+        # Signals are read from a wakeup pipe and acted on here, on this
+        # thread, rather than in Python-level handlers: a process-directed
+        # signal goes to any thread of the worker (signal(7)), and when
+        # another thread gets it, nothing interrupts the read below; on
+        # Python 3.13 the handler then does not run either in a process
+        # forked from a thread that is not the main one (the supervisor's),
+        # so the worker ignored SIGTERM now and then.  CPython's C-level
+        # handler writes each signal's number to the pipe, whichever thread
+        # receives it.  The pipe also replaces a wakeup fd the parent set
+        # (unixsrv serve reads its own stop signals from one): ours must not
+        # reach the parent's pipe.
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -807,17 +812,8 @@ class Prefork:
             self._selector.close()
         assert self._shared is not None
         worker = self.make_worker(self._shared.slot(slot), self._lfd)
-
-        def graceful(signum: int, frame: object) -> None:
-            linger = RETIRE_LINGER if signum == signal.SIGUSR1 else 0.0
-            threading.Thread(target=_retire, args=(worker, linger), daemon=True).start()
-
-        def close_now(signum: int, frame: object) -> None:
-            threading.Thread(target=worker.close, daemon=True).start()
-
-        signal.signal(signal.SIGTERM, graceful)
-        signal.signal(signal.SIGUSR1, graceful)
-        signal.signal(signal.SIGQUIT, close_now)
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGQUIT):
+            signal.signal(signum, _recorded_in_the_pipe)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         worker.start()
@@ -825,12 +821,25 @@ class Prefork:
 
         def stopped() -> None:
             worker.wait()
-            os.write(wake_w, b"\0")
+            os.write(wake_w, b"\0")  # 0 is no signal number: it only wakes the read
 
         threading.Thread(target=stopped, daemon=True).start()
         while not worker.wait(0):
-            os.read(wake_r, 64)  # a signal (its handler runs right after) or the stop
+            for number in os.read(wake_r, 64):
+                if number in (signal.SIGTERM, signal.SIGUSR1):
+                    linger = RETIRE_LINGER if number == signal.SIGUSR1 else 0.0
+                    threading.Thread(target=_retire, args=(worker, linger), daemon=True).start()
+                elif number == signal.SIGQUIT:
+                    threading.Thread(target=worker.close, daemon=True).start()
         return 0
+
+
+def _recorded_in_the_pipe(signum: int, frame: object) -> None:
+    """A Python-level signal handler with nothing to do: installing it only
+    replaces the default action (death, KeyboardInterrupt); CPython's
+    C-level handler has written the signal's number to the wakeup fd
+    (``signal.set_wakeup_fd``), whose reader acts on it (a worker's main
+    loop here, ``unixsrv serve``'s main thread in unixsrv.cli)."""
 
 
 def _close_listener(lfd: int, unlink_path: bytes | None, dev: int, ino: int) -> None:
