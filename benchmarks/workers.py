@@ -12,8 +12,9 @@ README section "Using every core"):
   standard library: N ``socketserver.ThreadingUnixStreamServer`` processes
   forked after the parent bound and listened on one socket.
 * Accept fairness: ``--short`` (10,000) short connections (connect, one
-  round trip, close) to 2 unixsrv workers; the share each worker accepted
-  (from ``worker_stats()``; target: none above 60 %).
+  round trip, close) to 2 unixsrv workers, event model (EPOLLEXCLUSIVE) and
+  unixsrv.asyncio (nested epoll: every idle worker wakes); the share each
+  worker accepted (from ``worker_stats()``; target: none above 60 %).
 
 Method: ``--rounds`` rounds; in each, every (server, workers) pair runs once,
 the pairs interleaved (the order rotates from round to round, so a slow
@@ -30,7 +31,7 @@ ratio together with it).
     python benchmarks/workers.py --json out.json  # also write the results
 
 The full run is bounded: rounds x 10 pairs x (start + prime + warmup +
-duration, about 6.5 s) + the fairness run, and every step has a timeout.
+duration, about 6.5 s) + two fairness runs, and every step has a timeout.
 Every server is a subprocess on a fresh socket under /tmp, ended by its PID
 (SIGTERM, then SIGKILL; its workers follow it, PR_SET_PDEATHSIG), the load
 comes from ``unixsrv bench`` (harness.py).  Linux only, like the rest of
@@ -64,6 +65,9 @@ KINDS = (
     "unixsrv-socketserver",
     "stdlib-prefork",
 )
+#: Accept fairness is measured for these: EPOLLEXCLUSIVE (the C loop's own
+#: epoll) and the nested epoll of unixsrv.asyncio (every idle worker wakes).
+FAIRNESS_KINDS = ("unixsrv-event", "unixsrv-asyncio")
 #: How long a server may take to have every worker accepting.
 READY_TIMEOUT = 30.0
 
@@ -350,31 +354,29 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['kind']:<22} {row['workers']:>7} {rate:>10,.0f} {ratio:>6}"
             f" {row['generator_cpu_share']:>13.0%}"
         )
-    m = _measure(
-        "unixsrv-event",
-        2,
-        0.0,
-        primed=False,  # counted: the --short ones (and the few in flight when the generator stops)
-        mode="connect",
-        connections=8,
-        requests=args.short,
-        warmup=0.0,
-    )
-    accepted = [row["accepted"] for row in m["worker_rows"]]
-    total = sum(accepted) or 1
-    shares = [round(100 * a / total, 1) for a in accepted]
-    print(
-        f"\naccept fairness, {args.short} short connections to 2 workers: {accepted} = {shares} %"
-    )
+    fairness = []
+    print(f"\naccept fairness, {args.short} short connections to 2 workers:")
+    for kind in FAIRNESS_KINDS:
+        m = _measure(
+            kind,
+            2,
+            0.0,
+            primed=False,  # counted: the --short ones (and the few in flight at the end)
+            mode="connect",
+            connections=8,
+            requests=args.short,
+            warmup=0.0,
+        )
+        accepted = [row["accepted"] for row in m["worker_rows"]]
+        total = sum(accepted) or 1
+        shares = [round(100 * a / total, 1) for a in accepted]
+        fairness.append({"kind": kind, "accepted_per_worker": accepted, "percent": shares})
+        print(f"  {kind:<20} accepted {accepted} = {shares} %")
     print(f"({time.monotonic() - started:.0f} s)")
     if args.json:
         results = {
             "throughput": rows,
-            "fairness": {
-                "connections": args.short,
-                "accepted_per_worker": accepted,
-                "percent": shares,
-            },
+            "fairness": {"connections": args.short, "servers": fairness},
             "options": {k: v for k, v in vars(args).items() if k != "serve"},
         }
         with open(args.json, "w") as f:

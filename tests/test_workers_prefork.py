@@ -354,8 +354,13 @@ def test_listener_registered_exclusive(
         )
 
 
+# Not "asyncio": there the C loop's epoll is watched by the asyncio loop's
+# own epoll, and the kernel counts an EPOLLEXCLUSIVE wakeup as the one
+# exclusive wakeup only when a thread waits on that epoll itself
+# (ep_poll_callback in fs/eventpoll.c): every idle asyncio worker wakes and
+# the scheduler decides who accepts (README, "Every model").
 @pytest.mark.linux("EPOLLEXCLUSIVE")
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", [m for m in MODELS if m != "asyncio"])
 def test_idle_workers_take_turns(
     model: str, sock_path: str, workers_server: Callable[..., Server]
 ) -> None:

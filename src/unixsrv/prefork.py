@@ -9,6 +9,9 @@ exactly one worker's ``accept``.  On Linux the listener is registered with
 ``EPOLLEXCLUSIVE`` (poller.h), so one worker wakes per connection; kqueue
 has no such flag, so on macOS every idle worker wakes and all but one find
 nothing to accept (the "thundering herd": correct, one wasted wakeup each).
+The same holds for unixsrv.asyncio workers on Linux: their C loop's epoll
+is nested in the asyncio loop's, and an exclusive wakeup counts as such
+only when a thread waits on that epoll itself (ep_poll_callback).
 
 The parent serves nothing itself.  A supervisor thread forks the workers,
 notices when one ends (its status pipe reaches EOF, then ``waitpid``) and
