@@ -1,4 +1,7 @@
-"""Build the one C extension, ``unixsrv._core``, from Cython sources.
+"""Build the C extensions from Cython sources: ``unixsrv._core`` (the server:
+listener, poll loop, connections) and ``unixsrv._loadgen`` (the load generator
+of ``unixsrv bench``).  Both compile against the same declarations
+(``src/unixsrv/includes/*.pxd``) and platform headers (``src/unixsrv/*.h``).
 
 Environment switches (for development only):
 
@@ -6,7 +9,7 @@ Environment switches (for development only):
   ``LD_PRELOAD=$(gcc -print-file-name=libasan.so) PYTHONMALLOC=malloc``).
 * ``UNIXSRV_DEBUG=1`` builds without optimisation, for gdb and valgrind.
 
-Any other build (the release wheels, ``pip install .``) strips the extension:
+Any other build (the release wheels, ``pip install .``) strips the extensions:
 the ``-g`` that CPython's own compiler flags add makes ``_core`` about 2.7 MB
 of debug information around 0.2 MB of code.
 """
@@ -40,13 +43,14 @@ if sys.platform.startswith("linux"):
 
 extensions = [
     Extension(
-        "unixsrv._core",
-        sources=["src/unixsrv/_core.pyx"],
+        name,
+        sources=[f"src/unixsrv/{name.rsplit('.', 1)[1]}.pyx"],
         include_dirs=["src/unixsrv"],
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
         extra_link_args=extra_link_args,
     )
+    for name in ("unixsrv._core", "unixsrv._loadgen")
 ]
 
 setup(

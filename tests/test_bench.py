@@ -1,4 +1,4 @@
-"""unixsrv.bench and the LoadGen of _core (_client.pxi): the load generator
+"""unixsrv.bench and the LoadGen of unixsrv._loadgen: the load generator
 behind ``unixsrv bench`` (issue 3, deliverable 3).
 
 Functional checks only, with small counts: every echoed byte is verified, a
@@ -17,7 +17,7 @@ import threading
 import pytest
 
 from conftest import DEADLINE, child_pids, wait_until
-from unixsrv import _core
+from unixsrv import _loadgen
 from unixsrv.bench import RESULT_KEYS, BenchOptions, run, run_builtin
 from unixsrv.echo import EchoProtocol
 from unixsrv.errors import ConfigError
@@ -371,30 +371,95 @@ def test_histogram_buckets_are_within_one_percent():
     no wider than 1 % of its lower bound (exact below 128 ns), up to 60 s."""
     v = 1
     while v < 60 * 10**9:
-        i = _core.hist_index(v)
-        lo, hi = _core.hist_bucket_ns(i)
+        i = _loadgen.hist_index(v)
+        lo, hi = _loadgen.hist_bucket_ns(i)
         assert lo <= v < hi
         assert hi - lo == 1 or (hi - lo) / lo <= 0.01
         v = v * 5 // 4 + 1
-    assert _core.hist_index(10**12) == _core.HIST_BUCKETS - 1
+    assert _loadgen.hist_index(10**12) == _loadgen.HIST_BUCKETS - 1
 
 
 def test_histogram_percentiles_merge_by_adding_counts():
     """Percentiles of a merged histogram (what --processes does)."""
-    a = {_core.hist_index(1_000): 990}
-    b = {_core.hist_index(1_000): 9, _core.hist_index(5_000_000): 1}
+    a = {_loadgen.hist_index(1_000): 990}
+    b = {_loadgen.hist_index(1_000): 9, _loadgen.hist_index(5_000_000): 1}
     merged = {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
-    p50, p99, p999 = _core.hist_percentiles(merged, (0.5, 0.99, 0.999))
+    p50, p99, p999 = _loadgen.hist_percentiles(merged, (0.5, 0.99, 0.999))
     assert abs(p50 - 1_000) / 1_000 < 0.01
     assert abs(p99 - 1_000) / 1_000 < 0.01
     assert abs(p999 - 1_000) / 1_000 < 0.01  # 999 of 1000 samples at 1 us
-    assert _core.hist_percentiles(merged, (1.0,))[0] > 4_900_000
-    assert _core.hist_percentiles({}, (0.5,)) == [None]
+    assert _loadgen.hist_percentiles(merged, (1.0,))[0] > 4_900_000
+    assert _loadgen.hist_percentiles({}, (0.5,)) == [None]
 
 
-@pytest.mark.parametrize("bucket", [-1, _core.HIST_BUCKETS, 10**6])
+@pytest.mark.parametrize("bucket", [-1, _loadgen.HIST_BUCKETS, 10**6])
 def test_histogram_percentiles_refuse_buckets_out_of_range(bucket):
     """A histogram read back from JSON with a bucket index outside the
     histogram is an error, never a shift past 64 bits."""
     with pytest.raises(IndexError):
-        _core.hist_percentiles({0: 1, bucket: 1}, (0.5,))
+        _loadgen.hist_percentiles({0: 1, bucket: 1}, (0.5,))
+
+
+# ------------------------------------------------------------------ progress line
+
+_INFO = {
+    "elapsed": 1.0,
+    "phase": "measure",
+    "round_trips_per_s": 1234.0,
+    "round_trips": 1234,
+    "errors": 0,
+    "established": 2,
+}
+
+
+def test_progress_line_is_rewritten_in_place_only_on_a_terminal():
+    """On a terminal (a pty here) the status line is redrawn with \\r and
+    cleared before other output; into a file or pipe each update is a plain
+    line and nothing is erased."""
+    import io
+
+    from unixsrv.bench import _ProgressLine
+
+    plain = io.StringIO()
+    line = _ProgressLine(plain)
+    line(_INFO)
+    line({**_INFO, "elapsed": 2.0})
+    line.clear()
+    assert "\r" not in plain.getvalue()
+    assert len(plain.getvalue().splitlines()) == 2
+    assert plain.getvalue().endswith("conns 2\n")
+
+    primary, secondary = os.openpty()
+    try:
+        with open(secondary, "w", closefd=False) as tty:
+            line = _ProgressLine(tty)
+            line(_INFO)
+            width = line.width
+            line.clear()
+        # "\r" + the text, then "\r" + blanks + "\r"; a pty may hand it over in pieces.
+        want, drawn = 2 * width + 3, b""
+        while len(drawn) < want:
+            drawn += os.read(primary, want - len(drawn))
+        drawn = drawn.decode()
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert drawn.startswith("\r[") and "\n" not in drawn
+    assert drawn.endswith("\r")  # cleared: the next output starts at column 0
+
+
+def test_cli_progress_into_a_file_is_plain_lines(echo_server, spawn, tmp_path):
+    """`unixsrv bench` with stderr redirected to a file (not --json, not
+    --quiet) writes its progress as whole lines, no \\r in the file."""
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = spawn(
+            CLI, "bench", echo_server.path, "-c", "2", "-d", "2.5", "--warmup", "0", stderr=stderr
+        )
+        out, _ = proc.communicate(timeout=DEADLINE)
+    err = log.read_text()
+    assert proc.returncode == 0, err
+    assert "\r" not in err
+    progress = [ln for ln in err.splitlines() if " rt/s " in ln]
+    assert progress, f"no progress line in {err!r}"
+    assert "round trips" in out or "rt/s" in out

@@ -1,4 +1,4 @@
-"""The surface of the C extension ``unixsrv._core`` as plain Python can reach it.
+"""The surface of the C extensions ``unixsrv._core`` and ``unixsrv._loadgen`` as plain Python can reach it.
 
 The loop makes its objects through ``__new__`` (or ``PyType_GenericAlloc``)
 and fills in their C fields itself; Python code can also make them, through
@@ -10,9 +10,14 @@ a segfault fails the test (a negative return code) instead of killing pytest.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import pathlib
+import re
 import subprocess
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -64,49 +69,56 @@ REPRODUCTIONS = {
         "LookupError",
     ),
     "Loop()": ("L()", "TypeError"),
-    "Loop(server arguments)": (
-        "L(None, _core.Stats(), _core.Callbacks(), False, None, 0, 0, 256, 0, 0, 0)",
+    "Loop(config)": ("L(config())", "TypeError"),
+    "Loop.__new__ then __init__": ("L.__new__(L).__init__(config())", "TypeError"),
+    "new_loop(None)": ("_core.new_loop(None)", "TypeError"),
+    "new_loop(LoopConfig.__new__)": (
+        "_core.new_loop(_core.LoopConfig.__new__(_core.LoopConfig))",
         "TypeError",
     ),
-    "Loop.__new__ then __init__": (
-        "L.__new__(L).__init__(None, _core.Stats(), _core.Callbacks(), False, None, 0, 0, 256, 0, 0, 0)",
+    "new_loop(LoopOwner.__new__)": (
+        "_core.new_loop(config(owner=_core.LoopOwner.__new__(_core.LoopOwner)))",
         "TypeError",
     ),
-    "new_loop(stats=None)": (
-        "_core.new_loop(None, None, None, False, None, 0, 0, 256, 0, 0, 0)",
+    "new_loop blocking model without spawn": (
+        "_core.new_loop(config(factory=None, owner=_core.LoopOwner(print, print, print)))",
         "TypeError",
     ),
-    "new_loop out of memory": (
-        "_core.new_loop(None, _core.Stats(), _core.Callbacks(), True, None, 0, 0, 2**60, 0, 0, 0)",
-        "MemoryError",
-    ),
-    "new_loop never opened: run": (
-        "_core.new_loop(None, _core.Stats(), _core.Callbacks(), True, None, 0, 0, 256, 0, 0, 0).run()",
-        "RuntimeError",
-    ),
+    "LoopOwner(not callable)": ("_core.LoopOwner(print, print, 1)", "TypeError"),
+    "new_loop out of memory": ("_core.new_loop(config(read_size=2**60))", "MemoryError"),
+    "new_loop never opened: run": ("_core.new_loop(config()).run()", "RuntimeError"),
     "LoadGen.__new__ result": (
-        "_core.LoadGen.__new__(_core.LoadGen).result()",
+        "_loadgen.LoadGen.__new__(_loadgen.LoadGen).result()",
         "RuntimeError",
     ),
     "LoadGen.__init__ out of memory keeps fd 0": (
         (
             "import gc, os\n"
-            "try: _core.LoadGen(b'/tmp/x', 'pingpong', 2**20, 1, pipeline=2**31 - 1)\n"
+            "try: _loadgen.LoadGen(b'/tmp/x', 'pingpong', 2**20, 1, pipeline=2**31 - 1)\n"
             "except MemoryError: pass\n"
             "gc.collect(); os.fstat(0); raise LookupError"
         ),
         "LookupError",
     ),
     "LoadGen.__new__ run": (
-        "_core.LoadGen.__new__(_core.LoadGen).run(0.1)",
+        "_loadgen.LoadGen.__new__(_loadgen.LoadGen).run(0.1)",
         "RuntimeError",
     ),
 }
 
 _PRELUDE = """\
 import unixsrv
-from unixsrv import _core
+from unixsrv import _core, _loadgen
 C, S, T, L = _core.Connection, _core._Stream, _core.Transport, _core.Loop
+
+def config(owner=None, factory=object, **settings):
+    # A LoopConfig as unixsrv.server makes one (event model unless factory=None).
+    if owner is None:
+        owner = _core.LoopOwner(print, print, print, spawn=print, drained=print)
+    values = dict(idle_timeout=0, max_connections=0, read_size=256, high_water=0,
+                  low_water=0, max_write_buffer=0)
+    values.update(settings)
+    return _core.LoopConfig(owner, _core.Stats(), _core.Callbacks(), factory=factory, **values)
 """
 
 
@@ -135,7 +147,7 @@ def test_misuse_raises_instead_of_crashing(
     assert last.split(":")[0].rsplit(".", 1)[-1] == expected, f"expected {expected}; stderr:\n{err}"
 
 
-#: The fuzzer, run in a child: every type defined by unixsrv._core (and its
+#: The fuzzer, run in a child: every type defined by unixsrv._core and unixsrv._loadgen (and their
 #: module-level functions), made with (), (None,) and __new__; every method
 #: called and every property read with each argument shape; every settable
 #: attribute set to each shape, after which every method is called again
@@ -147,8 +159,9 @@ import types
 SKIP = {"__init_subclass__", "__subclasshook__", "__class__", "__new__", "__getattribute__",
         "__setattr__", "__delattr__", "__dir__"}
 shapes_base = [None, 0, -1, b"x", 2**100, "s"]
-core_types = sorted((v for v in vars(_core).values()
-                     if isinstance(v, type) and v.__module__ == "unixsrv._core"), key=lambda t: t.__name__)
+MODULES = (_core, _loadgen)
+core_types = sorted((v for m in MODULES for v in vars(m).values()
+                     if isinstance(v, type) and v.__module__ == m.__name__), key=lambda t: t.__name__)
 calls = 0
 made = set()
 
@@ -178,8 +191,8 @@ def call_shapes(fn, shapes):
     attempt(fn)
     for s in shapes:
         attempt(fn, s)
-    # Every arity up to the longest signature (new_loop: 11), all None
-    # or all 0, to get past the argument count into the body.
+    # Every arity up to 11 (more than any signature takes), all None or
+    # all 0, to get past the argument count into the body.
     for n in range(2, 12):
         attempt(fn, *[None] * n)
         attempt(fn, *[0] * n)
@@ -207,10 +220,8 @@ def instances_and_loops(t):
     out = instances(t)
     if t is _core.Loop:
         # What new_loop() makes: set up, never opened (Loop() refuses).
-        for event_model in (False, True):
-            loop = _core.new_loop(None, _core.Stats(), _core.Callbacks(), event_model, None,
-                                  0, 0, 256, 0, 0, 0)
-            out.append(loop)
+        for factory in (None, object):
+            out.append(_core.new_loop(config(factory=factory)))
             made.add("new_loop")
     return out
 
@@ -223,9 +234,10 @@ for t in core_types:
                     if attempt(setattr, obj, name, s) is None:
                         poke(obj, shapes_base)
                     attempt(delattr, obj, name)
-for name, fn in sorted(vars(_core).items()):
-    if isinstance(fn, types.BuiltinFunctionType) and fn.__module__ == "unixsrv._core":
-        call_shapes(fn, shapes_base)
+for m in MODULES:
+    for name, fn in sorted(vars(m).items()):
+        if isinstance(fn, types.BuiltinFunctionType) and fn.__module__ == m.__name__:
+            call_shapes(fn, shapes_base)
 print("calls", calls)
 print("made", " ".join(sorted(made)))
 """
@@ -247,6 +259,8 @@ def test_fuzz_every_core_type_never_dies_of_a_signal(
         "Connection",
         "LoadGen",
         "Loop",
+        "LoopConfig",
+        "LoopOwner",
         "Stats",
         "Transport",
         "_ConnBase",
@@ -270,9 +284,10 @@ def test_repr_of_unattached_objects() -> None:
 def test_core_made_types_refuse_construction(name: str) -> None:
     """The per-connection types exist only bound to a live connection, the
     loop only as new_loop() sets it up: their constructors raise TypeError
-    (as uvloop's handles do).  Stats and Callbacks stay constructible: they
-    hold no pointer or fd, so an empty one is a valid one (the fuzz above
-    calls all they have)."""
+    (as uvloop's handles do).  Stats, Callbacks, LoopOwner and LoopConfig
+    stay constructible: they hold no pointer or fd (new_loop refuses a
+    LoopOwner or LoopConfig made through __new__, see REPRODUCTIONS), and the
+    fuzz above calls all they have."""
     from unixsrv import _core
 
     cls = getattr(_core, name)
@@ -305,3 +320,111 @@ def test_event_loop_closes_transports_only_on_its_thread(
         wait_until(lambda: proto.received == b"still served")
         on_loop(srv, loop.abort_all)
         assert s.recv(1) == b""
+
+
+@pytest.mark.parametrize("blocking", [True, False], ids=["blocking", "event"])
+def test_the_core_calls_its_owner_only_through_loop_owner(sock_path: str, blocking: bool) -> None:
+    """A loop made directly (new_loop) with a recording LoopOwner: one
+    connection goes through the lifecycle both models share, NEW ->
+    update_conn -> (spawn: the handler) -> CLOSE, each hook called once, in
+    that order, and nothing else is called on the owner."""
+    from unixsrv import _core
+    from unixsrv.config import ServerConfig
+    from unixsrv.connstate import ConnState
+    from unixsrv.server import _listener_args
+
+    calls: list[str] = []
+    lock = threading.Lock()
+    closed = threading.Event()
+
+    def note(what: str) -> None:
+        with lock:
+            calls.append(what)
+
+    def conn_state(conn: Any, state: ConnState) -> None:
+        note(state.name)
+        if state is ConnState.CLOSE:
+            closed.set()
+
+    def update_conn(conn: Any) -> bool:
+        note("update_conn")
+        return True
+
+    def spawn(conn: Any) -> None:
+        note("spawn")
+
+        def serve() -> None:
+            if conn._begin():
+                note("handler")
+            conn._finish()
+
+        threading.Thread(target=serve).start()
+
+    owner = _core.LoopOwner(
+        lambda exc, level: note(f"report {exc!r}"),
+        conn_state,
+        update_conn,
+        spawn=spawn,
+        drained=lambda: note("drained"),
+    )
+    callbacks = _core.Callbacks()
+    callbacks.on_conn_state = lambda *args: None  # registered: NEW and CLOSE fire
+    callbacks.update_conn = lambda sock: None
+    cfg = ServerConfig(path=sock_path)
+    factory = None if blocking else asyncio.Protocol
+    loop = _core.new_loop(
+        _core.LoopConfig(
+            owner,
+            _core.Stats(),
+            callbacks,
+            factory=factory,
+            idle_timeout=0,
+            max_connections=0,
+            read_size=cfg.read_buffer_size,
+            high_water=cfg.write_buffer_high,
+            low_water=cfg.write_buffer_low,
+            max_write_buffer=cfg.max_write_buffer,
+        )
+    )
+    loop.open(backlog=cfg.backlog, **_listener_args(cfg))
+
+    def run() -> None:
+        try:
+            loop.run()
+        finally:
+            loop.teardown()
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        with connect(sock_path):
+            wait_until(lambda: len(calls) >= (3 if blocking else 2))
+        assert closed.wait(DEADLINE)
+    finally:
+        loop.call_soon_threadsafe(loop.request_exit)
+        runner.join(DEADLINE)
+    assert not runner.is_alive()
+    if blocking:
+        assert calls == ["spawn", "NEW", "update_conn", "handler", "CLOSE"]
+    else:
+        assert calls == ["NEW", "update_conn", "CLOSE"]
+
+
+def test_the_gil_is_released_where_the_core_docstring_says() -> None:
+    """_core.pyx's docstring lists the functions that release the GIL
+    (``with nogil``); every such function in the core's sources is listed,
+    and every listed one does."""
+    src = pathlib.Path(__file__).resolve().parent.parent / "src" / "unixsrv"
+    found = set()
+    for path in [*sorted(src.glob("_*.pxi")), src / "_core.pyx"]:
+        function = None
+        for line in path.read_text(encoding="utf-8").splitlines():
+            m = re.match(r"\s*(?:cdef|cpdef|def)\s[^=(]*?(\w+)\(", line)  # not `cdef x = f(`
+            if m and not line.lstrip().startswith("cdef class"):
+                function = m.group(1)
+            if line.strip() == "with nogil:":
+                found.add(function)
+    doc = (src / "_core.pyx").read_text(encoding="utf-8").split('"""')[1]  # the module docstring
+    listed = {name.rsplit(".", 1)[-1] for name in re.findall(r"``([\w.]+)``", doc)}
+    assert found, "no `with nogil:` found: the scan is broken"
+    assert found == listed

@@ -245,9 +245,9 @@ def test_library_logger_has_only_a_null_handler():
 def test_module_loggers_are_children():
     """Module loggers live under 'unixsrv' and add no handlers of their own."""
     import unixsrv.server
-    import unixsrv.workers
+    import unixsrv.threadpool
 
-    for mod in (unixsrv.server, unixsrv.workers):
+    for mod in (unixsrv.server, unixsrv.threadpool):
         assert mod.logger.name.startswith("unixsrv.")
         assert mod.logger.handlers == []
 

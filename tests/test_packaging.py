@@ -13,10 +13,14 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import zipfile
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+#: The compiled extensions (setup.py), each built from src/unixsrv/<name>.pyx.
+EXTENSIONS = ("_core", "_loadgen")
 
 # The wheel matrix of issue 12: every CPython 3.11-3.15, the free-threaded
 # 3.14t and 3.15t, on these platforms (cp310 is kept while 3.10 is supported).
@@ -98,7 +102,9 @@ _NOT_SOURCES += (".*_cache", ".venv*", "wheelhouse")
 def _sources() -> set[str]:
     """What the build of the extension and the package reads."""
     names = {"setup.py", "pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md"}
-    for path in (ROOT / "src" / "unixsrv").iterdir():
+    for path in (ROOT / "src" / "unixsrv").rglob("*"):
+        if "__pycache__" in path.parts:
+            continue
         if path.name == "py.typed" or path.suffix in {
             ".py",
             ".pyi",
@@ -144,8 +150,16 @@ def test_sdist_contains_every_source_the_build_needs(tmp_path: pathlib.Path) -> 
     with tarfile.open(sdist) as tar:
         members = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     assert sorted(_sources() - members) == []
+    # Both extensions' sources, and the shared declarations under includes/.
+    assert {
+        "src/unixsrv/_core.pyx",
+        "src/unixsrv/_loadgen.pyx",
+        "src/unixsrv/_loadgen.pyi",
+        "src/unixsrv/includes/system.pxd",
+    } <= members
     # Generated or built files never ship: the sdist must build from its sources.
-    assert [m for m in members if m.endswith((".so", ".o")) or m == "src/unixsrv/_core.c"] == []
+    generated = {f"src/unixsrv/{name}.c" for name in EXTENSIONS}
+    assert [m for m in members if m.endswith((".so", ".o")) or m in generated] == []
 
 
 @pytest.mark.skipif(
@@ -156,7 +170,7 @@ def test_importing_keeps_the_gil_off_on_a_free_threaded_build() -> None:
     """Without PYTHON_GIL, CPython re-enables the GIL (warning) on importing an
     extension that does not declare itself free-threading compatible."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHON_GIL"}
-    code = "import sys, unixsrv, unixsrv._core; print(sys._is_gil_enabled())"
+    code = "import sys, unixsrv, unixsrv._core, unixsrv._loadgen; print(sys._is_gil_enabled())"
     out = subprocess.run(
         [sys.executable, "-W", "error", "-c", code],
         check=False,
@@ -167,3 +181,58 @@ def test_importing_keeps_the_gil_off_on_a_free_threaded_build() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def _wheel(path: pathlib.Path, members: dict[str, int]) -> str:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, size in members.items():
+            zf.writestr(name, b"\0" * size)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("members", "status"),
+    [
+        (
+            {
+                "unixsrv/_core.cpython-311-x86_64-linux-gnu.so": 10,
+                "unixsrv/_loadgen.cpython-311-x86_64-linux-gnu.so": 10,
+            },
+            0,
+        ),
+        ({"unixsrv/_core.cpython-311-x86_64-linux-gnu.so": 10}, 1),  # no load generator
+        (
+            {
+                "unixsrv/_core.cpython-311-x86_64-linux-gnu.so": 10,
+                "unixsrv/_loadgen.cpython-311-x86_64-linux-gnu.so": 1_000_000,
+            },
+            1,
+        ),  # unstripped
+    ],
+)
+def test_wheel_size_check_wants_both_extensions_small(
+    tmp_path: pathlib.Path, members: dict[str, int], status: int
+) -> None:
+    """.ci/wheel_size.py, run on every built wheel in CI: both extensions of
+    setup.py present, each under 1 MB."""
+    wheel = _wheel(tmp_path / "unixsrv-0.1.0-cp311-cp311-linux_x86_64.whl", members)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "wheel_size.py"), wheel],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == status, out.stdout + out.stderr
+
+
+def test_setup_builds_every_extension() -> None:
+    """setup.py, the sdist check and .ci/wheel_size.py agree on the extensions."""
+    text = (ROOT / "setup.py").read_text(encoding="utf-8")
+    for name in EXTENSIONS:
+        assert f'"unixsrv.{name}"' in text, name
+        assert (ROOT / "src" / "unixsrv" / f"{name}.pyx").is_file(), name
+        assert (ROOT / "src" / "unixsrv" / f"{name}.pyi").is_file(), name
+    size_check = (ROOT / ".ci" / "wheel_size.py").read_text(encoding="utf-8")
+    for name in EXTENSIONS:
+        assert f'"unixsrv/{name}."' in size_check, name

@@ -58,6 +58,30 @@ cdef class _ConnBase:
     cdef int _force_close(self) except -1:
         raise NotImplementedError
 
+    # The lifecycle every connection goes through, in both models:
+    #   _lifecycle_begin: on_conn_state NEW, then update_conn;
+    #   the handler (blocking, on a worker thread) or the protocol (event);
+    #   close; _lifecycle_end: on_conn_state CLOSE, exactly when NEW fired.
+    # Blocking: the worker thread runs it (Server._serve_connection, through
+    # _begin() and _finish()); event: the loop thread (_Stream._start and
+    # _Stream._finalize).
+
+    cdef bint _lifecycle_begin(self) except -1:
+        """NEW, then update_conn.  False: update_conn raised (reported); the
+        connection is to be closed unserved."""
+        cdef Loop loop = self.loop
+        cdef LoopOwner owner = loop.owner
+        if loop.callbacks.on_conn_state is not None:
+            us_or_u32(&self.c.state, ST_ANNOUNCED)      # CLOSE will follow
+            owner.conn_state(self, _NEW)
+        return loop.callbacks.update_conn is None or bool(owner.update_conn(self))
+
+    cdef int _lifecycle_end(self) except -1:
+        """CLOSE, if NEW was fired (after the close)."""
+        if us_load_u32(&self.c.state) & ST_ANNOUNCED:
+            self.loop.owner.conn_state(self, _CLOSE)
+        return 0
+
     def _expose(self):
         """Note that user code got a socket object for the fd (update_conn),
         which it may dup(): then close() no longer drops the fd's epoll
@@ -484,11 +508,17 @@ cdef class Connection(_ConnBase):
     cdef int _force_close(self) except -1:
         return self._close_now()
 
+    def _begin(self):
+        """Worker thread, before the handler: the start of the lifecycle (see
+        _ConnBase).  False: do not run the handler, go on to _finish()."""
+        self._loop()
+        return self._lifecycle_begin()
+
     def _finish(self, bint shutdown=True):
-        """The handler returned: close, count, unregister.  Worker thread;
-        once per connection.  shutdown=False only closes our fd, leaving the
-        socket itself alone: unixsrv.socketserver's request socket is a dup
-        that a forked child may still be serving."""
+        """The handler returned: close, count, unregister, then CLOSE if NEW
+        was fired.  Worker thread; once per connection.  shutdown=False only
+        closes our fd, leaving the socket itself alone: unixsrv.socketserver's
+        request socket is a dup that a forked child may still be serving."""
         cdef Loop loop = self._loop()
         if us_or_u32(&self.c.state, ST_FINISHED | ST_CLOSING) & ST_FINISHED:
             return
@@ -499,3 +529,4 @@ cdef class Connection(_ConnBase):
         self._set_done()
         self.loop._count_closed(self.c.peer_uid)
         self.loop._conn_closed()
+        self._lifecycle_end()

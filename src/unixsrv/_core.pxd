@@ -1,260 +1,14 @@
 # cython: language_level=3
-# Declarations of the C core: system calls (all nogil), the platform shims in
-# the small headers next to this file, and the extension types of _core.pyx.
+# The core's own types: counters, connection state, the records of a wakeup
+# and the extension types of _core.pyx.  The system calls and the platform
+# shims they use are declared in includes/ (shared with _loadgen).
 
 from cpython.object cimport PyObject, PyTypeObject
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 
-
-cdef extern from "<sys/types.h>" nogil:
-    ctypedef long ssize_t
-    ctypedef unsigned int mode_t
-    ctypedef unsigned int uid_t
-    ctypedef unsigned int gid_t
-    ctypedef long dev_t
-    ctypedef unsigned long ino_t
-
-
-cdef extern from "<errno.h>" nogil:
-    int errno
-    enum:
-        EINTR
-        ENOENT
-        EEXIST
-        ENOMEM
-        ECONNABORTED
-        ECONNREFUSED
-        ECONNRESET
-        EPIPE
-        EPROTO
-        ENOTCONN
-        EADDRINUSE
-        ENOSYS
-
-
-cdef extern from "<string.h>" nogil:
-    char *strerror(int errnum)
-    void *memcpy(void *dest, const void *src, size_t n)
-    void *memmove(void *dest, const void *src, size_t n)
-    void *memset(void *s, int c, size_t n)
-
-
-cdef extern from "<stdlib.h>" nogil:
-    void *malloc(size_t size)
-    void *calloc(size_t n, size_t size)
-    void *realloc(void *ptr, size_t size)
-    void free(void *ptr)
-
-
-cdef extern from "<unistd.h>" nogil:
-    int close(int fd)
-    ssize_t read(int fd, void *buf, size_t count)
-    ssize_t write(int fd, const void *buf, size_t count)
-    int unlinkat(int dirfd, const char *path, int flags)
-    uid_t geteuid()
-    int getpid()
-
-
-cdef extern from "<fcntl.h>" nogil:
-    int fcntl(int fd, int cmd, ...)
-    enum:
-        AT_SYMLINK_NOFOLLOW
-        F_DUPFD_CLOEXEC
-
-
-cdef extern from "<sys/stat.h>" nogil:
-    cdef struct stat:
-        dev_t st_dev
-        ino_t st_ino
-        mode_t st_mode
-        uid_t st_uid
-        gid_t st_gid
-    int fstatat(int dirfd, const char *path, stat *buf, int flags)
-    int lstat(const char *path, stat *buf)
-    int unlink(const char *path)
-
-
-cdef extern from "<sys/socket.h>" nogil:
-    enum:
-        SHUT_RD
-        SHUT_WR
-        SHUT_RDWR
-        MSG_DONTWAIT
-        SOL_SOCKET
-        SO_ERROR
-    ctypedef unsigned int socklen_t
-    struct sockaddr:
-        pass
-    ssize_t recv(int fd, void *buf, size_t n, int flags)
-    ssize_t send(int fd, const void *buf, size_t n, int flags)
-    int shutdown(int fd, int how)
-    int listen(int fd, int backlog)
-    int getpeername(int fd, sockaddr *addr, socklen_t *len)
-
-
-cdef extern from "<sys/un.h>" nogil:
-    struct sockaddr_un:
-        char sun_path[108]
-
-
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    enum:
-        POLLIN
-        POLLOUT
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *m)
-    int pthread_mutex_lock(pthread_mutex_t *m)
-    int pthread_mutex_trylock(pthread_mutex_t *m)
-    int pthread_mutex_unlock(pthread_mutex_t *m)
-
-
-cdef extern from "atomics.h" nogil:
-    void us_add_u64(uint64_t *p, uint64_t v)
-    uint64_t us_load_u64(const uint64_t *p)
-    void us_add_u64_release(uint64_t *p, uint64_t v)
-    uint64_t us_load_u64_acquire(const uint64_t *p)
-    int64_t us_load_i64(const int64_t *p)
-    void us_store_i64(int64_t *p, int64_t v)
-    uint32_t us_or_u32(uint32_t *p, uint32_t bits)
-    uint32_t us_load_u32(const uint32_t *p)
-    int32_t us_load_i32(const int32_t *p)
-    int us_use_acquire(int32_t *uses)
-    int us_use_release(int32_t *uses)
-
-
-cdef extern from "poller.h" nogil:
-    enum:
-        US_READ
-        US_WRITE
-        US_EDGE
-        US_LISTEN
-    ctypedef struct us_poll_event:
-        pass
-    int us_poller_create()
-    int us_poller_add(int pfd, int fd, uint64_t token, int interest)
-    int us_poller_modify(int pfd, int fd, uint64_t token, int old_interest, int new_interest)
-    int us_poller_remove(int pfd, int fd, int old_interest)
-    int us_poller_wait(int pfd, us_poll_event *evs, int max, int timeout_ms)
-    uint64_t us_event_token(const us_poll_event *e)
-    int us_event_readable(const us_poll_event *e)
-    int us_event_writable(const us_poll_event *e)
-
-
-cdef extern from "compat.h" nogil:
-    enum:
-        MSG_NOSIGNAL
-        US_REFUSED_MAY_BE_FULL
-        US_HAVE_ABSTRACT
-        US_SUN_PATH_MAX
-    int64_t us_now_ns()
-    int us_socket(int nonblock)
-    int us_accept(int lfd, int nonblock, int *named)
-    int us_pipe(int fds[2])
-    int us_bind(int fd, const char *path, size_t len)
-    int us_probe(const char *path, size_t len)
-    int us_rename_noreplace(int dirfd, const char *src, const char *dst)
-    int us_set_mode_group(int dirfd, const char *name, dev_t dev, ino_t ino, mode_t mode, long gid)
-    size_t us_sun_path_len(socklen_t sl)
-    int us_open_dir(const char *path)
-    int us_lock_dir(const char *path, int timeout_ms)
-    int us_peercred(int fd, long *pid, long *uid, long *gid)
-    int us_is_socket_mode(mode_t m)
-    int us_would_block(int e)
-    void *us_shared_alloc(size_t size)
-    int us_shared_free(void *p, size_t size)
-    int us_exit_with_parent(int sig)
-
-
-cdef extern from "access.h" nogil:
-    ctypedef struct us_uid_counts:
-        pass
-    int us_id_listed(const uint32_t *a, size_t n, uint32_t x)
-    int us_peer_group_listed(int fd, const uint32_t *gids, size_t n)
-    int us_uid_take(us_uid_counts *t, uint32_t uid, uint32_t limit)
-    void us_uid_put(us_uid_counts *t, uint32_t uid)
-    void us_uid_counts_free(us_uid_counts *t)
-
-
-# --- used by the load generator (_client.pxi) only
-
-cdef extern from "<errno.h>" nogil:
-    enum:
-        EINPROGRESS
-        EALREADY
-        EISCONN
-        ETIMEDOUT
-
-
-cdef extern from "<string.h>" nogil:
-    int memcmp(const void *a, const void *b, size_t n)
-
-
-cdef extern from "<stdio.h>" nogil:
-    int snprintf(char *buf, size_t n, const char *fmt, ...)
-
-
-cdef extern from "<unistd.h>" nogil:
-    long sysconf(int name)
-    enum:
-        _SC_CLK_TCK
-
-
-cdef extern from "<fcntl.h>" nogil:
-    # Not named `open`: that would hide Python's open() in all of _core.
-    int c_open "open"(const char *path, int flags, ...)
-    enum:
-        O_RDONLY
-        O_CLOEXEC
-
-
-cdef extern from "<sys/socket.h>" nogil:
-    int connect(int fd, const sockaddr *addr, socklen_t len)
-    int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
-
-
-cdef extern from "<sys/time.h>" nogil:
-    struct timeval:
-        long tv_sec
-        long tv_usec
-
-
-cdef extern from "<sys/resource.h>" nogil:
-    struct rusage:
-        timeval ru_utime
-        timeval ru_stime
-    enum:
-        RUSAGE_SELF
-    int getrusage(int who, rusage *usage)
-
-
-cdef extern from "compat.h" nogil:
-    socklen_t us_make_addr(sockaddr_un *sa, const char *path, size_t len)
-
-
-cdef extern from "Python.h":
-    # The slot of a __slots__ attribute (Include/cpython/descrobject.h).
-    ctypedef struct PyMemberDef:
-        Py_ssize_t offset
-    ctypedef struct PyMemberDescrObject:
-        PyMemberDef *d_member
-    object PyType_GenericAlloc(PyTypeObject *type, Py_ssize_t nitems)
-    enum:
-        PY_SSIZE_T_MAX
-
-
-cdef extern from * nogil:
-    # GCC and Clang builtin (the only compilers the Unix builds use).
-    int __builtin_clzll(unsigned long long x)
+from .includes.platform cimport *
+from .includes.python cimport *
+from .includes.system cimport *
 
 
 # ----------------------------------------------------------------- core types
@@ -352,6 +106,28 @@ cdef class Callbacks:
     cdef public object update_conn
 
 
+cdef class LoopOwner:
+    cdef readonly object report
+    cdef readonly object conn_state
+    cdef readonly object update_conn
+    cdef readonly object spawn
+    cdef readonly object drained
+    cdef int _check(self, bint blocking_model) except -1
+
+
+cdef class LoopConfig:
+    cdef readonly LoopOwner owner
+    cdef readonly Stats stats
+    cdef readonly Callbacks callbacks
+    cdef readonly object factory
+    cdef readonly double idle_timeout
+    cdef readonly size_t max_connections
+    cdef readonly size_t read_size
+    cdef readonly size_t high_water
+    cdef readonly size_t low_water
+    cdef readonly size_t max_write_buffer
+
+
 cdef class Loop
 
 
@@ -367,6 +143,8 @@ cdef class _ConnBase:
     cdef int _idle_expired(self) except -1
     cdef int _begin_drain(self) except -1
     cdef int _force_close(self) except -1
+    cdef bint _lifecycle_begin(self) except -1
+    cdef int _lifecycle_end(self) except -1
 
 
 cdef class Connection(_ConnBase):
@@ -454,7 +232,7 @@ cdef class Loop:
     cdef unsigned long thread_id
     cdef Stats stats
     cdef Callbacks callbacks
-    cdef object server
+    cdef LoopOwner owner
     cdef object factory
     cdef object pending
     cdef list finalizing
@@ -523,9 +301,7 @@ cdef class Loop:
     cdef int _callback_error(self, object exc, object level=*) except -1
     cdef void _wake(self) noexcept
     cdef int _check_init(self) except -1
-    cdef int _setup(self, server, Stats stats, Callbacks callbacks, bint event_model, factory,
-                    double idle_timeout, size_t max_connections, size_t read_size,
-                    size_t high_water, size_t low_water, size_t max_write_buffer) except -1
+    cdef int _setup(self, LoopConfig config) except -1
     cdef int _check_owner(self) except -1
     cdef void _rotate_listener(self) noexcept nogil
     cdef void _push_peer(self, int kind, int fd, size_t off, ssize_t n, long pid, long uid, long gid) noexcept nogil

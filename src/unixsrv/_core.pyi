@@ -34,6 +34,54 @@ class Callbacks:
     on_server_info: Callable[[str], Any] | None
     update_conn: Callable[[Any], Any] | None
 
+class LoopOwner:
+    """The one interface through which a loop calls the server layer that
+    owns it (see the docstring in _callbacks.pxi)."""
+
+    report: Callable[[BaseException, int], Any]
+    conn_state: Callable[[Any, Any], Any]
+    update_conn: Callable[[Any], bool]
+    spawn: Callable[[Connection], Any] | None
+    drained: Callable[[], Any] | None
+
+    def __init__(
+        self,
+        report: Callable[[BaseException, int], Any],
+        conn_state: Callable[[Any, Any], Any],
+        update_conn: Callable[[Any], bool],
+        spawn: Callable[[Connection], Any] | None = None,
+        drained: Callable[[], Any] | None = None,
+    ) -> None: ...
+
+class LoopConfig:
+    """What one loop is made of (new_loop); factory None = blocking model."""
+
+    owner: LoopOwner
+    stats: Stats
+    callbacks: Callbacks
+    factory: Callable[[], asyncio.BaseProtocol] | None
+    idle_timeout: float
+    max_connections: int
+    read_size: int
+    high_water: int
+    low_water: int
+    max_write_buffer: int
+
+    def __init__(
+        self,
+        owner: LoopOwner,
+        stats: Stats,
+        callbacks: Callbacks,
+        *,
+        factory: Callable[[], asyncio.BaseProtocol] | None,
+        idle_timeout: float,
+        max_connections: int,
+        read_size: int,
+        high_water: int,
+        low_water: int,
+        max_write_buffer: int,
+    ) -> None: ...
+
 class _ConnBase:
     def fileno(self) -> int: ...
     @property
@@ -61,6 +109,7 @@ class Connection(_ConnBase):
     def done(self) -> Any: ...  # threading.Event
     def __enter__(self) -> Connection: ...
     def __exit__(self, *exc_info: object) -> None: ...
+    def _begin(self) -> bool: ...
     def _finish(self, shutdown: bool = True) -> None: ...
     def _dup(self) -> int: ...
     def _activity(self, n_in: int, n_out: int) -> None: ...
@@ -161,19 +210,7 @@ class Loop:
     def abort_all(self) -> None: ...
     def teardown(self) -> None: ...
 
-def new_loop(
-    server: Any,
-    stats: Stats,
-    callbacks: Callbacks,
-    event_model: bool,
-    factory: Callable[[], asyncio.BaseProtocol] | None,
-    idle_timeout: float,
-    max_connections: int,
-    read_size: int,
-    high_water: int,
-    low_water: int,
-    max_write_buffer: int,
-) -> Loop: ...
+def new_loop(config: LoopConfig) -> Loop: ...
 def open_listener(
     address: bytes,
     display: str,
@@ -199,42 +236,3 @@ def request_shutdown(self: Any, how: int) -> None: ...
 def request_close_fd(self: Any) -> None: ...
 def flag_fd_set(fd: int) -> None: ...
 def flag_fd_clear(fd: int) -> None: ...
-
-# ---- the load generator (_client.pxi), used by unixsrv.bench
-
-#: Number of latency histogram buckets.
-HIST_BUCKETS: int
-
-def hist_bucket_ns(i: int) -> tuple[int, int]: ...
-def hist_index(ns: int) -> int: ...
-def hist_percentiles(
-    counts: dict[int, int] | Iterable[tuple[int, int]] | Iterable[list[int]],
-    quantiles: Iterable[float],
-) -> list[float | None]: ...
-
-class LoadGen:
-    """N non-blocking AF_UNIX client connections driven from C without the GIL."""
-
-    def __init__(
-        self,
-        path: bytes,
-        mode: str,
-        connections: int,
-        size: int,
-        pipeline: int = 1,
-        first_index: int = 0,
-        server_pid: int = 0,
-        stop_fd: int = -1,
-        watch_fd: int = -1,
-        progress: Callable[[dict[str, Any]], None] | None = None,
-    ) -> None: ...
-    def connect(self, timeout: float = 30.0, rate: float = 0.0) -> dict[str, Any]: ...
-    def run(
-        self,
-        duration: float = 5.0,
-        warmup: float = 0.0,
-        requests: int = 0,
-        stall_timeout: float = 10.0,
-    ) -> dict[str, Any]: ...
-    def result(self) -> dict[str, Any]: ...
-    def close(self) -> None: ...

@@ -3,9 +3,18 @@
 
 The listener, the epoll/kqueue loop, the connection table, the counters and
 the per-connection I/O of both handler models live here.  The GIL is released
-in one place, around the poller wait and the I/O of each wakeup (see
-_loop.pxi); callbacks into Python run with it, each inside
-try/except BaseException.
+around every call that may block, and only there (``with nogil``), in these
+functions (tests/test_core_surface.py keeps this list true):
+
+* ``Loop.run`` and ``Loop.run_once`` (_loop.pxi): the poller wait and the
+  I/O of each wakeup (accept, recv, flush, idle sweep);
+* ``_mutex_lock_with_gil`` (_loop.pxi): waiting for a busy loop mutex;
+* ``Connection._recv_now`` and ``Connection.write`` (_conn.pxi): a
+  blocking-model handler's read and write that have to wait;
+* ``_examine_existing`` (_listener.pxi): the connect that probes whether a
+  socket file is stale; ``_lock_dir``: waiting for the directory lock.
+
+Callbacks into Python run with the GIL, each inside try/except BaseException.
 """
 
 cimport cython
@@ -77,13 +86,13 @@ def named_socket(int fd, object name):
 # Loops that may need retiring in a forked child.
 _live_loops = _weakref.WeakSet()
 
+include "_oserror.pxi"
 include "_stats.pxi"
 include "_callbacks.pxi"
 include "_listener.pxi"
 include "_conn.pxi"
 include "_stream.pxi"
 include "_loop.pxi"
-include "_client.pxi"
 include "_request.pxi"
 
 

@@ -26,14 +26,6 @@
 # is refused until listen(2) (unix(7)).
 
 
-cdef object _oserror(int err, object filename=None):
-    """The OSError subclass matching errno (FileNotFoundError, ...)."""
-    msg = strerror(err).decode("utf-8", "replace")
-    if filename is None:
-        return OSError(err, msg)
-    return OSError(err, msg, filename)
-
-
 cdef int _listen_abstract(bytes address, int backlog) except -1:
     cdef int fd = us_socket(1)
     if fd < 0:

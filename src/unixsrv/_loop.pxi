@@ -21,9 +21,15 @@
 # threads remove their own connection from it, so it is guarded by a mutex;
 # in the event model only the loop thread touches it and the mutex is
 # skipped.  The same mutex makes call_soon_threadsafe's "not closed? queue
-# it and wake the loop" one step against teardown (both models).  Lock
-# order: the mutex is only ever waited for without the GIL, and no Python
-# code runs while it is held.
+# it and wake the loop" one step against teardown (both models).
+#
+# Lock order: the mutex, then the GIL.  A thread may hold the mutex while it
+# waits for the GIL: _mutex_lock_with_gil waits for a busy mutex with the
+# GIL released and takes the GIL back holding it.  So no thread may wait for
+# the mutex while it holds the GIL (that would deadlock with such a thread):
+# holding the GIL, a thread only tries the mutex.  Code under the mutex runs
+# no Python code (table slots, the pending deque's append), so a thread that
+# holds both never gives the GIL up before it releases the mutex.
 
 
 cdef uint64_t TOKEN_WAKE = 0xFFFFFFFFFFFFFFFFULL
@@ -87,22 +93,26 @@ cdef class Loop:
         # under live connections, so Python gets no way to run it.
         raise TypeError("Loop objects are created by the server (unixsrv._core.new_loop), not from Python")
 
-    cdef int _setup(self, server, Stats stats, Callbacks callbacks, bint event_model, factory,
-                    double idle_timeout, size_t max_connections, size_t read_size,
-                    size_t high_water, size_t low_water, size_t max_write_buffer) except -1:
+    cdef int _setup(self, LoopConfig config) except -1:
+        cdef size_t read_size = config.read_size
+        cdef bint event_model = config.factory is not None
+        if config.owner is None or config.stats is None or config.callbacks is None:
+            raise TypeError("this LoopConfig was not initialised (made through __new__)")
+        config.owner._check(not event_model)
         if read_size > <size_t>PY_SSIZE_T_MAX // 4:
             raise OverflowError("read_size is too large")
-        self.server = server
-        self.stats = stats
-        self.callbacks = callbacks
+        self.owner = config.owner
+        self.stats = config.stats
+        self.callbacks = config.callbacks
         self.event_model = event_model
-        self.factory = factory
-        self.idle_ns = <int64_t>(min(idle_timeout, IDLE_MAX_S) * 1e9) if idle_timeout > 0 else 0
-        self.max_conns = max_connections
+        self.factory = config.factory
+        self.idle_ns = (<int64_t>(min(config.idle_timeout, IDLE_MAX_S) * 1e9)
+                        if config.idle_timeout > 0 else 0)
+        self.max_conns = config.max_connections
         self.read_size = read_size
-        self.high_water = high_water
-        self.low_water = low_water
-        self.max_wbuf = max_write_buffer
+        self.high_water = config.high_water
+        self.low_water = config.low_water
+        self.max_wbuf = config.max_write_buffer
         self.pending = _deque()
         self.finalizing = []
         self.display_path = ""
@@ -459,11 +469,12 @@ cdef class Loop:
 
     # ---------------------------------------------------------------- phase 1
 
-    # The table mutex (blocking model only).  Nobody holding it ever waits for
-    # the GIL, so a thread holding the GIL may try it; if it is busy, it waits
-    # without the GIL (else a worker holding the GIL while it waits for the
-    # same mutex could deadlock with us).  The try spares the GIL hand-off in
-    # the common, uncontended case.
+    # The table mutex (blocking model only).  Its holder may be waiting for the
+    # GIL (lock order: the mutex, then the GIL; see the top of this file), so
+    # a thread holding the GIL never blocks on it: it tries it and, if it is
+    # busy, waits with the GIL released.  _lock() blocks, and is only called
+    # without the GIL.  The try spares the GIL hand-off in the common,
+    # uncontended case.
     cdef void _lock(self) noexcept nogil:
         if not self.event_model:
             pthread_mutex_lock(&self.mu)
@@ -868,7 +879,7 @@ cdef class Loop:
             conn.c.interest = US_READ
             return (<_Stream>conn)._start()
         try:
-            self.server._spawn(conn)
+            self.owner.spawn(conn)
         except BaseException as exc:
             (<Connection>conn)._finish()
             self._callback_error(exc)
@@ -973,7 +984,7 @@ cdef class Loop:
         the rest is reported."""
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             try:
-                self.server._report(exc, level)
+                self.owner.report(exc, level)
                 return 0
             except BaseException as err:   # on_error itself raised KeyboardInterrupt
                 exc = err
@@ -995,8 +1006,8 @@ cdef class Loop:
         cdef bint waiting
         with cython.critical_section(self):
             waiting = self.drain_waiting
-        if waiting and _open_count(self.stats.s) == 0:
-            self.server._notify_drained()
+        if waiting and _open_count(self.stats.s) == 0 and self.owner.drained is not None:
+            self.owner.drained()
         return 0
 
     # ---------------------------------------------------------------- stopping
@@ -1106,12 +1117,35 @@ cdef class Loop:
                 self.table[fd].fd = -1
 
 
-def new_loop(server, Stats stats not None, Callbacks callbacks not None, bint event_model, factory,
-             double idle_timeout, size_t max_connections, size_t read_size,
-             size_t high_water, size_t low_water, size_t max_write_buffer):
+cdef class LoopConfig:
+    """What one loop is made of, for new_loop(): who owns it (LoopOwner), the
+    counters and callbacks it shares with its server, and the settings of
+    the run.  ``factory`` (a protocol factory) selects the event model; None
+    the blocking model, where ``owner.spawn`` serves each connection.
+    ``idle_timeout`` 0 and ``max_connections`` 0 mean none.  Every setting is
+    a keyword, given explicitly (the defaults are ServerConfig's).  Immutable
+    once made."""
+
+    def __init__(self, LoopOwner owner not None, Stats stats not None, Callbacks callbacks not None,
+                 *, factory, double idle_timeout, size_t max_connections, size_t read_size,
+                 size_t high_water, size_t low_water, size_t max_write_buffer):
+        if factory is not None and not callable(factory):
+            raise TypeError(f"factory must be callable or None, got {factory!r}")
+        self.owner = owner
+        self.stats = stats
+        self.callbacks = callbacks
+        self.factory = factory
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.read_size = read_size
+        self.high_water = high_water
+        self.low_water = low_water
+        self.max_write_buffer = max_write_buffer
+
+
+def new_loop(LoopConfig config not None):
     """The loop of one server run, not yet opened (unixsrv.Server's only way
     to make one: Loop() itself raises TypeError)."""
     cdef Loop loop = Loop.__new__(Loop)
-    loop._setup(server, stats, callbacks, event_model, factory, idle_timeout, max_connections,
-                read_size, high_water, low_water, max_write_buffer)
+    loop._setup(config)
     return loop

@@ -82,19 +82,15 @@ cdef class _Stream(_ConnBase):
         return 0
 
     cdef int _start(self) except -1:
-        """Fire NEW, run update_conn, build the protocol, connection_made."""
+        """The start of the lifecycle (NEW, update_conn), then attach to the
+        host, build the protocol, connection_made."""
         cdef Loop loop = self.loop
-        cdef Callbacks callbacks = loop.callbacks
-        server = loop.server
         # The stream keeps its transport until _finalize, as asyncio's event
         # loop keeps a transport alive while its socket is registered (the
         # host's server holds transports only weakly on Python 3.13+).
         self.transport = _new_transport(self)
         try:
-            if callbacks.on_conn_state is not None:
-                us_or_u32(&self.c.state, ST_ANNOUNCED)    # CLOSE will follow
-                server._fire_state(self, _NEW)
-            if callbacks.update_conn is not None and not server._call_update_conn(self, callbacks.update_conn):
+            if not self._lifecycle_begin():        # NEW, update_conn (see _conn.pxi)
                 return self._abort(None)
             if loop.on_attach is not None:
                 if not loop.on_attach(self.transport):
@@ -284,11 +280,10 @@ cdef class _Stream(_ConnBase):
                 loop.on_detach(transport)
             except BaseException as err:
                 loop._callback_error(err)
-        if c.state & ST_ANNOUNCED and loop.callbacks.on_conn_state is not None:
-            try:
-                loop.server._fire_state(self, _CLOSE)
-            except BaseException as err:  # KeyboardInterrupt/SystemExit from a callback
-                loop._callback_error(err)
+        try:
+            self._lifecycle_end()
+        except BaseException as err:  # KeyboardInterrupt/SystemExit from a callback
+            loop._callback_error(err)
         return loop._conn_closed()
 
     cdef int _callback_failed(self, object exc) except -1:

@@ -1,6 +1,6 @@
 """``unixsrv bench``: a load generator for any Unix stream socket server.
 
-The work is done by :class:`unixsrv._core.LoadGen` (see ``_client.pxi``): one
+The work is done by :class:`unixsrv._loadgen.LoadGen` (its own extension): one
 thread, non-blocking AF_UNIX sockets, an epoll/kqueue loop in C with the GIL
 released for the whole run, every echoed byte checked against the bytes sent.
 This module adds the options, the multi-process mode, the built-in echo
@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import _core
+from . import _loadgen
 from .errors import ConfigError
 
 __all__ = [
@@ -244,7 +244,7 @@ def _run_local(
     run; returning False skips the run."""
     assert options.path is not None
     _raise_fd_limit(options.connections + _FD_SLACK)
-    gen = _core.LoadGen(
+    gen = _loadgen.LoadGen(
         _address(options.path),
         options.mode,
         options.connections,
@@ -608,7 +608,7 @@ def _summarize(o: BenchOptions, raw: dict[str, Any]) -> dict[str, Any]:
     # Percentiles are bucket midpoints (< 0.4 % off); never above the exact max.
     p50, p99, p999 = (
         None if p is None else min(p, raw["lat_max_ns"])
-        for p in _core.hist_percentiles(raw["hist"], (0.5, 0.99, 0.999))
+        for p in _loadgen.hist_percentiles(raw["hist"], (0.5, 0.99, 0.999))
     )
     cpu = raw["client_cpu_s"]
     server_cpu = None
@@ -799,11 +799,17 @@ class _StopSignals:
 
 
 class _ProgressLine:
-    """The live status line on stderr, rewritten in place."""
+    """The live status on stderr: on a terminal one line rewritten in place
+    (``\r``); anywhere else (a file, a pipe, a CI log) a plain line per
+    update, which stays readable there."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
         self.width = 0
+        try:
+            self.in_place = bool(stream.isatty())
+        except (AttributeError, ValueError):  # no isatty(), or a closed stream
+            self.in_place = False
 
     def __call__(self, info: dict[str, Any]) -> None:
         text = (
@@ -811,11 +817,16 @@ class _ProgressLine:
             f"   measured {info['round_trips']:,}   errors {info['errors']:,}"
             f"   conns {info['established']:,}"
         )
-        self.width = max(self.width, len(text))
-        self.stream.write("\r" + text.ljust(self.width))
+        if self.in_place:
+            self.width = max(self.width, len(text))
+            self.stream.write("\r" + text.ljust(self.width))
+        else:
+            self.stream.write(text + "\n")
         self.stream.flush()
 
     def clear(self) -> None:
+        """Before other output: erase the line in place (nothing to do for
+        plain lines)."""
         if self.width:
             self.stream.write("\r" + " " * self.width + "\r")
             self.stream.flush()

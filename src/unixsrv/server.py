@@ -37,7 +37,7 @@ from .connstate import ConnState
 from .errors import InvalidHandlerError, ServerClosedError, ShutdownTimeoutError
 from .peer import PeerCredentials
 from .prefork import Prefork, ServerWorker, worker_count
-from .workers import WorkerPool
+from .threadpool import ThreadPool
 
 __all__ = ["Server"]
 
@@ -70,10 +70,13 @@ class CallbackHost:
     counters, the user's callbacks (``on_error``, ``on_conn_state``,
     ``on_server_info``, ``update_conn``) and the one way errors are reported.
 
-    The C loop calls back into its host through ``_report``, ``_fire_state``
-    and ``_call_update_conn``.  Shared by :class:`Server` and the asyncio
-    layer's server (:mod:`unixsrv.asyncio`), which report an error nobody
-    registered ``on_error`` for differently (``_unreported``).
+    The C loop calls back into its host only through the
+    :class:`unixsrv._core.LoopOwner` that :meth:`_new_loop` hands it:
+    ``_report``, ``_fire_state`` and ``_call_update_conn`` here, and (a
+    blocking-model :class:`Server`) ``_spawn`` and ``_notify_drained``.
+    Shared by :class:`Server` and the asyncio layer's server
+    (:mod:`unixsrv.asyncio`), which report an error nobody registered
+    ``on_error`` for differently (``_unreported``).
     """
 
     _callbacks: _core.Callbacks
@@ -90,21 +93,33 @@ class CallbackHost:
         self._stats = _core.Stats()
         self._workers = threading.local()  # .active is True on a thread running our handler
 
-    def _new_loop(self, cfg: ServerConfig, factory: Callable[[], Any] | None) -> _core.Loop:
+    def _new_loop(
+        self,
+        cfg: ServerConfig,
+        factory: Callable[[], Any] | None,
+        spawn: Callable[[_core.Connection], Any] | None = None,
+        drained: Callable[[], Any] | None = None,
+    ) -> _core.Loop:
         """The C loop of one run: the event model with a protocol factory,
-        else the blocking model."""
+        else the blocking model, whose connections go to ``spawn(conn)``;
+        ``drained()`` is called when the last one closes while
+        ``loop.drain_waiting`` is set."""
+        owner = _core.LoopOwner(
+            self._report, self._fire_state, self._call_update_conn, spawn, drained
+        )
         return _core.new_loop(
-            self,
-            self._stats,
-            self._callbacks,
-            factory is not None,
-            factory,
-            cfg.idle_timeout or 0.0,
-            cfg.max_connections or 0,
-            cfg.read_buffer_size,
-            cfg.write_buffer_high,
-            cfg.write_buffer_low,
-            cfg.max_write_buffer,
+            _core.LoopConfig(
+                owner,
+                self._stats,
+                self._callbacks,
+                factory=factory,
+                idle_timeout=cfg.idle_timeout or 0.0,
+                max_connections=cfg.max_connections or 0,
+                read_size=cfg.read_buffer_size,
+                high_water=cfg.write_buffer_high,
+                low_water=cfg.write_buffer_low,
+                max_write_buffer=cfg.max_write_buffer,
+            )
         )
 
     @property
@@ -139,7 +154,7 @@ class CallbackHost:
         self._callbacks.on_server_info = _callable_or_none(fn, "on_server_info")
         return fn
 
-    def _call_update_conn(self, conn: Any, update_conn: Callable[[socket.socket], Any]) -> bool:
+    def _call_update_conn(self, conn: Any) -> bool:
         """Run update_conn with a socket.socket for the connection; False
         (after reporting) if it raised.
 
@@ -149,8 +164,9 @@ class CallbackHost:
         The fd is open here: until the handler or protocol runs, only this
         thread closes it.
         """
+        update_conn = self._callbacks.update_conn
         fd = conn.fileno()
-        if fd < 0:  # already closed by the server (idle timeout, shutdown)
+        if update_conn is None or fd < 0:  # closed by the server (idle timeout, shutdown)
             return True
         conn._expose()  # the user may keep a dup of it (epoll registration)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, os.dup(fd))
@@ -285,7 +301,7 @@ class Server(CallbackHost):
         self._protocol = protocol
         self._init_callbacks()
         self._callbacks.update_conn = update_conn
-        self._pool = WorkerPool(self._serve_connection) if handler is not None else None
+        self._pool = ThreadPool(self._serve_connection) if handler is not None else None
         self._lock = threading.Lock()  # state changes; never held across a wait
         self._start_lock = threading.Lock()  # one start at a time
         self._stop_requested = False  # a stop called while STARTING
@@ -460,7 +476,7 @@ class Server(CallbackHost):
         cfg = self._config
         self._setup_thread = threading.get_ident()
         try:
-            loop = self._new_loop(cfg, self._protocol)
+            loop = self._new_loop(cfg, self._protocol, self._spawn, self._notify_drained)
             try:
                 if foreground:
                     loop.claim_thread()
@@ -803,22 +819,20 @@ class Server(CallbackHost):
         self._pool.submit(conn)  # type: ignore[union-attr]
 
     def _serve_connection(self, conn: _core.Connection) -> None:
-        """Worker thread: NEW, update_conn, the handler, close, CLOSE.
+        """Worker thread: the connection's lifecycle (NEW, update_conn, see
+        ``Connection._begin``), the handler, then ``Connection._finish``
+        (close, CLOSE).
 
         In a process the handler forked, the child exits as soon as the
         handler ends there, with the status it asked for (sys.exit(8) -> 8,
-        returned -> 0, raised -> 1): see workers.exit_forked_child.  The
+        returned -> 0, raised -> 1): see threadpool.exit_forked_child.  The
         connection's close and CLOSE belong to the parent.
         """
         workers = self._workers
         workers.active = True
-        callbacks = self._callbacks
-        announced = callbacks.on_conn_state is not None  # CLOSE only after a NEW
         ended: BaseException | None = None
         try:
-            if announced:
-                self._fire_state(conn, ConnState.NEW)
-            if callbacks.update_conn is None or self._call_update_conn(conn, callbacks.update_conn):
+            if conn._begin():
                 self._handler(conn)  # type: ignore[misc]
         except BaseException as exc:  # even SystemExit: a handler never ends a worker
             ended = exc
@@ -829,13 +843,11 @@ class Server(CallbackHost):
         finally:
             if self._forked():
                 # Imported here, not at the top: the rare path.
-                from .workers import exit_forked_child
+                from .threadpool import exit_forked_child
 
                 exit_forked_child(ended)
             ended = None  # no reference cycle through the traceback's frame
             conn._finish()
-            if announced:
-                self._fire_state(conn, ConnState.CLOSE)
             workers.active = False
 
 

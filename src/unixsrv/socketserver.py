@@ -40,7 +40,7 @@ drains every worker, ``stats()`` sums them).  ``server.supervisor`` is the
 parent's :class:`unixsrv.Server` (``reload()``, ``worker_stats()``,
 ``on_error``); a worker process sees ``None`` there.
 
-``ThreadingMixIn`` runs requests on unixsrv's worker pool (threads are
+``ThreadingMixIn`` runs requests on unixsrv's thread pool (threads are
 reused) instead of a new thread per request.  ``ForkingMixIn``, the request
 handlers and the TCP and datagram classes are the stdlib's own, re-exported:
 they already work as they are.
@@ -95,7 +95,7 @@ from unixsrv import _core
 from unixsrv._core import Connection, Stats
 from unixsrv.config import ServerConfig
 from unixsrv.server import Server
-from unixsrv.workers import WorkerPool, exit_forked_child
+from unixsrv.threadpool import ThreadPool, exit_forked_child
 
 if hasattr(os, "fork"):
     from socketserver import ForkingMixIn, ForkingTCPServer, ForkingUDPServer
@@ -766,7 +766,7 @@ class ThreadingMixIn(_std.ThreadingMixIn):
             _running_requests.add(job)
         pool = vars(self).get("_unixsrv_pool")
         if pool is None:
-            pool = vars(self).setdefault("_unixsrv_pool", WorkerPool(self._run_request))
+            pool = vars(self).setdefault("_unixsrv_pool", ThreadPool(self._run_request))
         try:
             pool.submit((job, request, client_address))
         except BaseException:
@@ -782,7 +782,7 @@ class ThreadingMixIn(_std.ThreadingMixIn):
         """A worker runs one request.  In a process the handler forked, the
         child exits once the request ends there (as the child of a request
         thread does when that thread, its only one, ends), with the status
-        it asked for: see workers.exit_forked_child."""
+        it asked for: see threadpool.exit_forked_child."""
         job, request, client_address = item
         pid = os.getpid()
         ended: BaseException | None = None

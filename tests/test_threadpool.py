@@ -1,4 +1,4 @@
-"""WorkerPool (src/unixsrv/workers.py): the threads of the blocking handler model.
+"""ThreadPool (src/unixsrv/threadpool.py): the threads of the blocking handler model.
 
 docs/design.md "Precise semantics / Blocking model threads": every accepted
 connection gets a worker at once (the pool grows on demand and reuses idle
@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 
 from conftest import DEADLINE, connect, fork_quietly, reap, recv_until_eof, wait_until
-from unixsrv.workers import WorkerPool
+from unixsrv.threadpool import ThreadPool
 
 
 class Recorder:
-    """A ``run`` for WorkerPool: calls each job (a callable), records its thread
+    """A ``run`` for ThreadPool: calls each job (a callable), records its thread
     and any exception (``run`` itself must never raise)."""
 
     def __init__(self) -> None:
@@ -55,7 +55,7 @@ def thread_alive(native_id: int) -> bool:
     return any(t.native_id == native_id for t in threading.enumerate())
 
 
-def release_all(pool: WorkerPool) -> None:
+def release_all(pool: ThreadPool) -> None:
     """Let every parked worker go and wait until no thread is left."""
     pool.release_idle()
     wait_until(lambda: pool.threads == 0)
@@ -67,9 +67,9 @@ def wait_threads_gone(rec: Recorder) -> None:
         wait_until(lambda tid=tid: not thread_alive(tid))
 
 
-def make_pool(idle_timeout: float = 60.0) -> tuple[WorkerPool, Recorder]:
+def make_pool(idle_timeout: float = 60.0) -> tuple[ThreadPool, Recorder]:
     rec = Recorder()
-    return WorkerPool(rec, idle_timeout=idle_timeout), rec
+    return ThreadPool(rec, idle_timeout=idle_timeout), rec
 
 
 def test_new_pool_is_empty():
@@ -353,7 +353,7 @@ def test_forked_child_exits_at_once_with_its_status(make_server, sock_path, chil
     handler ends in it, with the status it asked for (sys.exit(8) -> 8, a
     message -> 1, an exception -> 1, a return -> 0), instead of parking its
     thread in the pool for the pool's idle time (30 s) and exiting 0.
-    workers.exit_forked_child; the parent server keeps serving."""
+    threadpool.exit_forked_child; the parent server keeps serving."""
     server = make_server(sock_path, _forking_handler(child_ends))
     began = time.monotonic()
     with connect(sock_path) as s:

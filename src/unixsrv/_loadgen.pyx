@@ -1,5 +1,10 @@
-# _client.pxi - the load generator behind `unixsrv bench`: the client side of
-# the same C core.
+# cython: language_level=3
+"""unixsrv._loadgen - the load generator behind ``unixsrv bench``: the client
+side of the core's poller and socket shims, in an extension of its own (the
+server extension, _core, carries none of it).
+"""
+
+# What follows is the design, for the reader of the source.
 #
 # A LoadGen drives N non-blocking AF_UNIX connections from one thread, with
 # the GIL released for the whole connect phase and the whole run: the poller
@@ -36,6 +41,36 @@
 # in the same round.  Where connect() answers EINPROGRESS (BSD) the slot waits
 # for writability and reads SO_ERROR.  The whole connect phase is bounded by
 # a deadline, and may be paced (connections per second).
+
+from cpython.exc cimport PyErr_CheckSignals
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+
+from .includes.platform cimport (
+    MSG_NOSIGNAL,
+    US_REFUSED_MAY_BE_FULL,
+    US_EDGE,
+    US_READ,
+    US_WRITE,
+    us_event_readable,
+    us_event_token,
+    us_event_writable,
+    us_make_addr,
+    us_now_ns,
+    us_poll_event,
+    us_poller_add,
+    us_poller_create,
+    us_poller_modify,
+    us_poller_remove,
+    us_poller_wait,
+    us_socket,
+    us_would_block,
+)
+from .includes.system cimport *
+
+import math as _lg_math
+
+include "_oserror.pxi"
+
 
 cdef uint64_t LG_TOKEN_STOP = 0xFFFFFFFFFFFFFFFFULL
 cdef uint64_t LG_TOKEN_WATCH = 0xFFFFFFFFFFFFFFFEULL
@@ -79,8 +114,6 @@ cdef enum:
     H_SUB = 128
     H_MAX_EXP = 36
     H_BUCKETS = 3840           # H_SUB + (H_MAX_EXP - H_SUB_BITS) * H_SUB
-
-import math as _lg_math
 
 _LG_MODES = {"pingpong": LG_PINGPONG, "connect": LG_CONNECT, "hold": LG_HOLD}
 _LG_ERROR_NAMES = ("connect", "mismatch", "eof", "io", "extra", "stall")
@@ -483,20 +516,8 @@ cdef class LoadGen:
         return self._connect_failed(i, err, now)
 
     cdef int _connect_failed(self, int i, int err, int64_t now) noexcept nogil:
-        cdef lg_conn *c = &self.conns[i]
-        self.errors[ERR_CONNECT] += 1
         self.last_connect_errno = err
-        if c.fd >= 0:
-            close(c.fd)
-            c.fd = -1
-        c.interest = 0
-        if self.mode == LG_CONNECT:
-            c.state = CS_FREE
-            self._rq_push(i, now + LG_BACKOFF_NS)
-        else:
-            c.state = CS_DEAD
-            self.failed += 1
-        return -1
+        return self._drop(i, ERR_CONNECT, now, True)
 
     cdef int _finish_connect(self, int i, int64_t now) noexcept nogil:
         """A CS_CONNECTING socket became writable: read its outcome."""
@@ -639,9 +660,15 @@ cdef class LoadGen:
     cdef int _fail(self, int i, int kind) noexcept nogil:
         """End slot i's socket with an error (connect mode: start again later)."""
         cdef lg_conn *c = &self.conns[i]
-        cdef int64_t now = us_now_ns()
         if (self.mode == LG_PINGPONG and c.state == CS_OPEN) or c.state == CS_READY:
             self.established -= 1
+        return self._drop(i, kind, us_now_ns(), not self.stopping)
+
+    cdef int _drop(self, int i, int kind, int64_t now, bint retry) noexcept nogil:
+        """Count an error of `kind` and close slot i's socket.  Connect mode
+        frees the slot (tried again after a back-off if `retry`); the other
+        modes retire it.  Returns -1."""
+        cdef lg_conn *c = &self.conns[i]
         self.errors[kind] += 1
         if c.fd >= 0:
             close(c.fd)
@@ -649,7 +676,7 @@ cdef class LoadGen:
         c.interest = 0
         if self.mode == LG_CONNECT:
             c.state = CS_FREE
-            if not self.stopping:
+            if retry:
                 self._rq_push(i, now + LG_BACKOFF_NS)
         else:
             c.state = CS_DEAD

@@ -1,4 +1,7 @@
-"""WorkerPool: threads for the blocking handler model.
+"""ThreadPool: the threads of the blocking handler model.
+
+Not to be confused with ``Server(workers=N)``, which serves from worker
+*processes* (:mod:`unixsrv.prefork`): this pool is the threads of one process.
 
 Every submitted job gets a thread at once: an idle thread if there is one,
 otherwise a new one, so a handler never waits for a free worker.  A thread
@@ -21,9 +24,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-__all__ = ["WorkerPool", "exit_forked_child"]
+__all__ = ["ThreadPool", "exit_forked_child"]
 
-logger = logging.getLogger("unixsrv.workers")
+logger = logging.getLogger("unixsrv.threadpool")
 
 
 class _Worker:
@@ -35,7 +38,7 @@ class _Worker:
         self.job: Any = None
 
 
-class WorkerPool:
+class ThreadPool:
     """Run ``run(job)`` for each submitted job on its own (reused) thread.
 
     ``run`` must not raise: it is the server's own wrapper, which reports
