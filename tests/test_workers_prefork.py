@@ -768,3 +768,17 @@ def test_socketserver_workers_bind_in_the_parent(sock_path: str) -> None:
         server.server_close()
     assert not os.path.exists(sock_path)
     assert server.supervisor.worker_stats() == []
+
+
+def test_socketserver_workers_dropped_without_server_close(sock_path: str) -> None:
+    """A workers= server garbage-collected without server_close() stops its
+    supervisor and removes its socket file, with a ResourceWarning (as the
+    single-process server does)."""
+    import gc
+
+    server = unixsrv.socketserver.UnixStreamServer(sock_path, _RequestHandler, workers=1)
+    assert os.path.exists(sock_path)
+    with pytest.warns(ResourceWarning, match="unclosed server"):
+        del server
+        gc.collect()
+    assert not os.path.exists(sock_path)

@@ -398,13 +398,15 @@ class _Acceptor(Server):
         self.close()
 
 
-def _abandon(acceptor: _Acceptor, pending: _Pending, sock: socket.socket) -> None:
+def _abandon(acceptor: Server, pending: _Pending | None, sock: socket.socket) -> None:
     """A server was garbage-collected (or the interpreter exits) without
     server_close(): close everything, with the ResourceWarning the stdlib's
-    unclosed socket would give."""
+    unclosed socket would give.  ``acceptor`` is the core, or with
+    ``workers`` the supervisor (no queue in the parent: ``pending`` None)."""
     warnings.warn(f"unclosed server {acceptor.path!r}", ResourceWarning, stacklevel=1)
     sock.close()
-    pending.close()
+    if pending is not None:
+        pending.close()
     acceptor.close()
 
 
@@ -463,7 +465,7 @@ class UnixStreamServer(_std.UnixStreamServer):
         self._acceptor: _Acceptor | None = None
         self._pending: _Pending | None = None
         self._abandoned: (
-            weakref.finalize[[_Acceptor, _Pending, socket.socket], UnixStreamServer] | None
+            weakref.finalize[[Server, _Pending | None, socket.socket], UnixStreamServer] | None
         ) = None
         self.socket = _ListeningSocket(self.address_family, self.socket_type)
         if bind_and_activate:
@@ -538,10 +540,14 @@ class UnixStreamServer(_std.UnixStreamServer):
         supervisor = Server(cfg, _served_by_the_workers, workers=workers)
         prefork = supervisor._prefork
         assert prefork is not None
-        prefork.make_worker = lambda stats, fd: _WorkerProcess(self, stats, fd)
+        # A weak reference: the finalizer below holds the supervisor, which
+        # must not keep this server alive (in the child the copy is alive).
+        server = weakref.ref(self)
+        prefork.make_worker = lambda stats, fd: _WorkerProcess(server(), stats, fd)
         prefork.listen()
         os.dup2(prefork.listen_fileno, self.socket.fileno(), inheritable=False)
         self.supervisor = supervisor
+        self._abandoned = weakref.finalize(self, _abandon, supervisor, None, self.socket)
         self._name_socket(cfg)
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
@@ -641,7 +647,8 @@ class _WorkerProcess:
     ``listen_fd`` with its own core (counting into ``stats``) and runs the
     stdlib's ``serve_forever`` on a thread."""
 
-    def __init__(self, server: UnixStreamServer, stats: Stats, listen_fd: int) -> None:
+    def __init__(self, server: UnixStreamServer | None, stats: Stats, listen_fd: int) -> None:
+        assert server is not None  # the worker's copy of the server object (fork copied it)
         parent = server.supervisor
         assert parent is not None
         server.supervisor = None  # from here on a single-process server
