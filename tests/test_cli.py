@@ -536,17 +536,49 @@ def test_handler_and_echo_are_exclusive(cli, sock_path):
     assert not os.path.lexists(sock_path)
 
 
-def test_workers_refused_with_protocol(cli, sock_path, tmp_path):
-    """--workers pre-forks Server (--echo, --handler); --protocol runs on an
-    asyncio loop in one process: the pair is a configuration error (exit 2,
-    one line naming both options, no traceback, nothing created)."""
-    write_module(tmp_path, "cliworkers_mod", "import asyncio\nProto = asyncio.Protocol\n")
-    status, _, err = finish(
-        cli("serve", "--socket", sock_path, "--protocol", "cliworkers_mod:Proto", "--workers", "2")
+def test_workers_with_protocol(cli, sock_path, tmp_path):
+    """--protocol --workers 2: each worker process runs the factory on an
+    asyncio loop of its own (unixsrv.asyncio.prefork_server); SIGHUP
+    replaces the workers, SIGTERM stops them all (exit 0, file removed)."""
+    write_module(
+        tmp_path,
+        "cliworkers_mod",
+        """
+        import asyncio, os
+
+        class Proto(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+                # Through the running loop: only an asyncio loop serves this.
+                asyncio.get_running_loop().call_soon(transport.write, b"%d\\n" % os.getpid())
+
+            def data_received(self, data):
+                self.transport.write(data)
+        """,
     )
-    assert status == 2, err
-    assert "Traceback" not in err
-    assert [line for line in err.splitlines() if "--workers" in line and "--protocol" in line], err
+    proc = cli(
+        *("serve", "--socket", sock_path, "--protocol", "cliworkers_mod:Proto", "--workers", "2"),
+        stderr=subprocess.STDOUT,
+    )
+    while "(2 workers)" not in read_line(proc):  # read_line fails after DEADLINE
+        pass
+
+    def greeter() -> int:
+        with connect(sock_path) as s, s.makefile("rb") as f:
+            pid = int(f.readline())
+            s.sendall(b"ping")
+            assert recv_exactly(s, 4) == b"ping"
+        return pid
+
+    first = greeter()
+    assert first not in (proc.pid, os.getpid())
+    os.kill(proc.pid, signal.SIGHUP)
+    while "reloaded 2 workers" not in read_line(proc):
+        pass
+    assert greeter() != first  # a new worker process
+    os.kill(proc.pid, signal.SIGTERM)
+    status, out, _ = finish(proc)
+    assert status == 0, out
     assert not os.path.lexists(sock_path)
 
 

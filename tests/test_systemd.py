@@ -44,16 +44,23 @@ SRC = os.path.dirname(os.path.dirname(os.path.abspath(unixsrv.__file__)))
 
 class NotifySocket:
     """The manager's end of sd_notify: a datagram socket; each message with
-    its arrival time (monotonic)."""
+    its arrival time (monotonic).  On Linux ``senders`` collects the pid of
+    every message's sender (SO_PASSCRED, unix(7)), as systemd checks them."""
 
     def __init__(self, address: str | bytes) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(address)
+        self.senders: set[int] = set()
+        if LINUX:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
 
     def next(self, timeout: float = DEADLINE) -> tuple[float, dict[str, str]]:
         """The next message as {KEY: value}; TimeoutError if none comes."""
         self.sock.settimeout(timeout)
-        data = self.sock.recv(4096)
+        data, ancillary, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        for level, kind, cred in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
+                self.senders.add(int.from_bytes(cred[:4], sys.byteorder))  # struct ucred's pid
         fields = dict(line.split("=", 1) for line in data.decode().split("\n") if line)
         return time.monotonic(), fields
 
@@ -225,6 +232,44 @@ def test_ready_status_stopping(notify: NotifySocket, sock_path: str) -> None:
     s.close()
     _at, fields = notify.wait_for("STOPPING")
     assert fields["STOPPING"] == "1"
+
+
+def test_workers_notify_from_the_parent_only(
+    notify: NotifySocket, sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Server(workers=2): the parent alone notifies: READY=1 once both
+    workers accept, WATCHDOG=1 pings from the supervisor, RELOADING=1 (with
+    MONOTONIC_USEC, as Type=notify-reload wants) then READY=1 around
+    reload(), STOPPING=1 at shutdown."""
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # a ping every 0.1 s
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    srv = Server(ServerConfig(path=sock_path, sd_notify=True), protocol=Echo, workers=2)
+    srv.start()
+    workers = {w["pid"] for w in srv.worker_stats()}
+    try:
+        _at, fields = notify.wait_for("READY")
+        assert fields["READY"] == "1" and "0 open" in fields["STATUS"]
+        assert [w["state"] for w in srv.worker_stats()] == ["ready", "ready"]
+        pings = [notify.wait_for("WATCHDOG")[0] for _ in range(3)]
+        assert pings[-1] - pings[0] < DEADLINE
+        with connect(sock_path) as s:
+            echo(s, b"x")
+            wait_until(lambda: "1 open" in notify.next()[1].get("STATUS", ""))
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        srv.reload()
+        _at, fields = notify.wait_for("RELOADING")
+        assert (
+            before
+            <= int(fields["MONOTONIC_USEC"])
+            <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        )
+        assert notify.wait_for("READY")[1]["READY"] == "1"
+        workers |= {w["pid"] for w in srv.worker_stats()}
+    finally:
+        srv.shutdown(DEADLINE)
+    assert notify.wait_for("STOPPING")[1]["STOPPING"] == "1"
+    if LINUX:
+        assert notify.senders == {os.getpid()} and not notify.senders & workers
 
 
 def test_no_notifications_unless_asked(notify: NotifySocket, sock_path: str) -> None:

@@ -1,5 +1,11 @@
 """Server(..., workers=N): pre-fork worker processes on one listener (unixsrv.prefork).
 
+Every model runs on the one supervisor: "blocking" and "event" are
+``Server(..., workers=N)``, "asyncio" is ``unixsrv.asyncio.prefork_server``
+(protocols on an asyncio loop in each worker), "socketserver" is
+``unixsrv.socketserver.ThreadingUnixStreamServer(..., workers=N)`` (each
+worker runs the server's own serve_forever).
+
 Which worker accepts a connection is the kernel's choice; to put a
 connection on a given worker the tests stop every other worker (SIGSTOP: a
 stopped process is not waiting in epoll_wait, so the listener wakes the one
@@ -8,6 +14,7 @@ left) and let them go on afterwards (SIGCONT).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -22,6 +29,8 @@ from typing import Any
 
 import pytest
 
+import unixsrv.asyncio
+import unixsrv.socketserver
 from conftest import DEADLINE, LINUX, connect, read_line, recv_exactly, wait_until
 from unixsrv import (
     Server,
@@ -33,7 +42,7 @@ from unixsrv import (
 from unixsrv.errors import ConfigError
 from unixsrv.prefork import MIN_UPTIME, worker_count
 
-MODELS = ["blocking", "event"]
+MODELS = ["blocking", "event", "asyncio", "socketserver"]
 
 
 # ---------------------------------------------------------------------------- the served protocol
@@ -74,12 +83,74 @@ class _Protocol:
         pass
 
 
+class _AsyncioProtocol(_Protocol):
+    """_Protocol on a worker's asyncio loop: the greeting goes out through
+    the running loop (call_soon), which only a running asyncio loop serves."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.buf = b""
+        asyncio.get_running_loop().call_soon(transport.write, b"%d\n" % os.getpid())
+
+
+class _RequestHandler(unixsrv.socketserver.StreamRequestHandler):
+    """_handler as a socketserver request handler."""
+
+    def handle(self) -> None:
+        self.wfile.write(b"%d\n" % os.getpid())
+        for line in self.rfile:
+            if line == b"slow\n":
+                time.sleep(0.5)
+            self.wfile.write(line)
+
+
+class _SocketServerWorkers:
+    """A ThreadingUnixStreamServer with workers= behind the Server calls
+    these tests make: bound at construction, serve_forever() on a thread
+    from start(), shutdown()/server_close() for shutdown()/close(); the rest
+    is its supervisor's (the parent's unixsrv.Server)."""
+
+    def __init__(self, cfg: ServerConfig, workers: int | str) -> None:
+        self.server = unixsrv.socketserver.ThreadingUnixStreamServer(
+            None, _RequestHandler, config=cfg, workers=workers
+        )
+        assert self.server.supervisor is not None
+        self.supervisor: Server = self.server.supervisor
+        self.thread: threading.Thread | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.supervisor, name)
+
+    def start(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,))
+            self.thread.start()
+        wait_until(lambda: self.supervisor.is_running or not self.thread.is_alive())  # type: ignore[union-attr]
+
+    def shutdown(self, timeout: float) -> None:
+        self.server.shutdown()
+        self._join()
+
+    def close(self) -> None:
+        self.server.server_close()
+        self._join()
+
+    def _join(self) -> None:
+        if self.thread is not None:
+            self.thread.join(DEADLINE)
+            assert not self.thread.is_alive()
+
+
 def _server(
     path: str, model: str, workers: int | str = 2, handler: Any = _handler, **fields: Any
-) -> Server:
+) -> Any:
     cfg = ServerConfig(path=path, **fields)
     if model == "blocking":
         return Server(cfg, handler, workers=workers)
+    if model == "asyncio":
+        return unixsrv.asyncio.prefork_server(_AsyncioProtocol, cfg, workers=workers)
+    if model == "socketserver":
+        return _SocketServerWorkers(cfg, workers)
     return Server(cfg, protocol=_Protocol, workers=workers)
 
 
@@ -283,8 +354,13 @@ def test_listener_registered_exclusive(
         )
 
 
+# Not "asyncio": there the C loop's epoll is watched by the asyncio loop's
+# own epoll, and the kernel counts an EPOLLEXCLUSIVE wakeup as the one
+# exclusive wakeup only when a thread waits on that epoll itself
+# (ep_poll_callback in fs/eventpoll.c): every idle asyncio worker wakes and
+# the scheduler decides who accepts (README, "Every model").
 @pytest.mark.linux("EPOLLEXCLUSIVE")
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", [m for m in MODELS if m != "asyncio"])
 def test_idle_workers_take_turns(
     model: str, sock_path: str, workers_server: Callable[..., Server]
 ) -> None:
@@ -619,3 +695,90 @@ def _try_connect(path: str) -> socket.socket | None:
     except OSError:
         s.close()
         return None
+
+
+def test_socket_activation_listener_shared_with_workers(
+    sock_path: str, workers_server: Callable[..., Server]
+) -> None:
+    """config.fd (systemd socket activation): the workers serve the inherited
+    listener as it is; the stop never unlinks its file nor closes it here."""
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(sock_path)
+        listener.listen()
+        inode = os.stat(sock_path).st_ino
+        srv = workers_server(sock_path, "event", 2, fd=listener.fileno())
+        seen = set()
+        for pid in _pids(srv):
+            with _only(srv, pid):
+                s, greeter = _greeted(sock_path)
+            with s:
+                assert _ask(s, b"activated") == b"activated"
+            seen.add(greeter)
+        assert seen == set(_pids(srv))
+        srv.shutdown(DEADLINE)
+        assert os.stat(sock_path).st_ino == inode  # systemd's file, left alone
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+
+
+def test_asyncio_loop_factory(sock_path: str, workers_server: Callable[..., Server]) -> None:
+    """prefork_server(loop_factory=...): each worker's protocols run on a
+    loop that factory made (uvloop here)."""
+    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
+
+    class LoopName(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            loop = asyncio.get_running_loop()
+            transport.write(f"{type(loop).__module__} {os.getpid()}\n".encode())
+            transport.close()
+
+    srv = unixsrv.asyncio.prefork_server(
+        LoopName, ServerConfig(path=sock_path), workers=1, loop_factory=uvloop.new_event_loop
+    )
+    srv.start()
+    try:
+        with connect(sock_path) as s, s.makefile("rb") as f:
+            module, pid = f.readline().split()
+        assert module.startswith(b"uvloop") and int(pid) in _pids(srv)
+    finally:
+        srv.close()
+    assert srv.wait(DEADLINE)
+
+
+def test_socketserver_workers_bind_in_the_parent(sock_path: str) -> None:
+    """unixsrv.socketserver with workers: server_bind() makes the socket file
+    (mode first) in the parent, which accepts nothing; nothing is forked
+    before serve_forever(); server_close() without serving removes the file.
+    The class attribute works as the keyword does."""
+
+    class Server2(unixsrv.socketserver.UnixStreamServer):
+        workers = 2
+        socket_mode = 0o600
+
+    server = Server2(sock_path, _RequestHandler)
+    try:
+        assert server.supervisor is not None and server.supervisor.worker_stats() == []
+        assert os.stat(sock_path).st_mode & 0o777 == 0o600
+        assert server.fileno() == -1  # no queue in the parent: it serves nothing itself
+        with connect(sock_path) as s:  # queued in the backlog, for the workers to come
+            s.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                s.recv(1)
+        assert server.stats()["accepted"] == 0
+    finally:
+        server.server_close()
+    assert not os.path.exists(sock_path)
+    assert server.supervisor.worker_stats() == []
+
+
+def test_socketserver_workers_dropped_without_server_close(sock_path: str) -> None:
+    """A workers= server garbage-collected without server_close() stops its
+    supervisor and removes its socket file, with a ResourceWarning (as the
+    single-process server does)."""
+    import gc
+
+    server = unixsrv.socketserver.UnixStreamServer(sock_path, _RequestHandler, workers=1)
+    assert os.path.exists(sock_path)
+    with pytest.warns(ResourceWarning, match="unclosed server"):
+        del server
+        gc.collect()
+    assert not os.path.exists(sock_path)

@@ -22,6 +22,14 @@ callbacks), and its timers (idle timeout sweep, accept back-off) are
 own thread: ``asyncio.get_running_loop()``, tasks, timers, futures and
 streams work inside them as on asyncio.
 
+On every core: :func:`prefork_server` returns a :class:`unixsrv.Server`
+that serves a protocol factory from N pre-forked worker processes, each
+running the protocols on an asyncio loop of its own thread (the same
+supervisor, listener and counters as ``Server(..., workers=N)``)::
+
+    server = unixsrv.asyncio.prefork_server(MyProtocol, ServerConfig(path=...), workers="auto")
+    server.serve_forever()                         # reload(), shutdown(), stats() ...
+
 What differs from asyncio's own server:
 
 * the socket file is created the unixsrv way (mode and group applied before
@@ -45,6 +53,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import weakref
 from asyncio import base_events, sslproto
 from collections.abc import Awaitable, Callable, Coroutine
@@ -52,9 +61,14 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import _core
 from .config import ServerConfig
-from .errors import AddressInUseError, InvalidHandlerError, ShutdownTimeoutError
+from .errors import (
+    AddressInUseError,
+    InvalidHandlerError,
+    ServerClosedError,
+    ShutdownTimeoutError,
+)
 from .peer import PeerCredentials
-from .server import CallbackHost, _adopt_inherited, _check_timeout, _listener_args
+from .server import CallbackHost, Server, _adopt_inherited, _check_timeout, _listener_args
 
 if TYPE_CHECKING:
     import ssl as _ssl
@@ -64,6 +78,7 @@ __all__ = [
     "create_unix_server",
     "loop_class",
     "new_event_loop",
+    "prefork_server",
     "run",
     "start_unix_server",
 ]
@@ -120,6 +135,7 @@ class UnixServer(CallbackHost, base_events.Server):
         ssl: _ssl.SSLContext | None,
         ssl_handshake_timeout: float | None,
         ssl_shutdown_timeout: float | None,
+        stats: _core.Stats | None = None,
     ) -> None:
         if sys.version_info >= (3, 11):
             super().__init__(
@@ -134,6 +150,8 @@ class UnixServer(CallbackHost, base_events.Server):
         else:
             super().__init__(loop, [], protocol_factory, ssl, config.backlog, ssl_handshake_timeout)
         self._init_callbacks()
+        if stats is not None:  # a pre-fork worker's slot of the shared counters
+            self._stats = stats
         self._config = config
         self._authorize: Callable[[PeerCredentials], bool] | None = None
         self._path = config.display_path
@@ -154,13 +172,17 @@ class UnixServer(CallbackHost, base_events.Server):
 
     # ------------------------------------------------------------------ set-up
 
-    def _open(self, cleanup_socket: bool) -> None:
+    def _open(self, cleanup_socket: bool, shared: int | None = None) -> None:
         """Create the listener the unixsrv way (see unixsrv.Server), or serve
-        the inherited one of ``config.fd`` (systemd; never unlinked)."""
+        the inherited one of ``config.fd`` (systemd; never unlinked), or the
+        parent's listener ``shared`` in a pre-fork worker (never unlinked)."""
         cfg = self._config
         core = self._live_core()
         self._set_access(core)
-        if cfg.fd is not None:
+        if shared is not None:
+            _adopt_inherited(core, cfg, shared)
+            core.share_listener()
+        elif cfg.fd is not None:
             _adopt_inherited(core, cfg, cfg.fd)
         else:
             args = _listener_args(cfg)
@@ -380,6 +402,213 @@ class UnixServer(CallbackHost, base_events.Server):
                 "server": self,
             }
         )
+
+
+class _HostedServer:
+    """A protocol factory served by a :class:`UnixServer` on an asyncio
+    event loop run by a thread of its own, behind blocking calls like a
+    Server's (start, shutdown, close, wait, stats, path, open_connections,
+    on_server_info): ``unixsrv serve --protocol``, and each worker process
+    of :func:`prefork_server` (a :class:`unixsrv.prefork.PreforkWorker`,
+    serving the parent's listener ``shared`` and counting into ``stats``).
+    Protocol callbacks run on that loop's thread with the loop running, so
+    a protocol may use ``asyncio.get_running_loop()``, tasks, timers and
+    futures.
+
+    Stops are ``UnixServer.shutdown(timeout)`` (``close()``: a timeout of 0,
+    what is left is aborted).  The loop stops when the last stop call in
+    progress has returned, never while one still waits for its result, and
+    takes no call after that.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        factory: Any,
+        what: str,
+        authorize: Callable[[PeerCredentials], bool] | None,
+        *,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+        shared: tuple[_core.Stats, int] | None = None,
+        parent: CallbackHost | None = None,
+    ) -> None:
+        if not callable(factory):
+            raise InvalidHandlerError(
+                f"{what} is not a protocol factory (not callable): {factory!r}"
+            )
+        self._config = config
+        self._factory = factory
+        self._authorize = authorize
+        self._info: Callable[[str], object] | None = None
+        self._server: UnixServer | None = None
+        self._shared = shared
+        self._parent = parent
+        self._loop = (loop_factory or new_event_loop)()
+        self._thread = threading.Thread(
+            target=self._run_loop, name="unixsrv asyncio loop", daemon=True
+        )
+        self._lock = threading.Lock()
+        self._stopping = 0  # stop calls waiting for their result
+        self._done = False  # the loop was told to stop
+
+    @property
+    def path(self) -> str:
+        return self._config.display_path
+
+    @property
+    def open_connections(self) -> int:
+        return 0 if self._server is None else self._server.open_connections
+
+    def on_server_info(self, fn: Callable[[str], object]) -> None:
+        self._info = fn
+
+    def stats(self) -> dict[str, int]:
+        return {} if self._server is None else self._server.stats()
+
+    def start(self) -> None:
+        """Create the server on the loop and start serving; a failure (the
+        address in use, ...) stops the loop and is raised here."""
+        self._thread.start()
+        try:
+            self._call(self._open())
+        except BaseException:
+            self._stop_loop()
+            self._thread.join()
+            raise
+
+    async def _open(self) -> None:
+        if self._shared is None:
+            server = await create_unix_server(
+                self._factory, config=self._config, start_serving=False, authorize=self._authorize
+            )
+        else:
+            stats, listen_fd = self._shared
+            server = UnixServer(
+                self._loop, self._factory, self._config, None, None, None, stats=stats
+            )
+            server._authorize = self._authorize
+            server._open(True, shared=listen_fd)
+        if (
+            self._parent is not None
+        ):  # its error and state callbacks; lifecycle messages are its own
+            server._info_level = logging.DEBUG
+            server.on_error(self._parent._callbacks.on_error)
+            server.on_conn_state(self._parent._callbacks.on_conn_state)
+        if self._info is not None:
+            server.on_server_info(self._info)
+        self._server = server
+        await server.start_serving()
+
+    def stop_accepting(self) -> None:
+        """Close the listener (asyncio's ``Server.close()``; connections go
+        on); return once what already arrived on them has been dispatched."""
+        with self._lock:
+            server = None if self._done else self._server
+        if server is None:
+            raise ServerClosedError("the server is not running")
+        self._call(_stop_accepting(server))
+
+    def shutdown(self, timeout: float) -> None:
+        """Graceful stop; ShutdownTimeoutError once what was left got aborted."""
+        with self._lock:
+            if self._done or self._server is None:
+                return
+            self._stopping += 1
+            server = self._server
+        try:
+            self._call(server.shutdown(timeout))
+        finally:
+            with self._lock:
+                self._stopping -= 1
+                if self._stopping == 0:
+                    self._stop_loop_locked()
+
+    def close(self) -> None:
+        """Stop now: every connection still open is aborted."""
+        with contextlib.suppress(ShutdownTimeoutError):
+            self.shutdown(0.0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the loop has ended; True if it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _call(self, coro: Coroutine[Any, Any, None]) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _stop_loop(self) -> None:
+        with self._lock:
+            self._stop_loop_locked()
+
+    def _stop_loop_locked(self) -> None:
+        if not self._done:
+            self._done = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+    def _run_loop(self) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            # What the protocols left running ends with the loop, as in asyncio.run().
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+async def _stop_accepting(server: UnixServer) -> None:
+    server.close()
+    # The C loop runs as a reader callback of this loop: the first turn
+    # polls and queues it after this coroutine, the second runs after it,
+    # so what was readable when the listener closed has been dispatched.
+    for _ in range(2):
+        await asyncio.sleep(0)
+
+
+def prefork_server(
+    protocol_factory: ProtocolFactory,
+    config: ServerConfig,
+    *,
+    workers: int | str,
+    authorize: Callable[[PeerCredentials], bool] | None = None,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> Server:
+    """A :class:`unixsrv.Server` (not started) that serves
+    ``protocol_factory`` from ``workers`` pre-forked processes (an int, or
+    ``"auto"``: one per CPU), each running the protocols on an asyncio event
+    loop of its own thread made by ``loop_factory()`` (default
+    :func:`new_event_loop`; ``uvloop.new_event_loop`` works), so protocols
+    may use tasks, timers, futures and ``asyncio.get_running_loop()``.
+
+    The parent binds the socket once and supervises the workers as for
+    ``Server(config, protocol=..., workers=N)`` (see :mod:`unixsrv.prefork`):
+    ``start()`` / ``serve_forever()``, ``shutdown(timeout)``, ``reload()``,
+    ``stats()`` summed over the workers, ``worker_stats()``; ``on_error``
+    and ``on_conn_state`` registered before the start run in the workers.
+    Call it from synchronous code (the parent runs no event loop): an
+    application whose own code creates its server (aiohttp's ``UnixSite``,
+    uvicorn) is not pre-forked this way.
+    """
+    server = Server(config, protocol=protocol_factory, authorize=authorize, workers=workers)
+    assert server._prefork is not None
+
+    def make_worker(stats: _core.Stats, listen_fd: int) -> _HostedServer:
+        return _HostedServer(
+            config,
+            protocol_factory,
+            repr(protocol_factory),
+            authorize,
+            loop_factory=loop_factory,
+            shared=(stats, listen_fd),
+            parent=server,
+        )
+
+    server._prefork.make_worker = make_worker
+    return server
 
 
 def _ssl_protocol_factory(

@@ -14,7 +14,8 @@ line on stderr naming the file or option and the problem).
 :mod:`unixsrv.asyncio` on an asyncio event loop of its own thread, so a
 protocol that uses the loop (tasks, timers, futures) works as under asyncio;
 signals, the stop sequence and the exit statuses are the same as for the
-other models.
+other models.  With ``--workers`` each worker process runs such a loop
+(:func:`unixsrv.asyncio.prefork_server`).
 
 Signals are race-free: installed before anything else, they are recorded
 in a pipe (``signal.set_wakeup_fd``) whichever thread receives them, and the
@@ -37,8 +38,6 @@ returned), ``started`` (start() returned, no request applied yet),
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import importlib
 import importlib.util
 import json
@@ -50,15 +49,15 @@ import select
 import signal
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .asyncio import UnixServer, create_unix_server, new_event_loop
+from .asyncio import _HostedServer, prefork_server
 from .config import ServerConfig, parse_duration
 from .echo import EchoProtocol, echo_handler
-from .errors import ConfigError, InvalidHandlerError, ShutdownTimeoutError, UnixSrvError
-from .peer import PeerCredentials
+from .errors import ConfigError, ShutdownTimeoutError, UnixSrvError
+from .prefork import _recorded_in_the_pipe
 from .server import Server
 
 __all__ = ["main"]
@@ -216,11 +215,12 @@ def _make_server(args: argparse.Namespace) -> tuple[Server | _HostedServer, str]
     authorize = _import(args.authorize) if args.authorize else None
     server: Server | _HostedServer
     if args.protocol:
-        if args.workers is not None:
-            raise ConfigError(
-                "--workers serves --echo or --handler; --protocol runs in one process"
-            )
-        server = _HostedServer(config, _import(args.protocol), args.protocol, authorize)
+        factory = _import(args.protocol)
+        workers = _workers(args.workers)
+        if workers is None:
+            server = _HostedServer(config, factory, args.protocol, authorize)
+        else:
+            server = prefork_server(factory, config, workers=workers, authorize=authorize)
         what = args.protocol
     else:
         if args.echo:
@@ -288,9 +288,7 @@ class _StopRequests:
                 continue  # a signal some other Python handler (the user's module) receives
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
-                assert isinstance(
-                    server, Server
-                )  # recorded only with --workers, refused with --protocol
+                assert isinstance(server, Server)  # recorded only with --workers
                 _reload(server)
             elif graceful is None:
                 limit = "no time limit" if math.isinf(timeout) else f"up to {timeout:g} s"
@@ -342,12 +340,6 @@ class _StopRequests:
             os.close(self._w)
 
 
-def _recorded_in_the_pipe(signum: int, frame: object) -> None:
-    """The Python-level handler of SIGINT/SIGTERM (and SIGHUP with
-    --workers) under ``serve``: nothing to do, the C-level handler has
-    written the signal to the pipe."""
-
-
 def _reload(server: Server) -> None:
     """SIGHUP (recorded only with --workers): replace the workers one by one,
     on a thread, so the main thread stays free for a stop."""
@@ -383,130 +375,6 @@ class _GracefulStop(threading.Thread):
             logger.error("graceful shutdown failed (%s: %s); closing now", type(exc).__name__, exc)
             self.failure = exc
             self._server.close()
-
-
-class _HostedServer:
-    """``--protocol``: the factory served by unixsrv.asyncio on an asyncio
-    event loop run by a thread of its own, behind the blocking calls that
-    _serve and _StopRequests make on a Server (start, shutdown, close, wait,
-    stats, path, open_connections, on_server_info).  Protocol callbacks run
-    on that loop's thread with the loop running, so a protocol may use
-    ``asyncio.get_running_loop()``, tasks, timers and futures.
-
-    Stops are ``UnixServer.shutdown(timeout)`` (``close()``: a timeout of 0,
-    what is left is aborted).  The loop stops when the last stop call in
-    progress has returned, never while one still waits for its result, and
-    takes no call after that.
-    """
-
-    def __init__(
-        self,
-        config: ServerConfig,
-        factory: Any,
-        what: str,
-        authorize: Callable[[PeerCredentials], bool] | None,
-    ) -> None:
-        if not callable(factory):
-            raise InvalidHandlerError(
-                f"{what} is not a protocol factory (not callable): {factory!r}"
-            )
-        self._config = config
-        self._factory = factory
-        self._authorize = authorize
-        self._info: Callable[[str], object] | None = None
-        self._server: UnixServer | None = None
-        self._loop = new_event_loop()
-        self._thread = threading.Thread(
-            target=self._run_loop, name="unixsrv asyncio loop", daemon=True
-        )
-        self._lock = threading.Lock()
-        self._stopping = 0  # stop calls waiting for their result
-        self._done = False  # the loop was told to stop
-
-    @property
-    def path(self) -> str:
-        return self._config.display_path
-
-    @property
-    def open_connections(self) -> int:
-        return 0 if self._server is None else self._server.open_connections
-
-    def on_server_info(self, fn: Callable[[str], object]) -> None:
-        self._info = fn
-
-    def stats(self) -> dict[str, int]:
-        return {} if self._server is None else self._server.stats()
-
-    def start(self) -> None:
-        """Create the server on the loop and start serving; a failure (the
-        address in use, ...) stops the loop and is raised here."""
-        self._thread.start()
-        try:
-            self._call(self._open())
-        except BaseException:
-            self._stop_loop()
-            self._thread.join()
-            raise
-
-    async def _open(self) -> None:
-        server = await create_unix_server(
-            self._factory, config=self._config, start_serving=False, authorize=self._authorize
-        )
-        if self._info is not None:
-            server.on_server_info(self._info)
-        self._server = server
-        await server.start_serving()
-
-    def shutdown(self, timeout: float) -> None:
-        """Graceful stop; ShutdownTimeoutError once what was left got aborted."""
-        with self._lock:
-            if self._done or self._server is None:
-                return
-            self._stopping += 1
-            server = self._server
-        try:
-            self._call(server.shutdown(timeout))
-        finally:
-            with self._lock:
-                self._stopping -= 1
-                if self._stopping == 0:
-                    self._stop_loop_locked()
-
-    def close(self) -> None:
-        """Stop now: every connection still open is aborted."""
-        with contextlib.suppress(ShutdownTimeoutError):
-            self.shutdown(0.0)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the loop has ended; True if it has."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def _call(self, coro: Coroutine[Any, Any, None]) -> None:
-        asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def _stop_loop(self) -> None:
-        with self._lock:
-            self._stop_loop_locked()
-
-    def _stop_loop_locked(self) -> None:
-        if not self._done:
-            self._done = True
-            self._loop.call_soon_threadsafe(self._loop.stop)
-
-    def _run_loop(self) -> None:
-        loop = self._loop
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_forever()
-        finally:
-            # What the protocols left running ends with the loop, as in asyncio.run().
-            tasks = asyncio.all_tasks(loop)
-            for task in tasks:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
 
 
 def _pause_for_test(point: str) -> None:

@@ -9,6 +9,9 @@ exactly one worker's ``accept``.  On Linux the listener is registered with
 ``EPOLLEXCLUSIVE`` (poller.h), so one worker wakes per connection; kqueue
 has no such flag, so on macOS every idle worker wakes and all but one find
 nothing to accept (the "thundering herd": correct, one wasted wakeup each).
+The same holds for unixsrv.asyncio workers on Linux: their C loop's epoll
+is nested in the asyncio loop's, and an exclusive wakeup counts as such
+only when a thread waits on that epoll itself (ep_poll_callback).
 
 The parent serves nothing itself.  A supervisor thread forks the workers,
 notices when one ends (its status pipe reaches EOF, then ``waitpid``) and
@@ -28,6 +31,23 @@ then sends SIGQUIT and, ``STOP_GRACE`` later, SIGKILL.  ``reload()`` replaces
 the workers one at a time: a new worker is forked and accepting before the
 old one is asked to retire (SIGUSR1), and the listener never closes, so no
 connection is refused.
+
+What a worker runs is the Prefork's ``make_worker(stats, listen_fd)``,
+called in the child after the fork: it returns a :class:`PreforkWorker`
+(start, stop accepting, drain, close, wait) that serves the inherited
+listener and counts into ``stats``.  ``unixsrv.Server`` runs a copy of
+itself (both handler models, :class:`ServerWorker`); :mod:`unixsrv.asyncio`
+runs a protocol factory on an asyncio loop of the worker's own
+(:func:`unixsrv.asyncio.prefork_server`, ``unixsrv serve --protocol
+--workers``); :mod:`unixsrv.socketserver` runs the server's own
+``serve_forever`` (``workers=``).  Every model shares this one supervisor,
+the C listener and the counters.
+
+systemd (``ServerConfig(sd_notify=True)`` with ``$NOTIFY_SOCKET`` set):
+only the parent notifies: READY=1 once every worker accepts, STATUS= and
+WATCHDOG=1 from the supervisor thread while at least one worker is ready,
+RELOADING=1 during :meth:`Prefork.reload` (READY=1 again after it) and
+STOPPING=1 when the stop begins.  Workers never notify.
 
 Counters: every worker adds to its own slot of a
 :class:`unixsrv._core.SharedStats` (a ``MAP_SHARED`` anonymous mapping made
@@ -56,9 +76,10 @@ import threading
 import time
 import traceback
 import warnings
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import _core
+from . import _core, systemd
 from .errors import (
     ConfigError,
     ServerClosedError,
@@ -70,7 +91,7 @@ from .errors import (
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["Prefork", "worker_count"]
+__all__ = ["MakeWorker", "Prefork", "PreforkWorker", "ServerWorker", "worker_count"]
 
 logger = logging.getLogger("unixsrv.prefork")
 
@@ -111,6 +132,70 @@ def worker_count(workers: object) -> int:
     return workers
 
 
+class PreforkWorker(Protocol):
+    """What one worker process runs: built in the child by the Prefork's
+    ``make_worker(stats, listen_fd)``, serving the inherited listener
+    ``listen_fd`` (never unlinked, chmod-ed or chown-ed) and counting into
+    ``stats`` (its slot of the shared counters)."""
+
+    @property
+    def open_connections(self) -> int:
+        """Connections accepted and not closed yet."""
+
+    def start(self) -> None:
+        """Serve; return once the listener is being accepted on."""
+
+    def stop_accepting(self) -> None:
+        """Stop accepting (the listener stays open for the other workers);
+        return once what clients already sent on the connections accepted
+        until now has been dispatched.  ServerClosedError if not running."""
+
+    def shutdown(self, timeout: float) -> None:
+        """Drain what is left, then stop; ShutdownTimeoutError past ``timeout``."""
+
+    def close(self) -> None:
+        """Stop now."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once stopped (after ``timeout`` seconds at most)."""
+
+
+#: ``make_worker(stats, listen_fd)``: see :class:`PreforkWorker`.
+MakeWorker = Callable[[_core.Stats, int], PreforkWorker]
+
+
+class ServerWorker:
+    """A :class:`unixsrv.Server` serving in a worker process (both handler
+    models): ``Server._worker_copy`` builds it."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    @property
+    def open_connections(self) -> int:
+        return self.server.open_connections
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop_accepting(self) -> None:
+        # One loop pass after the listener closed dispatches what already
+        # arrived on the accepted connections (an event-model drain stops
+        # reading at once).
+        passed = threading.Event()
+        self.server._stop_accepting_then(passed.set)
+        passed.wait(STOP_GRACE)
+
+    def shutdown(self, timeout: float) -> None:
+        self.server.shutdown(timeout)
+
+    def close(self) -> None:
+        self.server.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.server.wait(timeout)
+
+
 class _Worker:
     """The parent's record of one worker process."""
 
@@ -141,11 +226,17 @@ class _Spawn:
 
 
 class Prefork:
-    """The supervisor of ``Server(..., workers=N)`` (created by the Server)."""
+    """The supervisor of ``Server(..., workers=N)`` (created by the Server).
 
-    def __init__(self, server: Server, count: int) -> None:
+    ``server`` is the parent's Server: its config, its counters (errors the
+    parent reports), its callbacks; ``make_worker`` builds what each worker
+    process runs (see :class:`PreforkWorker`).
+    """
+
+    def __init__(self, server: Server, count: int, make_worker: MakeWorker) -> None:
         self._server = server
         self._count = count
+        self.make_worker = make_worker
         self._cond = threading.Condition()  # every attribute below; never held by a child
         self._start_lock = threading.Lock()
         self._workers: dict[int, _Worker] = {}
@@ -172,6 +263,8 @@ class Prefork:
         self._orphan_r = self._orphan_w = -1  # parent-death pipe (no PR_SET_PDEATHSIG)
         self._selector: selectors.BaseSelector | None = None
         self._parent_pid = os.getpid()
+        self._notifier: systemd.Notifier | None = None
+        self._next_tick = math.inf  # when the supervisor next calls the notifier's tick()
 
     # ------------------------------------------------------------------ state
 
@@ -233,30 +326,75 @@ class Prefork:
             self.stop(graceful=False, timeout=0.0)
             raise
 
-    def _open(self) -> None:
-        """The listener, the shared counters and the wakeup pipe; on failure
-        (or a stop requested meanwhile) nothing is left open or on disk."""
+    def listen(self) -> None:
+        """Create the listening socket now; start() forks the workers later
+        (unixsrv.socketserver binds in ``server_bind()``, serves in
+        ``serve_forever()``).  A no-op if it exists or the server runs; a
+        stop() before start() closes it (and removes the file)."""
+        with self._start_lock:
+            with self._cond:
+                if self._lfd >= 0 or not self._stopped.is_set():
+                    return
+                self._starting = True
+                self._stop_requested = False
+            try:
+                listener = self._new_listener()
+            finally:
+                with self._cond:
+                    self._starting = False
+            with self._cond:
+                if self._stop_requested:
+                    _close_listener(*listener)
+                    return
+                self._lfd, self._unlink_path, self._dev, self._ino = listener
+
+    @property
+    def listen_fileno(self) -> int:
+        """The listening socket's fd in the parent (-1 when there is none)."""
+        return self._lfd
+
+    def _new_listener(self) -> tuple[int, bytes | None, int, int]:
+        """(fd, unlink_path, dev, ino) of a new listener made the unixsrv
+        way, or a duplicate of the inherited ``config.fd`` (socket
+        activation: systemd's socket, never unlinked)."""
         from .server import _listener_args
 
         cfg = self._server.config
+        if cfg.fd is not None:
+            return os.dup(cfg.fd), None, 0, 0
         args = _listener_args(cfg)
         unlink_path = args.pop("unlink_path")
         lfd, dev, ino = _core.open_listener(backlog=cfg.backlog, **args)
+        return lfd, unlink_path, dev, ino
+
+    def _open(self) -> None:
+        """The listener (listen()'s, or a new one), the shared counters and
+        the wakeup pipe; on failure (or a stop requested meanwhile) nothing
+        is left open or on disk."""
+        with self._cond:
+            listener = (self._lfd, self._unlink_path, self._dev, self._ino)
+            self._lfd = -1  # ours now: a stop meanwhile only sets _stop_requested
+        if listener[0] < 0:
+            listener = self._new_listener()
         try:
             shared = _core.SharedStats(2 * self._count + 1)  # room for reload()'s overlap
             wake_r, wake_w = os.pipe()
         except BaseException:
-            _close_listener(lfd, unlink_path, dev, ino)
+            _close_listener(*listener)
             raise
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
+        cfg = self._server.config
+        notifier = systemd.Notifier() if cfg.sd_notify and systemd.Notifier.wanted() else None
         with self._cond:
             if self._stop_requested:
-                _close_listener(lfd, unlink_path, dev, ino)
+                _close_listener(*listener)
                 os.close(wake_r)
                 os.close(wake_w)
                 return
-            self._lfd, self._dev, self._ino, self._unlink_path = lfd, dev, ino, unlink_path
+            self._lfd, self._unlink_path, self._dev, self._ino = listener
+            self._notifier = notifier
+            self._next_tick = math.inf
             self._shared = shared
             self._free = list(range(len(shared)))[::-1]
             self._wake_r, self._wake_w = wake_r, wake_w
@@ -280,6 +418,9 @@ class Prefork:
             ok = not self._stopped.is_set() and not self._stopping
             if ok:
                 self._ready.set()
+                if self._notifier is not None:  # READY=1, from the supervisor thread
+                    self._next_tick = 0.0
+                    self._wake()
         if ok:
             self._server._info(
                 f"starting listening socket 'unix {self._server.path}' ({self._count} workers)"
@@ -320,7 +461,10 @@ class Prefork:
         deadline = now + timeout
         with self._cond:
             if self._stopped.is_set():
-                self._stop_requested = self._starting  # start() undoes itself
+                self._stop_requested = self._starting  # start() or listen() undoes itself
+                if not self._starting and self._lfd >= 0:  # listen() without start()
+                    lfd, self._lfd = self._lfd, -1
+                    _close_listener(lfd, self._unlink_path, self._dev, self._ino)
                 return
             closed = self._begin_stop(signal.SIGTERM if graceful else signal.SIGQUIT)
             if not math.isinf(timeout):
@@ -346,6 +490,9 @@ class Prefork:
             return False
         self._stopping = True
         self._requests.clear()
+        self._next_tick = math.inf
+        if self._notifier is not None:
+            self._notifier.stopping()
         if self._lfd < 0:
             return False
         lfd, self._lfd = self._lfd, -1
@@ -361,7 +508,20 @@ class Prefork:
             if not self.is_running:
                 raise ServerClosedError("the server is not running")
             old = [w for w in self._workers.values() if not w.retiring and not w.spare]
+            notifier = self._notifier
         self._server._info(f"reloading {len(old)} workers")
+        if notifier is not None:
+            notifier.reloading()
+        try:
+            self._replace(old, deadline)
+        finally:
+            if notifier is not None:
+                notifier.reloaded()
+        self._server._info(f"reloaded {len(old)} workers")
+
+    def _replace(self, old: list[_Worker], deadline: float) -> None:
+        """reload(): each of ``old`` replaced by a new worker that accepts
+        before the old one is asked to retire."""
         for w in old:
             with self._cond:
                 if self._stopping:
@@ -398,7 +558,6 @@ class Prefork:
                 new.spare = False
                 if not w.ended:
                     _kill(w.pid, signal.SIGUSR1)
-        self._server._info(f"reloaded {len(old)} workers")
 
     # ------------------------------------------------------------------ the supervisor thread
 
@@ -422,10 +581,12 @@ class Prefork:
                     for entry in [e for e in self._signals if e[0] <= now]:
                         self._signals.remove(entry)
                         self._send(entry[1], late=entry[2])
+                    if now >= self._next_tick:
+                        self._tick(now)
                     wait = min(
                         [r.at for r in self._requests]
                         + [e[0] for e in self._signals]
-                        + [now + _REAP_EVERY]
+                        + [now + _REAP_EVERY, self._next_tick]
                     )
                 for request in due:
                     self._fork(request)
@@ -459,6 +620,16 @@ class Prefork:
                 self._thread = None
                 self._stopped.set()
                 self._cond.notify_all()
+
+    def _tick(self, now: float) -> None:
+        """With _cond held, on the supervisor thread: the notifier's tick
+        (READY=1 the first time, then WATCHDOG=1 and STATUS=) while at least
+        one worker is ready: a parent whose workers all died or hang in
+        their start stops the pings, and systemd's watchdog acts."""
+        assert self._notifier is not None
+        self._next_tick = now + self._notifier.interval
+        if any(w.ready and not w.ended for w in self._workers.values()):
+            self._notifier.tick(sum(w.stats.open for w in self._workers.values() if not w.ended))
 
     def _send(self, sig: int, *, late: bool) -> None:
         """With _cond held: send ``sig`` to every live worker; ``late``: the
@@ -615,12 +786,17 @@ class Prefork:
             os._exit(code)
 
     def _worker_main(self, slot: int, status_r: int, status_w: int) -> int:
-        # Python runs signal handlers on the main thread, which waits below
-        # while the loop runs on another; a signal the kernel delivers to
-        # that other thread (signal(7): any thread may get it) would not
-        # wake it.  The wakeup fd does, whichever thread gets the signal.  It
-        # also replaces one the parent set (unixsrv serve reads its own stop
-        # signals from one): ours must not reach the parent's pipe.
+        # Signals are read from a wakeup pipe and acted on here, on this
+        # thread, rather than in Python-level handlers: a process-directed
+        # signal goes to any thread of the worker (signal(7)), and when
+        # another thread gets it, nothing interrupts the read below; on
+        # Python 3.13 the handler then does not run either in a process
+        # forked from a thread that is not the main one (the supervisor's),
+        # so the worker ignored SIGTERM now and then.  CPython's C-level
+        # handler writes each signal's number to the pipe, whichever thread
+        # receives it.  The pipe also replaces a wakeup fd the parent set
+        # (unixsrv serve reads its own stop signals from one): ours must not
+        # reach the parent's pipe.
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -638,18 +814,9 @@ class Prefork:
         if self._selector is not None:
             self._selector.close()
         assert self._shared is not None
-        worker = self._server._worker_copy(self._shared.slot(slot), self._lfd)
-
-        def graceful(signum: int, frame: object) -> None:
-            linger = RETIRE_LINGER if signum == signal.SIGUSR1 else 0.0
-            threading.Thread(target=_shutdown_quietly, args=(worker, linger), daemon=True).start()
-
-        def close_now(signum: int, frame: object) -> None:
-            threading.Thread(target=worker.close, daemon=True).start()
-
-        signal.signal(signal.SIGTERM, graceful)
-        signal.signal(signal.SIGUSR1, graceful)
-        signal.signal(signal.SIGQUIT, close_now)
+        worker = self.make_worker(self._shared.slot(slot), self._lfd)
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGQUIT):
+            signal.signal(signum, _recorded_in_the_pipe)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         worker.start()
@@ -657,12 +824,25 @@ class Prefork:
 
         def stopped() -> None:
             worker.wait()
-            os.write(wake_w, b"\0")
+            os.write(wake_w, b"\0")  # 0 is no signal number: it only wakes the read
 
         threading.Thread(target=stopped, daemon=True).start()
         while not worker.wait(0):
-            os.read(wake_r, 64)  # a signal (its handler runs right after) or the stop
+            for number in os.read(wake_r, 64):
+                if number in (signal.SIGTERM, signal.SIGUSR1):
+                    linger = RETIRE_LINGER if number == signal.SIGUSR1 else 0.0
+                    threading.Thread(target=_retire, args=(worker, linger), daemon=True).start()
+                elif number == signal.SIGQUIT:
+                    threading.Thread(target=worker.close, daemon=True).start()
         return 0
+
+
+def _recorded_in_the_pipe(signum: int, frame: object) -> None:
+    """A Python-level signal handler with nothing to do: installing it only
+    replaces the default action (death, KeyboardInterrupt); CPython's
+    C-level handler has written the signal's number to the wakeup fd
+    (``signal.set_wakeup_fd``), whose reader acts on it (a worker's main
+    loop here, ``unixsrv serve``'s main thread in unixsrv.cli)."""
 
 
 def _close_listener(lfd: int, unlink_path: bytes | None, dev: int, ino: int) -> None:
@@ -676,15 +856,13 @@ def _close_listener(lfd: int, unlink_path: bytes | None, dev: int, ino: int) -> 
         os.close(lfd)
 
 
-def _shutdown_quietly(worker: Server, linger: float) -> None:
-    """SIGTERM (``linger`` 0) or SIGUSR1 in a worker: stop accepting, let one
-    loop pass dispatch what already arrived on the connections accepted
-    until then, serve on while connections are open for at most ``linger``
-    seconds, then drain."""
-    passed = threading.Event()
+def _retire(worker: PreforkWorker, linger: float) -> None:
+    """SIGTERM (``linger`` 0) or SIGUSR1 in a worker: stop accepting,
+    dispatch what already arrived on the connections accepted until then,
+    serve on while connections are open for at most ``linger`` seconds,
+    then drain."""
     try:
-        worker._stop_accepting_then(passed.set)
-        passed.wait(STOP_GRACE)
+        worker.stop_accepting()
     except ServerClosedError:
         pass  # not running (any more): shutdown() below is a no-op
     end = time.monotonic() + linger

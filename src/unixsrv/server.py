@@ -36,7 +36,7 @@ from .config import ServerConfig
 from .connstate import ConnState
 from .errors import InvalidHandlerError, ServerClosedError, ShutdownTimeoutError
 from .peer import PeerCredentials
-from .prefork import Prefork, worker_count
+from .prefork import Prefork, ServerWorker, worker_count
 from .threadpool import ThreadPool
 
 __all__ = ["Server"]
@@ -315,7 +315,9 @@ class Server(CallbackHost):
         self._drained = threading.Condition(threading.Lock())
         self._owner_pid = os.getpid()
         self._listen_fd: int | None = None  # in a worker process: the parent's listener
-        self._prefork = None if workers is None else Prefork(self, worker_count(workers))
+        self._prefork = (
+            None if workers is None else Prefork(self, worker_count(workers), self._worker_copy)
+        )
 
     def __repr__(self) -> str:
         model = "blocking" if self._handler is not None else "event"
@@ -791,7 +793,7 @@ class Server(CallbackHost):
 
         self.call_soon_threadsafe(stop)
 
-    def _worker_copy(self, stats: _core.Stats, listen_fd: int) -> Server:
+    def _worker_copy(self, stats: _core.Stats, listen_fd: int) -> ServerWorker:
         """In a worker process of ``workers=N``: a single-process Server like
         this one that serves the inherited listener ``listen_fd`` and counts
         into ``stats`` (its slot of the shared counters).  Lifecycle messages
@@ -808,7 +810,7 @@ class Server(CallbackHost):
         worker._info_level = logging.DEBUG
         worker._callbacks.on_error = self._callbacks.on_error
         worker._callbacks.on_conn_state = self._callbacks.on_conn_state
-        return worker
+        return ServerWorker(worker)
 
     # ------------------------------------------------------------------ per connection
 

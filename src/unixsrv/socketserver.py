@@ -33,6 +33,15 @@ times out idle connections and owns the socket file:
   ``authorize`` runs in get_request(), on the serving thread, since the
   core hands connections over without taking the GIL).
 
+``workers=N`` (keyword or class attribute; an int or ``"auto"``: one per
+CPU) serves from N pre-forked processes: the parent binds the socket once
+(``server_bind()``), ``serve_forever()`` forks the workers, each running
+this server's own ``serve_forever`` on the shared listener, and supervises
+them (see unixsrv.prefork: a worker that dies is replaced, ``shutdown()``
+drains every worker, ``stats()`` sums them).  ``server.supervisor`` is the
+parent's :class:`unixsrv.Server` (``reload()``, ``worker_stats()``,
+``on_error``); a worker process sees ``None`` there.
+
 ``ThreadingMixIn`` runs requests on unixsrv's thread pool (threads are
 reused) instead of a new thread per request.  ``ForkingMixIn``, the request
 handlers and the TCP and datagram classes are the stdlib's own, re-exported:
@@ -389,13 +398,15 @@ class _Acceptor(Server):
         self.close()
 
 
-def _abandon(acceptor: _Acceptor, pending: _Pending, sock: socket.socket) -> None:
+def _abandon(acceptor: Server, pending: _Pending | None, sock: socket.socket) -> None:
     """A server was garbage-collected (or the interpreter exits) without
     server_close(): close everything, with the ResourceWarning the stdlib's
-    unclosed socket would give."""
+    unclosed socket would give.  ``acceptor`` is the core, or with
+    ``workers`` the supervisor (no queue in the parent: ``pending`` None)."""
     warnings.warn(f"unclosed server {acceptor.path!r}", ResourceWarning, stacklevel=1)
     sock.close()
-    pending.close()
+    if pending is not None:
+        pending.close()
     acceptor.close()
 
 
@@ -431,6 +442,8 @@ class UnixStreamServer(_std.UnixStreamServer):
     socket_group: int | str | None = None
     idle_timeout: float | None = None
     max_connections: int | None = None
+    workers: int | str | None = None
+    supervisor: Server | None = None
 
     def __init__(
         self,
@@ -439,6 +452,7 @@ class UnixStreamServer(_std.UnixStreamServer):
         bind_and_activate: bool = True,
         *,
         config: ServerConfig | None = None,
+        workers: int | str | None = None,
     ) -> None:
         if config is not None and not isinstance(config, ServerConfig):
             raise TypeError(f"config must be a ServerConfig, not {type(config).__name__}")
@@ -446,10 +460,12 @@ class UnixStreamServer(_std.UnixStreamServer):
             server_address = config.address if config.is_abstract else config.path
         BaseServer.__init__(self, server_address, RequestHandlerClass)
         self.config = config
+        if workers is not None:
+            self.workers = workers
         self._acceptor: _Acceptor | None = None
         self._pending: _Pending | None = None
         self._abandoned: (
-            weakref.finalize[[_Acceptor, _Pending, socket.socket], UnixStreamServer] | None
+            weakref.finalize[[Server, _Pending | None, socket.socket], UnixStreamServer] | None
         ) = None
         self.socket = _ListeningSocket(self.address_family, self.socket_type)
         if bind_and_activate:
@@ -488,9 +504,12 @@ class UnixStreamServer(_std.UnixStreamServer):
     def server_bind(self) -> None:
         """Create the socket file and start the core: bind a temporary name,
         set mode and group, listen, rename it into place, accept."""
-        if self._acceptor is not None:
+        if self._acceptor is not None or self.supervisor is not None:
             raise OSError(errno.EINVAL, "the server is bound already")
         cfg = self._server_config()
+        if self.workers is not None:
+            self._bind_for_workers(cfg, self.workers)
+            return
         pending = _Pending()
         acceptor = _Acceptor(cfg, pending)
         try:
@@ -505,12 +524,49 @@ class UnixStreamServer(_std.UnixStreamServer):
         # core and remove the file rather than leave a listener whose
         # connections nobody will ever take.
         self._abandoned = weakref.finalize(self, _abandon, acceptor, pending, self.socket)
+        self._name_socket(cfg)
+
+    def _name_socket(self, cfg: ServerConfig) -> None:
         # What the stdlib's getsockname() would say: str for a path, bytes
         # for an abstract name.
         address: Any = self.server_address
         name = cfg.address if cfg.is_abstract else os.fsdecode(address)
         self.socket._name = name  # type: ignore[attr-defined]
         self.server_address = name
+
+    def _bind_for_workers(self, cfg: ServerConfig, workers: int | str) -> None:
+        """``workers=N``: the parent creates the listener now and supervises
+        the worker processes that ``serve_forever()`` forks (it accepts nothing itself)."""
+        supervisor = Server(cfg, _served_by_the_workers, workers=workers)
+        prefork = supervisor._prefork
+        assert prefork is not None
+        # A weak reference: the finalizer below holds the supervisor, which
+        # must not keep this server alive (in the child the copy is alive).
+        server = weakref.ref(self)
+        prefork.make_worker = lambda stats, fd: _WorkerProcess(server(), stats, fd)
+        prefork.listen()
+        os.dup2(prefork.listen_fileno, self.socket.fileno(), inheritable=False)
+        self.supervisor = supervisor
+        self._abandoned = weakref.finalize(self, _abandon, supervisor, None, self.socket)
+        self._name_socket(cfg)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """With ``workers``: fork the workers (each serves with this
+        ``poll_interval``) and supervise them until ``shutdown()``."""
+        if self.supervisor is None:
+            super().serve_forever(poll_interval)
+            return
+        self._poll_interval = poll_interval
+        self.supervisor.serve_forever()
+
+    def shutdown(self) -> None:
+        """With ``workers``: every worker drains (stops accepting, serves
+        what it accepted) and ends, within ``supervisor.shutdown``'s default
+        30 s; the listener closes and the socket file goes, if still ours."""
+        if self.supervisor is None:
+            super().shutdown()
+        else:
+            self.supervisor.shutdown()
 
     def fileno(self) -> int:
         """The fd that is readable while an accepted connection waits for
@@ -563,6 +619,8 @@ class UnixStreamServer(_std.UnixStreamServer):
         if self._abandoned is not None:
             self._abandoned.detach()
         try:
+            if self.supervisor is not None:
+                self.supervisor.close()
             if acceptor is not None:
                 acceptor.stop_accepting()
         finally:
@@ -573,8 +631,75 @@ class UnixStreamServer(_std.UnixStreamServer):
     def stats(self) -> dict[str, int]:
         """The core's counters, as unixsrv.Server.stats() (accepted,
         rejected, closed, open, bytes_in, bytes_out, errors, denied)."""
-        acceptor = self._acceptor
+        acceptor = self.supervisor or self._acceptor
         return Stats().snapshot() if acceptor is None else acceptor.stats()
+
+
+def _served_by_the_workers(conn: Connection) -> None:
+    """The handler of the parent's supervising Server with ``workers``:
+    never called, the parent accepts nothing (Server wants a handler)."""
+    raise AssertionError("the supervising server of workers= accepts nothing")
+
+
+class _WorkerProcess:
+    """A worker process of ``workers=N`` (a unixsrv.prefork.PreforkWorker):
+    this process's copy of the server object serves the inherited listener
+    ``listen_fd`` with its own core (counting into ``stats``) and runs the
+    stdlib's ``serve_forever`` on a thread."""
+
+    def __init__(self, server: UnixStreamServer | None, stats: Stats, listen_fd: int) -> None:
+        assert server is not None  # the worker's copy of the server object (fork copied it)
+        parent = server.supervisor
+        assert parent is not None
+        server.supervisor = None  # from here on a single-process server
+        self._server = server
+        pending = _Pending()
+        acceptor = _Acceptor(parent.config, pending)
+        acceptor._stats = stats
+        acceptor._listen_fd = listen_fd
+        acceptor._info_level = logging.DEBUG
+        acceptor._callbacks.on_error = parent._callbacks.on_error
+        acceptor._callbacks.on_conn_state = parent._callbacks.on_conn_state
+        server._acceptor, server._pending = acceptor, pending
+        self._acceptor = acceptor
+        self._done = threading.Event()
+
+    @property
+    def open_connections(self) -> int:
+        return self._acceptor.open_connections
+
+    def start(self) -> None:
+        self._acceptor.start()
+        interval = getattr(self._server, "_poll_interval", 0.5)
+        threading.Thread(target=self._server.serve_forever, args=(interval,), daemon=True).start()
+
+    def stop_accepting(self) -> None:
+        self._acceptor.stop_accepting()
+
+    def shutdown(self, timeout: float) -> None:
+        """Hand what the core accepted to serve_forever (its queue empties),
+        drain as unixsrv.Server's blocking model does (the read sides are
+        shut: a handler reads what its client sent, then EOF, and finishes),
+        then stop the serve loop and server_close()."""
+        end = time.monotonic() + timeout
+        pending = self._server._pending
+        while pending is not None and len(pending) and time.monotonic() < end:
+            time.sleep(0.01)  # bounded by timeout; serve_forever takes them
+        try:
+            self._acceptor.shutdown(max(end - time.monotonic(), 0.0))
+        finally:
+            try:
+                self._server.shutdown()
+                self._server.server_close()
+            finally:
+                self._done.set()
+
+    def close(self) -> None:
+        self._acceptor.close()
+        self._done.set()  # the process exits; running requests end with it
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
 
 
 class _Job:

@@ -13,6 +13,8 @@ Linux abstract namespace).  :class:`Notifier` sends READY=1 once the server
 accepts, WATCHDOG=1 every ``$WATCHDOG_USEC / 2`` from the server's loop thread
 (so a loop stuck in a callback stops the pings and systemd restarts the
 service), STATUS= with the open connection count, and STOPPING=1 at shutdown.
+With ``workers=N`` the parent alone notifies (see unixsrv.prefork), and
+``reload()`` is announced as RELOADING=1 then READY=1.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import os
 import socket
 import stat
+import time
 
 __all__ = ["LISTEN_FDS_START", "Notifier", "listen_fd", "listening_address", "notify"]
 
@@ -162,3 +165,14 @@ class Notifier:
 
     def stopping(self) -> None:
         notify("STOPPING=1\nSTATUS=stopping")
+
+    def reloading(self) -> None:
+        """A reload begins: RELOADING=1 with the CLOCK_MONOTONIC time in
+        microseconds, which ``Type=notify-reload`` requires (sd_notify(3));
+        :meth:`reloaded` follows."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        notify(f"RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reloading")
+
+    def reloaded(self) -> None:
+        """The reload ended (done or failed): READY=1 again."""
+        notify("READY=1\nSTATUS=serving")
