@@ -911,3 +911,23 @@ def model(request: pytest.FixtureRequest) -> str:
 def echo_server(model: str, sock_path: str, make_server: Callable[..., Server]) -> Server:
     """A started echo server in the model under test."""
     return start_echo(make_server, sock_path, model)
+
+
+#: The names docs/design.md fixes ("names are fixed; add more, but do not rename these").
+DESIGN_NAMES = [
+    "ServerConfig",
+    "Server",
+    "Connection",
+    "Protocol",
+    "Transport",
+    "ConnState",
+    "PeerCredentials",
+    "UnixSrvError",
+    "ConfigError",
+    "InvalidPathError",
+    "InvalidGroupError",
+    "InvalidHandlerError",
+    "AddressInUseError",
+    "ShutdownTimeoutError",
+    "ServerClosedError",
+]

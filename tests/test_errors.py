@@ -20,6 +20,7 @@ import pathlib
 import pytest
 
 import unixsrv
+from conftest import DESIGN_NAMES
 from unixsrv import (
     AddressInUseError,
     ConfigError,
@@ -35,26 +36,6 @@ from unixsrv import (
     UnixSrvError,
 )
 from unixsrv import errors as errors_module
-
-#: The names docs/design.md fixes ("names are fixed; add more, but do not rename these").
-DESIGN_NAMES = [
-    "ServerConfig",
-    "Server",
-    "Connection",
-    "Protocol",
-    "Transport",
-    "ConnState",
-    "PeerCredentials",
-    "UnixSrvError",
-    "ConfigError",
-    "InvalidPathError",
-    "InvalidGroupError",
-    "InvalidHandlerError",
-    "AddressInUseError",
-    "ShutdownTimeoutError",
-    "ServerClosedError",
-]
-
 
 # ---------------------------------------------------------------------- hierarchy
 
