@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from unixsrv.bench import echo_server_argv
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BUILD = os.path.join(HERE, ".build")
@@ -92,21 +94,7 @@ def server_argv(name: str, path: str) -> list[str]:
     """The command line of server `name` listening on `path`."""
     if name in ("unixsrv-event", "unixsrv-blocking"):
         model = name.split("-", 1)[1]
-        return [
-            PYTHON,
-            "-m",
-            "unixsrv",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--socket",
-            path,
-            "--echo",
-            "--model",
-            model,
-            "--backlog",
-            str(BACKLOG),
-        ]
+        return [*echo_server_argv(path, model, PYTHON), "--backlog", str(BACKLOG)]
     if name == "c-epoll":
         return [C_BINARY, path, str(BACKLOG)]
     if name in SERVERS:

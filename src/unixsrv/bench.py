@@ -176,6 +176,13 @@ def run(
     return _summarize(options, raw)
 
 
+def echo_server_argv(path: str, model: str, python: str = sys.executable) -> list[str]:
+    """The command line of the built-in echo server in ``model`` on ``path``
+    (``python -m unixsrv serve --echo``, warnings and errors logged only)."""
+    serve = ["serve", "--socket", path, "--echo", "--model", model]
+    return [python, "-m", "unixsrv", "--log-level", "WARNING", *serve]
+
+
 def run_builtin(
     options: BenchOptions,
     *,
@@ -194,22 +201,7 @@ def run_builtin(
     for model in models:
         sock_dir = tempfile.mkdtemp(prefix="usbench-", dir="/tmp")
         path = os.path.join(sock_dir, "echo.sock")
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "unixsrv",
-                "--log-level",
-                "WARNING",
-                "serve",
-                "--socket",
-                path,
-                "--echo",
-                "--model",
-                model,
-            ],
-            stdin=subprocess.DEVNULL,
-        )
+        proc = subprocess.Popen(echo_server_argv(path, model), stdin=subprocess.DEVNULL)
         try:
             _wait_for_socket(path, proc)
             opts = dataclasses.replace(options, path=path, server_pid=proc.pid)
