@@ -31,7 +31,12 @@ ratio together with it).
     python benchmarks/workers.py --json out.json  # also write the results
 
 The full run is bounded: rounds x 10 pairs x (start + prime + warmup +
-duration, about 6.5 s) + two fairness runs, and every step has a timeout.
+duration, about 6.5 s) + rounds x two fairness runs (a few seconds each),
+and every step has a timeout.
+
+The handler's work is calibrated once, by this driver (the fastest of five
+samples), and passed to every server as an iteration count, so every row
+runs the same handler.
 Every server is a subprocess on a fresh socket under /tmp, ended by its PID
 (SIGTERM, then SIGKILL; its workers follow it, PR_SET_PDEATHSIG), the load
 comes from ``unixsrv bench`` (harness.py).  Linux only, like the rest of
@@ -76,11 +81,19 @@ READY_TIMEOUT = 30.0
 
 
 def _calibrate(cpu_us: float) -> int:
-    """Iterations of _burn that take about ``cpu_us`` microseconds here."""
+    """Iterations of _burn that take about ``cpu_us`` microseconds here.
+
+    Done once, by the driver, and passed to every server (``--iters``): a
+    server that calibrated itself would do less work per request whenever
+    its calibration ran on a busy CPU, and the rows would not compare the
+    same handler.  The fastest of five samples is the least disturbed one.
+    """
     n = 20000
-    start = time.perf_counter()
-    _burn(n)
-    per_iter = (time.perf_counter() - start) / n
+    per_iter = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        _burn(n)
+        per_iter = min(per_iter, (time.perf_counter() - start) / n)
     return max(1, int(cpu_us * 1e-6 / per_iter))
 
 
@@ -105,10 +118,10 @@ def _handler_class(iters: int) -> type[socketserver.BaseRequestHandler]:
     return Handler
 
 
-def _serve(kind: str, workers: int, path: str, cpu_us: float) -> None:
-    """Serve until SIGTERM; print a line {"ready": true} once every worker
-    accepts, and {"workers": rows} (per-worker counters) at the end."""
-    iters = _calibrate(cpu_us)
+def _serve(kind: str, workers: int, path: str, iters: int) -> None:
+    """Serve until SIGTERM, ``iters`` iterations of _burn per request; print a
+    line {"ready": true} once every worker accepts, and {"workers": rows}
+    (per-worker counters) at the end."""
     if kind == "stdlib-prefork":
         _serve_stdlib(workers, path, iters)
         return
@@ -230,15 +243,13 @@ def _read_json(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
     return result
 
 
-def _measure(
-    kind: str, workers: int, cpu_us: float, *, primed: bool, **bench: Any
-) -> dict[str, Any]:
+def _measure(kind: str, workers: int, iters: int, *, primed: bool, **bench: Any) -> dict[str, Any]:
     """Start a fresh server, wait until it is ready, prime it (``primed``),
     run one ``unixsrv bench``, end the server; its result and worker rows."""
     sock_dir = tempfile.mkdtemp(prefix="uwork-", dir="/tmp")
     path = os.path.join(sock_dir, "w.sock")
     argv = [PYTHON, os.path.abspath(__file__), "--serve", kind, str(workers), path]
-    argv += ["--cpu-us", repr(cpu_us)]
+    argv += ["--iters", str(iters)]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, cwd=ROOT)
     rows: list[dict[str, Any]] = []
     try:
@@ -267,7 +278,7 @@ def _throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
             m = _measure(
                 kind,
                 workers,
-                args.cpu_us,
+                args.iters,
                 primed=True,
                 mode="pingpong",
                 connections=args.connections,
@@ -305,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--serve", nargs=3, metavar=("KIND", "N", "PATH"), help=argparse.SUPPRESS)
+    p.add_argument("--iters", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument(
         "--cpu-us", type=float, default=200.0, help="Python CPU per request, µs (default 200)"
     )
@@ -332,13 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.serve:
         kind, n, path = args.serve
-        _serve(kind, int(n), path, args.cpu_us)
+        _serve(kind, int(n), path, args.iters)
         return 0
     if args.quick:
         args.connections, args.duration, args.warmup, args.rounds, args.short = 4, 0.3, 0.1, 1, 200
     started = time.monotonic()
+    args.iters = _calibrate(args.cpu_us)
     print(
-        f"CPU-bound handler ~{args.cpu_us:g} µs/request, {args.connections} ping-pong"
+        f"CPU-bound handler ~{args.cpu_us:g} µs/request ({args.iters} iterations), {args.connections} ping-pong"
         f" connections, {args.rounds} interleaved round(s) of {args.duration:g} s",
         flush=True,
     )
@@ -355,23 +368,41 @@ def main(argv: list[str] | None = None) -> int:
             f" {row['generator_cpu_share']:>13.0%}"
         )
     fairness = []
-    print(f"\naccept fairness, {args.short} short connections to 2 workers:")
+    print(f"\naccept fairness, {args.short} short connections to 2 workers, {args.rounds} run(s):")
     for kind in FAIRNESS_KINDS:
-        m = _measure(
-            kind,
-            2,
-            0.0,
-            primed=False,  # counted: the --short ones (and the few in flight at the end)
-            mode="connect",
-            connections=8,
-            requests=args.short,
-            warmup=0.0,
+        runs = []
+        for _ in range(args.rounds):  # which worker wins is the scheduler's choice: several runs
+            m = _measure(
+                kind,
+                2,
+                0,
+                primed=False,  # counted: the --short ones (and the few in flight at the end)
+                mode="connect",
+                connections=8,
+                requests=args.short,
+                warmup=0.0,
+            )
+            accepted = [row["accepted"] for row in m["worker_rows"]]
+            total = sum(accepted) or 1
+            runs.append(
+                {
+                    "accepted_per_worker": accepted,
+                    "percent": [round(100 * a / total, 1) for a in accepted],
+                }
+            )
+        busiest = [max(r["percent"]) for r in runs]
+        fairness.append(
+            {
+                "kind": kind,
+                "runs": runs,
+                "busiest_percent": busiest,
+                "busiest_median": statistics.median(busiest),
+            }
         )
-        accepted = [row["accepted"] for row in m["worker_rows"]]
-        total = sum(accepted) or 1
-        shares = [round(100 * a / total, 1) for a in accepted]
-        fairness.append({"kind": kind, "accepted_per_worker": accepted, "percent": shares})
-        print(f"  {kind:<20} accepted {accepted} = {shares} %")
+        print(
+            f"  {kind:<20} busiest worker's share per run {busiest} %,"
+            f" median {statistics.median(busiest)} %, max {max(busiest)} %"
+        )
     print(f"({time.monotonic() - started:.0f} s)")
     if args.json:
         results = {
