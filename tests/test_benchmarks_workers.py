@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import LINUX, env_for_child
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

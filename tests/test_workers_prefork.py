@@ -535,6 +535,24 @@ def test_reload_under_load_refuses_nothing(
 
 
 @pytest.mark.parametrize("model", MODELS)
+def test_after_reload_every_connection_reaches_a_new_worker(
+    model: str, sock_path: str, workers_server: Callable[..., Server]
+) -> None:
+    """reload() returns only once every old worker said it stopped
+    accepting: a client that connects right after it is never served by a
+    retiring worker (before, one that had not yet acted on its SIGUSR1 could
+    still take it)."""
+    srv = workers_server(sock_path, model, 2)
+    old = set(_pids(srv))
+    srv.reload()
+    for _ in range(20):
+        s, greeter = _greeted(sock_path)
+        s.close()
+        assert greeter not in old
+    assert not (set(_pids(srv)) & old)
+
+
+@pytest.mark.parametrize("model", MODELS)
 def test_counters_add_up(model: str, sock_path: str, workers_server: Callable[..., Server]) -> None:
     srv = workers_server(sock_path, model, 2)
     sent = received = conns = 0

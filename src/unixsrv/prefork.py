@@ -66,6 +66,7 @@ elsewhere a pipe whose write end only the parent holds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -115,6 +116,9 @@ STOP_GRACE = 1.0
 #: outlive it when the worker forked a child of its own.
 _REAP_EVERY = 0.1
 _READY = b"R"
+#: Written by a worker once it stopped accepting (SIGUSR1, SIGTERM): reload()
+#: waits for it, so after "reloaded" no old worker takes a new connection.
+_RETIRED = b"S"
 _COUNTERS = tuple(_core.Stats().snapshot())  # accepted, rejected, closed, open, ...
 
 
@@ -208,6 +212,7 @@ class _Worker:
         self.stats = stats
         self.started = time.monotonic()
         self.ready = False  # its loop accepts
+        self.stopped_accepting = False  # it said so (_RETIRED) after SIGUSR1 or SIGTERM
         self.retiring = (
             False  # asked to stop, or being replaced by reload(): not replaced when it ends
         )
@@ -558,6 +563,18 @@ class Prefork:
                 new.spare = False
                 if not w.ended:
                     _kill(w.pid, signal.SIGUSR1)
+                # Until the old worker has stopped accepting, a client may
+                # still land on it: wait for its word (or its end), so that
+                # once reload() returns every new connection goes to the new
+                # workers.  Bounded by the deadline; it keeps serving what it
+                # accepted until then (RETIRE_LINGER, then it drains).
+                while not (w.stopped_accepting or w.ended or self._stopping):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise WorkerError(
+                            f"reload(): worker {w.slot} did not stop accepting in time"
+                        )
+                    self._cond.wait(left)
 
     # ------------------------------------------------------------------ the supervisor thread
 
@@ -696,7 +713,8 @@ class Prefork:
         data = _read(worker.status_fd)
         with self._cond:
             if data:
-                worker.ready = True
+                worker.ready = worker.ready or _READY in data
+                worker.stopped_accepting = worker.stopped_accepting or _RETIRED in data
                 self._cond.notify_all()
                 return
             self._close_status(
@@ -831,7 +849,9 @@ class Prefork:
             for number in os.read(wake_r, 64):
                 if number in (signal.SIGTERM, signal.SIGUSR1):
                     linger = RETIRE_LINGER if number == signal.SIGUSR1 else 0.0
-                    threading.Thread(target=_retire, args=(worker, linger), daemon=True).start()
+                    threading.Thread(
+                        target=_retire, args=(worker, linger, status_w), daemon=True
+                    ).start()
                 elif number == signal.SIGQUIT:
                     threading.Thread(target=worker.close, daemon=True).start()
         return 0
@@ -856,15 +876,17 @@ def _close_listener(lfd: int, unlink_path: bytes | None, dev: int, ino: int) -> 
         os.close(lfd)
 
 
-def _retire(worker: PreforkWorker, linger: float) -> None:
-    """SIGTERM (``linger`` 0) or SIGUSR1 in a worker: stop accepting,
-    dispatch what already arrived on the connections accepted until then,
-    serve on while connections are open for at most ``linger`` seconds,
-    then drain."""
+def _retire(worker: PreforkWorker, linger: float, status_w: int) -> None:
+    """SIGTERM (``linger`` 0) or SIGUSR1 in a worker: stop accepting (and
+    tell the parent so on the status pipe), dispatch what already arrived on
+    the connections accepted until then, serve on while connections are
+    open for at most ``linger`` seconds, then drain."""
     try:
         worker.stop_accepting()
     except ServerClosedError:
         pass  # not running (any more): shutdown() below is a no-op
+    with contextlib.suppress(OSError):  # the parent is gone: nobody waits for it
+        os.write(status_w, _RETIRED)
     end = time.monotonic() + linger
     while worker.open_connections and time.monotonic() < end:
         time.sleep(0.01)  # bounded by linger; the clients' closes are not signalled to this thread

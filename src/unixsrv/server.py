@@ -372,10 +372,13 @@ class Server(CallbackHost):
         """With workers: replace every worker process, one at a time, without
         refusing a connection: each new worker accepts before the one it
         replaces is asked to retire (SIGUSR1: it stops accepting, serves on
-        for up to prefork.RETIRE_LINGER seconds, then drains).  Raises
-        WorkerError if a new worker does not start within ``timeout`` seconds
-        (the old one is then kept), ServerClosedError if the server is not
-        running, RuntimeError without workers."""
+        for up to prefork.RETIRE_LINGER seconds, then drains).  Returns once
+        every old worker has reported that it stopped accepting: from then
+        on every new connection goes to a new worker.  Raises WorkerError if
+        a new worker does not start, or an old one does not stop accepting,
+        within ``timeout`` seconds (an old one that did not start retiring is
+        then kept), ServerClosedError if the server is not running,
+        RuntimeError without workers."""
         timeout = _check_timeout(timeout)
         if self._prefork is None:
             raise RuntimeError("reload() needs Server(..., workers=N)")
