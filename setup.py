@@ -6,7 +6,8 @@ of ``unixsrv bench``).  Both compile against the same declarations
 Environment switches (for development only):
 
 * ``UNIXSRV_SANITIZE=address`` builds with AddressSanitizer (run the tests with
-  ``LD_PRELOAD=$(gcc -print-file-name=libasan.so) PYTHONMALLOC=malloc``).
+  ``LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
+  PYTHONMALLOC=malloc``; README "Memory checks" says why libstdc++ too).
 * ``UNIXSRV_DEBUG=1`` builds without optimisation, for gdb and valgrind.
 
 Any other build (the release wheels, ``pip install .``) strips the extensions:
