@@ -410,3 +410,25 @@ def test_pin_runs_a_child_on_the_given_cpus():
         timeout=60,
     ).stdout
     assert out.strip() == f"[{cpu}]"
+
+
+def test_cpu_stolen_by_the_hypervisor_counts_as_disturbance():
+    """Steal time (a VM's CPU given to another guest) disturbs a measurement
+    as much as another process does: it is added to the other-CPU share for
+    the retry decision and for the report's "possibly disturbed" note, and
+    the report states how much was stolen."""
+    assert run.disturbance({"other_cpu_share": 0.1, "steal_share": 0.2}) == pytest.approx(0.3)
+    assert run.disturbance({"other_cpu_share": None}) == 0.0
+    data = make_data()
+    for r in data["records"]:
+        if r.get("server") == "socketserver" and r.get("scenario") == "pp-100":
+            r["steal_share"] = 0.5  # other processes still 0.01
+    summ = run.summarize(data)
+    text = " ".join(run.notes(data, summ))
+    assert "pp-100/socketserver (0.51)" in text
+    assert "hypervisor" in text
+    md = run.render_markdown(data, summ, "benchmarks.png")
+    assert (
+        "CPU stolen by the hypervisor** during the measurements (steal time, /proc/stat): median 0.00 cores, max 0.50"
+        in md
+    )
