@@ -1222,6 +1222,7 @@ def readme_blocks(data: dict[str, Any], summ: Summary, png: str, md: str) -> dic
     L.append(f"![server CPU per round trip and round trips/s]({png})")
     L.append("")
     others = [s["other_cpu_share"] for s in summ.values() if s.get("other_cpu_share") is not None]
+    steals = [s["steal_share"] for s in summ.values() if s.get("steal_share") is not None]
     L.append(
         f"Measured by `{data['command']}` on {m['date']} in {data.get('wall_s', 0) / 60:.1f} min "
         f"(git {m['git']}): {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, "
@@ -1229,6 +1230,11 @@ def readme_blocks(data: dict[str, Any], summ: Summary, png: str, md: str) -> dic
         + (
             f"; other processes used {statistics.median(others):.2f} cores (median)"
             if others
+            else ""
+        )
+        + (
+            f", the hypervisor took {statistics.median(steals):.2f} (median steal time)"
+            if steals
             else ""
         )
         + f". Full tables, latencies and the issues' targets: [docs/benchmarks.md]({md}). "
