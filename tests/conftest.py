@@ -65,6 +65,18 @@ import unixsrv
 from unixsrv import Server, ServerClosedError, ServerConfig, ShutdownTimeoutError
 from unixsrv.echo import EchoProtocol
 
+# Ctrl-C as a terminal delivers it, whatever started the suite.  A
+# non-interactive shell starts a background command (`cmd &`, nohup, a CI
+# step's background job) with SIGINT and SIGQUIT ignored (POSIX sh,
+# "Asynchronous Lists"), an ignored signal stays ignored across exec(2)
+# (signal(7)), and CPython installs its KeyboardInterrupt handler only where
+# SIGINT is not ignored: so every child a test starts would ignore the SIGINT
+# that tests send as Ctrl-C (the README's serve_forever() examples never
+# stopped).  A handled signal is reset to its default at exec, so handling it
+# here gives every child the terminal's disposition.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 #: Generous bound for anything a test waits for; a healthy run needs far less.
 #: UNIXSRV_TEST_DEADLINE raises it for slow runs (valgrind: about 10x slower).
 DEADLINE = float(os.environ.get("UNIXSRV_TEST_DEADLINE", "10"))

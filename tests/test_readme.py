@@ -25,6 +25,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -261,3 +262,26 @@ def test_example_sockets_are_found_by_their_socket_type(sock_dir: str) -> None:
         s.bind(os.path.join(sock_dir, "s.sock"))
         hidden.bind(os.path.join(sock_dir, ".us-0123"))
         assert _socket_files(sock_dir) == ["s.sock"]
+
+
+def test_examples_get_ctrl_c_when_the_suite_runs_in_the_background() -> None:
+    """The suite started with SIGINT ignored, as a non-interactive shell
+    starts `pytest &` or a nohup job: the serve_forever() examples still stop
+    on the SIGINT the test sends (conftest gives children the terminal's
+    disposition; without it they inherited SIG_IGN and never stopped)."""
+    example = next(f"line{n}" for n, code in _programs() if "serve_forever()" in code)
+    suite = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    suite += [f"{__file__}::test_example_runs_as_written[{example}]"]
+    launcher = "import signal, subprocess, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    launcher += "sys.exit(subprocess.call(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", launcher, *suite],
+        cwd=ROOT,
+        env=env_for_child(),
+        capture_output=True,
+        text=True,
+        timeout=6 * DEADLINE,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 passed" in proc.stdout
