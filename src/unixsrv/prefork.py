@@ -531,50 +531,47 @@ class Prefork:
             with self._cond:
                 if self._stopping:
                     raise ServerClosedError("the server stopped during reload()")
-                if w.ended:
-                    continue  # it died meanwhile: already replaced
-                w.retiring = True  # the new worker is its replacement, even if it dies now
-                request = _Spawn(0.0, spare=True)
-                self._requests.append(request)
+                if not w.ended:  # else it died meanwhile: already replaced
+                    self._replace_one(w, deadline)
+
+    def _replace_one(self, w: _Worker, deadline: float) -> None:
+        """_replace() for one old worker, with _cond held."""
+        w.retiring = True  # the new worker is its replacement, even if it dies now
+        request = _Spawn(0.0, spare=True)
+        self._requests.append(request)
+        self._wake()
+        self._cond.wait_for(
+            lambda: (
+                self._stopping
+                or request.failed is not None
+                or (request.worker is not None and (request.worker.ready or request.worker.ended))
+            ),
+            deadline - time.monotonic(),
+        )
+        new = request.worker
+        if new is None or not new.ready:
+            if w.ended:  # it died meanwhile (not replaced: it was retiring): replace it now
+                self._requests.append(_Spawn(time.monotonic()))
                 self._wake()
-                while (
-                    not self._stopping
-                    and request.failed is None
-                    and not (
-                        request.worker is not None
-                        and (request.worker.ready or request.worker.ended)
-                    )
-                ):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                new = request.worker
-                if new is None or not new.ready:
-                    if w.ended:  # it died meanwhile (not replaced: it was retiring): replace it now
-                        self._requests.append(_Spawn(time.monotonic()))
-                        self._wake()
-                    else:
-                        w.retiring = False  # it stays
-                    if new is not None and not new.ended:
-                        new.retiring = True  # too late: it goes
-                        _kill(new.pid, signal.SIGQUIT)
-                    raise WorkerError("reload(): a new worker did not start") from request.failed
-                new.spare = False
-                if not w.ended:
-                    _kill(w.pid, signal.SIGUSR1)
-                # Until the old worker has stopped accepting, a client may
-                # still land on it: wait for its word (or its end), so that
-                # once reload() returns every new connection goes to the new
-                # workers.  Bounded by the deadline; it keeps serving what it
-                # accepted until then (RETIRE_LINGER, then it drains).
-                while not (w.stopped_accepting or w.ended or self._stopping):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise WorkerError(
-                            f"reload(): worker {w.slot} did not stop accepting in time"
-                        )
-                    self._cond.wait(left)
+            else:
+                w.retiring = False  # it stays
+            if new is not None and not new.ended:
+                new.retiring = True  # too late: it goes
+                _kill(new.pid, signal.SIGQUIT)
+            raise WorkerError("reload(): a new worker did not start") from request.failed
+        new.spare = False
+        if not w.ended:
+            _kill(w.pid, signal.SIGUSR1)
+        # Until the old worker has stopped accepting, a client may
+        # still land on it: wait for its word (or its end), so that
+        # once reload() returns every new connection goes to the new
+        # workers.  Bounded by the deadline; it keeps serving what it
+        # accepted until then (RETIRE_LINGER, then it drains).
+        if not self._cond.wait_for(
+            lambda: w.stopped_accepting or w.ended or self._stopping,
+            deadline - time.monotonic(),
+        ):
+            raise WorkerError(f"reload(): worker {w.slot} did not stop accepting in time")
 
     # ------------------------------------------------------------------ the supervisor thread
 
