@@ -309,6 +309,7 @@ cdef class Loop:
     cdef void _enqueue_new(self, int fd, size_t named, long pid, long uid, long gid) noexcept nogil
     cdef bint _quiet_pass(self) noexcept nogil
     cdef int64_t _timer_deadline(self) noexcept nogil
+    cdef bint _aq_pop(self, rec_t *out) noexcept nogil
     cdef size_t _drop_queue(self) noexcept nogil
     cdef object _lookup(self, int fd, uint32_t seq)
     cdef int _run_finalizing(self) except -1

@@ -960,16 +960,12 @@ cdef class Loop:
         """The next queued connection (a Connection, in the table from now
         on, its idle clock started), or None if none waits (any thread)."""
         cdef rec_t r
-        cdef bint got = False
+        cdef bint got
         cdef char sink[16]
         _mutex_lock_with_gil(&self.aq_mu)
-        if self.aq_len:
-            r = self.aq[self.aq_head]
-            self.aq_head = (self.aq_head + 1) % self.aq_cap
-            self.aq_len -= 1
-            got = True
-            if self.aq_len == 0:
-                read(self.aq_r, sink, sizeof(sink))
+        got = self._aq_pop(&r)
+        if got and self.aq_len == 0:
+            read(self.aq_r, sink, sizeof(sink))
         pthread_mutex_unlock(&self.aq_mu)
         if not got:
             return None
@@ -1032,6 +1028,16 @@ cdef class Loop:
         elif self.idle_ns and self.next_sweep_ns == NEVER:
             self.next_sweep_ns = self.now + self.idle_ns + _sweep_slack(self.idle_ns)
 
+    cdef bint _aq_pop(self, rec_t *out) noexcept nogil:
+        """Take the oldest queued connection into *out; False if none waits.
+        With aq_mu held (or on the only thread: a forked child)."""
+        if self.aq_len == 0:
+            return False
+        out[0] = self.aq[self.aq_head]
+        self.aq_head = (self.aq_head + 1) % self.aq_cap
+        self.aq_len -= 1
+        return True
+
     cdef size_t _drop_queue(self) noexcept nogil:
         """Close every queued connection and refuse new ones; how many
         were closed."""
@@ -1040,10 +1046,7 @@ cdef class Loop:
         cdef char sink[16]
         pthread_mutex_lock(&self.aq_mu)
         self.aq_closed = True
-        while self.aq_len:
-            r = self.aq[self.aq_head]
-            self.aq_head = (self.aq_head + 1) % self.aq_cap
-            self.aq_len -= 1
+        while self._aq_pop(&r):
             self._drop_new(&r)
             n += 1
         if n and self.aq_r >= 0:
@@ -1279,6 +1282,7 @@ cdef class Loop:
         """The child of a fork must not serve, poll or unlink anything of the
         parent's: close our copies of the fds and retire the loop."""
         cdef int fd
+        cdef rec_t r
         self.closed = True
         self.exiting = True
         # Only the forking thread exists here; the mutex may have been held
@@ -1289,10 +1293,8 @@ cdef class Loop:
         self._close_fds()
         # The queued fds are the parent's connections: close our copies,
         # without counting (the parent counts them).
-        while self.aq_len:
-            close(self.aq[self.aq_head].fd)
-            self.aq_head = (self.aq_head + 1) % self.aq_cap
-            self.aq_len -= 1
+        while self._aq_pop(&r):
+            close(r.fd)
         self.aq_closed = True
         if self.table == NULL:
             return
