@@ -297,6 +297,11 @@ def measure(
     return rec
 
 
+def field_values(summ: Summary, field: str) -> list[float]:
+    """The rows' (medians') values of `field`, where it was measured."""
+    return [s[field] for s in summ.values() if s.get(field) is not None]
+
+
 def disturbance(rec: dict[str, Any]) -> float:
     """Cores taken from a measurement by other processes and the hypervisor."""
     return (rec.get("other_cpu_share") or 0.0) + (rec.get("steal_share") or 0.0)
@@ -724,13 +729,13 @@ def render_markdown(data: dict[str, Any], summ: Summary, png_name: str) -> str:
             )
             + "."
         )
-    others = [s["other_cpu_share"] for s in summ.values() if s.get("other_cpu_share") is not None]
+    others = field_values(summ, "other_cpu_share")
     if others:
         L.append(
             f"- **Other processes' CPU** during the measurements (from /proc/stat, minus server and "
             f"generator): median {statistics.median(others):.2f} cores, max {max(others):.2f}."
         )
-    steals = [s["steal_share"] for s in summ.values() if s.get("steal_share") is not None]
+    steals = field_values(summ, "steal_share")
     if steals:
         L.append(
             f"- **CPU stolen by the hypervisor** during the measurements (steal time, /proc/stat): "
@@ -1221,8 +1226,8 @@ def readme_blocks(data: dict[str, Any], summ: Summary, png: str, md: str) -> dic
     L.append("")
     L.append(f"![server CPU per round trip and round trips/s]({png})")
     L.append("")
-    others = [s["other_cpu_share"] for s in summ.values() if s.get("other_cpu_share") is not None]
-    steals = [s["steal_share"] for s in summ.values() if s.get("steal_share") is not None]
+    others = field_values(summ, "other_cpu_share")
+    steals = field_values(summ, "steal_share")
     L.append(
         f"Measured by `{data['command']}` on {m['date']} in {data.get('wall_s', 0) / 60:.1f} min "
         f"(git {m['git']}): {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, "
