@@ -37,6 +37,7 @@ and every step has a timeout.
 The handler's work is calibrated once, by this driver (the fastest of five
 samples), and passed to every server as an iteration count, so every row
 runs the same handler.
+
 Every server is a subprocess on a fresh socket under /tmp, ended by its PID
 (SIGTERM, then SIGKILL; its workers follow it, PR_SET_PDEATHSIG), the load
 comes from ``unixsrv bench`` (harness.py).  Linux only, like the rest of
