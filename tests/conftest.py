@@ -28,7 +28,8 @@ no copy-paste twins): servers and clients (``serve_model``, ``start_echo``,
 (``keep_talking``, ``idle_eof_after``), child processes (``read_line``,
 ``finish``, ``CHILD_LOG_LINES``, ``end_processes``, ``fork_quietly``,
 ``reap``, ``child_pids``, ``proc_stat``, the ``run_traced`` fixture), fds
-(``open_fds``, ``fd_identity``, ``is_listening``), CPU use
+(``open_fds``, ``fd_snapshot``, ``opened_since``, ``fd_identity``,
+``is_listening``), CPU use
 (``process_cpu_over``) and event-model protocols
 (``Recorder``, ``Collect``, ``Echo``, ``BigWriter``, ``on_loop``,
 ``payload``, ``sha``, ``squash``).
@@ -40,6 +41,7 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import gc
 import hashlib
 import os
 import random
@@ -605,6 +607,28 @@ def open_fds() -> set[int]:
             continue
         fds.add(fd)
     return fds
+
+
+def fd_snapshot() -> dict[int, tuple[int, int, int] | None]:
+    """The fds open now, each with what it refers to (fd_identity), taken
+    after a garbage collection: an object an earlier test left unreachable
+    would otherwise close its fd in the middle of a count, and the number,
+    reused by the code under test, would look old.  See opened_since()."""
+    gc.collect()
+    return {fd: _identity_or_none(fd) for fd in open_fds()}
+
+
+def opened_since(snapshot: dict[int, tuple[int, int, int] | None]) -> set[int]:
+    """The fds open now that were not in ``snapshot``: new numbers, and old
+    numbers that refer to another file now (closed and reused since)."""
+    return {fd for fd in open_fds() if fd not in snapshot or snapshot[fd] != _identity_or_none(fd)}
+
+
+def _identity_or_none(fd: int) -> tuple[int, int, int] | None:
+    try:
+        return fd_identity(fd)
+    except OSError:  # closed meanwhile
+        return None
 
 
 def fd_identity(fd: int) -> tuple[int, int, int]:

@@ -27,10 +27,11 @@ from conftest import (
     echo_handler,
     fd_count,
     fd_identity,
+    fd_snapshot,
     finish,
     is_listening,
     make_room,
-    open_fds,
+    opened_since,
     read_line,
     recv_until_eof,
     start_echo,
@@ -99,7 +100,7 @@ def served(
 ) -> Iterator[tuple[Server, dict[str, list[int]], list[socket.socket]]]:
     """A running server with 5 connected clients, and its own fds sorted by
     kind: listener, connection, poller, pipe, other."""
-    before = open_fds()
+    before = fd_snapshot()
     srv = start_echo(make_server, sock_path, model)
     with connected(sock_path, 5) as clients:
         for i, c in enumerate(clients):
@@ -113,7 +114,7 @@ def served(
             "pipe": [],
             "other": [],
         }
-        for fd in sorted(open_fds() - before - mine):
+        for fd in sorted(opened_since(before) - mine):
             kinds[fd_kind(fd)].append(fd)
         yield srv, kinds, clients
 
@@ -144,9 +145,9 @@ def test_poller_fd_is_nonblocking(
     listener, connections, epoll and wakeup fds"): the epoll fd is
     O_NONBLOCK too (epoll_create1 takes only EPOLL_CLOEXEC: poller.h sets
     it with fcntl)."""
-    before = open_fds()
+    before = fd_snapshot()
     start_echo(make_server, sock_path, model)
-    pollers = [fd for fd in sorted(open_fds() - before) if fd_kind(fd) == "poller"]
+    pollers = [fd for fd in sorted(opened_since(before)) if fd_kind(fd) == "poller"]
     assert pollers, "no epoll fd found"
     for fd in pollers:
         assert fd_flags(fd) & O_NONBLOCK_FLAG, (

@@ -30,10 +30,12 @@ from conftest import (
     echo_handler,
     echo_once,
     fd_identity,
+    fd_snapshot,
     fork_quietly,
     is_listening,
     make_room,
     open_fds,
+    opened_since,
     reap,
     recv_exactly,
     recv_until_eof,
@@ -61,10 +63,11 @@ def fd_targets() -> set[tuple[int, int, int]]:
     return out
 
 
-def listener_target(before: set[int]) -> tuple[int, int, int]:
-    """fd_identity() of the one listening socket opened since ``before``."""
+def listener_target(before: dict[int, tuple[int, int, int] | None]) -> tuple[int, int, int]:
+    """fd_identity() of the one listening socket opened since ``before``
+    (an fd_snapshot)."""
     found = []
-    for fd in open_fds() - before:
+    for fd in opened_since(before):
         ident = fd_identity(fd)
         if stat.S_ISSOCK(ident[0]) and is_listening(fd):
             found.append(ident)
@@ -95,7 +98,7 @@ def test_close_stops_accepting_at_once(
     """Checklist 37 (benoitc/gunicorn#922): once close() returns, the path is
     gone, a new connect() fails at once with ENOENT (or ECONNREFUSED), the
     listening fd is closed and connected clients see EOF."""
-    before = open_fds()
+    before = fd_snapshot()
     srv = start_echo(make_server, sock_path, model)
     listener = listener_target(before)
     with connect(sock_path) as client:
