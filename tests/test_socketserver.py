@@ -33,6 +33,7 @@ from conftest import (
     IDLE_LATE,
     connect,
     end_processes,
+    finish,
     fork_quietly,
     listening_socket,
     read_line,
@@ -712,6 +713,150 @@ def test_process_request_waits_for_the_previous_requests_start(sock_path: str) -
     assert server._threads == []
 
 
+class HeldServer(ss.ThreadingUnixStreamServer):
+    """A threading server whose first request waits for ``release`` and
+    whose serving thread, once that request runs, waits in service_actions()
+    for ``resume``: connections made meanwhile wait in the core's queue,
+    where only a worker can take them."""
+
+    def __init__(self, path: str, handler: Any) -> None:
+        super().__init__(path, handler)
+        self.first_running = threading.Event()
+        self.release = threading.Event()
+        self.held = threading.Event()
+        self.resume = threading.Event()
+
+    def service_actions(self) -> None:
+        if self.first_running.is_set() and not self.resume.is_set():
+            self.held.set()
+            self.resume.wait(DEADLINE)
+
+
+def held_echo_threads(server_class: type[HeldServer], path: str) -> tuple[HeldServer, list[int]]:
+    """A HeldServer of `server_class` echoing a line, and the thread idents
+    its requests ran on."""
+    idents: list[int] = []
+
+    class Who(ss.StreamRequestHandler):
+        def handle(self) -> None:
+            server = self.server
+            assert isinstance(server, HeldServer)
+            if not server.first_running.is_set():
+                server.first_running.set()
+                server.release.wait(DEADLINE)
+            idents.append(threading.get_ident())
+            self.wfile.write(self.rfile.readline())
+
+    return server_class(path, Who), idents
+
+
+def test_a_worker_takes_the_next_waiting_connection_itself(sock_path: str) -> None:
+    """Under serve_forever(), a worker that finished its request takes the
+    connections waiting in the queue, one after the other, on its own
+    thread: no hand-over from the serving thread (held here) per request."""
+    server, idents = held_echo_threads(HeldServer, sock_path)
+    try:
+        with serving(server), connect(sock_path) as first:
+            first.sendall(b"0\n")
+            assert server.held.wait(DEADLINE)  # the serving thread takes no more
+            clients = [connect(sock_path) for _ in range(3)]
+            for i, c in enumerate(clients, 1):
+                c.sendall(b"%d\n" % i)
+            wait_until(lambda: len(server._pending) == 3)
+            server.release.set()
+            assert first.recv(10) == b"0\n"
+            for i, c in enumerate(clients, 1):
+                with c:
+                    assert c.recv(10) == b"%d\n" % i  # in queue order
+            assert len(server._pending) == 0
+            server.resume.set()
+    finally:
+        server.release.set()
+        server.resume.set()
+    assert len(idents) == 4 and len(set(idents)) == 1
+    assert server._threads == []  # each taken request was tracked and joined
+
+
+class OwnVerify(HeldServer):
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return True  # the stdlib runs it on the serving thread: so must we
+
+
+class OwnProcess(HeldServer):
+    def process_request(self, request: Any, client_address: Any) -> None:
+        super().process_request(request, client_address)
+
+
+class OwnGet(HeldServer):
+    def get_request(self) -> tuple[socket.socket, Any]:
+        return super().get_request()
+
+
+@pytest.mark.parametrize("server_class", [OwnVerify, OwnProcess, OwnGet])
+def test_no_worker_takes_connections_past_a_subclass_hook(
+    sock_path: str, server_class: type[HeldServer]
+) -> None:
+    """Where the class overrides what the serving thread runs between
+    accepting and the handler, only the serving thread takes connections,
+    as in the stdlib: a finished worker leaves the queue alone."""
+    server, idents = held_echo_threads(server_class, sock_path)
+    try:
+        with serving(server), connect(sock_path) as first:
+            first.sendall(b"0\n")
+            assert server.held.wait(DEADLINE)
+            clients = [connect(sock_path) for _ in range(2)]
+            for c in clients:
+                c.sendall(b"x\n")
+            wait_until(lambda: len(server._pending) == 2)
+            server.release.set()
+            assert first.recv(10) == b"0\n"
+            wait_until(lambda: server._unixsrv_pool.idle == 1)  # the worker parked
+            assert len(server._pending) == 2
+            server.resume.set()  # the serving thread takes them now
+            for c in clients:
+                with c:
+                    assert c.recv(10) == b"x\n"
+    finally:
+        server.release.set()
+        server.resume.set()
+    assert len(idents) == 3
+
+
+def test_no_worker_takes_connections_once_shutdown_is_asked(sock_path: str) -> None:
+    """After shutdown() a finished worker leaves the waiting connections to
+    server_close(), which closes them: the stdlib serves no connection it
+    had not taken when shutdown() was called."""
+    server, _ = held_echo_threads(HeldServer, sock_path)
+    stopper = threading.Thread(target=server.shutdown, daemon=True)
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    t.start()
+    try:
+        with connect(sock_path) as first:
+            first.sendall(b"0\n")
+            assert server.held.wait(DEADLINE)
+            late = connect(sock_path)
+            late.sendall(b"late\n")
+            wait_until(lambda: len(server._pending) == 1)
+            stopper.start()
+            wait_until(lambda: not server._unixsrv_serving)
+            server.release.set()
+            assert first.recv(10) == b"0\n"
+            wait_until(lambda: server._unixsrv_pool.idle == 1)
+            assert len(server._pending) == 1
+            server.resume.set()
+            stopper.join(DEADLINE)
+            t.join(DEADLINE)
+            assert not t.is_alive() and not stopper.is_alive()
+            server.server_close()
+            # Closed unserved (reset: its request was never read).
+            with late, pytest.raises(ConnectionResetError):
+                late.recv(10)
+    finally:
+        server.release.set()
+        server.resume.set()
+        server.server_close()
+
+
 def test_threading_daemon_threads_do_not_block_server_close(sock_path: str) -> None:
     entered, release = threading.Event(), threading.Event()
 
@@ -943,3 +1088,42 @@ def test_request_io_without_and_with_waiting(sock_path: str) -> None:
         assert recv_until_eof(c) == b"hello" + big
     assert server.stats()["bytes_in"] == 5
     assert server.stats()["bytes_out"] == 5 + size
+
+
+_TRACED_ECHO_TWICE = """
+import sys
+from unixsrv import socketserver as ss
+
+class Twice(ss.BaseRequestHandler):
+    def handle(self):
+        for _ in range(2):
+            self.request.sendall(self.request.recv(64))
+
+server = ss.UnixStreamServer(sys.argv[1], Twice)
+print("ready", flush=True)
+server.handle_request()
+server.server_close()
+"""
+
+
+@pytest.mark.linux("strace")
+def test_a_recv_right_after_a_write_does_not_try_first(
+    sock_path: str, sock_dir: str, run_traced: Any
+) -> None:
+    """In request/response traffic the next request comes only once the
+    client has read the answer: a recv() right after a write waits at once
+    (one recvfrom(2) without MSG_DONTWAIT) instead of first trying without
+    waiting, which would find nothing."""
+    trace = os.path.join(sock_dir, "trace")
+    proc = run_traced(["-e", "trace=recvfrom,sendto", "-o", trace], _TRACED_ECHO_TWICE, sock_path)
+    assert read_line(proc) == "ready"
+    with connect(sock_path) as c:
+        for msg in (b"first", b"second"):
+            c.sendall(msg)
+            assert c.recv(64) == msg
+    assert finish(proc)[0] == 0
+    with open(trace) as f:
+        calls = [line for line in f if "sendto(" in line or "recvfrom(" in line]
+    answered = next(i for i, line in enumerate(calls) if "sendto(" in line and '"first"' in line)
+    second = [line for line in calls[answered + 1 :] if "recvfrom(" in line]
+    assert second and '"second"' in second[0] and "MSG_DONTWAIT" not in second[0], calls

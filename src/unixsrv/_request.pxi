@@ -6,7 +6,7 @@
 # frame in between.  The other I/O methods are in unixsrv/socketserver.py.
 #
 # Each first tries the call without waiting (MSG_DONTWAIT, recv(2)/send(2))
-# and with the GIL held: on a server with many request threads, every
+# and with the GIL held (a read not right after a write, see _after_write): on a server with many request threads, every
 # release of the GIL wakes a waiting thread and the caller then queues to
 # get it back, two context switches for a call that usually finds its data
 # there (a request just accepted) or room for its answer.  Only when it
@@ -28,10 +28,23 @@ cdef Py_ssize_t _FAST_RECV_MAX = 262144
 
 
 cdef int _note_io(object sock, size_t n_in, size_t n_out) except -1:
+    cdef Connection c
     conn = sock._conn          # None once the socket was closed or detached
     if conn is not None and (n_in or n_out):
-        (<Connection?>conn)._io_done(n_in, n_out)
+        c = <Connection?>conn
+        c._io_done(n_in, n_out)
+        c._wrote_last = n_out != 0
     return 0
+
+
+cdef bint _after_write(object sock) except -1:
+    """Whether the last I/O on sock was a write.  In request/response
+    traffic the next request only comes once the peer has read our answer,
+    so a try without waiting right then would be a wasted syscall (and, for
+    recv, a wasted bufsize-byte buffer): the blocking model's read skips it
+    too (Connection._recv_now)."""
+    conn = sock._conn
+    return conn is not None and (<Connection?>conn)._wrote_last
 
 
 cdef int _fast_fd(object sock, object flags) except -2:
@@ -47,7 +60,7 @@ def request_recv(self, bufsize, flags=0):
     cdef ssize_t r
     cdef Py_ssize_t n
     cdef int fd = _fast_fd(self, flags)
-    if fd >= 0 and type(bufsize) is int and 0 < bufsize <= _FAST_RECV_MAX:
+    if fd >= 0 and not _after_write(self) and type(bufsize) is int and 0 < bufsize <= _FAST_RECV_MAX:
         n = bufsize
         data = PyBytes_FromStringAndSize(NULL, n)
         r = recv(fd, <char *>data, n, MSG_DONTWAIT)
@@ -75,7 +88,7 @@ def request_recv_into(self, buffer, nbytes=0, flags=0):
     cdef Py_buffer view
     cdef ssize_t r = -1
     cdef int fd = _fast_fd(self, flags)
-    if fd >= 0 and type(nbytes) is int and nbytes >= 0:
+    if fd >= 0 and not _after_write(self) and type(nbytes) is int and nbytes >= 0:
         PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
         try:
             if nbytes <= view.len:
