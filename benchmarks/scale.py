@@ -5,8 +5,9 @@ what each costs in memory (issue 3, deliverable 5).
     python benchmarks/scale.py --quick    # 1,000 and 5,000 only; writes benchmarks/.build/scale.md
 
 For each model (event, blocking) one fresh ``unixsrv serve --echo`` process
-is started with its soft RLIMIT_NOFILE raised to the hard limit.  After one
-short warm-up connection its VmRSS is the baseline.  Then connections are
+is started with its soft RLIMIT_NOFILE raised to the hard limit and primed
+as benchmarks/run.py primes every server (harness.prime: 0.2 s of
+connect -> echo -> close traffic); its VmRSS then is the baseline.  Then connections are
 added in steps (default 1,000, then up to 10,000, then up to the most the fd
 limit allows) by ``unixsrv bench --mode hold`` generators, each step's
 connections spread over several generator processes (``--processes``); every
@@ -50,7 +51,7 @@ def scale_model(model: str, targets: list[int | str], idle_s: float) -> dict[str
     out: dict[str, Any] = {"model": model, "steps": []}
     hard = harness.raise_nofile_limit()
     with harness.running_server(name) as srv, contextlib.ExitStack() as holds:
-        harness.run_bench(srv.path, timeout=60.0, connections=1, requests=200, warmup=0.0)
+        harness.prime(name, srv.path)
         base = harness.settled_rss(srv.pid)
         base_fds = harness.open_fds(srv.pid) or 0
         limit = _nofile_soft(srv.pid) or hard  # inherited from us: raised to the hard limit
@@ -159,7 +160,7 @@ def render(data: dict[str, Any]) -> str:
         f"{m['load_before']} (it counts threads: a previous 10,000-thread run keeps it up for minutes).",
         "",
         "One server process per model (`python -m unixsrv serve --echo --model M --backlog 4096`, soft "
-        "fd limit raised to the hard one). Baseline = VmRSS after one short warm-up connection. Each step "
+        "fd limit raised to the hard one). Baseline = VmRSS after 0.2 s of connect → 64 B echo → close priming traffic. Each step "
         "adds connections with `unixsrv bench --mode hold --processes K` (each connection does one "
         "verified 64 B echo before it counts); earlier steps stay connected. *per conn* = (RSS − "
         "baseline) / connections held; *marginal* = RSS growth of the step / connections it added. "
