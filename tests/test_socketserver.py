@@ -675,6 +675,34 @@ def test_threading_mixin_reuses_pool_threads(sock_path: str) -> None:
     assert len(server._threads) == 0  # reaped and joined by server_close
 
 
+def test_finished_requests_are_reaped_from_threads(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_threads`` does not keep every request (CPython issue 37193): it
+    is reaped once it has doubled since the last reaping (not at every
+    request, a walk over every running request, as the stdlib does), so
+    after many requests it holds at most 8 entries, and server_close()
+    joins what is left."""
+    reaps = []
+    reap = stdlib_socketserver._Threads.reap
+    monkeypatch.setattr(
+        stdlib_socketserver._Threads, "reap", lambda self: reaps.append(1) or reap(self)
+    )
+    server = ss.ThreadingUnixStreamServer(sock_path, Upper)
+    try:
+        for _ in range(50):
+            with connect(sock_path) as c:
+                c.sendall(b"x\n")
+                server.handle_request()
+                assert c.recv(10) == b"X\n"
+            assert len(server._threads) <= 8
+        assert isinstance(server._threads, stdlib_socketserver._Threads)
+        assert 0 < len(reaps) <= 50 // 7
+    finally:
+        server.server_close()
+    assert server._threads == []
+
+
 def test_process_request_waits_for_the_previous_requests_start(sock_path: str) -> None:
     """process_request() returns without waiting for its own request to
     start (that wait cost the serve loop a sleep per request), but not

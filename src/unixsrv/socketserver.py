@@ -717,19 +717,24 @@ class _Job:
 
     __slots__ = ("_running", "_started", "daemon")
 
-    def __init__(self, daemon: bool) -> None:
+    def __init__(self, daemon: bool, handed_over: bool) -> None:
         self.daemon = daemon
         self._running = _thread.allocate_lock()
         self._running.acquire()
-        self._started = _thread.allocate_lock()
-        self._started.acquire()
+        # Only a request the serving thread hands over is waited for.
+        self._started: _thread.LockType | None = None
+        if handed_over:
+            self._started = _thread.allocate_lock()
+            self._started.acquire()
 
     def start(self) -> None:
         """Called by the worker that took the job."""
-        self._started.release()
+        if self._started is not None:
+            self._started.release()
 
     def wait_started(self) -> None:
-        self._started.acquire()
+        if self._started is not None:
+            self._started.acquire()
 
     def is_alive(self) -> bool:
         return self._running.locked()
@@ -740,6 +745,23 @@ class _Job:
 
     def done(self) -> None:
         self._running.release()
+
+
+class _Jobs(_std._Threads):  # type: ignore[name-defined,misc]
+    """``ThreadingMixIn._threads``: the stdlib's list, reaped less often.
+    The stdlib reaps (walks the whole list) at every append, a walk over
+    every running request per request; here the walk comes once the list
+    has doubled since the last one, so the list stays under twice the
+    running requests (and 8), at a constant cost per request."""
+
+    _reap_at = 8
+
+    def append(self, job: _Job) -> None:
+        if len(self) >= self._reap_at:
+            self.reap()
+            self._reap_at = max(8, 2 * len(self))
+        if not job.daemon:
+            list.append(self, job)
 
 
 #: Requests of servers with ``daemon_threads`` False still running: at exit
@@ -772,20 +794,20 @@ class ThreadingMixIn(_std.ThreadingMixIn):
     running, as for non-daemon threads.
     """
 
-    def _new_job(self) -> _Job:
+    def _new_job(self, handed_over: bool) -> _Job:
         """A request's entry in ``_threads`` (and, unless daemon, in what
         interpreter exit waits for), made before the request is taken: a
         ``server_close()`` that joins ``_threads`` meanwhile waits for it."""
         if self.block_on_close:
-            vars(self).setdefault("_threads", _std._Threads())  # type: ignore[attr-defined]
-        job = _Job(self.daemon_threads)
+            vars(self).setdefault("_threads", _Jobs())
+        job = _Job(self.daemon_threads, handed_over)
         self._threads.append(job)  # type: ignore[attr-defined]
         if not job.daemon:
             _running_requests.add(job)
         return job
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        job = self._new_job()
+        job = self._new_job(handed_over=True)
         pool = vars(self).get("_unixsrv_pool")
         if pool is None:
             pool = vars(self).setdefault("_unixsrv_pool", ThreadPool(self._run_request))
@@ -831,7 +853,7 @@ class ThreadingMixIn(_std.ThreadingMixIn):
         pending = self._pending  # type: ignore[attr-defined]
         if pending is None or not len(pending):
             return None
-        job = self._new_job()
+        job = self._new_job(handed_over=False)
         try:
             request, address = self.get_request()  # type: ignore[attr-defined]
         except BaseException:
