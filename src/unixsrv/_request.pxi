@@ -6,7 +6,8 @@
 # frame in between.  The other I/O methods are in unixsrv/socketserver.py.
 #
 # Each first tries the call without waiting (MSG_DONTWAIT, recv(2)/send(2))
-# and with the GIL held (a read not right after a write, see _after_write): on a server with many request threads, every
+# and with the GIL held (a read only when not right after a write, see
+# _after_write): on a server with many request threads, every
 # release of the GIL wakes a waiting thread and the caller then queues to
 # get it back, two context switches for a call that usually finds its data
 # there (a request just accepted) or room for its answer.  Only when it
